@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Creates .venv, installs the package with its test and torch extras, and runs the test suite.
+# Usage: bash scripts/test.sh [pytest args...]    (fresh machine: needs Python >= 3.11 and PyPI)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# The torch extra reads .pth files; 2.13.0 is the CPU build (a plain "torch" pulls CUDA wheels).
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test,torch]"
+export PATCHCORE_SHARED=${PATCHCORE_SHARED:-$(cd .. && pwd)/shared}
+.venv/bin/python -m pytest -q "$@"
