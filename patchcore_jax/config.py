@@ -73,12 +73,23 @@ class PatchCoreConfig:
         def positive_int(name: str) -> None:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"PatchCoreConfig.{name} must be a positive integer, got {value!r}")
+                raise ValueError(
+                    f"PatchCoreConfig.{name} must be a positive integer, got {value!r}"
+                )
 
         for name in (
-            "resize", "crop", "patch_size", "pretrain_embed_dimension", "target_embed_dimension",
-            "projection_dim", "num_start_points", "num_neighbors", "reweight_neighbors",
-            "batch_size", "bank_block_size", "query_block_size",
+            "resize",
+            "crop",
+            "patch_size",
+            "pretrain_embed_dimension",
+            "target_embed_dimension",
+            "projection_dim",
+            "num_start_points",
+            "num_neighbors",
+            "reweight_neighbors",
+            "batch_size",
+            "bank_block_size",
+            "query_block_size",
         ):
             positive_int(name)
         if self.patch_size % 2 != 1:
@@ -88,7 +99,9 @@ class PatchCoreConfig:
                 f"PatchCoreConfig.crop ({self.crop}) must not exceed resize ({self.resize})"
             )
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"PatchCoreConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+            raise ValueError(
+                f"PatchCoreConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}"
+            )
         if self.distance not in DISTANCES:
             raise ValueError(
                 f"PatchCoreConfig.distance must be one of {DISTANCES}, got {self.distance!r}"

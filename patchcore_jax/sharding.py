@@ -36,7 +36,8 @@ def make_mesh(bank_shards: int = 1, devices: Sequence[jax.Device] | None = None)
     devices = list(jax.devices() if devices is None else devices)
     if bank_shards < 1 or len(devices) % bank_shards:
         raise ValueError(
-            f"bank_shards={bank_shards} must be a positive divisor of the device count {len(devices)}"
+            f"bank_shards={bank_shards} must be a positive divisor of the device count "
+            f"{len(devices)}"
         )
     grid = np.asarray(devices, dtype=object).reshape(len(devices) // bank_shards, bank_shards)
     return Mesh(grid, ALL_AXES)
@@ -62,8 +63,10 @@ def pad_rows(x: jax.Array | np.ndarray, multiple: int, value: float = 0.0):
     pad = (-num_valid) % multiple
     if pad:
         widths = [(0, pad)] + [(0, 0)] * (x.ndim - 1)
-        x = jnp.pad(x, widths, constant_values=value) if isinstance(x, jax.Array) else np.pad(
-            x, widths, constant_values=value
+        x = (
+            jnp.pad(x, widths, constant_values=value)
+            if isinstance(x, jax.Array)
+            else np.pad(x, widths, constant_values=value)
         )
     return x, num_valid
 

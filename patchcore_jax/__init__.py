@@ -1,0 +1,16 @@
+"""patchcore-jax: PatchCore anomaly detection in JAX/Flax.
+
+Public API::
+
+    from patchcore_jax import PatchCore, PatchCoreConfig, load, save
+
+The device stages are importable on their own for use in other JAX programs:
+``patchcore_jax.features``, ``patchcore_jax.coreset``, ``patchcore_jax.scoring``,
+``patchcore_jax.sharding`` and ``patchcore_jax.backbones``.
+"""
+
+from patchcore_jax.checkpoint import CheckpointError, load, save
+from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax.model import PatchCore, embed_images
+
+__all__ = ["CheckpointError", "PatchCore", "PatchCoreConfig", "embed_images", "load", "save"]

@@ -1,0 +1,206 @@
+"""Locally aware patch features (SPEC section 3), on the device.
+
+For every position of the first (reference) feature map the reference PatchCore code takes the
+zero-padded ``patch_size`` x ``patch_size`` neighbourhood of each layer, brings later layers onto
+the reference grid by bilinear interpolation (``align_corners=False``), flattens each layer's
+``(C, p, p)`` block channel-major, reduces it to ``pretrain_embed_dimension`` values with PyTorch's
+``adaptive_avg_pool1d``, stacks the layers and pools the concatenation to
+``target_embed_dimension``.
+
+Every step is linear, and pooling (over features) commutes with resizing (over positions), so each
+layer is pooled on its own, smaller grid before it is resized. Resizing is two small static
+interpolation matrices. For the default configuration the whole pipeline collapses to a closed
+form (a 3x3 smoothing of layer2 and a pair-averaged 3x3 box mean of layer3, upsampled), which
+``patch_features`` uses automatically.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def bilinear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """Matrix ``R: [out_size, in_size] float32`` with ``R @ x`` == torch bilinear resize of ``x``.
+
+    Exact ``F.interpolate(mode="bilinear", align_corners=False)`` semantics along one axis (no
+    antialiasing): source coordinate ``(dst + 0.5) * in / out - 0.5`` clamped at 0, neighbours
+    ``floor(src)`` and ``min(floor(src) + 1, in - 1)``. Valid for up- and downsampling.
+    """
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"in_size and out_size must be positive, got {in_size}, {out_size}")
+    scale = in_size / out_size
+    source = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+    lower = np.floor(source).astype(np.int64)
+    upper = np.minimum(lower + 1, in_size - 1)
+    upper_weight = source - lower
+    matrix = np.zeros((out_size, in_size), dtype=np.float64)
+    rows = np.arange(out_size)
+    np.add.at(matrix, (rows, lower), 1.0 - upper_weight)
+    np.add.at(matrix, (rows, upper), upper_weight)
+    return matrix.astype(np.float32)
+
+
+def _pool_index_table(length: int, output_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Static gather table of adaptive_avg_pool1d: indices and weights, both [output_size, W]."""
+    outputs = np.arange(output_size)
+    starts = (outputs * length) // output_size
+    ends = -((-(outputs + 1) * length) // output_size)  # ceil((i + 1) * L / O)
+    counts = ends - starts
+    window = int(counts.max())
+    offsets = np.arange(window)
+    indices = np.minimum(starts[:, None] + offsets[None, :], length - 1)
+    weights = np.where(offsets[None, :] < counts[:, None], 1.0 / counts[:, None], 0.0)
+    return indices.astype(np.int32), weights.astype(np.float32)
+
+
+def adaptive_avg_pool1d(values: jax.Array, output_size: int) -> jax.Array:
+    """PyTorch ``adaptive_avg_pool1d`` over the last axis: ``[..., L] -> [..., output_size]``.
+
+    Output ``i`` is the mean of inputs ``[floor(i L / O), ceil((i + 1) L / O))``. Regular windows
+    are a reshape and a mean; irregular ones a gather with a static index table (no dense
+    ``L x O`` matrix).
+    """
+    length = values.shape[-1]
+    if output_size < 1:
+        raise ValueError(f"output_size must be positive, got {output_size}")
+    if length % output_size == 0:
+        pooled = values.reshape(*values.shape[:-1], output_size, length // output_size)
+        return pooled.mean(axis=-1)
+    indices, weights = _pool_index_table(length, output_size)
+    return jnp.sum(values[..., indices] * weights, axis=-1)
+
+
+def _resize_grid(maps: jax.Array, out_height: int, out_width: int) -> jax.Array:
+    """Bilinear resize (torch, align_corners=False) of ``maps: [B, h, w, C]`` to ``[B, H, W, C]``."""
+    _, height, width, _ = maps.shape
+    if (height, width) == (out_height, out_width):
+        return maps
+    rows = jnp.asarray(bilinear_resize_matrix(height, out_height))
+    cols = jnp.asarray(bilinear_resize_matrix(width, out_width))
+    maps = jnp.einsum("Hh,bhwc->bHwc", rows, maps, precision=HIGHEST)
+    return jnp.einsum("Ww,bhwc->bhWc", cols, maps, precision=HIGHEST)
+
+
+def _patch_grid(size: int, patch_size: int) -> int:
+    """Positions along one axis of torch ``Unfold(patch_size, stride=1, padding=(p - 1) // 2)``."""
+    return size + 2 * ((patch_size - 1) // 2) - patch_size + 1
+
+
+def _unfold(maps: jax.Array, patch_size: int) -> jax.Array:
+    """``[B, h, w, C] -> [B, n_h, n_w, C * p * p]``: zero-padded neighbourhoods, channel-major."""
+    batch, height, width, channels = maps.shape
+    padding = (patch_size - 1) // 2
+    padded = jnp.pad(maps, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    rows, cols = _patch_grid(height, patch_size), _patch_grid(width, patch_size)
+    shifted = [
+        padded[:, dy : dy + rows, dx : dx + cols, :]
+        for dy in range(patch_size)
+        for dx in range(patch_size)
+    ]
+    return jnp.stack(shifted, axis=-1).reshape(batch, rows, cols, channels * patch_size**2)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("pretrain_embed_dimension", "target_embed_dimension", "patch_size")
+)
+def _patch_features_general(
+    feature_maps: tuple[jax.Array, ...],
+    pretrain_embed_dimension: int,
+    target_embed_dimension: int,
+    patch_size: int,
+) -> jax.Array:
+    """SPEC 3 for any layers and dimensions; ``feature_maps[i]: [B, h_i, w_i, C_i]``."""
+    batch, height, width, _ = feature_maps[0].shape
+    rows, cols = _patch_grid(height, patch_size), _patch_grid(width, patch_size)
+    per_layer = []
+    for maps in feature_maps:
+        pooled = adaptive_avg_pool1d(_unfold(maps, patch_size), pretrain_embed_dimension)
+        per_layer.append(_resize_grid(pooled, rows, cols))
+    stacked = jnp.concatenate(per_layer, axis=-1)  # layer-major, as torch.stack + reshape
+    features = adaptive_avg_pool1d(stacked, target_embed_dimension)
+    return features.reshape(batch, rows * cols, target_embed_dimension)
+
+
+def _box_sum_3x3(maps: jax.Array) -> jax.Array:
+    """Zero-padded 3x3 box sum over the grid of ``maps: [B, h, w, C]`` (separable)."""
+    height, width = maps.shape[1:3]
+    padded = jnp.pad(maps, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    rows = padded[:, 0:height] + padded[:, 1 : height + 1] + padded[:, 2 : height + 2]
+    return rows[:, :, 0:width] + rows[:, :, 1 : width + 1] + rows[:, :, 2 : width + 2]
+
+
+@jax.jit
+def _patch_features_default(layer2: jax.Array, layer3: jax.Array) -> jax.Array:
+    """Closed form of SPEC 3 for 512 + 1024 channels, dims 1024/1024, patch 3.
+
+    ``layer2: [B, h, w, 512]``, ``layer3: [B, h3, w3, 1024]`` -> ``[B, h * w, 1024]``.
+    Dims 0..511: layer2 smoothed with 0.2 at the centre and 0.1 on the 8 neighbours. Dims
+    512..1023: the 3x3 mean of layer3 channel pairs (2k, 2k+1), upsampled to layer2's grid.
+    """
+    batch, height, width, _ = layer2.shape
+    smoothed = 0.1 * (_box_sum_3x3(layer2) + layer2)
+    pairs = layer3.reshape(*layer3.shape[:3], 512, 2).mean(axis=-1)
+    box_mean = _box_sum_3x3(pairs) / 9.0
+    upsampled = _resize_grid(box_mean, height, width)
+    features = jnp.concatenate([smoothed, upsampled], axis=-1)
+    return features.reshape(batch, height * width, 1024)
+
+
+def patch_features(
+    feature_maps: Sequence[jax.Array],
+    pretrain_embed_dimension: int = 1024,
+    target_embed_dimension: int = 1024,
+    patch_size: int = 3,
+) -> jax.Array:
+    """Locally aware patch features of a batch of images (SPEC section 3).
+
+    Args:
+      feature_maps: backbone outputs, each ``[B, h_i, w_i, C_i] float32`` (NHWC); the first sets
+        the patch grid (e.g. layer2), later ones are bilinearly resized onto it.
+      pretrain_embed_dimension: per-layer length after adaptive average pooling.
+      target_embed_dimension: final patch feature length.
+      patch_size: side of the zero-padded neighbourhood aggregated around each position.
+
+    Returns:
+      ``[B, n_h * n_w, target_embed_dimension] float32``, patches row-major per image, where
+      ``n = h_0`` for odd ``patch_size`` (torch ``Unfold`` grid in general).
+    """
+    feature_maps = tuple(jnp.asarray(maps, jnp.float32) for maps in feature_maps)
+    if not feature_maps:
+        raise ValueError("feature_maps must hold at least one [B, h, w, C] array")
+    for index, maps in enumerate(feature_maps):
+        if maps.ndim != 4 or maps.shape[0] != feature_maps[0].shape[0]:
+            raise ValueError(
+                f"feature_maps[{index}] must be [B, h, w, C] with B={feature_maps[0].shape[0]}, "
+                f"got shape {maps.shape}"
+            )
+        if min(_patch_grid(size, patch_size) for size in maps.shape[1:3]) < 1:
+            raise ValueError(
+                f"feature_maps[{index}] grid {maps.shape[1:3]} is too small for "
+                f"patch_size={patch_size}"
+            )
+    for name, value in (
+        ("pretrain_embed_dimension", pretrain_embed_dimension),
+        ("target_embed_dimension", target_embed_dimension),
+        ("patch_size", patch_size),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    channels = tuple(maps.shape[-1] for maps in feature_maps)
+    if (channels, pretrain_embed_dimension, target_embed_dimension, patch_size) == (
+        (512, 1024),
+        1024,
+        1024,
+        3,
+    ):
+        return _patch_features_default(*feature_maps)
+    return _patch_features_general(
+        feature_maps, pretrain_embed_dimension, target_embed_dimension, patch_size
+    )
