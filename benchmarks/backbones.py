@@ -1,0 +1,115 @@
+"""Backbone forward-pass speed: images/second at batch 8, 224 px, default (PatchCore) stages.
+
+ResNets use random weights (same cost as the real ones); MobileNetV2 uses the shipped TFLite
+weights. Compile time is measured separately from the timed runs.
+
+    python benchmarks/backbones.py [--names resnet18 ...] [--seconds 10] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from patchcore_jax.backbones import available_backbones, init_backbone, load_backbone
+
+BATCH = 8
+SIZE = 224
+
+
+def machine() -> str:
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(line.split(":", 1)[1].strip() for line in lines.splitlines()
+                     if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()})"
+
+
+def measure(name: str, seconds: float) -> dict[str, object]:
+    """Compile time and steady-state throughput of one backbone's default stages."""
+    if name == "mobilenet_v2":
+        backbone, weights = load_backbone(name), "TFLite (dequantised)"
+    else:
+        backbone, weights = init_backbone(name), "random init"
+    images = np.random.default_rng(0).integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8)
+    variables = jax.device_put(backbone.variables)
+    images = jax.device_put(images)
+    start = time.perf_counter()
+    compiled = jax.jit(backbone.module.apply).lower(variables, images).compile()
+    compile_seconds = time.perf_counter() - start
+    jax.block_until_ready(compiled(variables, images))  # warm-up
+    timings = []
+    while len(timings) < 2 or (sum(timings) < seconds and len(timings) < 50):
+        start = time.perf_counter()
+        outputs = jax.block_until_ready(compiled(variables, images))
+        timings.append(time.perf_counter() - start)
+    per_batch = float(np.median(timings))
+    shapes = ", ".join(f"{k} {'x'.join(map(str, v.shape[1:]))}" for k, v in outputs.items())
+    parameters = sum(leaf.size for leaf in jax.tree.leaves(backbone.variables.get("params", {})))
+    return {
+        "name": name,
+        "weights": weights,
+        "stages": shapes,
+        "parameters": f"{parameters / 1e6:.1f} M",
+        "compile_s": f"{compile_seconds:.1f}",
+        "batch_s": f"{per_batch:.3f}",
+        "runs": len(timings),
+        "images_per_s": f"{BATCH / per_batch:.1f}",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--names", nargs="*", default=list(available_backbones()))
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="timing budget per backbone (at least 2 runs)")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).parent / "results" / "backbones.md")
+    args = parser.parse_args()
+
+    load_before = os.getloadavg()[0]
+    rows = []
+    for name in args.names:
+        row = measure(name, args.seconds)
+        print(row, flush=True)
+        rows.append(row)
+    columns = [("backbone", "name"), ("weights", "weights"), ("stages (HxWxC)", "stages"),
+               ("params used", "parameters"), ("compile s", "compile_s"),
+               ("s / batch of 8", "batch_s"), ("timed runs", "runs"),
+               ("images / s", "images_per_s")]
+    lines = [
+        "# Backbone forward pass",
+        "",
+        f"Command: `python {' '.join(['benchmarks/backbones.py', *sys.argv[1:]])}`  ",
+        f"Machine: {machine()}  ",
+        f"Date: {datetime.date.today().isoformat()}  ",
+        f"1-minute load average before / after: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
+        "(the machine is shared; other jobs slow these numbers down)",
+        "",
+        f"Batch {BATCH} uint8 images at {SIZE}x{SIZE} px, the default (PatchCore) stages only, "
+        "jitted `module.apply`; time per batch is the median of the timed runs after one "
+        "warm-up run; compile time is `lower().compile()`.",
+        "",
+        "| " + " | ".join(title for title, _ in columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(str(row[key]) for _, key in columns) + " |" for row in rows),
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines), encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

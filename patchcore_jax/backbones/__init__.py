@@ -1,0 +1,216 @@
+"""Feature-extracting backbones: Flax modules plus their (converted) ImageNet weights.
+
+Every backbone module takes RGB pixels 0..255 (uint8 or float), [B, H, W, 3], normalises them
+with its own constants, and returns an ordered dict {stage name: [B, h, w, C] float32} of the
+requested stages in network order (finest grid first), computing nothing after the deepest one.
+
+    backbone = load_backbone("wide_resnet50_2")          # layer2 + layer3
+    maps = jax.jit(backbone.module.apply)(backbone.variables, images)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from patchcore_jax.backbones.convert import (
+    MOBILENET_TFLITE,
+    check_variables,
+    convert_weights,
+    fetch_weights,
+    full_module,
+    load_converted,
+    read_tflite,
+    select_variables,
+    sha256_file,
+    variable_shapes,
+    weights_dir,
+)
+from patchcore_jax.backbones.convert import weights_dir as _default_weights_dir
+from patchcore_jax.backbones.mobilenet_v2 import (
+    DEFAULT_LAYOUT,
+    MOBILENET_STAGES,
+    MobileNetV2,
+    MobileNetV2Layout,
+)
+from patchcore_jax.backbones.resnet import RESNET_ARCHITECTURES, RESNET_STAGES, resnet
+
+__all__ = [
+    "Backbone",
+    "available_backbones",
+    "convert_weights",
+    "default_layers",
+    "fetch_weights",
+    "init_backbone",
+    "load_backbone",
+    "stage_names",
+    "weights_dir",
+]
+
+_BACKBONES: tuple[str, ...] = (*RESNET_ARCHITECTURES, "mobilenet_v2")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Backbone:
+    """A backbone ready to run: module + the variables it needs (only the requested stages').
+
+    Attributes:
+      name: registered name, e.g. ``wide_resnet50_2``.
+      module: Flax module; ``module.apply(variables, images [B, H, W, 3] uint8/float 0..255)``
+        returns {stage: [B, h, w, C] float32} for ``layers``, in network order.
+      variables: {'params': ..., 'batch_stats': ...} (whatever the module needs), jax arrays.
+      layers: stages the module returns, in network order (finest first).
+      weights_sha256: sha256 of the source weights file, or "random-init".
+    """
+
+    name: str
+    module: nn.Module
+    variables: dict
+    layers: tuple[str, ...]
+    weights_sha256: str
+
+    def feature_maps(self, images: jax.Array) -> dict[str, jax.Array]:
+        """images: [B, H, W, 3] uint8/float 0..255 -> {stage: [B, h, w, C] float32}.
+
+        Traceable; under ``jax.jit`` prefer ``jax.jit(backbone.module.apply)(backbone.variables,
+        images)`` so the weights are arguments, not constants baked into the program.
+        """
+        return self.module.apply(self.variables, images)
+
+
+def available_backbones() -> tuple[str, ...]:
+    """Registered backbone names; the first is PatchCore's default."""
+    return _BACKBONES
+
+
+def _check_name(name: str) -> None:
+    if name not in _BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; available: {_BACKBONES}")
+
+
+def stage_names(name: str) -> tuple[str, ...]:
+    """All stages ``name`` can return, in network order."""
+    _check_name(name)
+    return MOBILENET_STAGES if name == "mobilenet_v2" else RESNET_STAGES
+
+
+def default_layers(name: str) -> tuple[str, ...]:
+    """The stride-8 and stride-16 stages PatchCore aggregates."""
+    _check_name(name)
+    return ("stride8", "stride16") if name == "mobilenet_v2" else ("layer2", "layer3")
+
+
+def _resolve_layers(name: str, layers: Sequence[str] | None) -> tuple[str, ...]:
+    """Validated ``layers`` (default pair if None) in network order."""
+    if layers is None:
+        return default_layers(name)
+    if isinstance(layers, str):
+        raise ValueError(f"layers must be a sequence of stage names, got the string {layers!r}")
+    valid = stage_names(name)
+    layers = tuple(layers)
+    unknown = [layer for layer in layers if layer not in valid]
+    if unknown or not layers or len(set(layers)) != len(layers):
+        raise ValueError(
+            f"invalid layers {layers} for {name}: give distinct names from {valid}"
+        )
+    return tuple(sorted(layers, key=valid.index))
+
+
+def _module(name: str, layers: tuple[str, ...], layout: MobileNetV2Layout | None) -> nn.Module:
+    if name == "mobilenet_v2":
+        return MobileNetV2(layout or DEFAULT_LAYOUT, layers)
+    return resnet(name, layers)
+
+
+def _backbone(
+    name: str,
+    layers: tuple[str, ...],
+    full_variables: dict[str, Any],
+    weights_sha256: str,
+    layout: MobileNetV2Layout | None = None,
+) -> Backbone:
+    """Keeps only the variables the requested stages use and puts them on the device."""
+    module = _module(name, layers, layout)
+    used = select_variables(full_variables, variable_shapes(module))
+    variables = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float32), used)
+    return Backbone(name, module, variables, layers, weights_sha256)
+
+
+def init_backbone(name: str, layers: Sequence[str] | None = None, seed: int = 0) -> Backbone:
+    """A backbone with random weights, for tests and benchmarks.
+
+    Kernels are LeCun-normal (Flax's default), biases 0, batch norm the identity (scale 1,
+    mean 0, var 1). Drawn with numpy from the shapes alone, so nothing is compiled.
+    """
+    _check_name(name)
+    layers = _resolve_layers(name, layers)
+    module = _module(name, layers, None)
+    rng = np.random.default_rng(seed)
+    constants = {"bias": 0.0, "mean": 0.0, "scale": 1.0, "var": 1.0}
+
+    def draw(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        leaf_name = path[-1].key
+        if leaf_name in constants:
+            return jnp.full(leaf.shape, constants[leaf_name], jnp.float32)
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        values = rng.standard_normal(leaf.shape, dtype=np.float32) / np.float32(np.sqrt(fan_in))
+        return jnp.asarray(values)
+
+    variables = jax.tree_util.tree_map_with_path(draw, variable_shapes(module))
+    return Backbone(name, module, variables, layers, "random-init")
+
+
+def _missing_weights(name: str, directory: Path) -> FileNotFoundError:
+    if name == "mobilenet_v2":
+        how = (f"put {MOBILENET_TFLITE} there (it ships in the repository's weights/), or run "
+               "`patchcore-jax weights convert FILE.tflite --arch mobilenet_v2`")
+    else:
+        how = (f"run `patchcore-jax weights fetch {name}` (downloads torchvision's file and "
+               f"converts it), or, from a local .pth/.safetensors copy, "
+               f"`patchcore-jax weights convert FILE --arch {name}`")
+    return FileNotFoundError(
+        f"no weights for {name} in {directory} (expected {name}.msgpack + {name}.json); {how}. "
+        "Set PATCHCORE_WEIGHTS or pass weights_dir to use another folder."
+    )
+
+
+def load_backbone(
+    name: str,
+    layers: Sequence[str] | None = None,
+    weights_dir: str | Path | None = None,
+) -> Backbone:
+    """The backbone with its converted ImageNet weights from ``weights_dir`` (default: the
+    ``weights_dir()`` function's folder).
+
+    ResNets read ``<name>.msgpack`` + ``<name>.json`` (made by convert/fetch). ``mobilenet_v2``
+    reads a converted ``mobilenet_v2.msgpack`` if present, else converts the shipped
+    ``mobilenet_v2_1.0_224_ptq.tflite`` in memory (well under a second).
+    Raises ValueError for unknown names/layers, FileNotFoundError (naming the command that gets
+    the weights) when they are missing.
+    """
+    _check_name(name)
+    layers = _resolve_layers(name, layers)
+    directory = Path(weights_dir) if weights_dir is not None else _default_weights_dir()
+    try:
+        variables, manifest = load_converted(name, directory)
+    except FileNotFoundError:
+        tflite_path = directory / MOBILENET_TFLITE
+        if name != "mobilenet_v2" or not tflite_path.is_file():
+            raise _missing_weights(name, directory) from None
+        layout, variables = read_tflite(tflite_path)
+        return _backbone(name, layers, variables, sha256_file(tflite_path), layout)
+    layout = MobileNetV2Layout.from_json(manifest["layout"]) if name == "mobilenet_v2" else None
+    check_variables(
+        variables,
+        variable_shapes(full_module(name, layout)),
+        f"{directory / manifest['weights_file']} (re-run the conversion)",
+    )
+    return _backbone(name, layers, variables, manifest["source_sha256"], layout)
+

@@ -1,0 +1,663 @@
+"""Weights: torchvision/timm state dicts and TFLite files -> Flax variables, stored with manifests.
+
+A converted backbone is two files in the weights folder: ``<arch>.msgpack`` (the Flax variables,
+``flax.serialization`` msgpack of float32 arrays) and ``<arch>.json`` (the manifest: source file
+name and sha256, architecture, converter version, date; for MobileNetV2 also the layout read from
+the TFLite file). Both are written atomically.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import sys
+import tempfile
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from patchcore_jax.backbones.mobilenet_v2 import (
+    MOBILENET_STAGES,
+    BlockSpec,
+    ConvSpec,
+    MobileNetV2,
+    MobileNetV2Layout,
+)
+from patchcore_jax.backbones.resnet import RESNET_ARCHITECTURES, RESNET_STAGES, ResNet, resnet
+from patchcore_jax.files import atomic_path
+
+MANIFEST_FORMAT = "patchcore_jax.backbone_weights/1"
+TORCHVISION_URL = "https://download.pytorch.org/models/"
+# The 8 hex digits in each name are the first digits of the file's sha256.
+TORCHVISION_FILES = {
+    "wide_resnet50_2": "wide_resnet50_2-95faca4d.pth",
+    "resnet18": "resnet18-f37072fd.pth",
+    "resnet50": "resnet50-0676ba61.pth",
+    "wide_resnet101_2": "wide_resnet101_2-32ee1156.pth",
+}
+MOBILENET_TFLITE = "mobilenet_v2_1.0_224_ptq.tflite"
+STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def weights_dir() -> Path:
+    """Default weights folder: $PATCHCORE_WEIGHTS, else the source checkout's ``weights/``
+    (beside the package, for editable installs), else ``~/.cache/patchcore_jax/weights``."""
+    from_env = os.environ.get("PATCHCORE_WEIGHTS")
+    if from_env:
+        return Path(from_env).expanduser()
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "weights").is_dir() and (checkout / "pyproject.toml").is_file():
+        return checkout / "weights"
+    return Path.home() / ".cache" / "patchcore_jax" / "weights"
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("patchcore-jax")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- architecture shapes
+
+
+def variable_shapes(module: nn.Module) -> dict[str, Any]:
+    """The module's variable tree as ``jax.ShapeDtypeStruct`` leaves (nothing is computed)."""
+    images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.uint8)
+    return jax.eval_shape(module.init, jax.random.key(0), images)
+
+
+def full_module(arch: str, layout: MobileNetV2Layout | None = None) -> nn.Module:
+    """``arch`` with every stage requested, so its variables cover the whole file."""
+    if arch in RESNET_ARCHITECTURES:
+        return resnet(arch, RESNET_STAGES)
+    if arch == "mobilenet_v2":
+        if layout is None:
+            raise ValueError("mobilenet_v2 needs the layout read from its TFLite file")
+        return MobileNetV2(layout, MOBILENET_STAGES)
+    raise ValueError(
+        f"unknown architecture {arch!r}; available: {(*RESNET_ARCHITECTURES, 'mobilenet_v2')}"
+    )
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    flat: dict[tuple[str, ...], Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, (*prefix, key)))
+        else:
+            flat[(*prefix, key)] = value
+    return flat
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def check_variables(variables: Mapping[str, Any], expected: Mapping[str, Any], what: str) -> None:
+    """Raises ValueError naming every missing, unexpected and mis-shaped leaf of ``variables``."""
+    got = {path: tuple(np.shape(v)) for path, v in _flatten(variables).items()}
+    want = {path: tuple(v.shape) for path, v in _flatten(expected).items()}
+    problems = [f"missing: {'/'.join(p)}" for p in sorted(want.keys() - got.keys())]
+    problems += [f"unexpected: {'/'.join(p)}" for p in sorted(got.keys() - want.keys())]
+    problems += [
+        f"wrong shape: {'/'.join(p)} is {got[p]}, expected {want[p]}"
+        for p in sorted(want.keys() & got.keys())
+        if got[p] != want[p]
+    ]
+    if problems:
+        raise ValueError(f"{what} does not match the architecture:\n  " + "\n  ".join(problems))
+
+
+def select_variables(variables: Mapping[str, Any], used: Mapping[str, Any]) -> dict[str, Any]:
+    """The sub-tree of ``variables`` with exactly the paths of ``used`` (e.g. fewer stages)."""
+    flat = _flatten(variables)
+    return _unflatten({path: flat[path] for path in _flatten(used)})
+
+
+# --------------------------------------------------------------------------- ResNet state dicts
+
+# Flax leaf name -> torchvision parameter name.
+_LEAF_TO_TORCH = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """Flax path ("batch_stats", "layer1", "0", "downsample", "1", "var") ->
+    torchvision key "layer1.0.downsample.1.running_var"."""
+    collection, *names, leaf = path
+    return ".".join((*names, _LEAF_TO_TORCH[(collection, leaf)]))
+
+
+def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Conv HWIO -> OIHW, Dense [in, out] -> [out, in], vectors unchanged."""
+    if len(flax_shape) == 4:
+        height, width, fan_in, fan_out = flax_shape
+        return (fan_out, fan_in, height, width)
+    if len(flax_shape) == 2:
+        return flax_shape[::-1]
+    return flax_shape
+
+
+def _from_torch(array: np.ndarray) -> np.ndarray:
+    """Inverse of ``_torch_shape`` on the values."""
+    if array.ndim == 4:
+        return np.ascontiguousarray(array.transpose(2, 3, 1, 0))
+    if array.ndim == 2:
+        return np.ascontiguousarray(array.T)
+    return array
+
+
+def resnet_variables_from_state_dict(
+    state_dict: Mapping[str, Any], module: ResNet
+) -> dict[str, Any]:
+    """torchvision/timm ResNet state dict -> Flax variables {'params', 'batch_stats'} (float32).
+
+    ``module`` should request every stage (``layers=RESNET_STAGES``) so the whole state dict is
+    consumed. Accepts a leading ``module.`` (DataParallel) and ignores ``num_batches_tracked``.
+    Every key and shape is checked; one ValueError names all missing, unexpected and mis-shaped
+    keys.
+    """
+    tensors = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("module.")
+        if not name.endswith("num_batches_tracked"):
+            tensors[name] = value
+    expected = _flatten(variable_shapes(module))
+    wanted = {torch_key(path): (path, _torch_shape(tuple(s.shape))) for path, s in expected.items()}
+    problems = [
+        f"missing: {key} {wanted[key][1]}" for key in sorted(wanted.keys() - tensors.keys())
+    ]
+    problems += [
+        f"unexpected: {key} {tuple(np.shape(tensors[key]))}"
+        for key in sorted(tensors.keys() - wanted.keys())
+    ]
+    problems += [
+        f"wrong shape: {key} is {tuple(np.shape(tensors[key]))}, expected {wanted[key][1]}"
+        for key in sorted(wanted.keys() & tensors.keys())
+        if tuple(np.shape(tensors[key])) != wanted[key][1]
+    ]
+    if problems:
+        raise ValueError(
+            f"state dict does not match the ResNet ({len(problems)} problems):\n  "
+            + "\n  ".join(problems)
+        )
+    flat = {path: _from_torch(np.asarray(tensors[key], np.float32)) for key, (path, _) in
+            wanted.items()}
+    return _unflatten(flat)
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """``.safetensors`` (numpy, no torch) or ``.pth``/``.pt``/``.bin`` (needs torch) -> arrays."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return dict(load_file(str(path)))
+    if path.suffix in (".pth", ".pt", ".bin"):
+        try:
+            import torch
+        except ImportError as error:
+            raise ImportError(
+                f"reading {path.name} needs PyTorch: pip install 'patchcore-jax[torch]' "
+                "(or convert a .safetensors copy of the weights, which needs no torch)"
+            ) from error
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        if isinstance(loaded, Mapping) and "state_dict" in loaded:
+            loaded = loaded["state_dict"]
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"{path} holds a {type(loaded).__name__}, expected a state dict")
+        return {
+            key: (value.float() if value.is_floating_point() else value).numpy()
+            for key, value in loaded.items()
+        }
+    raise ValueError(
+        f"cannot read weights from {path.name}: expected one of {STATE_DICT_SUFFIXES} or .tflite"
+    )
+
+
+# --------------------------------------------------------------------------- TFLite MobileNetV2
+
+_TFLITE_DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64,
+                  7: np.int16, 9: np.int8}
+_TFLITE_PADDING = {0: "SAME", 1: "VALID"}
+_TFLITE_ACTIVATIONS = {0: "none", 1: "relu", 3: "relu6"}
+
+
+def _import_tflite() -> Any:
+    try:
+        import tflite
+    except ImportError as error:
+        raise ImportError(
+            "reading .tflite files needs the TFLite schema bindings: "
+            "pip install 'patchcore-jax[tflite]'"
+        ) from error
+    return tflite
+
+
+class _TFLiteGraph:
+    """Read access to the single subgraph of a TFLite flatbuffer: ops, constants, options."""
+
+    def __init__(self, data: bytes, source: str):
+        self.tflite = _import_tflite()
+        self.data = data
+        self.source = source
+        self.model = self.tflite.Model.GetRootAsModel(data, 0)
+        if self.model.SubgraphsLength() != 1:
+            raise ValueError(
+                f"{source}: expected one subgraph, found {self.model.SubgraphsLength()}"
+            )
+        self.graph = self.model.Subgraphs(0)
+        codes = {
+            value: name for name, value in vars(self.tflite.BuiltinOperator).items()
+            if not name.startswith("_")
+        }
+        self.ops = []
+        for index in range(self.graph.OperatorsLength()):
+            op = self.graph.Operators(index)
+            code = self.model.OperatorCodes(op.OpcodeIndex())
+            # Newer files put the code in BuiltinCode, older ones in DeprecatedBuiltinCode.
+            name = codes.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "CUSTOM")
+            inputs = [op.Inputs(i) for i in range(op.InputsLength())]
+            outputs = [op.Outputs(i) for i in range(op.OutputsLength())]
+            self.ops.append((name, op, inputs, outputs))
+
+    def shape(self, tensor: int) -> tuple[int, ...]:
+        t = self.graph.Tensors(tensor)
+        return tuple(int(v) for v in t.ShapeAsNumpy()) if t.ShapeLength() else ()
+
+    def quantization(self, tensor: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """(scale, zero_point, quantized_dimension) or None for float tensors."""
+        q = self.graph.Tensors(tensor).Quantization()
+        if q is None or q.ScaleLength() == 0:
+            return None
+        return (q.ScaleAsNumpy().astype(np.float64), q.ZeroPointAsNumpy().astype(np.float64),
+                int(q.QuantizedDimension()))
+
+    def constant(self, tensor: int) -> np.ndarray:
+        """A constant tensor, dequantised (real = scale * (q - zero_point), per tensor or per
+        channel along ``quantized_dimension``) to float32; integer tensors without
+        quantisation (shapes, pads, axes) come back as they are."""
+        t = self.graph.Tensors(tensor)
+        buffer = self.model.Buffers(t.Buffer())
+        if buffer.DataLength():
+            raw = buffer.DataAsNumpy().tobytes()
+        elif buffer.Offset() > 1:  # large models keep data after the flatbuffer
+            raw = self.data[buffer.Offset(): buffer.Offset() + buffer.Size()]
+        else:
+            raise ValueError(f"{self.source}: tensor {t.Name().decode()!r} has no constant data")
+        if t.Type() not in _TFLITE_DTYPES:
+            raise ValueError(f"{self.source}: unsupported tensor type {t.Type()}")
+        values = np.frombuffer(raw, dtype=_TFLITE_DTYPES[t.Type()]).reshape(self.shape(tensor))
+        quant = self.quantization(tensor)
+        if quant is None:
+            return values.astype(np.float32) if values.dtype.kind == "f" else values
+        scale, zero_point, axis = quant
+        if scale.size > 1:
+            broadcast = [1] * values.ndim
+            broadcast[axis] = scale.size
+            scale, zero_point = scale.reshape(broadcast), zero_point.reshape(broadcast)
+        return (scale * (values.astype(np.float64) - zero_point)).astype(np.float32)
+
+    def options(self, op: Any, options_class: str) -> Any:
+        table = op.BuiltinOptions()
+        options = getattr(self.tflite, options_class)()
+        options.Init(table.Bytes, table.Pos)
+        return options
+
+
+def read_tflite(path: str | Path) -> tuple[MobileNetV2Layout, dict[str, Any]]:
+    """Maps a TFLite MobileNetV2's operators onto ``MobileNetV2`` and dequantises its weights.
+
+    Recognised sequence: [QUANTIZE] CONV_2D (stem); per block [CONV_2D expand] [PAD]
+    DEPTHWISE_CONV_2D CONV_2D (project) [ADD residual]; CONV_2D (head); MEAN or global
+    AVERAGE_POOL_2D; CONV_2D 1x1 or FULLY_CONNECTED (logits); then RESHAPE/SQUEEZE/SOFTMAX/
+    QUANTIZE/DEQUANTIZE, which do not change the logits' argmax and are not modelled. Each
+    convolution keeps the file's padding (SAME/VALID, explicit PAD) and fused activation.
+    Anything else raises ValueError naming the operator.
+
+    Returns:
+      (layout, variables) with variables = {'params': {...}} of float32 arrays.
+    """
+    path = Path(path)
+    graph = _TFLiteGraph(path.read_bytes(), path.name)
+    ops = graph.ops
+    position = 0
+    graph_input = graph.graph.Inputs(0)
+    current = graph_input
+    params: dict[str, Any] = {}
+
+    def peek(offset: int = 0) -> str | None:
+        index = position + offset
+        return ops[index][0] if index < len(ops) else None
+
+    def fail(expected: str) -> ValueError:
+        found = f"{peek()} (operator {position})" if peek() else "the end of the graph"
+        return ValueError(f"{path.name}: expected {expected}, found {found}; only MobileNetV2 "
+                          "graphs are supported")
+
+    def take(kind: str) -> tuple[Any, list[int], list[int]]:
+        nonlocal position, current
+        if peek() != kind:
+            raise fail(kind)
+        _, op, inputs, outputs = ops[position]
+        if inputs[0] != current:
+            raise ValueError(f"{path.name}: operator {position} ({kind}) does not consume the "
+                             "previous operator's output; not a sequential MobileNetV2")
+        position += 1
+        current = outputs[0]
+        return op, inputs, outputs
+
+    def conv(kind: str) -> tuple[ConvSpec, dict[str, np.ndarray]]:
+        explicit_pads = None
+        if peek() == "PAD":
+            _, inputs, _ = take("PAD")
+            pads = graph.constant(inputs[1]).astype(int)
+            if pads[0].any() or pads[3].any():
+                raise ValueError(f"{path.name}: PAD on batch or channels is not supported")
+            explicit_pads = (tuple(int(v) for v in pads[1]), tuple(int(v) for v in pads[2]))
+        in_channels = graph.shape(current)[-1]
+        op, inputs, _ = take(kind)
+        options = graph.options(op, "Conv2DOptions" if kind == "CONV_2D" else
+                                "DepthwiseConv2DOptions")
+        if options.DilationHFactor() != 1 or options.DilationWFactor() != 1:
+            raise ValueError(f"{path.name}: dilated convolutions are not supported")
+        padding: Any = _TFLITE_PADDING[options.Padding()]
+        if explicit_pads is not None:
+            if padding != "VALID":
+                raise ValueError(f"{path.name}: PAD followed by a SAME convolution")
+            padding = explicit_pads
+        activation = options.FusedActivationFunction()
+        if activation not in _TFLITE_ACTIVATIONS:
+            raise ValueError(f"{path.name}: unsupported fused activation {activation}")
+        weights = graph.constant(inputs[1])
+        if kind == "CONV_2D":  # [out, kh, kw, in] -> [kh, kw, in, out]
+            kernel = weights.transpose(1, 2, 3, 0)
+        else:  # depthwise [1, kh, kw, channels] -> [kh, kw, 1, channels]
+            kernel = weights.transpose(1, 2, 0, 3)
+            if kernel.shape[-1] != in_channels:
+                raise ValueError(f"{path.name}: depthwise multiplier other than 1 is not supported")
+        bias = (graph.constant(inputs[2]) if len(inputs) > 2 and inputs[2] >= 0
+                else np.zeros(kernel.shape[-1], np.float32))
+        spec = ConvSpec(
+            features=int(kernel.shape[-1]),
+            kernel_size=(int(kernel.shape[0]), int(kernel.shape[1])),
+            strides=(int(options.StrideH()), int(options.StrideW())),
+            padding=padding,
+            activation=_TFLITE_ACTIVATIONS[activation],
+            depthwise=kind == "DEPTHWISE_CONV_2D",
+        )
+        return spec, {"kernel": np.ascontiguousarray(kernel), "bias": bias}
+
+    # Input: uint8 pixels q are dequantised with the input tensor's own parameters.
+    input_quant = graph.quantization(graph_input)
+    if input_quant is None:  # float file: the usual MobileNet convention q / 127.5 - 1
+        input_scale, input_zero_point = 1.0 / 127.5, 127.5
+    else:
+        input_scale, input_zero_point = float(input_quant[0][0]), float(input_quant[1][0])
+    while peek() in ("QUANTIZE", "DEQUANTIZE"):  # re-quantisation is the identity in float
+        take(peek())
+
+    stem, params["stem"] = conv("CONV_2D")
+    blocks = []
+    while True:
+        skip_pad = 1 if peek(1) == "PAD" else 0
+        if peek() == "DEPTHWISE_CONV_2D" or (peek() == "PAD" and peek(1) == "DEPTHWISE_CONV_2D"):
+            has_expand = False
+        elif peek() == "CONV_2D" and peek(1 + skip_pad) == "DEPTHWISE_CONV_2D":
+            has_expand = True
+        else:
+            break
+        block_input = current
+        block_params = {}
+        expand = None
+        if has_expand:
+            expand, block_params["expand"] = conv("CONV_2D")
+        depthwise, block_params["depthwise"] = conv("DEPTHWISE_CONV_2D")
+        project, block_params["project"] = conv("CONV_2D")
+        residual = False
+        if peek() == "ADD":
+            _, add, inputs, outputs = ops[position]
+            if sorted(inputs) != sorted([block_input, current]):
+                raise ValueError(f"{path.name}: ADD at operator {position} is not a residual")
+            if graph.options(add, "AddOptions").FusedActivationFunction() != 0:
+                raise ValueError(f"{path.name}: residual ADD with a fused activation")
+            position += 1
+            current = outputs[0]
+            residual = True
+        params[f"block{len(blocks)}"] = block_params
+        blocks.append(BlockSpec(expand, depthwise, project, residual))
+    if not blocks:
+        raise fail("inverted residual blocks")
+
+    head, params["head"] = conv("CONV_2D")
+    spatial = graph.shape(current)[1:3]
+    if peek() == "MEAN":
+        _, inputs, _ = take("MEAN")
+        if sorted(graph.constant(inputs[1]).tolist()) != [1, 2]:
+            raise ValueError(f"{path.name}: MEAN is not a global average pool")
+    elif peek() == "AVERAGE_POOL_2D":
+        op, _, _ = take("AVERAGE_POOL_2D")
+        pool = graph.options(op, "Pool2DOptions")
+        if (pool.FilterHeight(), pool.FilterWidth()) != spatial or pool.FusedActivationFunction():
+            raise ValueError(f"{path.name}: AVERAGE_POOL_2D is not a global average pool")
+    else:
+        raise fail("MEAN or AVERAGE_POOL_2D (global pool)")
+    if peek() in ("RESHAPE", "SQUEEZE"):
+        take(peek())
+    if peek() == "CONV_2D":
+        op, inputs, _ = take("CONV_2D")
+        options = graph.options(op, "Conv2DOptions")
+        weights = graph.constant(inputs[1])
+        if weights.shape[1:3] != (1, 1):
+            raise ValueError(f"{path.name}: classifier CONV_2D is not 1x1")
+        weights = weights[:, 0, 0, :]
+    elif peek() == "FULLY_CONNECTED":
+        op, inputs, _ = take("FULLY_CONNECTED")
+        options = graph.options(op, "FullyConnectedOptions")
+        weights = graph.constant(inputs[1])
+    else:
+        raise fail("CONV_2D 1x1 or FULLY_CONNECTED (classifier)")
+    if options.FusedActivationFunction() != 0:
+        raise ValueError(f"{path.name}: classifier with a fused activation")
+    num_classes = int(weights.shape[0])
+    bias = (graph.constant(inputs[2]) if len(inputs) > 2 and inputs[2] >= 0
+            else np.zeros(num_classes, np.float32))
+    params["logits"] = {"kernel": np.ascontiguousarray(weights.T), "bias": bias}
+    for name, *_ in ops[position:]:
+        if name not in ("RESHAPE", "SQUEEZE", "SOFTMAX", "QUANTIZE", "DEQUANTIZE"):
+            raise ValueError(f"{path.name}: unsupported operator {name} after the classifier")
+
+    layout = MobileNetV2Layout(
+        input_scale=input_scale,
+        input_zero_point=input_zero_point,
+        stem=stem,
+        blocks=tuple(blocks),
+        head=head,
+        num_classes=num_classes,
+    )
+    variables = {"params": params}
+    check_variables(variables, variable_shapes(full_module("mobilenet_v2", layout)), path.name)
+    return layout, variables
+
+
+# --------------------------------------------------------------------------- stored conversions
+
+
+def converted_paths(arch: str, directory: str | Path) -> tuple[Path, Path]:
+    """(``<dir>/<arch>.msgpack``, ``<dir>/<arch>.json``)."""
+    directory = Path(directory)
+    return directory / f"{arch}.msgpack", directory / f"{arch}.json"
+
+
+def save_converted(
+    variables: Mapping[str, Any],
+    arch: str,
+    out_dir: str | Path,
+    source_name: str,
+    source_sha256: str,
+    layout: MobileNetV2Layout | None = None,
+) -> Path:
+    """Writes ``<arch>.msgpack`` and its manifest ``<arch>.json`` atomically; returns the former."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights_path, manifest_path = converted_paths(arch, out_dir)
+    host = jax.tree.map(lambda leaf: np.asarray(leaf, np.float32), dict(variables))
+    with atomic_path(weights_path) as tmp:
+        tmp.write_bytes(flax.serialization.msgpack_serialize(host))
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "architecture": arch,
+        "source_file": source_name,
+        "source_sha256": source_sha256,
+        "weights_file": weights_path.name,
+        "weights_sha256": sha256_file(weights_path),
+        "converter": "patchcore_jax.backbones.convert",
+        "package_version": _package_version(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    if layout is not None:
+        manifest["layout"] = layout.to_json()
+    with atomic_path(manifest_path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return weights_path
+
+
+def load_converted(arch: str, directory: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(variables, manifest) of a stored conversion. FileNotFoundError if absent."""
+    weights_path, manifest_path = converted_paths(arch, directory)
+    for needed in (weights_path, manifest_path):
+        if not needed.is_file():
+            raise FileNotFoundError(needed)
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("architecture") != arch:
+        raise ValueError(f"{manifest_path} is not a {MANIFEST_FORMAT} manifest for {arch}")
+    variables = flax.serialization.msgpack_restore(weights_path.read_bytes())
+    return variables, manifest
+
+
+def convert_weights(source: str | Path, arch: str, out_dir: str | Path | None = None) -> Path:
+    """Converts a torchvision/timm ResNet state dict (.safetensors/.pth) or a MobileNetV2
+    .tflite into ``<out_dir>/<arch>.msgpack`` + ``<arch>.json``; returns the .msgpack path.
+
+    out_dir defaults to ``weights_dir()``.
+    """
+    return _convert(Path(source), arch, out_dir, Path(source).name)
+
+
+def _convert(source: Path, arch: str, out_dir: str | Path | None, source_name: str) -> Path:
+    if not source.is_file():
+        raise FileNotFoundError(f"weights file {source} does not exist")
+    out_dir = Path(out_dir) if out_dir is not None else weights_dir()
+    if arch == "mobilenet_v2":
+        if source.suffix != ".tflite":
+            raise ValueError(f"mobilenet_v2 weights come from a .tflite file, got {source.name}")
+        layout, variables = read_tflite(source)
+    elif arch in RESNET_ARCHITECTURES:
+        if source.suffix not in STATE_DICT_SUFFIXES:
+            raise ValueError(f"{arch} weights come from one of {STATE_DICT_SUFFIXES}, "
+                             f"got {source.name}")
+        layout, variables = None, resnet_variables_from_state_dict(
+            read_state_dict(source), full_module(arch)
+        )
+    else:
+        full_module(arch)  # raises the ValueError listing the architectures
+    return save_converted(variables, arch, out_dir, source_name, sha256_file(source), layout)
+
+
+# --------------------------------------------------------------------------- download
+
+
+def _download(url: str, destination: Path, report: Callable[[int, int | None], None]) -> str:
+    """Streams ``url`` into ``destination``; returns the hex sha256 of what was written."""
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url) as response, open(destination, "wb") as out:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length else None
+        done = 0
+        for chunk in iter(lambda: response.read(1 << 20), b""):
+            out.write(chunk)
+            digest.update(chunk)
+            done += len(chunk)
+            report(done, total)
+    return digest.hexdigest()
+
+
+def _progress_printer(name: str) -> Callable[[int, int | None], None]:
+    last = [-1]
+
+    def report(done: int, total: int | None) -> None:
+        step = done * 20 // total if total else done >> 24  # every 5 % or every 16 MiB
+        if step != last[0]:
+            last[0] = step
+            percent = f" {100 * done // total:3d}%" if total else ""
+            print(f"\rdownloading {name}:{percent} {done / 2**20:.1f} MiB", end="",
+                  file=sys.stderr, flush=True)
+
+    return report
+
+
+def fetch_weights(name: str, out_dir: str | Path | None = None, url: str | None = None) -> Path:
+    """Downloads torchvision's ImageNet weights for ``name``, verifies them, and converts them.
+
+    The sha256 must start with the hex digits in the file name (``...-95faca4d.pth``; a ``url``
+    whose name has none is checked against torchvision's name). A mismatch raises ValueError and
+    leaves nothing behind. The download is converted and then deleted; returns the .msgpack path.
+    """
+    if name not in TORCHVISION_FILES:
+        hint = " (its TFLite file ships in weights/; nothing to fetch)" if name == "mobilenet_v2" \
+            else ""
+        raise ValueError(f"no download for {name!r}{hint}; fetchable: {tuple(TORCHVISION_FILES)}")
+    url = url or TORCHVISION_URL + TORCHVISION_FILES[name]
+    file_name = Path(urllib.parse.urlparse(url).path).name or TORCHVISION_FILES[name]
+    match = re.search(r"-([0-9a-f]{8,64})\.[a-z]+$", file_name) or re.search(
+        r"-([0-9a-f]{8})\.pth$", TORCHVISION_FILES[name])
+    expected_prefix = match.group(1)
+    out_dir = Path(out_dir) if out_dir is not None else weights_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{file_name}.", suffix=Path(file_name).suffix or ".pth", dir=out_dir
+    )
+    os.close(handle)
+    download = Path(temporary)
+    try:
+        digest = _download(url, download, _progress_printer(file_name))
+        print(file=sys.stderr)
+        if not digest.startswith(expected_prefix):
+            raise ValueError(f"{url}: sha256 {digest} does not start with {expected_prefix}; "
+                             "the download is corrupt or not the expected file (deleted)")
+        return _convert(download, name, out_dir, file_name)
+    finally:
+        download.unlink(missing_ok=True)

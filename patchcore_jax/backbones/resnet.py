@@ -1,0 +1,192 @@
+"""torchvision's ResNet family as a Flax linen module (NHWC, eval-mode BatchNorm).
+
+Submodules are named after torchvision's state-dict keys, so a key maps mechanically onto the
+Flax tree: ``layer1.0.downsample.1.running_var`` -> ``batch_stats/layer1/0/downsample/1/var``,
+``layer1.0.conv1.weight`` -> ``params/layer1/0/conv1/kernel`` (OIHW -> HWIO), ``fc.weight`` ->
+``params/fc/kernel`` (transposed). Padding follows torchvision exactly (explicit symmetric pads;
+the max pool pads with -inf), and the bottleneck puts its stride on the 3x3 conv.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESNET_STAGES: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4", "logits")
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def normalize_imagenet(images: jax.Array) -> jax.Array:
+    """Pixels -> ImageNet-normalised floats, in torchvision's order (ToTensor, then Normalize).
+
+    images: [B, H, W, 3] uint8 or float RGB in 0..255. Returns [B, H, W, 3] float32.
+    """
+    scaled = images.astype(jnp.float32) / 255.0
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+    std = jnp.asarray(IMAGENET_STD, jnp.float32)
+    return (scaled - mean) / std
+
+
+def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
+    """torchvision conv without bias: padding kernel // 2 on every side."""
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        precision=HIGHEST,
+        name=name,
+    )
+
+
+def _batch_norm(name: str) -> nn.BatchNorm:
+    """Eval-mode BatchNorm with torchvision's epsilon (running statistics, never updated)."""
+    return nn.BatchNorm(use_running_average=True, epsilon=1e-5, name=name)
+
+
+class Downsample(nn.Module):
+    """torchvision's ``downsample`` Sequential: 1x1 strided conv ``0`` then BatchNorm ``1``."""
+
+    features: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = _conv(self.features, 1, self.stride, name="0")(x)
+        return _batch_norm(name="1")(x)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-18/34); ``planes`` output channels."""
+
+    expansion: ClassVar[int] = 1
+
+    planes: int
+    stride: int = 1
+    width_per_group: int = 64
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.width_per_group != 64:
+            raise ValueError("BasicBlock only supports width_per_group=64 (as torchvision)")
+        out = nn.relu(_batch_norm("bn1")(_conv(self.planes, 3, self.stride, "conv1")(x)))
+        out = _batch_norm("bn2")(_conv(self.planes, 3, 1, "conv2")(out))
+        identity = x
+        if self.stride != 1 or x.shape[-1] != self.planes:
+            identity = Downsample(self.planes, self.stride, name="downsample")(x)
+        return nn.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided) -> 1x1 bottleneck; ``4 * planes`` output channels."""
+
+    expansion: ClassVar[int] = 4
+
+    planes: int
+    stride: int = 1
+    width_per_group: int = 64
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = int(self.planes * (self.width_per_group / 64.0))
+        out_features = self.planes * self.expansion
+        out = nn.relu(_batch_norm("bn1")(_conv(width, 1, 1, "conv1")(x)))
+        out = nn.relu(_batch_norm("bn2")(_conv(width, 3, self.stride, "conv2")(out)))
+        out = _batch_norm("bn3")(_conv(out_features, 1, 1, "conv3")(out))
+        identity = x
+        if self.stride != 1 or x.shape[-1] != out_features:
+            identity = Downsample(out_features, self.stride, name="downsample")(x)
+        return nn.relu(out + identity)
+
+
+class ResNetStage(nn.Module):
+    """One ``layerN``: blocks named ``0``, ``1``, ...; the first one carries the stride."""
+
+    block: type[nn.Module]
+    num_blocks: int
+    planes: int
+    stride: int
+    width_per_group: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for index in range(self.num_blocks):
+            stride = self.stride if index == 0 else 1
+            x = self.block(self.planes, stride, self.width_per_group, name=str(index))(x)
+        return x
+
+
+class ResNet(nn.Module):
+    """torchvision ``ResNet(block, stage_sizes, width_per_group, num_classes)``, NHWC.
+
+    Returns an ordered dict (network order) of the stages named in ``layers`` (any of
+    ``layer1``..``layer4``, ``logits``); nothing after the deepest requested stage is computed
+    (its parameters are not even created by ``init``).
+
+    Example (the tiny test fixture): ``ResNet(Bottleneck, (1, 2, 1, 1), width_per_group=16,
+    num_classes=10, layers=("layer1", "logits"))``.
+    """
+
+    block: type[nn.Module]
+    stage_sizes: Sequence[int]
+    width_per_group: int = 64
+    num_classes: int = 1000
+    layers: tuple[str, ...] = ("layer2", "layer3")
+
+    def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
+        """images: [B, H, W, 3] uint8/float RGB 0..255 -> {stage: [B, h, w, C] float32}."""
+        return self.forward_normalized(normalize_imagenet(images))
+
+    @nn.compact
+    def forward_normalized(self, x: jax.Array) -> dict[str, jax.Array]:
+        """x: [B, H, W, 3] float32, already ImageNet-normalised -> {stage: [B, h, w, C]}."""
+        if len(self.stage_sizes) != 4:
+            raise ValueError(f"ResNet needs 4 stage sizes, got {tuple(self.stage_sizes)}")
+        unknown = [name for name in self.layers if name not in RESNET_STAGES]
+        if unknown or not self.layers:
+            raise ValueError(f"ResNet layers must be a non-empty subset of {RESNET_STAGES}, "
+                             f"got {tuple(self.layers)}")
+        deepest = max(RESNET_STAGES.index(name) for name in self.layers)
+        outputs: dict[str, jax.Array] = collections.OrderedDict()
+
+        x = nn.relu(_batch_norm("bn1")(_conv(64, 7, 2, "conv1")(x)))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        stages = zip(self.stage_sizes, (64, 128, 256, 512), (1, 2, 2, 2), strict=True)
+        for index, (num_blocks, planes, stride) in enumerate(stages):
+            name = RESNET_STAGES[index]
+            x = ResNetStage(
+                self.block, num_blocks, planes, stride, self.width_per_group, name=name
+            )(x)
+            if name in self.layers:
+                outputs[name] = x
+            if index == deepest:
+                return outputs
+        pooled = jnp.mean(x, axis=(1, 2))
+        outputs["logits"] = nn.Dense(self.num_classes, precision=HIGHEST, name="fc")(pooled)
+        return outputs
+
+
+# name -> (block, stage sizes, width_per_group); torchvision's definitions.
+RESNET_ARCHITECTURES: dict[str, tuple[type[nn.Module], tuple[int, ...], int]] = {
+    "wide_resnet50_2": (Bottleneck, (3, 4, 6, 3), 128),
+    "resnet18": (BasicBlock, (2, 2, 2, 2), 64),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), 64),
+    "wide_resnet101_2": (Bottleneck, (3, 4, 23, 3), 128),
+}
+
+
+def resnet(name: str, layers: Sequence[str] = ("layer2", "layer3")) -> ResNet:
+    """The torchvision architecture ``name`` (ImageNet head, 1000 classes)."""
+    if name not in RESNET_ARCHITECTURES:
+        raise ValueError(f"unknown ResNet {name!r}; available: {tuple(RESNET_ARCHITECTURES)}")
+    block, stage_sizes, width_per_group = RESNET_ARCHITECTURES[name]
+    return ResNet(block, stage_sizes, width_per_group, 1000, tuple(layers))

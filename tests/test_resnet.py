@@ -1,0 +1,167 @@
+"""ResNet backbones: torchvision parity on the tiny fixture, layouts, and early stopping."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FIXTURES, load_fixture
+from safetensors.numpy import load_file
+
+from patchcore_jax.backbones import available_backbones, default_layers, init_backbone
+from patchcore_jax.backbones.convert import (
+    read_state_dict,
+    resnet_variables_from_state_dict,
+    variable_shapes,
+)
+from patchcore_jax.backbones.resnet import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RESNET_STAGES,
+    Bottleneck,
+    ResNet,
+    resnet,
+)
+
+TINY_STATE_DICT = FIXTURES / "torchvision_tiny_resnet.safetensors"
+
+
+def tiny_resnet(layers=RESNET_STAGES) -> ResNet:
+    """The fixture's ``ResNet(Bottleneck, [1, 2, 1, 1], width_per_group=16, num_classes=10)``."""
+    return ResNet(Bottleneck, (1, 2, 1, 1), width_per_group=16, num_classes=10, layers=layers)
+
+
+def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
+    """max |ours - reference| / max |reference|."""
+    return float(np.abs(np.asarray(ours) - reference).max() / np.abs(reference).max())
+
+
+def assert_matches_torchvision(variables) -> None:
+    io = load_fixture("torchvision_tiny_resnet_io")
+    images = jnp.asarray(io["input_nchw"].transpose(0, 2, 3, 1))
+    outputs = tiny_resnet().apply(variables, images, method=ResNet.forward_normalized)
+    assert list(outputs) == list(RESNET_STAGES)
+    for name in RESNET_STAGES[:-1]:
+        reference = io[f"{name}_nchw"].transpose(0, 2, 3, 1)
+        assert outputs[name].shape == reference.shape
+        assert relative_error(outputs[name], reference) < 1e-4, name
+    assert relative_error(outputs["logits"], io["logits"]) < 1e-4
+
+
+def test_tiny_resnet_matches_torchvision_from_safetensors():
+    state_dict = load_file(str(TINY_STATE_DICT))
+    assert_matches_torchvision(resnet_variables_from_state_dict(state_dict, tiny_resnet()))
+
+
+def test_tiny_resnet_matches_torchvision_from_pth(tmp_path):
+    torch = pytest.importorskip("torch")  # installed here and in CI (the torch extra)
+    path = tmp_path / "tiny.pth"
+    torch.save({key: torch.from_numpy(value) for key, value in
+                load_file(str(TINY_STATE_DICT)).items()}, path)
+    state_dict = read_state_dict(path)
+    assert_matches_torchvision(resnet_variables_from_state_dict(state_dict, tiny_resnet()))
+
+
+def test_pixels_are_normalised_like_totensor_then_normalize():
+    """Module on uint8 pixels == network on (x / 255 - mean) / std computed in numpy."""
+    variables = resnet_variables_from_state_dict(load_file(str(TINY_STATE_DICT)), tiny_resnet())
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 64, 48, 3), dtype=np.uint8)
+    normalised = (pixels.astype(np.float32) / np.float32(255.0) - np.float32(IMAGENET_MEAN)) \
+        / np.float32(IMAGENET_STD)
+    module = tiny_resnet(("layer2",))
+    from_pixels = module.apply(variables, pixels)["layer2"]
+    from_floats = module.apply(variables, normalised, method=ResNet.forward_normalized)["layer2"]
+    np.testing.assert_allclose(from_pixels, from_floats, rtol=0, atol=1e-5)
+    # float pixels 0..255 give the same as uint8
+    np.testing.assert_allclose(module.apply(variables, pixels.astype(np.float32))["layer2"],
+                               from_pixels, rtol=0, atol=0)
+
+
+# torchvision's documented parameter counts (batch-norm running statistics excluded).
+TORCHVISION_PARAMETERS = {
+    "wide_resnet50_2": 68_883_240,
+    "resnet18": 11_689_512,
+    "resnet50": 25_557_032,
+    "wide_resnet101_2": 126_886_696,
+}
+
+
+@pytest.mark.parametrize("name", list(TORCHVISION_PARAMETERS))
+def test_architectures_match_torchvision(name):
+    module = resnet(name, RESNET_STAGES)
+    shapes = variable_shapes(module)
+    assert sum(leaf.size for leaf in jax.tree.leaves(shapes["params"])) == \
+        TORCHVISION_PARAMETERS[name]
+    outputs = jax.eval_shape(module.apply, shapes, jax.ShapeDtypeStruct((1, 224, 224, 3),
+                                                                        jnp.uint8))
+    expansion = 1 if name == "resnet18" else 4
+    assert {key: value.shape for key, value in outputs.items()} == {
+        "layer1": (1, 56, 56, 64 * expansion),
+        "layer2": (1, 28, 28, 128 * expansion),
+        "layer3": (1, 14, 14, 256 * expansion),
+        "layer4": (1, 7, 7, 512 * expansion),
+        "logits": (1, 1000),
+    }
+
+
+def test_wide_resnet_bottleneck_width_and_stride_placement():
+    """torchvision puts the stride on the 3x3 conv; the wide bottleneck is 2x as wide."""
+    params = variable_shapes(resnet("wide_resnet50_2", ("layer2",)))["params"]
+    block = params["layer2"]["0"]
+    assert block["conv1"]["kernel"].shape == (1, 1, 256, 256)
+    assert block["conv2"]["kernel"].shape == (3, 3, 256, 256)
+    assert block["conv3"]["kernel"].shape == (1, 1, 256, 512)
+    assert block["downsample"]["0"]["kernel"].shape == (1, 1, 256, 512)
+    images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.uint8)
+    jaxpr = jax.make_jaxpr(resnet("wide_resnet50_2", ("layer2",)).apply)(
+        variable_shapes(resnet("wide_resnet50_2", ("layer2",))), images
+    )
+    strides = [
+        (eqn.invars[1].aval.shape, eqn.params["window_strides"])
+        for eqn in jaxpr.eqns if eqn.primitive.name == "conv_general_dilated"
+    ]
+    # first block of layer2: conv1 1x1 stride 1, conv2 3x3 stride 2, downsample 1x1 stride 2
+    assert ((1, 1, 256, 256), (1, 1)) in strides
+    assert ((3, 3, 256, 256), (2, 2)) in strides
+    assert ((1, 1, 256, 512), (2, 2)) in strides
+
+
+def count_convolutions(module, variables) -> tuple[int, int]:
+    """(convolutions, matmuls) in the traced forward pass at 224 px."""
+    images = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.uint8)
+    jaxpr = jax.make_jaxpr(module.apply)(variables, images)
+    names = [eqn.primitive.name for eqn in jaxpr.eqns]
+    return names.count("conv_general_dilated"), names.count("dot_general")
+
+
+def test_nothing_after_the_deepest_requested_stage_is_computed():
+    backbone = init_backbone("wide_resnet50_2")
+    assert backbone.layers == default_layers("wide_resnet50_2") == ("layer2", "layer3")
+    assert set(backbone.variables["params"]) == {"conv1", "bn1", "layer1", "layer2", "layer3"}
+    assert set(backbone.variables["batch_stats"]) == {"bn1", "layer1", "layer2", "layer3"}
+    # conv1 + layer1 (3 blocks x 3 + downsample) + layer2 (4 x 3 + 1) + layer3 (6 x 3 + 1)
+    assert count_convolutions(backbone.module, backbone.variables) == (1 + 10 + 13 + 19, 0)
+    full = resnet("wide_resnet50_2", RESNET_STAGES)
+    assert count_convolutions(full, variable_shapes(full)) == (1 + 10 + 13 + 19 + 10, 1)
+    shapes = jax.eval_shape(backbone.feature_maps,
+                            jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.uint8))
+    assert {k: v.shape for k, v in shapes.items()} == {
+        "layer2": (2, 28, 28, 512), "layer3": (2, 14, 14, 1024)}
+
+
+def test_stage_outputs_come_in_network_order():
+    backbone = init_backbone("resnet18", ("layer3", "layer1"))
+    assert backbone.layers == ("layer1", "layer3")
+    images = jnp.zeros((1, 64, 64, 3), jnp.uint8)
+    assert list(jax.jit(backbone.module.apply)(backbone.variables, images)) == ["layer1", "layer3"]
+
+
+def test_invalid_names_and_layers():
+    with pytest.raises(ValueError, match="available.*wide_resnet50_2"):
+        init_backbone("resnet1000")
+    with pytest.raises(ValueError, match="layer1.*layer4"):
+        init_backbone("resnet18", ("layer5",))
+    with pytest.raises(ValueError, match="distinct"):
+        init_backbone("resnet18", ("layer2", "layer2"))
+    assert available_backbones()[0] == "wide_resnet50_2"
