@@ -78,7 +78,7 @@ def adaptive_avg_pool1d(values: jax.Array, output_size: int) -> jax.Array:
 
 
 def _resize_grid(maps: jax.Array, out_height: int, out_width: int) -> jax.Array:
-    """Bilinear resize (torch, align_corners=False) of ``maps: [B, h, w, C]`` to ``[B, H, W, C]``."""
+    """Bilinear resize (torch, align_corners=False): ``[B, h, w, C] -> [B, H, W, C]``."""
     _, height, width, _ = maps.shape
     if (height, width) == (out_height, out_width):
         return maps

@@ -1,0 +1,214 @@
+"""Scoring (scoring.py): reference fixture, dense k-NN, scipy maps, Eq. 7, sharded == single."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.ndimage
+import torch
+import torch.nn.functional as torch_f
+from conftest import load_fixture
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from patchcore_jax import scoring, sharding
+
+
+def _relative_error(ours, expected) -> float:
+    return float(np.abs(np.asarray(ours) - expected).max() / np.abs(expected).max())
+
+
+def _dense_knn(queries: np.ndarray, bank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Plain float64 k-NN with lowest-index tie-breaking (stable sort)."""
+    queries, bank = queries.astype(np.float64), bank.astype(np.float64)
+    distances = ((queries[:, None, :] - bank[None, :, :]) ** 2).sum(-1)
+    indices = np.argsort(distances, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(distances, indices, axis=1), indices
+
+
+@pytest.fixture(scope="module")
+def score_fixture() -> dict[str, np.ndarray]:
+    return load_fixture("reference_parity", "score")
+
+
+def test_reference_fixture(score_fixture):
+    data = score_fixture
+    result = scoring.score_patch_features(
+        data["queries"].reshape(3, 784, 1024), data["memory_bank"], (28, 28), (224, 224)
+    )
+    assert _relative_error(result.patch_scores.ravel(), data["patch_scores"]) < 1e-4
+    assert _relative_error(result.image_scores, data["image_scores"]) < 1e-4
+    assert _relative_error(result.anomaly_maps, data["maps"]) < 1e-4
+    np.testing.assert_array_equal(np.asarray(result.nearest_indices).ravel(), data["nearest_index"])
+    assert result.nearest_indices.dtype == np.int32
+
+
+@pytest.mark.parametrize("k,squared", [(1, True), (4, True), (3, False)])
+def test_blocked_knn_equals_dense_numpy(k, squared):
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(1001, 16)).astype(np.float32)
+    queries = rng.normal(size=(130, 16)).astype(np.float32)
+    distances, indices = scoring.nearest_neighbors(
+        queries, bank, k, squared=squared, bank_block_size=96, query_block_size=50
+    )
+    expected_distances, expected_indices = _dense_knn(queries, bank, k)
+    if not squared:
+        expected_distances = np.sqrt(expected_distances)
+    np.testing.assert_array_equal(np.asarray(indices), expected_indices)
+    np.testing.assert_allclose(np.asarray(distances), expected_distances, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bank_shards", [1, 2, 8])
+def test_ties_go_to_lowest_index_and_padding_is_never_matched(bank_shards):
+    rng = np.random.default_rng(1)
+    # Integer entries make every distance exact, so the three copies of each row tie exactly.
+    rows = rng.integers(-3, 4, size=(67, 8)).astype(np.float32) + 10.0
+    bank = np.concatenate([rows, rows, rows])  # 201 rows: not a multiple of tiles or shards
+    queries = np.concatenate([rows[:20], np.zeros((5, 8), np.float32)])  # zeros = padding rows
+    mesh = sharding.make_mesh(bank_shards=bank_shards)
+    distances, indices = scoring.nearest_neighbors(
+        queries, bank, 3, bank_block_size=16, query_block_size=8, mesh=mesh
+    )
+    expected_distances, expected_indices = _dense_knn(queries, bank, 3)
+    np.testing.assert_array_equal(np.asarray(indices), expected_indices)
+    np.testing.assert_array_equal(np.asarray(indices)[:20], np.arange(20)[:, None] + [0, 67, 134])
+    np.testing.assert_allclose(np.asarray(distances), expected_distances, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "grid,out_shape,sigma",
+    [((28, 28), (224, 224), 4.0), ((7, 9), (30, 41), 1.5), ((5, 3), (12, 8), 0.0)],
+)
+def test_anomaly_maps_equal_torch_interpolate_then_scipy_gaussian(grid, out_shape, sigma):
+    scores = np.random.default_rng(2).gamma(2.0, 10.0, size=(2, *grid)).astype(np.float32)
+    upsampled = torch_f.interpolate(
+        torch.from_numpy(scores)[:, None], size=out_shape, mode="bilinear", align_corners=False
+    )[:, 0].numpy()
+    expected = np.stack([scipy.ndimage.gaussian_filter(image, sigma=sigma) for image in upsampled])
+    ours = scoring.anomaly_maps(scores, out_shape, sigma)
+    assert ours.shape == (2, *out_shape)
+    assert _relative_error(ours, expected) < 1e-5
+
+
+@pytest.mark.parametrize("size,sigma", [(5, 4.0), (40, 4.0), (9, 0.7), (1, 2.0)])
+def test_gaussian_blur_matrix_equals_scipy_including_kernels_wider_than_input(size, sigma):
+    values = np.random.default_rng(3).normal(size=size)
+    expected = scipy.ndimage.gaussian_filter1d(values, sigma, mode="reflect", truncate=4.0)
+    np.testing.assert_allclose(
+        scoring.gaussian_blur_matrix(size, sigma) @ values, expected, atol=1e-12
+    )
+
+
+def _eq7_numpy(patch_features, bank, patch_scores, nearest, b):
+    """Eq. 7 written out plainly in float64 (as anomalib: softmax over N_b(m*) incl. m*)."""
+    out = []
+    for image in range(len(patch_features)):
+        top = int(np.argmax(patch_scores[image]))
+        test, star = patch_features[image, top], int(nearest[image, top])
+        neighbourhood = np.argsort(((bank - bank[star]) ** 2).sum(1), kind="stable")[:b]
+        distances = np.sqrt(((bank[neighbourhood] - test) ** 2).sum(1))
+        star_distance = np.sqrt(((bank[star] - test) ** 2).sum())
+        weight = 1 - np.exp(star_distance) / np.exp(distances).sum()
+        out.append(weight * patch_scores[image, top])
+    return np.array(out)
+
+
+def test_reweighting_equals_plain_numpy_eq7():
+    rng = np.random.default_rng(4)
+    bank = rng.normal(size=(300, 12)).astype(np.float32)
+    patch_features = rng.normal(size=(3, 20, 12)).astype(np.float32) * 1.3
+    result = scoring.score_patch_features(
+        patch_features,
+        bank,
+        (4, 5),
+        (8, 10),
+        reweight=True,
+        reweight_neighbors=5,
+        bank_block_size=64,
+    )
+    plain = scoring.score_patch_features(patch_features, bank, (4, 5), (8, 10), bank_block_size=64)
+    expected = _eq7_numpy(
+        patch_features.astype(np.float64),
+        bank.astype(np.float64),
+        np.asarray(result.patch_scores, np.float64),
+        np.asarray(result.nearest_indices)[..., 0],
+        5,
+    )
+    np.testing.assert_allclose(np.asarray(result.image_scores), expected, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(result.patch_scores), np.asarray(plain.patch_scores))
+    assert np.all(np.asarray(result.image_scores) < np.asarray(plain.image_scores))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    scale=st.floats(min_value=1.0, max_value=5000.0),
+    neighbours=st.integers(min_value=1, max_value=12),
+    seed=st.integers(min_value=0, max_value=2**16),
+    distance=st.sampled_from(["squared_l2", "l2"]),
+)
+def test_reweighting_is_finite_and_within_zero_and_max_score(scale, neighbours, seed, distance):
+    rng = np.random.default_rng(seed)
+    bank = (rng.normal(size=(50, 8)) * scale).astype(np.float32)
+    bank[7] = bank[3]  # exact duplicates: m* may not be its own first neighbour
+    patch_features = (rng.normal(size=(2, 6, 8)) * 2 * scale).astype(np.float32)
+    result = scoring.score_patch_features(
+        patch_features,
+        bank,
+        (2, 3),
+        (4, 6),
+        distance=distance,
+        reweight=True,
+        reweight_neighbors=neighbours,
+    )
+    top_scores = np.asarray(result.patch_scores).max(axis=1)
+    image_scores = np.asarray(result.image_scores)
+    assert np.all(np.isfinite(image_scores))
+    assert np.all(image_scores >= 0) and np.all(image_scores <= top_scores)
+    if neighbours == 1:  # N_1(m*) = {m*}: the weight is exactly 0
+        np.testing.assert_array_equal(image_scores, 0.0)
+
+
+@pytest.mark.parametrize("bank_shards", [1, 2, 8])
+def test_sharded_equals_single_device(bank_shards, score_fixture):
+    rng = np.random.default_rng(5)
+    bank = score_fixture["memory_bank"][:1003]  # not a multiple of 8
+    patch_features = score_fixture["queries"][: 6 * 49 + 0].reshape(6, 49, 1024)
+    patch_features = patch_features + rng.normal(size=patch_features.shape).astype(np.float32)
+    options = dict(num_neighbors=3, reweight=True, bank_block_size=100, query_block_size=40)
+    single = scoring.score_patch_features(patch_features, bank, (7, 7), (20, 20), **options)
+    mesh = sharding.make_mesh(bank_shards=bank_shards)
+    sharded = scoring.score_patch_features(
+        patch_features, bank, (7, 7), (20, 20), mesh=mesh, **options
+    )
+    np.testing.assert_array_equal(
+        np.asarray(sharded.nearest_indices), np.asarray(single.nearest_indices)
+    )
+    for name in ("image_scores", "anomaly_maps", "patch_scores"):
+        assert _relative_error(getattr(sharded, name), np.asarray(getattr(single, name))) < 1e-5
+
+
+def test_compiled_once_per_shape():
+    rng = np.random.default_rng(6)
+    bank = rng.normal(size=(40, 4)).astype(np.float32)
+    before = scoring._score_patch_features._cache_size()
+    for _ in range(3):
+        patch_features = rng.normal(size=(2, 6, 4)).astype(np.float32)
+        scoring.score_patch_features(patch_features, bank, (2, 3), (5, 5), sigma=1.0)
+    assert scoring._score_patch_features._cache_size() == before + 1
+
+
+def test_bad_input_raises():
+    bank = np.zeros((10, 4), np.float32)
+    features = np.zeros((1, 6, 4), np.float32)
+    with pytest.raises(ValueError, match="grid_shape"):
+        scoring.score_patch_features(features, bank, (2, 2), (4, 4))
+    with pytest.raises(ValueError, match="memory_bank"):
+        scoring.score_patch_features(features, np.zeros((10, 5), np.float32), (2, 3), (4, 4))
+    with pytest.raises(ValueError, match="distance"):
+        scoring.score_patch_features(features, bank, (2, 3), (4, 4), distance="cosine")
+    with pytest.raises(ValueError, match="num_neighbors"):
+        scoring.score_patch_features(features, bank, (2, 3), (4, 4), num_neighbors=11)
+    with pytest.raises(ValueError, match="k=11"):
+        scoring.nearest_neighbors(features[0], bank, 11)
+    with pytest.raises(ValueError, match="queries"):
+        scoring.nearest_neighbors(np.zeros((3, 5), np.float32), bank)
