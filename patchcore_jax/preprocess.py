@@ -1,0 +1,293 @@
+"""Host-side input pipeline: read images and ground-truth masks, resize, centre-crop.
+
+Reproduces the reference's torchvision pipeline on PIL images (SPEC section 1):
+``Resize(resize)`` (shorter side to ``resize``, Pillow bilinear with antialiasing, longer side
+``int(resize * long / short)``), then ``CenterCrop(crop)`` (top-left corner
+``int(round((size - crop) / 2.0))``, Python's round-half-to-even). Images stay uint8 here; the
+backbone normalises on the device. ``to_float`` is the numpy form of ToTensor + Normalize.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# Pillow modes holding more than 8 bits per sample; scaled to 8 bits (Pillow's convert clips).
+_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class ImageLoadError(ValueError):
+    """An image or mask file cannot be read; ``path`` names it, ``reason`` says why."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"cannot read image {self.path}: {reason}")
+
+
+class ImageNotFoundError(ImageLoadError, FileNotFoundError):
+    """The image or mask file does not exist (also a ``FileNotFoundError``)."""
+
+
+def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
+    """(width, height) after torchvision ``Resize(resize)``: shorter side = ``resize``."""
+    if width <= height:
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
+
+
+def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
+    """Pillow crop box (left, top, right, bottom) of torchvision ``CenterCrop(crop)``."""
+    top = int(round((height - crop) / 2.0))
+    left = int(round((width - crop) / 2.0))
+    return left, top, left + crop, top + crop
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file, read from its header only."""
+    with _open(path) as image:
+        return image.size
+
+
+def check_mask_size(image_path: str | os.PathLike, mask_path: str | os.PathLike) -> None:
+    """Raises ValueError naming both files unless the mask has its image's original size."""
+    image_wh = image_size(image_path)
+    mask_wh = image_size(mask_path)
+    if image_wh != mask_wh:
+        raise ValueError(
+            f"mask {mask_path} has size {mask_wh[0]}x{mask_wh[1]} but its image {image_path} "
+            f"has size {image_wh[0]}x{image_wh[1]} (width x height); they must match"
+        )
+
+
+def load_image(path: str | os.PathLike, resize: int = 256, crop: int = 224) -> np.ndarray:
+    """Reads an image as RGB, resizes the shorter side to ``resize``, centre-crops ``crop``.
+
+    Grayscale, palette, RGBA (alpha dropped, like PIL ``convert("RGB")``), CMYK and 16-bit
+    images are converted to 8-bit RGB; 16-bit values are scaled (65535 -> 255), not clipped.
+    EXIF orientation is not applied (the reference does not either).
+
+    Returns:
+      image: [crop, crop, 3] uint8.
+    """
+    _check_sizes(resize, crop)
+    with _open(path) as image:
+        try:
+            rgb = _to_8bit(image, path).convert("RGB")
+        except ImageLoadError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable".
+            raise ImageLoadError(path, f"{type(error).__name__}: {error}") from error
+    return np.asarray(_resize_and_crop(rgb, resize, crop), dtype=np.uint8)
+
+
+def load_mask(
+    path: str | os.PathLike | None,
+    resize: int = 256,
+    crop: int = 224,
+    *,
+    image_path: str | os.PathLike | None = None,
+) -> np.ndarray:
+    """Reads a ground-truth mask with the image pipeline; a pixel is a defect iff it is 255.
+
+    The mask is read as 8-bit grayscale (binary "1" masks become 0/255, 16-bit masks are
+    scaled), resized bilinearly and cropped like its image; only pixels that are exactly 255
+    afterwards are defects (the reference's ``int(value / 255)``, which drops blurred edges).
+    Masks stored as 0/1 are read as 0/255. A mask with other values but no 255 is an error
+    rather than a silently empty mask. ``path=None`` means no defect pixels. With
+    ``image_path``, the mask's original size must equal the image's.
+
+    Returns:
+      mask: [crop, crop] bool.
+    """
+    _check_sizes(resize, crop)
+    if path is None:
+        return np.zeros((crop, crop), dtype=bool)
+    if image_path is not None:
+        check_mask_size(image_path, path)
+    with _open(path) as image:
+        try:
+            gray = _to_8bit(image, path)
+            if gray.mode != "L":
+                gray = gray.convert("L")
+            values = np.asarray(gray)
+        except ImageLoadError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable".
+            raise ImageLoadError(path, f"{type(error).__name__}: {error}") from error
+    max_value = int(values.max()) if values.size else 0
+    if max_value == 1:
+        gray = Image.fromarray((values * 255).astype(np.uint8))
+    elif 1 < max_value < 255:
+        raise ImageLoadError(
+            path,
+            f"mask values go up to {max_value} but defects must be marked 255 (or 1); "
+            "the reference counts only pixels equal to 255",
+        )
+    return np.asarray(_resize_and_crop(gray, resize, crop)) == 255
+
+
+def load_images(
+    paths: Sequence[str | os.PathLike], resize: int = 256, crop: int = 224
+) -> np.ndarray:
+    """``load_image`` of each path, stacked.
+
+    Returns:
+      images: [len(paths), crop, crop, 3] uint8.
+    """
+    images = np.empty((len(paths), crop, crop, 3), dtype=np.uint8)
+    for index, path in enumerate(paths):
+        images[index] = load_image(path, resize, crop)
+    return images
+
+
+def load_masks(
+    paths: Sequence[str | os.PathLike | None],
+    resize: int = 256,
+    crop: int = 224,
+    *,
+    image_paths: Sequence[str | os.PathLike] | None = None,
+) -> np.ndarray:
+    """``load_mask`` of each path (``None``: all normal), stacked; sizes checked with images.
+
+    Returns:
+      masks: [len(paths), crop, crop] bool.
+    """
+    if image_paths is not None and len(image_paths) != len(paths):
+        raise ValueError(
+            f"load_masks: got {len(paths)} mask paths but {len(image_paths)} image paths"
+        )
+    masks = np.zeros((len(paths), crop, crop), dtype=bool)
+    for index, path in enumerate(paths):
+        image_path = None if image_paths is None else image_paths[index]
+        masks[index] = load_mask(path, resize, crop, image_path=image_path)
+    return masks
+
+
+def iter_image_batches(
+    paths: Sequence[str | os.PathLike],
+    batch_size: int,
+    resize: int = 256,
+    crop: int = 224,
+    *,
+    num_threads: int | None = None,
+) -> Iterator[np.ndarray]:
+    """Yields ``load_image`` results in batches, in the order of ``paths``.
+
+    Decoding runs on ``num_threads`` threads (default ``min(8, cpu_count)``; Pillow releases
+    the GIL while decoding and resizing). Only the current and the next batch are in flight,
+    so memory stays bounded for any number of paths. The last batch may be shorter.
+
+    Yields:
+      images: [<= batch_size, crop, crop, 3] uint8.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_sizes(resize, crop)
+    paths = list(paths)
+    if num_threads is None:
+        num_threads = min(8, os.cpu_count() or 1)
+    if num_threads <= 1:
+        for start in range(0, len(paths), batch_size):
+            yield load_images(paths[start : start + batch_size], resize, crop)
+        return
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+
+        def submit(start: int) -> list:
+            return [
+                pool.submit(load_image, path, resize, crop)
+                for path in paths[start : start + batch_size]
+            ]
+
+        pending = submit(0) if paths else []
+        for start in range(0, len(paths), batch_size):
+            current = pending
+            pending = submit(start + batch_size)
+            try:
+                yield np.stack([future.result() for future in current])
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+
+
+def to_float(
+    images: np.ndarray,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> np.ndarray:
+    """torchvision ``ToTensor`` + ``Normalize`` in float32, channels last, same op order.
+
+    ``(images / 255 - mean) / std`` with every step rounded to float32, as torch does.
+
+    Args:
+      images: [..., H, W, C] uint8.
+      mean, std: [C] per-channel statistics.
+    Returns:
+      [..., H, W, C] float32.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"to_float expects uint8 images, got dtype {images.dtype}")
+    mean_array = np.asarray(mean, dtype=np.float32)
+    std_array = np.asarray(std, dtype=np.float32)
+    if mean_array.shape != (images.shape[-1],) or std_array.shape != (images.shape[-1],):
+        raise ValueError(
+            f"mean and std need one value per channel ({images.shape[-1]}), "
+            f"got {mean_array.shape} and {std_array.shape}"
+        )
+    scaled = images.astype(np.float32) / np.float32(255.0)
+    return (scaled - mean_array) / std_array
+
+
+def _check_sizes(resize: int, crop: int) -> None:
+    for name, value in (("resize", resize), ("crop", crop)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if crop > resize:
+        raise ValueError(f"crop ({crop}) must not exceed resize ({resize})")
+
+
+def _open(path: str | os.PathLike) -> Image.Image:
+    """PIL image opened lazily (header read); failures raise errors naming ``path``."""
+    if path is None:
+        raise ValueError("image path is None")
+    if not os.path.exists(path):
+        raise ImageNotFoundError(path, "no such file")
+    if os.path.isdir(path):
+        raise ImageLoadError(path, "is a directory, not an image file")
+    try:
+        return Image.open(path)
+    except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable".
+        raise ImageLoadError(path, f"{type(error).__name__}: {error}") from error
+
+
+def _to_8bit(image: Image.Image, path: str | os.PathLike) -> Image.Image:
+    """Decodes ``image``; 16-bit grayscale becomes mode "L" with 0..65535 -> 0..255."""
+    image.load()
+    if image.mode in _HIGH_BIT_DEPTH_MODES:
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ImageLoadError(
+                path, f"{image.mode} image has values outside 0..65535; cannot scale to 8 bits"
+            )
+        scaled = (values * 255 + 32767) // 65535  # round(v * 255 / 65535)
+        return Image.fromarray(scaled.astype(np.uint8))
+    if image.mode == "F":
+        raise ImageLoadError(path, "floating-point images (mode F) are not supported")
+    return image
+
+
+def _resize_and_crop(image: Image.Image, resize: int, crop: int) -> Image.Image:
+    width, height = resized_size(*image.size, resize)
+    if (width, height) != image.size:
+        image = image.resize((width, height), Image.BILINEAR)
+    return image.crop(center_crop_box(width, height, crop))
