@@ -91,15 +91,19 @@ def save(model: PatchCore, path: str | os.PathLike, *, overwrite: bool = True) -
     ocp, checkpointer = _checkpointer()
     staging = target.with_name(f".{target.name}.saving-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    checkpointer.save(
-        staging,
-        ocp.args.Composite(
-            **{
-                _STATE: ocp.args.StandardSave({"memory_bank": model.memory_bank}),
-                _RECORD: ocp.args.JsonSave(record),
-            }
-        ),
-    )
+    try:
+        checkpointer.save(
+            staging,
+            ocp.args.Composite(
+                **{
+                    _STATE: ocp.args.StandardSave({"memory_bank": model.memory_bank}),
+                    _RECORD: ocp.args.JsonSave(record),
+                }
+            ),
+        )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     backup = target.with_name(f".{target.name}.previous-{os.getpid()}")
     if target.exists():
         os.rename(target, backup)

@@ -285,7 +285,7 @@ def _save_heatmaps(out_dir: Path, paths, scores, maps, masks, config, quiet: boo
                 out_dir / f"{name}.png",
                 image,
                 maps[index],
-                mask=None if masks is None else masks[index],
+                mask=masks[index],
                 score=float(scores[index]),
                 title=str(path),
                 vmin=vmin,
@@ -331,9 +331,11 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from patchcore_jax import data
+    from patchcore_jax import data, preprocess
+    from patchcore_jax.checkpoint import read_record
     from patchcore_jax.model import PatchCore
 
+    read_record(args.model)  # fail fast, before reading any image
     paths = data.image_paths(args.images)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -345,28 +347,27 @@ def _predict(args: argparse.Namespace) -> int:
         [[str(p), f"{s:.6g}"] for p, s in zip(paths, scores, strict=True)],
     )
     if not args.no_heatmaps:
-        masks = [data.find_mask(p) for p in paths]
-        if any(m is not None for m in masks):
-            from patchcore_jax import preprocess
-
-            masks = [
+        config = model.config
+        masks = []
+        for path in paths:  # ground truth where the MVTec layout has it, for the contour
+            mask_path = data.find_mask(path)
+            masks.append(
                 None
-                if m is None
-                else preprocess.load_mask(m, model.config.resize, model.config.crop)
-                for m in masks
-            ]
-        else:
-            masks = None
-        _save_heatmaps(out_dir / "heatmaps", paths, scores, maps, masks, model.config, args.quiet)
+                if mask_path is None
+                else preprocess.load_mask(mask_path, config.resize, config.crop, image_path=path)
+            )
+        _save_heatmaps(out_dir / "heatmaps", paths, scores, maps, masks, config, args.quiet)
     _say(f"wrote {out_dir / 'scores.csv'} ({len(paths)} images)")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from patchcore_jax import data, metrics, preprocess
+    from patchcore_jax.checkpoint import read_record
     from patchcore_jax.files import atomic_write_text
     from patchcore_jax.model import PatchCore
 
+    read_record(args.model)  # fail fast, before reading any image
     dataset = data.load_dataset(args.data)
     data.validate_masks(dataset)
     model = PatchCore.load(args.model, mesh=_mesh(args.bank_shards))
@@ -376,10 +377,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     paths = [s.image_path for s in samples]
     scores, maps = _score_paths(model, paths, "scoring", args.quiet)
     config = model.config
-    masks = np.stack(
-        [preprocess.load_mask(s.mask_path, config.resize, config.crop) for s in samples]
+    masks = preprocess.load_masks(
+        dataset.test_mask_paths, config.resize, config.crop, image_paths=paths
     )
-    labels = np.array([s.label for s in samples])
+    labels = np.asarray(dataset.test_labels)
     results = metrics.evaluate(labels, scores, masks, maps)
     threshold = results["f1_threshold"]
     results = {
@@ -394,7 +395,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         out_dir / "per_image.csv",
         ["image", "defect_type", "label", "score", "predicted"],
         [
-            [str(s.image_path), s.defect_type, s.label, f"{score:.6g}", int(score >= threshold)]
+            [
+                str(s.image_path),
+                s.defect_type,
+                s.label,
+                f"{score:.6g}",
+                "" if threshold is None else int(score >= threshold),
+            ]
             for s, score in zip(samples, scores, strict=True)
         ],
     )

@@ -201,7 +201,10 @@ class PatchCore:
                 f"memory bank must be [M >= 1, {dim}] (target_embed_dimension), "
                 f"got {tuple(memory_bank.shape)}"
             )
-        self.memory_bank = jnp.asarray(memory_bank, jnp.float32)
+        # Placed once, so scoring calls do not copy the bank from the host again.
+        self.memory_bank = jax.device_put(
+            jnp.asarray(memory_bank, jnp.float32), sharding.replicated(self.mesh)
+        )
 
     # ------------------------------------------------------------------ inference
 

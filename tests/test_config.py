@@ -1,0 +1,47 @@
+"""PatchCoreConfig: reference defaults, validation, and a lossless dict round trip."""
+
+import pytest
+
+from patchcore_jax.config import PatchCoreConfig
+
+
+def test_defaults_are_the_reference_settings():
+    config = PatchCoreConfig()
+    assert config.backbone == "wide_resnet50_2"
+    assert (config.resize, config.crop, config.patch_size) == (256, 224, 3)
+    assert (config.pretrain_embed_dimension, config.target_embed_dimension) == (1024, 1024)
+    assert (config.sampler, config.coreset_fraction) == ("approx_greedy_coreset", 0.1)
+    assert (config.projection_dim, config.num_start_points) == (128, 10)
+    assert (config.num_neighbors, config.distance, config.reweight) == (1, "squared_l2", False)
+    assert config.anomaly_map_sigma == 4.0
+
+
+def test_dict_round_trip_is_lossless():
+    config = PatchCoreConfig(backbone="mobilenet_v2", layers=["stride8", "stride16"], seed=3)
+    assert config.layers == ("stride8", "stride16")
+    assert PatchCoreConfig.from_dict(config.to_dict()) == config
+    assert config.replace(seed=4).seed == 4
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"coreset_fraction": 0.0}, "coreset_fraction"),
+        ({"coreset_fraction": 1.5}, "coreset_fraction"),
+        ({"sampler": "kmeans"}, "sampler"),
+        ({"distance": "cosine"}, "distance"),
+        ({"patch_size": 4}, "patch_size"),
+        ({"crop": 300}, "crop"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"num_neighbors": True}, "num_neighbors"),
+        ({"layers": ()}, "layers"),
+    ],
+)
+def test_invalid_values_name_the_field(changes, message):
+    with pytest.raises(ValueError, match=message):
+        PatchCoreConfig(**changes)
+
+
+def test_unknown_fields_are_refused():
+    with pytest.raises(ValueError, match="unknown PatchCoreConfig fields"):
+        PatchCoreConfig.from_dict({**PatchCoreConfig().to_dict(), "extra": 1})

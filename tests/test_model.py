@@ -1,0 +1,83 @@
+"""PatchCore end to end on real MVTec AD bottle images with the bundled MobileNetV2."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import BOTTLE
+from sklearn.metrics import roc_auc_score
+
+from patchcore_jax import PatchCore, PatchCoreConfig, sharding
+from patchcore_jax.data import load_dataset
+from patchcore_jax.preprocess import load_images, load_mask
+
+
+@pytest.fixture(scope="module")
+def bottle():
+    return load_dataset(BOTTLE)
+
+
+@pytest.fixture(scope="module")
+def small_split(bottle):
+    """12 train images, and 4 good + 4 defective test images with masks."""
+    good = [s for s in bottle.test_samples if s.label == 0][:4]
+    bad = [s for s in bottle.test_samples if s.label == 1][::16][:4]
+    samples = good + bad
+    return (
+        load_images(bottle.train_paths[::17]),
+        load_images([s.image_path for s in samples]),
+        np.array([s.label for s in samples]),
+    )
+
+
+def test_fit_predict_is_independent_of_the_device_count(small_split):
+    """1 device vs 8 devices (data-parallel) and 4x2 (bank-sharded): same bank, scores and maps."""
+    train, test, _ = small_split
+    config = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05, batch_size=8)
+    single = PatchCore(config, mesh=sharding.single_device_mesh()).fit(train)
+    scores_1, maps_1 = single.predict(test)
+    assert len(jax.devices()) == 8
+    for mesh in (sharding.make_mesh(1), sharding.make_mesh(2)):
+        model = PatchCore(config, backbone=single.backbone, mesh=mesh).fit(train)
+        np.testing.assert_array_equal(np.asarray(model.memory_bank), np.asarray(single.memory_bank))
+        scores, maps = model.predict(test)
+        np.testing.assert_allclose(scores, scores_1, rtol=1e-5)
+        np.testing.assert_allclose(maps, maps_1, rtol=1e-5, atol=1e-5 * np.abs(maps_1).max())
+
+
+def test_predict_compiles_once_and_accepts_batches(small_split):
+    train, test, _ = small_split
+    config = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05, batch_size=4)
+    model = PatchCore(config, mesh=sharding.make_mesh(1, jax.devices()[:4]))
+    model.fit(iter([train[:5], train[5:]]))  # an iterable of uneven batches
+    scores_all, maps_all = model.predict(test)
+    scores_split, maps_split = model.predict(iter([test[:3], test[3:]]))
+    np.testing.assert_allclose(scores_split, scores_all, rtol=1e-6)
+    np.testing.assert_allclose(maps_split, maps_all, rtol=1e-6, atol=1e-6 * maps_all.max())
+    assert model._embed._cache_size() == 1  # every batch padded to one shape
+
+
+def test_bad_images_are_refused(small_split):
+    train, _, _ = small_split
+    model = PatchCore(PatchCoreConfig(backbone="mobilenet_v2"), mesh=sharding.single_device_mesh())
+    with pytest.raises(RuntimeError, match="before fit"):
+        model.predict(train[:1])
+    with pytest.raises(ValueError, match=r"\[B, 224, 224, 3\]"):
+        model.fit(train[:, :100])
+    with pytest.raises(ValueError, match="no images"):
+        model.fit(iter([]))
+
+
+def test_bottle_real_data_separates_defects(bottle):
+    """The CI-sized real-data run: every train and test image, 1% coreset."""
+    config = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.01, batch_size=16)
+    model = PatchCore(config).fit(load_images(bottle.train_paths))
+    samples = bottle.test_samples
+    scores, maps = model.predict(load_images([s.image_path for s in samples]))
+    labels = np.array([s.label for s in samples])
+    masks = np.stack([load_mask(s.mask_path) for s in samples])
+    image_auroc = roc_auc_score(labels, scores)
+    pixel_auroc = roc_auc_score(masks.ravel(), maps.ravel())
+    print(f"bottle, mobilenet_v2, 1% coreset: image AUROC {image_auroc:.4f}, "
+          f"pixel AUROC {pixel_auroc:.4f}")
+    assert image_auroc >= 0.98
+    assert pixel_auroc >= 0.95
