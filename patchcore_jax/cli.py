@@ -325,7 +325,8 @@ def _fit(args: argparse.Namespace) -> int:
         batches = preprocess.iter_image_batches(
             paths, config.batch_size, config.resize, config.crop
         )
-        model.fit(batches, progress=bar.update, log=_say)
+        bank_features = model.patch_features(batches, progress=bar.update)
+    model.fit_features(bank_features, log=_say)
     _say(f"saved model to {model.save(args.out)}")
     return 0
 

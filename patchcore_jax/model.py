@@ -156,14 +156,20 @@ class PatchCore:
         progress: Callable[[int], None] | None = None,
         log: Callable[[str], None] | None = None,
     ) -> PatchCore:
-        """Builds the memory bank from nominal images, batch by batch.
+        """Builds the memory bank from nominal images: ``patch_features`` then ``fit_features``.
 
         Args:
           images: uint8 [N, crop, crop, 3], or an iterable of such batches (host memory then
             grows with the bank, not with the images).
           progress: called with the number of images embedded after each batch.
-          log: called with one-line status messages (e.g. coreset timing).
+          log: called with one-line status messages (coreset size and timing).
         """
+        return self.fit_features(self.patch_features(images, progress=progress), log=log)
+
+    def patch_features(
+        self, images: ImageBatches, *, progress: Callable[[int], None] | None = None
+    ) -> np.ndarray:
+        """All patch features of ``images`` on the host: [N * h * w, D] float32, image-major."""
         chunks: list[np.ndarray] = []
         for patch_features, num_valid in self.embed(images):
             # One device->host copy per batch keeps device memory bounded by a batch.
@@ -173,23 +179,37 @@ class PatchCore:
                 progress(num_valid)
         if not chunks:
             raise ValueError("fit() received no images")
-        bank_features = np.concatenate(chunks)
-        del chunks
+        return np.concatenate(chunks)
+
+    def fit_features(
+        self,
+        bank_features: np.ndarray | jax.Array,
+        *,
+        log: Callable[[str], None] | None = None,
+    ) -> PatchCore:
+        """Subsamples patch features [N, D] into the memory bank (``config.sampler``)."""
+        config = self.config
+        num_rows = bank_features.shape[0]
+        if log is not None:
+            log(
+                f"memory bank: subsampling {num_rows} patches ({config.sampler}, fraction "
+                f"{config.coreset_fraction}) on {self._num_shards} device(s)"
+            )
         start = time.perf_counter()
         memory_bank = coreset.build_memory_bank(
             bank_features,
-            sampler=self.config.sampler,
-            fraction=self.config.coreset_fraction,
-            key=jax.random.key(self.config.seed),
-            projection_dim=self.config.projection_dim,
-            num_start_points=self.config.num_start_points,
+            sampler=config.sampler,
+            fraction=config.coreset_fraction,
+            key=jax.random.key(config.seed),
+            projection_dim=config.projection_dim,
+            num_start_points=config.num_start_points,
             mesh=self.mesh,
         )
         memory_bank = jax.block_until_ready(memory_bank)
         if log is not None:
             log(
-                f"memory bank: {bank_features.shape[0]} patches -> {memory_bank.shape[0]} "
-                f"({self.config.sampler}, {time.perf_counter() - start:.1f} s)"
+                f"memory bank: {num_rows} patches -> {memory_bank.shape[0]} "
+                f"in {time.perf_counter() - start:.1f} s"
             )
         self._set_memory_bank(memory_bank)
         return self

@@ -24,7 +24,9 @@ def images():
 
 @pytest.fixture(scope="module")
 def fitted(images):
-    config = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05, target_embed_dimension=512)
+    config = PatchCoreConfig(
+        backbone="mobilenet_v2", coreset_fraction=0.05, target_embed_dimension=512
+    )
     return PatchCore(config, mesh=sharding.single_device_mesh()).fit(images[0])
 
 

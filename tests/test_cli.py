@@ -17,7 +17,10 @@ def run_cli(*args, check=True):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device: fastest here
     result = subprocess.run(
         [sys.executable, "-m", "patchcore_jax.cli", *map(str, args)],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
@@ -43,8 +46,17 @@ def subset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model_dir(subset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "model"
-    result = run_cli("fit", subset, "--out", out, "--backbone", "mobilenet_v2",
-                     "--coreset-fraction", "0.05", "--quiet")
+    result = run_cli(
+        "fit",
+        subset,
+        "--out",
+        out,
+        "--backbone",
+        "mobilenet_v2",
+        "--coreset-fraction",
+        "0.05",
+        "--quiet",
+    )
     assert "saved model" in result.stderr
     return out
 
@@ -91,8 +103,9 @@ def test_bad_input_exits_nonzero_with_one_line(args, reason, tmp_path):
 
 def test_fit_on_a_folder_without_train_images_names_it(tmp_path):
     (tmp_path / "train").mkdir()
-    result = run_cli("fit", tmp_path, "--out", tmp_path / "m", "--backbone", "mobilenet_v2",
-                     check=False)
+    result = run_cli(
+        "fit", tmp_path, "--out", tmp_path / "m", "--backbone", "mobilenet_v2", check=False
+    )
     assert result.returncode == 2 and str(tmp_path / "train") in result.stderr
 
 

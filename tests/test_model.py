@@ -77,7 +77,9 @@ def test_bottle_real_data_separates_defects(bottle):
     masks = np.stack([load_mask(s.mask_path) for s in samples])
     image_auroc = roc_auc_score(labels, scores)
     pixel_auroc = roc_auc_score(masks.ravel(), maps.ravel())
-    print(f"bottle, mobilenet_v2, 1% coreset: image AUROC {image_auroc:.4f}, "
-          f"pixel AUROC {pixel_auroc:.4f}")
+    print(
+        f"bottle, mobilenet_v2, 1% coreset: image AUROC {image_auroc:.4f}, "
+        f"pixel AUROC {pixel_auroc:.4f}"
+    )
     assert image_auroc >= 0.98
     assert pixel_auroc >= 0.95
