@@ -36,7 +36,13 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from patchcore_jax.sharding import ALL_AXES, mesh_size, replicated, row_sharding, single_device_mesh
+from patchcore_jax.sharding import (
+    ALL_AXES,
+    mesh_size,
+    replicate,
+    row_sharding,
+    single_device_mesh,
+)
 
 SAMPLERS = ("approx_greedy_coreset", "random", "identity", "learned_proxies")
 
@@ -198,11 +204,6 @@ def _greedy_selection(
     )(features, projection, start_indices)
 
 
-def _replicate(values: np.ndarray, mesh: Mesh) -> jax.Array:
-    """A host array (the same on every process) as a global array replicated over ``mesh``."""
-    return jax.make_array_from_callback(values.shape, replicated(mesh), lambda index: values[index])
-
-
 def _rows_on_mesh(features: np.ndarray | jax.Array, mesh: Mesh) -> jax.Array:
     """``features`` as a global array split by rows over ``mesh``, padded with zero rows.
 
@@ -307,8 +308,8 @@ def approximate_greedy_coreset(
         )
     return _greedy_selection(
         _rows_on_mesh(features, mesh),
-        None if projection is None else _replicate(projection, mesh),
-        _replicate(start_indices.astype(np.int32), mesh),
+        None if projection is None else replicate(projection, mesh),
+        replicate(start_indices.astype(np.int32), mesh),
         num_samples=int(num_samples),
         num_valid=num_rows,
         mesh=mesh,
@@ -456,7 +457,7 @@ def build_memory_bank(
         )
     if isinstance(features, jax.Array) and not features.is_fully_addressable:
         mesh = single_device_mesh() if mesh is None else mesh
-        return _take_rows(features, _replicate(np.asarray(indices), mesh))
+        return _take_rows(features, replicate(np.asarray(indices), mesh))
     if isinstance(features, jax.Array):
         return jnp.take(features, np.asarray(indices), axis=0).astype(jnp.float32)
     return jnp.asarray(np.asarray(features)[np.asarray(indices)], jnp.float32)

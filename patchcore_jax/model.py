@@ -99,9 +99,11 @@ class PatchCore:
         self.backbone = backbone
         self.mesh = mesh if mesh is not None else sharding.make_mesh()
         self._num_shards = sharding.mesh_size(self.mesh)
-        # Every batch is padded to this size, so the embedding compiles exactly once.
-        self._batch_size = -(-config.batch_size // self._num_shards) * self._num_shards
-        batch_sharding = sharding.row_sharding(self.mesh)
+        # This process's share of each batch, padded to a fixed size (a multiple of its devices
+        # in the mesh) so that the embedding compiles exactly once.
+        local_devices = max(1, self._num_shards // jax.process_count())
+        self._batch_size = -(-config.batch_size // local_devices) * local_devices
+        self._batch_sharding = batch_sharding = sharding.row_sharding(self.mesh)
         self._embed = jax.jit(
             functools.partial(
                 embed_images,
@@ -114,6 +116,23 @@ class PatchCore:
             out_shardings=batch_sharding,
         )
         self._variables = jax.device_put(backbone.variables, sharding.replicated(self.mesh))
+        # Results come back split like the images, so each process reads its own rows.
+        self._score = jax.jit(
+            functools.partial(
+                scoring.score_patch_features,
+                grid_shape=self.grid_shape,
+                out_shape=(config.crop, config.crop),
+                num_neighbors=config.num_neighbors,
+                distance=config.distance,
+                reweight=config.reweight,
+                reweight_neighbors=config.reweight_neighbors,
+                sigma=config.anomaly_map_sigma,
+                bank_block_size=config.bank_block_size,
+                query_block_size=config.query_block_size,
+                mesh=self.mesh,
+            ),
+            out_shardings=batch_sharding,
+        )
         self.memory_bank: jax.Array | None = None
         if memory_bank is not None:
             self._set_memory_bank(memory_bank)
@@ -129,12 +148,17 @@ class PatchCore:
             )
 
     def embed(self, images: ImageBatches) -> Iterator[tuple[jax.Array, int]]:
-        """Yields ``(patch_features [batch, P, D] on device, num_valid_images)`` per batch."""
+        """Yields ``(patch_features [batch, P, D] on device, num_valid_images)`` per batch.
+
+        With several processes, each passes its own images; the yielded array is global and
+        ``num_valid_images`` counts this process's images (see ``sharding.process_local_rows``).
+        """
         for batch in _batches(images, self._batch_size):
             self._check_images(batch)
             num_valid = batch.shape[0]
             padded, _ = sharding.pad_rows(batch, self._batch_size)
-            yield self._embed(self._variables, padded), num_valid
+            global_batch = jax.make_array_from_process_local_data(self._batch_sharding, padded)
+            yield self._embed(self._variables, global_batch), num_valid
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -169,17 +193,23 @@ class PatchCore:
     def patch_features(
         self, images: ImageBatches, *, progress: Callable[[int], None] | None = None
     ) -> np.ndarray:
-        """All patch features of ``images`` on the host: [N * h * w, D] float32, image-major."""
+        """All patch features of ``images`` on the host: [N * h * w, D] float32, image-major.
+
+        With several processes, every process returns the rows of all processes' images
+        (process 0's first), so that each one holds the whole bank for the coreset.
+        """
         chunks: list[np.ndarray] = []
         for patch_features, num_valid in self.embed(images):
             # One device->host copy per batch keeps device memory bounded by a batch.
-            rows = np.asarray(patch_features[:num_valid])
+            rows = sharding.process_local_rows(patch_features)[:num_valid]
             chunks.append(rows.reshape(-1, rows.shape[-1]))
             if progress is not None:
                 progress(num_valid)
-        if not chunks:
+        local = np.concatenate(chunks) if chunks else None
+        bank_features = sharding.gather_rows_from_processes(local)
+        if bank_features is None:
             raise ValueError("fit() received no images")
-        return np.concatenate(chunks)
+        return bank_features
 
     def fit_features(
         self,
@@ -222,9 +252,7 @@ class PatchCore:
                 f"got {tuple(memory_bank.shape)}"
             )
         # Placed once, so scoring calls do not copy the bank from the host again.
-        self.memory_bank = jax.device_put(
-            jnp.asarray(memory_bank, jnp.float32), sharding.replicated(self.mesh)
-        )
+        self.memory_bank = sharding.replicate(np.asarray(memory_bank, np.float32), self.mesh)
 
     # ------------------------------------------------------------------ inference
 
@@ -232,24 +260,9 @@ class PatchCore:
         """Yields host-side ``ScoreResult`` per batch (image scores, maps, patch scores)."""
         if self.memory_bank is None:
             raise RuntimeError("PatchCore.score/predict called before fit() or load()")
-        config = self.config
-        grid_shape = self.grid_shape
         for patch_features, num_valid in self.embed(images):
-            result = scoring.score_patch_features(
-                patch_features,
-                self.memory_bank,
-                grid_shape,
-                (config.crop, config.crop),
-                num_neighbors=config.num_neighbors,
-                distance=config.distance,
-                reweight=config.reweight,
-                reweight_neighbors=config.reweight_neighbors,
-                sigma=config.anomaly_map_sigma,
-                bank_block_size=config.bank_block_size,
-                query_block_size=config.query_block_size,
-                mesh=self.mesh,
-            )
-            yield jax.tree.map(lambda x, n=num_valid: np.asarray(x[:n]), result)
+            result = self._score(patch_features, self.memory_bank)
+            yield jax.tree.map(lambda x, n=num_valid: sharding.process_local_rows(x)[:n], result)
 
     def predict(self, images: ImageBatches) -> tuple[np.ndarray, np.ndarray]:
         """Scores images: returns ``(image_scores [N] float32, anomaly_maps [N, crop, crop])``."""

@@ -79,3 +79,53 @@ def row_sharding(mesh: Mesh, axes: str | tuple[str, ...] = ALL_AXES) -> NamedSha
 def replicated(mesh: Mesh) -> NamedSharding:
     """Sharding that puts a full copy on every device of ``mesh``."""
     return NamedSharding(mesh, P())
+
+
+def replicate(values: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host array, equal on every process, as a global array replicated over ``mesh``."""
+    values = np.asarray(values)
+    return jax.make_array_from_callback(values.shape, replicated(mesh), lambda index: values[index])
+
+
+def process_local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of an array split by rows, in order (all rows on one process).
+
+    Shards replicated over other mesh axes are read once.
+    """
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    blocks = {shard.index[0].start or 0: shard.data for shard in x.addressable_shards}
+    return np.concatenate([np.asarray(blocks[start]) for start in sorted(blocks)])
+
+
+def gather_rows_from_processes(rows: np.ndarray | None) -> np.ndarray | None:
+    """Concatenates every process's host rows (process 0's first) on every process.
+
+    ``rows`` may differ in length between processes, or be None where a process has none;
+    returns None only if no process has any. With one process, returns ``rows`` unchanged.
+    """
+    if jax.process_count() == 1:
+        return rows
+    from jax.experimental import multihost_utils
+
+    num_local = 0 if rows is None else rows.shape[0]
+    counts = np.asarray(multihost_utils.process_allgather(np.int64(num_local))).reshape(-1)
+    if counts.sum() == 0:
+        return None
+    if (counts == 0).any():  # decided on every process alike, so none waits in a collective
+        raise ValueError(f"every process must contribute rows; counts per process: {counts}")
+    padded = np.zeros((int(counts.max()), *rows.shape[1:]), rows.dtype)
+    padded[:num_local] = rows
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return np.concatenate([gathered[p, : counts[p]] for p in range(len(counts))])
+
+
+def initialize_distributed(**kwargs) -> None:
+    """Joins this process to a multi-process JAX job (TPU pod slice, multi-node GPU, CPU hosts).
+
+    A thin wrapper over ``jax.distributed.initialize(**kwargs)``: on Cloud TPU, SLURM and
+    Open MPI the arguments are detected; elsewhere pass ``coordinator_address="host:port"``,
+    ``num_processes`` and ``process_id``. Call it before any other JAX call; afterwards
+    ``make_mesh()`` spans every process's devices and the same programs run unchanged.
+    """
+    jax.distributed.initialize(**kwargs)

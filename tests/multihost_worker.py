@@ -8,7 +8,9 @@ and query rows. Together they run the sharded device stages over all global devi
   start points; ``coreset_keyed``: the same bank with projection and starts drawn from a key;
 * ``memory_bank``: ``build_memory_bank`` rows of the keyed coreset;
 * ``nn_distances`` / ``nn_indices``: ``scoring.nearest_neighbors`` of query rows against that
-  memory bank, when the scoring module provides it.
+  memory bank;
+* ``model_<process>.npz``: a whole ``PatchCore`` fitted and run on MVTec AD bottle images, each
+  process holding half of the train and test images (written by every process).
 
 Usage: python multihost_worker.py --process-id I --num-processes N --port P --out DIR
 """
@@ -22,6 +24,24 @@ from pathlib import Path
 
 WORKER_SEED = 0
 NUM_QUERIES = 512
+
+
+def model_config():
+    from patchcore_jax import PatchCoreConfig
+
+    return PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05, batch_size=4)
+
+
+def model_images():
+    """8 nominal train images and 4 test images (2 good, 2 defective) of MVTec AD bottle."""
+    from conftest import BOTTLE
+
+    from patchcore_jax.preprocess import load_images
+
+    train = sorted((BOTTLE / "train/good").glob("*.png"))[::26][:8]
+    test = sorted((BOTTLE / "test/good").glob("*.png"))[:2]
+    test += sorted((BOTTLE / "test/broken_large").glob("*.png"))[:2]
+    return load_images(train), load_images(test)
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,7 +74,9 @@ def main() -> None:
     from conftest import load_fixture
     from jax.experimental import multihost_utils
 
-    from patchcore_jax import coreset, scoring, sharding
+    from patchcore_jax import PatchCore, coreset, scoring, sharding
+
+    args.out.mkdir(parents=True, exist_ok=True)
 
     # gloo is jax's default CPU collectives implementation; set it explicitly all the same.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -98,21 +120,32 @@ def main() -> None:
     )
     results["memory_bank"] = memory_bank
 
-    nearest_neighbors = getattr(scoring, "nearest_neighbors", None)
-    if nearest_neighbors is not None:
-        score_mesh = sharding.make_mesh(bank_shards=2)
-        queries = (
-            np.random.default_rng(WORKER_SEED)
-            .normal(scale=float(bank.std()), size=(NUM_QUERIES, bank.shape[1]))
-            .astype(np.float32)
-        )
-        global_queries = jax.make_array_from_process_local_data(
-            sharding.row_sharding(score_mesh, sharding.DATA_AXIS),
-            local_rows(queries, **split),
-            queries.shape,
-        )
-        distances, indices = nearest_neighbors(global_queries, memory_bank, 1, mesh=score_mesh)
-        results["nn_distances"], results["nn_indices"] = distances, indices
+    score_mesh = sharding.make_mesh(bank_shards=2)
+    queries = (
+        np.random.default_rng(WORKER_SEED)
+        .normal(scale=float(bank.std()), size=(NUM_QUERIES, bank.shape[1]))
+        .astype(np.float32)
+    )
+    global_queries = jax.make_array_from_process_local_data(
+        sharding.row_sharding(score_mesh, sharding.DATA_AXIS),
+        local_rows(queries, **split),
+        queries.shape,
+    )
+    distances, indices = scoring.nearest_neighbors(global_queries, memory_bank, 1, mesh=score_mesh)
+    results["nn_distances"], results["nn_indices"] = distances, indices
+
+    # The whole model: each process reads only its share of the images; fit gathers the bank
+    # rows from every process, predict returns this process's images' scores and maps.
+    train_images, test_images = model_images()
+    model = PatchCore(model_config(), mesh=sharding.make_mesh(bank_shards=2))
+    model.fit(local_rows(train_images, **split))
+    local_scores, local_maps = model.predict(local_rows(test_images, **split))
+    np.savez(
+        args.out / f"model_{args.process_id}.npz",
+        scores=local_scores,
+        maps=local_maps,
+        memory_bank=np.asarray(model.memory_bank.addressable_data(0)),
+    )
 
     # Replicated results are readable as they are; sharded ones are gathered to every process.
     host = {
@@ -124,7 +157,6 @@ def main() -> None:
         for name, value in results.items()
     }
     if args.process_id == 0:
-        args.out.mkdir(parents=True, exist_ok=True)
         np.savez(args.out / "results.npz", **host)
     # Nobody leaves before process 0 has read everything it needs from the others.
     multihost_utils.sync_global_devices("multihost_worker done")

@@ -1,8 +1,8 @@
 """Multi-host check: two processes on localhost, 4 CPU devices each, one 8-device mesh.
 
 Each process (tests/multihost_worker.py) holds only half of the bank rows and half of the query
-rows; the sharded coreset (and k-NN scoring) over the 8 global devices must give exactly what a
-single process computes on one device.
+rows; the sharded coreset, k-NN scoring and a whole PatchCore fit/predict over the 8 global
+devices must give what a single process computes on one device.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from conftest import REPO_ROOT, load_fixture
 
-from patchcore_jax import coreset, scoring
+from patchcore_jax import PatchCore, coreset, scoring, sharding
 
 NUM_PROCESSES = 2
 TIMEOUT_S = 300
@@ -72,7 +72,7 @@ def run_workers(out_dir) -> None:
 def test_two_processes_match_single_process(tmp_path):
     # Imported from the worker so both sides use the same seed and query count.
     sys.path.insert(0, str(WORKER.parent))
-    from multihost_worker import NUM_QUERIES, WORKER_SEED
+    from multihost_worker import NUM_QUERIES, WORKER_SEED, model_config, model_images
 
     run_workers(tmp_path)
     with np.load(tmp_path / "results.npz") as data:
@@ -92,12 +92,24 @@ def test_two_processes_match_single_process(tmp_path):
     )
     np.testing.assert_array_equal(results["memory_bank"], memory_bank)
 
-    if hasattr(scoring, "nearest_neighbors"):
-        queries = (
-            np.random.default_rng(WORKER_SEED)
-            .normal(scale=float(bank.std()), size=(NUM_QUERIES, bank.shape[1]))
-            .astype(np.float32)
-        )
-        distances, indices = scoring.nearest_neighbors(queries, memory_bank, 1)
-        np.testing.assert_array_equal(results["nn_indices"], np.asarray(indices))
-        np.testing.assert_allclose(results["nn_distances"], np.asarray(distances), rtol=1e-5)
+    queries = (
+        np.random.default_rng(WORKER_SEED)
+        .normal(scale=float(bank.std()), size=(NUM_QUERIES, bank.shape[1]))
+        .astype(np.float32)
+    )
+    distances, indices = scoring.nearest_neighbors(queries, memory_bank, 1)
+    np.testing.assert_array_equal(results["nn_indices"], np.asarray(indices))
+    np.testing.assert_allclose(results["nn_distances"], np.asarray(distances), rtol=1e-5)
+
+    # The whole model, fitted and run by two processes on their halves of the images, equals
+    # one process on one device that sees every image.
+    train_images, test_images = model_images()
+    model = PatchCore(model_config(), mesh=sharding.single_device_mesh()).fit(train_images)
+    scores, maps = model.predict(test_images)
+    parts = [dict(np.load(tmp_path / f"model_{i}.npz")) for i in range(NUM_PROCESSES)]
+    for part in parts:
+        np.testing.assert_array_equal(part["memory_bank"], np.asarray(model.memory_bank))
+    np.testing.assert_allclose(np.concatenate([p["scores"] for p in parts]), scores, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.concatenate([p["maps"] for p in parts]), maps, rtol=1e-5, atol=1e-5 * maps.max()
+    )

@@ -117,9 +117,7 @@ def _resolve_layers(name: str, layers: Sequence[str] | None) -> tuple[str, ...]:
     layers = tuple(layers)
     unknown = [layer for layer in layers if layer not in valid]
     if unknown or not layers or len(set(layers)) != len(layers):
-        raise ValueError(
-            f"invalid layers {layers} for {name}: give distinct names from {valid}"
-        )
+        raise ValueError(f"invalid layers {layers} for {name}: give distinct names from {valid}")
     return tuple(sorted(layers, key=valid.index))
 
 
@@ -169,12 +167,16 @@ def init_backbone(name: str, layers: Sequence[str] | None = None, seed: int = 0)
 
 def _missing_weights(name: str, directory: Path) -> FileNotFoundError:
     if name == "mobilenet_v2":
-        how = (f"put {MOBILENET_TFLITE} there (it ships in the repository's weights/), or run "
-               "`patchcore-jax weights convert FILE.tflite --arch mobilenet_v2`")
+        how = (
+            f"put {MOBILENET_TFLITE} there (it ships in the repository's weights/), or run "
+            "`patchcore-jax weights convert FILE.tflite --arch mobilenet_v2`"
+        )
     else:
-        how = (f"run `patchcore-jax weights fetch {name}` (downloads torchvision's file and "
-               f"converts it), or, from a local .pth/.safetensors copy, "
-               f"`patchcore-jax weights convert FILE --arch {name}`")
+        how = (
+            f"run `patchcore-jax weights fetch {name}` (downloads torchvision's file and "
+            f"converts it), or, from a local .pth/.safetensors copy, "
+            f"`patchcore-jax weights convert FILE --arch {name}`"
+        )
     return FileNotFoundError(
         f"no weights for {name} in {directory} (expected {name}.msgpack + {name}.json); {how}. "
         "Set PATCHCORE_WEIGHTS or pass weights_dir to use another folder."
@@ -213,4 +215,3 @@ def load_backbone(
         f"{directory / manifest['weights_file']} (re-run the conversion)",
     )
     return _backbone(name, layers, variables, manifest["source_sha256"], layout)
-

@@ -214,8 +214,9 @@ def resnet_variables_from_state_dict(
             f"state dict does not match the ResNet ({len(problems)} problems):\n  "
             + "\n  ".join(problems)
         )
-    flat = {path: _from_torch(np.asarray(tensors[key], np.float32)) for key, (path, _) in
-            wanted.items()}
+    flat = {
+        path: _from_torch(np.asarray(tensors[key], np.float32)) for key, (path, _) in wanted.items()
+    }
     return _unflatten(flat)
 
 
@@ -250,8 +251,15 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
 # --------------------------------------------------------------------------- TFLite MobileNetV2
 
-_TFLITE_DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64,
-                  7: np.int16, 9: np.int8}
+_TFLITE_DTYPES = {
+    0: np.float32,
+    1: np.float16,
+    2: np.int32,
+    3: np.uint8,
+    4: np.int64,
+    7: np.int16,
+    9: np.int8,
+}
 _TFLITE_PADDING = {0: "SAME", 1: "VALID"}
 _TFLITE_ACTIVATIONS = {0: "none", 1: "relu", 3: "relu6"}
 
@@ -281,7 +289,8 @@ class _TFLiteGraph:
             )
         self.graph = self.model.Subgraphs(0)
         codes = {
-            value: name for name, value in vars(self.tflite.BuiltinOperator).items()
+            value: name
+            for name, value in vars(self.tflite.BuiltinOperator).items()
             if not name.startswith("_")
         }
         self.ops = []
@@ -303,8 +312,11 @@ class _TFLiteGraph:
         q = self.graph.Tensors(tensor).Quantization()
         if q is None or q.ScaleLength() == 0:
             return None
-        return (q.ScaleAsNumpy().astype(np.float64), q.ZeroPointAsNumpy().astype(np.float64),
-                int(q.QuantizedDimension()))
+        return (
+            q.ScaleAsNumpy().astype(np.float64),
+            q.ZeroPointAsNumpy().astype(np.float64),
+            int(q.QuantizedDimension()),
+        )
 
     def constant(self, tensor: int) -> np.ndarray:
         """A constant tensor, dequantised (real = scale * (q - zero_point), per tensor or per
@@ -315,7 +327,7 @@ class _TFLiteGraph:
         if buffer.DataLength():
             raw = buffer.DataAsNumpy().tobytes()
         elif buffer.Offset() > 1:  # large models keep data after the flatbuffer
-            raw = self.data[buffer.Offset(): buffer.Offset() + buffer.Size()]
+            raw = self.data[buffer.Offset() : buffer.Offset() + buffer.Size()]
         else:
             raise ValueError(f"{self.source}: tensor {t.Name().decode()!r} has no constant data")
         if t.Type() not in _TFLITE_DTYPES:
@@ -365,8 +377,10 @@ def read_tflite(path: str | Path) -> tuple[MobileNetV2Layout, dict[str, Any]]:
 
     def fail(expected: str) -> ValueError:
         found = f"{peek()} (operator {position})" if peek() else "the end of the graph"
-        return ValueError(f"{path.name}: expected {expected}, found {found}; only MobileNetV2 "
-                          "graphs are supported")
+        return ValueError(
+            f"{path.name}: expected {expected}, found {found}; only MobileNetV2 "
+            "graphs are supported"
+        )
 
     def take(kind: str) -> tuple[Any, list[int], list[int]]:
         nonlocal position, current
@@ -374,8 +388,10 @@ def read_tflite(path: str | Path) -> tuple[MobileNetV2Layout, dict[str, Any]]:
             raise fail(kind)
         _, op, inputs, outputs = ops[position]
         if inputs[0] != current:
-            raise ValueError(f"{path.name}: operator {position} ({kind}) does not consume the "
-                             "previous operator's output; not a sequential MobileNetV2")
+            raise ValueError(
+                f"{path.name}: operator {position} ({kind}) does not consume the "
+                "previous operator's output; not a sequential MobileNetV2"
+            )
         position += 1
         current = outputs[0]
         return op, inputs, outputs
@@ -390,8 +406,9 @@ def read_tflite(path: str | Path) -> tuple[MobileNetV2Layout, dict[str, Any]]:
             explicit_pads = (tuple(int(v) for v in pads[1]), tuple(int(v) for v in pads[2]))
         in_channels = graph.shape(current)[-1]
         op, inputs, _ = take(kind)
-        options = graph.options(op, "Conv2DOptions" if kind == "CONV_2D" else
-                                "DepthwiseConv2DOptions")
+        options = graph.options(
+            op, "Conv2DOptions" if kind == "CONV_2D" else "DepthwiseConv2DOptions"
+        )
         if options.DilationHFactor() != 1 or options.DilationWFactor() != 1:
             raise ValueError(f"{path.name}: dilated convolutions are not supported")
         padding: Any = _TFLITE_PADDING[options.Padding()]
@@ -409,8 +426,11 @@ def read_tflite(path: str | Path) -> tuple[MobileNetV2Layout, dict[str, Any]]:
             kernel = weights.transpose(1, 2, 0, 3)
             if kernel.shape[-1] != in_channels:
                 raise ValueError(f"{path.name}: depthwise multiplier other than 1 is not supported")
-        bias = (graph.constant(inputs[2]) if len(inputs) > 2 and inputs[2] >= 0
-                else np.zeros(kernel.shape[-1], np.float32))
+        bias = (
+            graph.constant(inputs[2])
+            if len(inputs) > 2 and inputs[2] >= 0
+            else np.zeros(kernel.shape[-1], np.float32)
+        )
         spec = ConvSpec(
             features=int(kernel.shape[-1]),
             kernel_size=(int(kernel.shape[0]), int(kernel.shape[1])),
@@ -493,8 +513,11 @@ def read_tflite(path: str | Path) -> tuple[MobileNetV2Layout, dict[str, Any]]:
     if options.FusedActivationFunction() != 0:
         raise ValueError(f"{path.name}: classifier with a fused activation")
     num_classes = int(weights.shape[0])
-    bias = (graph.constant(inputs[2]) if len(inputs) > 2 and inputs[2] >= 0
-            else np.zeros(num_classes, np.float32))
+    bias = (
+        graph.constant(inputs[2])
+        if len(inputs) > 2 and inputs[2] >= 0
+        else np.zeros(num_classes, np.float32)
+    )
     params["logits"] = {"kernel": np.ascontiguousarray(weights.T), "bias": bias}
     for name, *_ in ops[position:]:
         if name not in ("RESHAPE", "SQUEEZE", "SOFTMAX", "QUANTIZE", "DEQUANTIZE"):
@@ -587,10 +610,12 @@ def _convert(source: Path, arch: str, out_dir: str | Path | None, source_name: s
         layout, variables = read_tflite(source)
     elif arch in RESNET_ARCHITECTURES:
         if source.suffix not in STATE_DICT_SUFFIXES:
-            raise ValueError(f"{arch} weights come from one of {STATE_DICT_SUFFIXES}, "
-                             f"got {source.name}")
-        layout, variables = None, resnet_variables_from_state_dict(
-            read_state_dict(source), full_module(arch)
+            raise ValueError(
+                f"{arch} weights come from one of {STATE_DICT_SUFFIXES}, got {source.name}"
+            )
+        layout, variables = (
+            None,
+            resnet_variables_from_state_dict(read_state_dict(source), full_module(arch)),
         )
     else:
         full_module(arch)  # raises the ValueError listing the architectures
@@ -623,8 +648,12 @@ def _progress_printer(name: str) -> Callable[[int, int | None], None]:
         if step != last[0]:
             last[0] = step
             percent = f" {100 * done // total:3d}%" if total else ""
-            print(f"\rdownloading {name}:{percent} {done / 2**20:.1f} MiB", end="",
-                  file=sys.stderr, flush=True)
+            print(
+                f"\rdownloading {name}:{percent} {done / 2**20:.1f} MiB",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
 
     return report
 
@@ -637,13 +666,17 @@ def fetch_weights(name: str, out_dir: str | Path | None = None, url: str | None 
     leaves nothing behind. The download is converted and then deleted; returns the .msgpack path.
     """
     if name not in TORCHVISION_FILES:
-        hint = " (its TFLite file ships in weights/; nothing to fetch)" if name == "mobilenet_v2" \
+        hint = (
+            " (its TFLite file ships in weights/; nothing to fetch)"
+            if name == "mobilenet_v2"
             else ""
+        )
         raise ValueError(f"no download for {name!r}{hint}; fetchable: {tuple(TORCHVISION_FILES)}")
     url = url or TORCHVISION_URL + TORCHVISION_FILES[name]
     file_name = Path(urllib.parse.urlparse(url).path).name or TORCHVISION_FILES[name]
     match = re.search(r"-([0-9a-f]{8,64})\.[a-z]+$", file_name) or re.search(
-        r"-([0-9a-f]{8})\.pth$", TORCHVISION_FILES[name])
+        r"-([0-9a-f]{8})\.pth$", TORCHVISION_FILES[name]
+    )
     expected_prefix = match.group(1)
     out_dir = Path(out_dir) if out_dir is not None else weights_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -656,8 +689,10 @@ def fetch_weights(name: str, out_dir: str | Path | None = None, url: str | None 
         digest = _download(url, download, _progress_printer(file_name))
         print(file=sys.stderr)
         if not digest.startswith(expected_prefix):
-            raise ValueError(f"{url}: sha256 {digest} does not start with {expected_prefix}; "
-                             "the download is corrupt or not the expected file (deleted)")
+            raise ValueError(
+                f"{url}: sha256 {digest} does not start with {expected_prefix}; "
+                "the download is corrupt or not the expected file (deleted)"
+            )
         return _convert(download, name, out_dir, file_name)
     finally:
         download.unlink(missing_ok=True)

@@ -107,18 +107,25 @@ def _standard_layout() -> MobileNetV2Layout:
     channels = 32
     # (expansion t, output channels c, repeats n, first stride s)
     for expansion, out_channels, repeats, first_stride in (
-        (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-        (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1),
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
     ):
         for repeat in range(repeats):
             stride = first_stride if repeat == 0 else 1
             hidden = channels * expansion
-            blocks.append(BlockSpec(
-                expand=None if expansion == 1 else ConvSpec(hidden, (1, 1)),
-                depthwise=ConvSpec(hidden, (3, 3), (stride, stride), depthwise=True),
-                project=ConvSpec(out_channels, (1, 1), activation="none"),
-                residual=stride == 1 and channels == out_channels,
-            ))
+            blocks.append(
+                BlockSpec(
+                    expand=None if expansion == 1 else ConvSpec(hidden, (1, 1)),
+                    depthwise=ConvSpec(hidden, (3, 3), (stride, stride), depthwise=True),
+                    project=ConvSpec(out_channels, (1, 1), activation="none"),
+                    residual=stride == 1 and channels == out_channels,
+                )
+            )
             channels = out_channels
     return MobileNetV2Layout(
         input_scale=1.0 / 127.5,
@@ -165,8 +172,9 @@ class DepthwiseConv(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (channels,))
         if isinstance(self.padding, str):
-            pads = jax.lax.padtype_to_pads((height, width), self.kernel_size, self.strides,
-                                           self.padding)
+            pads = jax.lax.padtype_to_pads(
+                (height, width), self.kernel_size, self.strides, self.padding
+            )
         else:
             pads = self.padding
         x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
@@ -179,8 +187,12 @@ class DepthwiseConv(nn.Module):
                 tap = jax.lax.slice(
                     x,
                     (0, row, col, 0),
-                    (batch, row + (out_h - 1) * stride_h + 1, col + (out_w - 1) * stride_w + 1,
-                     channels),
+                    (
+                        batch,
+                        row + (out_h - 1) * stride_h + 1,
+                        col + (out_w - 1) * stride_w + 1,
+                        channels,
+                    ),
                     (1, stride_h, stride_w, 1),
                 )
                 term = tap * kernel[row, col, 0]
@@ -252,8 +264,10 @@ class MobileNetV2(nn.Module):
         valid = (*stage_ends, "logits")
         unknown = [name for name in self.layers if name not in valid]
         if unknown or not self.layers:
-            raise ValueError(f"MobileNetV2 layers must be a non-empty subset of {valid}, "
-                             f"got {tuple(self.layers)}")
+            raise ValueError(
+                f"MobileNetV2 layers must be a non-empty subset of {valid}, "
+                f"got {tuple(self.layers)}"
+            )
         outputs: dict[str, jax.Array] = collections.OrderedDict()
         last_needed = max(
             len(self.layout.blocks) if name == "logits" else stage_ends[name]

@@ -153,8 +153,10 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet needs 4 stage sizes, got {tuple(self.stage_sizes)}")
         unknown = [name for name in self.layers if name not in RESNET_STAGES]
         if unknown or not self.layers:
-            raise ValueError(f"ResNet layers must be a non-empty subset of {RESNET_STAGES}, "
-                             f"got {tuple(self.layers)}")
+            raise ValueError(
+                f"ResNet layers must be a non-empty subset of {RESNET_STAGES}, "
+                f"got {tuple(self.layers)}"
+            )
         deepest = max(RESNET_STAGES.index(name) for name in self.layers)
         outputs: dict[str, jax.Array] = collections.OrderedDict()
 
