@@ -9,31 +9,18 @@ weights. Compile time is measured separately from the timed runs.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from common import RESULTS, machine, write_results
 
 from patchcore_jax.backbones import available_backbones, init_backbone, load_backbone
 
 BATCH = 8
 SIZE = 224
-
-
-def machine() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in lines.splitlines()
-                     if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()})"
 
 
 def measure(name: str, seconds: float) -> dict[str, object]:
@@ -74,8 +61,7 @@ def main() -> None:
     parser.add_argument("--names", nargs="*", default=list(available_backbones()))
     parser.add_argument("--seconds", type=float, default=10.0,
                         help="timing budget per backbone (at least 2 runs)")
-    parser.add_argument("--out", type=Path,
-                        default=Path(__file__).parent / "results" / "backbones.md")
+    parser.add_argument("--out", type=Path, default=RESULTS / "backbones.md")
     args = parser.parse_args()
 
     load_before = os.getloadavg()[0]
@@ -88,15 +74,11 @@ def main() -> None:
                ("params used", "parameters"), ("compile s", "compile_s"),
                ("s / batch of 8", "batch_s"), ("timed runs", "runs"),
                ("images / s", "images_per_s")]
-    lines = [
-        "# Backbone forward pass",
-        "",
-        f"Command: `python {' '.join(['benchmarks/backbones.py', *sys.argv[1:]])}`  ",
-        f"Machine: {machine()}  ",
-        f"Date: {datetime.date.today().isoformat()}  ",
+    notes = [
         f"1-minute load average before / after: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
-        "(the machine is shared; other jobs slow these numbers down)",
-        "",
+        "(the machine is shared; other jobs slow these numbers down)"
+    ]
+    body = [
         f"Batch {BATCH} uint8 images at {SIZE}x{SIZE} px, the default (PatchCore) stages only, "
         "jitted `module.apply`; time per batch is the median of the timed runs after one "
         "warm-up run; compile time is `lower().compile()`.",
@@ -104,10 +86,8 @@ def main() -> None:
         "| " + " | ".join(title for title, _ in columns) + " |",
         "|" + "---|" * len(columns),
         *("| " + " | ".join(str(row[key]) for _, key in columns) + " |" for row in rows),
-        "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines), encoding="utf-8")
+    write_results(args.out, "Backbone forward pass", machine(), notes, body)
     print(f"wrote {args.out}")
 
 

@@ -18,18 +18,14 @@ Each device count runs in its own process because XLA_FLAGS must be set before j
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import RESULTS, best_times, machine, run_with_devices, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results" / "coreset.md"
 DIM = 128
 NUM_START_POINTS = 10
 
@@ -50,67 +46,50 @@ def bytes_per_step(num_rows: int) -> int:
     return num_rows * DIM * 4 + num_rows * 4 * 2
 
 
+def greedy_step_seconds(num_rows: int, steps: tuple[int, int], repeats: int, mesh) -> dict:
+    """Seconds per greedy step and one-off setup seconds for a random [num_rows, DIM] bank.
+
+    The bank is placed on ``mesh`` once, outside the timed calls; each step count is compiled
+    and warmed up first, then the best of ``repeats`` rounds is kept.
+    """
+    from patchcore_jax import coreset, sharding
+
+    features = np.random.default_rng(0).normal(size=(num_rows, DIM)).astype(np.float32)
+    on_mesh = coreset._rows_on_mesh(features, mesh)
+    starts = sharding.replicate(np.arange(NUM_START_POINTS, dtype=np.int32), mesh)
+    del features
+
+    def run(num_samples: int):
+        return coreset._greedy_selection(
+            on_mesh, None, starts, num_samples=num_samples, num_valid=num_rows, mesh=mesh
+        )
+
+    best = best_times({num_samples: lambda n=num_samples: run(n) for num_samples in steps},
+                      repeats)  # fmt: skip
+    few, many = steps
+    per_step = (best[many] - best[few]) / (many - few)
+    return {"seconds_per_step": per_step, "setup_seconds": best[few] - few * per_step}
+
+
 def measure(rows: list[int], steps: tuple[int, int], repeats: int) -> list[dict]:
     """Seconds per step on all devices of this process (XLA_FLAGS already set)."""
     import jax
 
-    from patchcore_jax import coreset, sharding
+    from patchcore_jax import sharding
 
     mesh = sharding.make_mesh()
-    results = []
-    for num_rows in rows:
-        features = np.random.default_rng(0).normal(size=(num_rows, DIM)).astype(np.float32)
-        on_mesh = coreset._rows_on_mesh(features, mesh)  # placed once, outside the timing
-        starts = coreset._replicate(np.arange(NUM_START_POINTS, dtype=np.int32), mesh)
-        del features
-
-        def run(num_samples: int, on_mesh=on_mesh, starts=starts, num_rows=num_rows):
-            return coreset._greedy_selection(
-                on_mesh, None, starts, num_samples=num_samples, num_valid=num_rows, mesh=mesh
-            )
-
-        best = {}
-        for num_samples in steps:
-            jax.block_until_ready(run(num_samples))  # compile + warm up
-        for _ in range(repeats):
-            for num_samples in steps:
-                start = time.perf_counter()
-                jax.block_until_ready(run(num_samples))
-                best[num_samples] = min(best.get(num_samples, np.inf), time.perf_counter() - start)
-        few, many = steps
-        per_step = (best[many] - best[few]) / (many - few)
-        results.append(
-            {
-                "devices": jax.device_count(),
-                "rows": num_rows,
-                "seconds_per_step": per_step,
-                "setup_seconds": best[few] - few * per_step,
-            }
-        )
-    return results
+    return [
+        {"devices": jax.device_count(), "rows": num_rows,
+         **greedy_step_seconds(num_rows, steps, repeats, mesh)}
+        for num_rows in rows
+    ]  # fmt: skip
 
 
 def run_worker(args: argparse.Namespace, devices: int) -> list[dict]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    command = [sys.executable, __file__, "--worker", "--devices", str(devices),
-               "--rows", *map(str, args.rows), "--steps", *map(str, args.steps),
-               "--repeats", str(args.repeats)]  # fmt: skip
-    output = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
-    return json.loads(output.stdout.strip().splitlines()[-1])
-
-
-def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(
-            line.split(":", 1)[1].strip()
-            for line in lscpu.splitlines()
-            if line.startswith("Model name")
-        )
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores"
+    return run_with_devices(__file__, devices, [
+        "--rows", *map(str, args.rows), "--steps", *map(str, args.steps),
+        "--repeats", str(args.repeats),
+    ])  # fmt: skip
 
 
 def main() -> None:
@@ -122,14 +101,12 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds (best is kept)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=RESULTS / "coreset.md")
     args = parser.parse_args()
 
     if args.worker:
         print(json.dumps(measure(args.rows, tuple(args.steps), args.repeats)))
         return
-
-    import jax
 
     load_before = os.getloadavg()[0]
     wall_start = time.perf_counter()
@@ -138,15 +115,11 @@ def main() -> None:
     wall = time.perf_counter() - wall_start
     few, many = args.steps
 
+    notes = [
+        f"Load average before the run: {load_before:.1f} (other jobs share these cores, so "
+        f"times are noisy); benchmark wall time {wall:.0f} s"
+    ]
     lines = [
-        "# Greedy coreset speed",
-        "",
-        f"Command: `{' '.join(['python benchmarks/coreset.py', *sys.argv[1:]])}`  ",
-        f"Machine: {machine()} (jax {jax.__version__}, XLA CPU)  ",
-        f"Date: {datetime.date.today().isoformat()}; load average before the run: "
-        f"{load_before:.1f} (other jobs share these cores, so times are noisy); "
-        f"benchmark wall time {wall:.0f} s",
-        "",
         f"Bank: N random rows x {DIM} dims (already projected), {NUM_START_POINTS} start points. "
         f"Seconds per step = (time of {many} steps - time of {few} steps) / {many - few}, best "
         f"of {args.repeats} rounds each, after compilation. Floor: the {DIM * 4 + 8} bytes a step "
@@ -186,9 +159,7 @@ def main() -> None:
                 + " | ".join(f"{row['seconds_per_step'] * 1e3:.2f}" for row in rows)
                 + " |"
             )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_results(args.output, "Greedy coreset speed", machine("cpu"), notes, lines))
 
 
 if __name__ == "__main__":

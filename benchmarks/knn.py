@@ -17,35 +17,11 @@ Each device count runs in its own process because XLA_FLAGS must be set before j
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "knn.md"
-
-
-def _best_times(functions: dict, repeats: int) -> dict[str, float]:
-    """Best wall time (seconds) of each function over ``repeats`` round-robin rounds.
-
-    One warm-up (compile) call each first; interleaving the candidates spreads load from other
-    processes evenly over them, and the minimum is the least disturbed run.
-    """
-    import jax
-
-    for function in functions.values():
-        jax.block_until_ready(function())
-    best = dict.fromkeys(functions, float("inf"))
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            jax.block_until_ready(function())
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+from common import RESULTS, best_times, machine, run_with_devices, write_results
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -75,7 +51,7 @@ def measure(args: argparse.Namespace) -> dict:
         matmul = jax.jit(lambda q, b: jnp.dot(q, b.T, precision=jax.lax.Precision.HIGHEST))
         functions["matmul"] = lambda: matmul(one_image, bank)
         functions["knn_1image"] = lambda: scoring.nearest_neighbors(one_image, bank)
-    seconds = _best_times(functions, args.repeats)
+    seconds = best_times(functions, args.repeats)
     flops_per_image = 2.0 * args.patches * args.dim * args.bank
     result = {
         "devices": jax.device_count(),
@@ -92,42 +68,10 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def _run_worker(args: argparse.Namespace, devices: int, bank_shards: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    command = [
-        sys.executable,
-        __file__,
-        "--worker",
-        "--devices",
-        str(devices),
-        "--bank-shards",
-        str(bank_shards),
-        "--bank",
-        str(args.bank),
-        "--dim",
-        str(args.dim),
-        "--patches",
-        str(args.patches),
-        "--images",
-        str(args.images),
-        "--repeats",
-        str(args.repeats),
-    ]
-    output = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
-    return json.loads(output.stdout.strip().splitlines()[-1])
-
-
-def _machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(
-            line.split(":", 1)[1].strip()
-            for line in lscpu.splitlines()
-            if line.startswith("Model name")
-        )
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores"
+    return run_with_devices(__file__, devices, [
+        "--bank-shards", bank_shards, "--bank", args.bank, "--dim", args.dim,
+        "--patches", args.patches, "--images", args.images, "--repeats", args.repeats,
+    ])  # fmt: skip
 
 
 def main() -> None:
@@ -148,7 +92,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4, help="images per scoring batch")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (best is kept)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=RESULTS / "knn.md")
     args = parser.parse_args()
 
     if args.worker:
@@ -167,14 +111,11 @@ def main() -> None:
             )
 
     floor_ms = single["matmul_s"] * 1e3
+    notes = [
+        f"Load average before the run: {load_before:.1f} (other jobs share these cores, so "
+        "times are noisy)"
+    ]
     lines = [
-        "# k-NN scoring speed",
-        "",
-        f"Command: `python benchmarks/knn.py {' '.join(sys.argv[1:])}`  ",
-        f"Machine: {_machine()} (jax {__import__('jax').__version__}, XLA CPU)  ",
-        f"Date: {datetime.date.today().isoformat()}; load average before the run: "
-        f"{load_before:.1f} (other jobs share these cores, so times are noisy)",
-        "",
         f"One image = {args.patches} query patches x {args.dim} dims against a "
         f"{args.bank:,} x {args.dim} memory bank, k = 1, squared L2, default tiles "
         f"(4096 bank rows x 1024 queries); {single['gflops_per_image']:.1f} GFLOP per image. "
@@ -212,9 +153,7 @@ def main() -> None:
                 f"{row['bank_shards']} | {row['knn_per_image_s'] * 1e3:.1f} | "
                 f"{row['score_per_image_s'] * 1e3:.1f} |"
             )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_results(args.output, "k-NN scoring speed", machine("cpu"), notes, lines))
 
 
 if __name__ == "__main__":
