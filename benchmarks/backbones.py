@@ -59,8 +59,9 @@ def measure(name: str, seconds: float) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--names", nargs="*", default=list(available_backbones()))
-    parser.add_argument("--seconds", type=float, default=10.0,
-                        help="timing budget per backbone (at least 2 runs)")
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="timing budget per backbone (at least 2 runs)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "backbones.md")
     args = parser.parse_args()
 
@@ -70,10 +71,16 @@ def main() -> None:
         row = measure(name, args.seconds)
         print(row, flush=True)
         rows.append(row)
-    columns = [("backbone", "name"), ("weights", "weights"), ("stages (HxWxC)", "stages"),
-               ("params used", "parameters"), ("compile s", "compile_s"),
-               ("s / batch of 8", "batch_s"), ("timed runs", "runs"),
-               ("images / s", "images_per_s")]
+    columns = [
+        ("backbone", "name"),
+        ("weights", "weights"),
+        ("stages (HxWxC)", "stages"),
+        ("params used", "parameters"),
+        ("compile s", "compile_s"),
+        ("s / batch of 8", "batch_s"),
+        ("timed runs", "runs"),
+        ("images / s", "images_per_s"),
+    ]
     notes = [
         f"1-minute load average before / after: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
         "(the machine is shared; other jobs slow these numbers down)"

@@ -90,8 +90,14 @@ def run_with_devices(script: str | Path, num_devices: int, arguments: Sequence[s
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
     )
-    command = [sys.executable, str(script), "--worker", "--devices", str(num_devices),
-               *map(str, arguments)]  # fmt: skip
+    command = [
+        sys.executable,
+        str(script),
+        "--worker",
+        "--devices",
+        str(num_devices),
+        *map(str, arguments),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(
@@ -109,13 +115,13 @@ def write_results(
 ) -> str:
     """Writes (and returns) a results markdown file::
 
-        # title
-        Command: `python benchmarks/x.py ...`
-        Machine: machine_line
-        Date: YYYY-MM-DD
-        notes (one line each)
+    # title
+    Command: `python benchmarks/x.py ...`
+    Machine: machine_line
+    Date: YYYY-MM-DD
+    notes (one line each)
 
-        body (description and tables)
+    body (description and tables)
     """
     header = [
         f"Command: `{command_line()}`",

@@ -64,8 +64,7 @@ def greedy_step_seconds(num_rows: int, steps: tuple[int, int], repeats: int, mes
             on_mesh, None, starts, num_samples=num_samples, num_valid=num_rows, mesh=mesh
         )
 
-    best = best_times({num_samples: lambda n=num_samples: run(n) for num_samples in steps},
-                      repeats)  # fmt: skip
+    best = best_times({num_samples: lambda n=num_samples: run(n) for num_samples in steps}, repeats)
     few, many = steps
     per_step = (best[many] - best[few]) / (many - few)
     return {"seconds_per_step": per_step, "setup_seconds": best[few] - few * per_step}
@@ -79,17 +78,18 @@ def measure(rows: list[int], steps: tuple[int, int], repeats: int) -> list[dict]
 
     mesh = sharding.make_mesh()
     return [
-        {"devices": jax.device_count(), "rows": num_rows,
-         **greedy_step_seconds(num_rows, steps, repeats, mesh)}
+        {
+            "devices": jax.device_count(),
+            "rows": num_rows,
+            **greedy_step_seconds(num_rows, steps, repeats, mesh),
+        }
         for num_rows in rows
-    ]  # fmt: skip
+    ]
 
 
 def run_worker(args: argparse.Namespace, devices: int) -> list[dict]:
-    return run_with_devices(__file__, devices, [
-        "--rows", *map(str, args.rows), "--steps", *map(str, args.steps),
-        "--repeats", str(args.repeats),
-    ])  # fmt: skip
+    arguments = ["--rows", *args.rows, "--steps", *args.steps, "--repeats", args.repeats]
+    return run_with_devices(__file__, devices, arguments)
 
 
 def main() -> None:

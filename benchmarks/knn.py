@@ -68,10 +68,17 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def _run_worker(args: argparse.Namespace, devices: int, bank_shards: int) -> dict:
-    return run_with_devices(__file__, devices, [
-        "--bank-shards", bank_shards, "--bank", args.bank, "--dim", args.dim,
-        "--patches", args.patches, "--images", args.images, "--repeats", args.repeats,
-    ])  # fmt: skip
+    options = {
+        "bank-shards": bank_shards,
+        "bank": args.bank,
+        "dim": args.dim,
+        "patches": args.patches,
+        "images": args.images,
+        "repeats": args.repeats,
+    }
+    return run_with_devices(
+        __file__, devices, [f"--{name}={value}" for name, value in options.items()]
+    )
 
 
 def main() -> None:

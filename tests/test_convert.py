@@ -41,7 +41,8 @@ def wide_resnet_state_dict() -> dict[str, np.ndarray]:
     """Every key of the real wide_resnet50_2 state dict with its shape; cheap constant values."""
     shapes = json.loads((FIXTURES / "wide_resnet50_2_shapes.json").read_text())
     return {
-        key: np.broadcast_to(np.float32(0.01), shape) if shape
+        key: np.broadcast_to(np.float32(0.01), shape)
+        if shape
         else np.array(0, np.int64)  # num_batches_tracked
         for key, shape in shapes.items()
     }
@@ -82,9 +83,12 @@ def random_resnet18_file(path, seed: int = 0) -> dict:
             value = rng.uniform(0.5, 2.0, value.shape).astype(np.float32)
         elif flax_path[-1] in ("mean", "bias", "scale"):
             value = rng.normal(0.0, 0.1, value.shape).astype(np.float32) + (
-                1.0 if flax_path[-1] == "scale" else 0.0)
-        tensors[torch_key(flax_path)] = {4: lambda a: a.transpose(3, 2, 0, 1),
-                                         2: lambda a: a.T}.get(value.ndim, lambda a: a)(value)
+                1.0 if flax_path[-1] == "scale" else 0.0
+            )
+        tensors[torch_key(flax_path)] = {
+            4: lambda a: a.transpose(3, 2, 0, 1),
+            2: lambda a: a.T,
+        }.get(value.ndim, lambda a: a)(value)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     if path.suffix == ".safetensors":
         save_file(tensors, str(path))
@@ -113,14 +117,18 @@ def test_convert_then_load_round_trip(tmp_path):
     backbone = load_backbone("resnet18", ["layer1", "layer2"], weights_dir=out)
     assert backbone.weights_sha256 == source_sha
     assert set(backbone.variables["params"]) == {"conv1", "bn1", "layer1", "layer2"}
-    np.testing.assert_array_equal(backbone.variables["params"]["layer2"]["0"]["conv2"]["kernel"],
-                                  tensors["layer2.0.conv2.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        backbone.variables["params"]["layer2"]["0"]["conv2"]["kernel"],
+        tensors["layer2.0.conv2.weight"].transpose(2, 3, 1, 0),
+    )
     np.testing.assert_array_equal(
         backbone.variables["batch_stats"]["layer2"]["0"]["downsample"]["1"]["var"],
-        tensors["layer2.0.downsample.1.running_var"])
+        tensors["layer2.0.downsample.1.running_var"],
+    )
     # Same outputs as the converter's in-memory variables.
-    direct = resnet_variables_from_state_dict(load_file(str(source)),
-                                              resnet("resnet18", RESNET_STAGES))
+    direct = resnet_variables_from_state_dict(
+        load_file(str(source)), resnet("resnet18", RESNET_STAGES)
+    )
     images = np.random.default_rng(1).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
     expected = resnet("resnet18", ("layer1", "layer2")).apply(direct, images)
     for name, value in backbone.feature_maps(images).items():
@@ -136,7 +144,10 @@ def test_failed_conversion_leaves_existing_files_alone(tmp_path):
         convert_weights(source, "resnet50", tmp_path)  # wrong architecture for the file
     assert (tmp_path / "resnet18.msgpack").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "resnet18.json", "resnet18.msgpack", source.name]
+        "resnet18.json",
+        "resnet18.msgpack",
+        source.name,
+    ]
 
 
 def test_fetch_verifies_the_hash_prefix_and_converts(tmp_path):

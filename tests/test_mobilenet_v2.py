@@ -82,13 +82,16 @@ def photographs() -> tuple[list[str], np.ndarray]:
     from sklearn.datasets import load_sample_images
 
     names = ["sklearn/china.jpg", "sklearn/flower.jpg"]
-    images = [np.asarray(Image.fromarray(a).resize((224, 224), Image.BILINEAR))
-              for a in load_sample_images().images]
+    images = [
+        np.asarray(Image.fromarray(a).resize((224, 224), Image.BILINEAR))
+        for a in load_sample_images().images
+    ]
     files = sorted(BOTTLE.glob("train/good/*.png"))[::10] + sorted(BOTTLE.glob("test/*/*.png"))[::4]
     for file in files:
         names.append(str(file.relative_to(BOTTLE)))
-        images.append(np.asarray(Image.open(file).convert("RGB").resize((224, 224),
-                                                                         Image.BILINEAR)))
+        images.append(
+            np.asarray(Image.open(file).convert("RGB").resize((224, 224), Image.BILINEAR))
+        )
     return names, np.stack(images)
 
 
@@ -120,11 +123,18 @@ def test_depthwise_conv_equals_grouped_convolution(size, stride, padding):
     module = DepthwiseConv((3, 3), (stride, stride), padding)
     variables = module.init(jax.random.key(0), x)
     ours = module.apply(variables, x)
-    reference = jax.lax.conv_general_dilated(
-        x, variables["params"]["kernel"], (stride, stride), padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=5,
-        precision=jax.lax.Precision.HIGHEST,
-    ) + variables["params"]["bias"]
+    reference = (
+        jax.lax.conv_general_dilated(
+            x,
+            variables["params"]["kernel"],
+            (stride, stride),
+            padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=5,
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        + variables["params"]["bias"]
+    )
     assert ours.shape == reference.shape
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
 
@@ -132,11 +142,16 @@ def test_depthwise_conv_equals_grouped_convolution(size, stride, padding):
 def test_stage_shapes_at_224():
     layout, variables = converted(PTQ)
     module = MobileNetV2(layout, MOBILENET_STAGES)
-    shapes = jax.eval_shape(module.apply, variables,
-                            jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.uint8))
+    shapes = jax.eval_shape(
+        module.apply, variables, jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.uint8)
+    )
     assert {k: v.shape for k, v in shapes.items()} == {
-        "stride4": (2, 56, 56, 24), "stride8": (2, 28, 28, 32), "stride16": (2, 14, 14, 96),
-        "stride32": (2, 7, 7, 320), "logits": (2, 1001)}
+        "stride4": (2, 56, 56, 24),
+        "stride8": (2, 28, 28, 32),
+        "stride16": (2, 14, 14, 96),
+        "stride32": (2, 7, 7, 320),
+        "logits": (2, 1001),
+    }
 
 
 def test_weights_are_dequantised_per_channel_like_the_interpreter():
@@ -162,17 +177,26 @@ def test_weights_are_dequantised_per_channel_like_the_interpreter():
             kernels.setdefault(tuple(detail["shape"]), []).append(detail)
     # stem: per-channel int8 conv weights [32, 3, 3, 3] (OHWI) and int32 biases
     (stem_weights,) = kernels[(32, 3, 3, 3)]
-    np.testing.assert_allclose(variables["params"]["stem"]["kernel"],
-                               dequantised(stem_weights).transpose(1, 2, 3, 0), rtol=1e-6)
+    np.testing.assert_allclose(
+        variables["params"]["stem"]["kernel"],
+        dequantised(stem_weights).transpose(1, 2, 3, 0),
+        rtol=1e-6,
+    )
     assert len(stem_weights["quantization_parameters"]["scales"]) == 32
-    (stem_bias,) = [d for d in kernels[(32,)] if np.allclose(
-        dequantised(d), variables["params"]["stem"]["bias"], rtol=1e-6)]
+    (stem_bias,) = [
+        d
+        for d in kernels[(32,)]
+        if np.allclose(dequantised(d), variables["params"]["stem"]["bias"], rtol=1e-6)
+    ]
     assert interpreter.get_tensor(stem_bias["index"]).dtype == np.int32
     # a per-channel depthwise kernel [1, 3, 3, 96] (quantised along the last axis)
     (block1_depthwise,) = kernels[(1, 3, 3, 96)]
     assert block1_depthwise["quantization_parameters"]["quantized_dimension"] == 3
-    np.testing.assert_allclose(variables["params"]["block1"]["depthwise"]["kernel"],
-                               dequantised(block1_depthwise).transpose(1, 2, 0, 3), rtol=1e-6)
+    np.testing.assert_allclose(
+        variables["params"]["block1"]["depthwise"]["kernel"],
+        dequantised(block1_depthwise).transpose(1, 2, 0, 3),
+        rtol=1e-6,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +206,7 @@ def ptq_comparison():
     module = MobileNetV2(layout, ("stride8", "stride16", "logits"))
     names, images = photographs()
     forward = jax.jit(module.apply)
-    ours = [forward(variables, images[i: i + 8]) for i in range(0, len(images), 8)]
+    ours = [forward(variables, images[i : i + 8]) for i in range(0, len(images), 8)]
     ours = {k: np.concatenate([np.asarray(o[k]) for o in ours]) for k in ours[0]}
     reference = Reference(PTQ)
     theirs = [reference.run(image) for image in images]
@@ -202,8 +226,10 @@ def test_top1_agrees_with_the_tflite_interpreter(ptq_comparison):
     # Over all photos (many near-ties among 1001 classes on bottle close-ups) most still agree.
     assert agree.mean() >= 0.7
     cosines = [cosine(a, b) for a, b in zip(ours["logits"], theirs["logits"], strict=True)]
-    print(f"\ntop-1 agreement: decisive {agree[decisive].sum()}/10, all {agree.sum()}/"
-          f"{len(agree)}; logit cosine mean {np.mean(cosines):.4f} min {np.min(cosines):.4f}")
+    print(
+        f"\ntop-1 agreement: decisive {agree[decisive].sum()}/10, all {agree.sum()}/"
+        f"{len(agree)}; logit cosine mean {np.mean(cosines):.4f} min {np.min(cosines):.4f}"
+    )
     assert np.mean(cosines) > 0.99 and np.min(cosines) > 0.98
 
 
@@ -212,8 +238,10 @@ def test_stage_features_agree_with_the_interpreter(ptq_comparison):
     _, ours, theirs = ptq_comparison
     for name in ("stride8", "stride16"):
         cosines = [cosine(a, b) for a, b in zip(ours[name], theirs[name], strict=True)]
-        print(f"\n{name} cosine to the interpreter: mean {np.mean(cosines):.4f} "
-              f"min {np.min(cosines):.4f}")
+        print(
+            f"\n{name} cosine to the interpreter: mean {np.mean(cosines):.4f} "
+            f"min {np.min(cosines):.4f}"
+        )
         assert np.min(cosines) > 0.98, (name, np.min(cosines))
 
 
@@ -234,9 +262,11 @@ def test_load_backbone_converts_the_shipped_file_and_stops_early():
     backbone = load_backbone("mobilenet_v2", weights_dir=WEIGHTS)
     assert backbone.layers == ("stride8", "stride16")
     assert backbone.weights_sha256 == (
-        "5d3137241276e79c86d14a74fe43581398ae0e815191d3dba45495b810840e8c")
+        "5d3137241276e79c86d14a74fe43581398ae0e815191d3dba45495b810840e8c"
+    )
     # only the stem and blocks 0..12 (the last stride-16 block) are kept
     assert set(backbone.variables["params"]) == {"stem", *(f"block{i}" for i in range(13))}
-    shapes = jax.eval_shape(backbone.feature_maps,
-                            jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.uint8))
+    shapes = jax.eval_shape(
+        backbone.feature_maps, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.uint8)
+    )
     assert list(shapes) == ["stride8", "stride16"]

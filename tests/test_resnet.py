@@ -57,8 +57,10 @@ def test_tiny_resnet_matches_torchvision_from_safetensors():
 def test_tiny_resnet_matches_torchvision_from_pth(tmp_path):
     torch = pytest.importorskip("torch")  # installed here and in CI (the torch extra)
     path = tmp_path / "tiny.pth"
-    torch.save({key: torch.from_numpy(value) for key, value in
-                load_file(str(TINY_STATE_DICT)).items()}, path)
+    torch.save(
+        {key: torch.from_numpy(value) for key, value in load_file(str(TINY_STATE_DICT)).items()},
+        path,
+    )
     state_dict = read_state_dict(path)
     assert_matches_torchvision(resnet_variables_from_state_dict(state_dict, tiny_resnet()))
 
@@ -67,15 +69,17 @@ def test_pixels_are_normalised_like_totensor_then_normalize():
     """Module on uint8 pixels == network on (x / 255 - mean) / std computed in numpy."""
     variables = resnet_variables_from_state_dict(load_file(str(TINY_STATE_DICT)), tiny_resnet())
     pixels = np.random.default_rng(0).integers(0, 256, (2, 64, 48, 3), dtype=np.uint8)
-    normalised = (pixels.astype(np.float32) / np.float32(255.0) - np.float32(IMAGENET_MEAN)) \
-        / np.float32(IMAGENET_STD)
+    normalised = (
+        pixels.astype(np.float32) / np.float32(255.0) - np.float32(IMAGENET_MEAN)
+    ) / np.float32(IMAGENET_STD)
     module = tiny_resnet(("layer2",))
     from_pixels = module.apply(variables, pixels)["layer2"]
     from_floats = module.apply(variables, normalised, method=ResNet.forward_normalized)["layer2"]
     np.testing.assert_allclose(from_pixels, from_floats, rtol=0, atol=1e-5)
     # float pixels 0..255 give the same as uint8
-    np.testing.assert_allclose(module.apply(variables, pixels.astype(np.float32))["layer2"],
-                               from_pixels, rtol=0, atol=0)
+    np.testing.assert_allclose(
+        module.apply(variables, pixels.astype(np.float32))["layer2"], from_pixels, rtol=0, atol=0
+    )
 
 
 # torchvision's documented parameter counts (batch-norm running statistics excluded).
@@ -91,10 +95,12 @@ TORCHVISION_PARAMETERS = {
 def test_architectures_match_torchvision(name):
     module = resnet(name, RESNET_STAGES)
     shapes = variable_shapes(module)
-    assert sum(leaf.size for leaf in jax.tree.leaves(shapes["params"])) == \
-        TORCHVISION_PARAMETERS[name]
-    outputs = jax.eval_shape(module.apply, shapes, jax.ShapeDtypeStruct((1, 224, 224, 3),
-                                                                        jnp.uint8))
+    assert (
+        sum(leaf.size for leaf in jax.tree.leaves(shapes["params"])) == TORCHVISION_PARAMETERS[name]
+    )
+    outputs = jax.eval_shape(
+        module.apply, shapes, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.uint8)
+    )
     expansion = 1 if name == "resnet18" else 4
     assert {key: value.shape for key, value in outputs.items()} == {
         "layer1": (1, 56, 56, 64 * expansion),
@@ -119,7 +125,8 @@ def test_wide_resnet_bottleneck_width_and_stride_placement():
     )
     strides = [
         (eqn.invars[1].aval.shape, eqn.params["window_strides"])
-        for eqn in jaxpr.eqns if eqn.primitive.name == "conv_general_dilated"
+        for eqn in jaxpr.eqns
+        if eqn.primitive.name == "conv_general_dilated"
     ]
     # first block of layer2: conv1 1x1 stride 1, conv2 3x3 stride 2, downsample 1x1 stride 2
     assert ((1, 1, 256, 256), (1, 1)) in strides
@@ -144,10 +151,13 @@ def test_nothing_after_the_deepest_requested_stage_is_computed():
     assert count_convolutions(backbone.module, backbone.variables) == (1 + 10 + 13 + 19, 0)
     full = resnet("wide_resnet50_2", RESNET_STAGES)
     assert count_convolutions(full, variable_shapes(full)) == (1 + 10 + 13 + 19 + 10, 1)
-    shapes = jax.eval_shape(backbone.feature_maps,
-                            jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.uint8))
+    shapes = jax.eval_shape(
+        backbone.feature_maps, jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.uint8)
+    )
     assert {k: v.shape for k, v in shapes.items()} == {
-        "layer2": (2, 28, 28, 512), "layer3": (2, 14, 14, 1024)}
+        "layer2": (2, 28, 28, 512),
+        "layer3": (2, 14, 14, 1024),
+    }
 
 
 def test_stage_outputs_come_in_network_order():

@@ -1,0 +1,538 @@
+"""One prepared run for a lent accelerator: correctness against the reference fixtures, then speed.
+
+Runs on jax's default backend (one device) and takes a few minutes on an H200:
+
+  correctness  patch features, greedy coreset indices, k-NN scores/maps/indices (and the tiny
+               torchvision ResNet if safetensors is installed) against ``reference_parity.npz``
+               and the ResNet fixture, with the tolerances of the CPU test suite;
+  backbone     wide_resnet50_2 (random weights, layer2 + layer3) + patch features, batch 32;
+  coreset      greedy coreset seconds per 1,000 steps on 1M x 128 rows vs the copy-bandwidth floor;
+  knn          k-NN ms per image (784 x 1024 queries, 16,384 x 1024 bank) vs the matmul floor;
+  end_to_end   PatchCore fit on 200 random images (10% coreset), then predict 100.
+
+Every timing is taken after compilation, with ``jax.block_until_ready``, best of N calls. The
+markdown table is rewritten after each part, so a run cut short keeps what it measured. Exit
+status 1 if any check fails or a part raises. Uses no pytest; packages that only some checks
+need (safetensors) are imported lazily and their checks are marked skipped when missing.
+
+    python benchmarks/gpu_check.py [--out PATH] [--parts correctness knn ...] [--small]
+
+``--small`` shrinks every size so the whole run takes about a minute on a 2-core CPU (a smoke
+test of the script, not a measurement). The fixtures are read from ``$PATCHCORE_SHARED/fixtures``
+(default ``../shared/fixtures`` next to the repository).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import coreset as coreset_benchmark  # benchmarks/coreset.py: greedy step timing, bytes per step
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import REPO_ROOT, RESULTS, best_times, command_line
+
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+from fixture_data import FIXTURES, load_fixture  # noqa: E402  (the tests' one loader)
+
+from patchcore_jax import coreset, features, scoring, sharding
+from patchcore_jax.backbones import init_backbone
+from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax.model import PatchCore, embed_images
+
+HIGHEST = jax.lax.Precision.HIGHEST
+BACKBONE = "wide_resnet50_2"
+LAYERS = ("layer2", "layer3")
+EMBED_DIMENSION = 1024  # pretrain and target embedding dimension (PatchCore defaults)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Problem sizes; the defaults are the GPU run, ``SMALL`` the CPU smoke test."""
+
+    image_size: int = 224
+    batch: int = 32
+    repeats: int = 10
+    coreset_rows: int = 1_000_000
+    coreset_steps: tuple[int, int] = (100, 1100)
+    copy_bytes: int = 2**30
+    knn_bank: int = 16_384
+    knn_dim: int = 1024
+    knn_patches: int = 784
+    knn_images: int = 8
+    fit_images: int = 200
+    predict_images: int = 100
+    coreset_fraction: float = 0.1
+
+
+SMALL = Sizes(
+    image_size=64,
+    batch=2,
+    repeats=2,
+    coreset_rows=20_000,
+    coreset_steps=(10, 60),
+    copy_bytes=64 * 2**20,
+    knn_bank=2048,
+    knn_patches=64,
+    knn_images=2,
+    fit_images=8,
+    predict_images=4,
+)
+
+
+# ---------------------------------------------------------------------------------- reporting
+
+
+class Report:
+    """Check and timing rows, written as one markdown file after every part."""
+
+    def __init__(self, path: Path, sizes: Sizes, small: bool) -> None:
+        self.path, self.sizes, self.small = path, sizes, small
+        self.checks: list[tuple[str, str, str, str]] = []
+        self.timings: list[tuple[str, str, str, str]] = []
+        self.errors: list[str] = []
+
+    def check(self, name: str, passed: bool, measured: str, tolerance: str) -> None:
+        status = "PASS" if passed else "FAIL"
+        self.checks.append((name, status, measured, tolerance))
+        print(f"[{status}] {name}: {measured} (tolerance {tolerance})", flush=True)
+
+    def skip(self, name: str, reason: str) -> None:
+        self.checks.append((name, f"skipped ({reason})", "", ""))
+        print(f"[SKIP] {name}: {reason}", flush=True)
+
+    def timing(self, what: str, measured: str, floor: str = "", notes: str = "") -> None:
+        self.timings.append((what, measured, floor, notes))
+        print(f"[TIME] {what}: {measured}  {floor}  {notes}", flush=True)
+
+    def error(self, part: str, error: BaseException) -> None:
+        message = f"{part}: {type(error).__name__}: {error}".replace("\n", " ")[:300]
+        self.errors.append(message)
+        print(f"[ERROR] {message}", flush=True)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.errors) or any(row[1] == "FAIL" for row in self.checks)
+
+    def summary(self) -> str:
+        """One line: how many checks passed, failed or were skipped, and parts that raised."""
+        statuses = [row[1] for row in self.checks]
+        passed, failed = statuses.count("PASS"), statuses.count("FAIL")
+        skipped = len(statuses) - passed - failed
+        line = f"Result: {passed} checks passed, {failed} failed, {skipped} skipped"
+        if self.errors:
+            line += f"; {len(self.errors)} part(s) raised errors (listed at the end)"
+        return line + "."
+
+    def markdown(self) -> str:
+        device = jax.devices()[0]
+        platform_version = " ".join(str(getattr(device.client, "platform_version", "")).split())
+        sizes = self.sizes
+        lines = [
+            "# Accelerator check"
+            + (" (--small smoke test, not a measurement)" if self.small else ""),
+            "",
+            f"Command: `{command_line()}`  ",
+            f"Device: {device.device_kind} ({jax.default_backend()}, {jax.device_count()} "
+            f"device(s){', ' + platform_version if platform_version else ''})  ",
+            f"jax {jax.__version__}, Python {sys.version.split()[0]}  ",
+            f"Date: {datetime.date.today().isoformat()}",
+            "",
+            self.summary(),
+            "",
+            "## Correctness against the reference fixtures",
+            "",
+            "| check | result | measured | tolerance |",
+            "|---|---|---|---|",
+            *(f"| {' | '.join(row)} |" for row in self.checks),
+            "",
+            "## Speed (after compilation, best of N, `jax.block_until_ready`)",
+            "",
+            f"Images {sizes.image_size}x{sizes.image_size} px uint8, {BACKBONE} with random "
+            f"weights (same cost as the real ones), stages {' + '.join(LAYERS)}, patch features "
+            f"{EMBED_DIMENSION}-d; best of {sizes.repeats} timed calls unless noted.",
+            "",
+            "| what | measured | floor (what the hardware allows) | notes |",
+            "|---|---:|---:|---|",
+            *(f"| {' | '.join(row)} |" for row in self.timings),
+        ]
+        if self.errors:
+            lines += ["", "## Errors", "", *(f"- {message}" for message in self.errors)]
+        return "\n".join(lines) + "\n"
+
+    def write(self) -> str:
+        text = self.markdown()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(text, encoding="utf-8")
+        return text
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def relative_error(ours, expected: np.ndarray) -> float:
+    """max |ours - expected| / max |expected|."""
+    return float(np.abs(np.asarray(ours) - expected).max() / np.abs(expected).max())
+
+
+def random_images(count: int, size: int, seed: int) -> np.ndarray:
+    """[count, size, size, 3] uint8 noise images."""
+    return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
+def seconds(start: float) -> float:
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------- correctness
+
+
+def check_correctness(report: Report, sizes: Sizes) -> None:
+    """Device results against the reference fixtures, with the CPU test suite's tolerances."""
+    for group in ("embed_square", "embed_rect", "embed_d384"):
+        data = load_fixture("reference_parity", group)
+        maps = [
+            np.ascontiguousarray(data[f"{layer}_nchw"].transpose(0, 2, 3, 1)) for layer in LAYERS
+        ]
+        dims = int(data["pretrain_embed_dimension"]), int(data["target_embed_dimension"])
+        expected = data["features"]
+        for path, function in (
+            ("patch_features", lambda m=maps, d=dims: features.patch_features(m, *d)),
+            (
+                "general path",
+                lambda m=maps, d=dims: features._patch_features_general(tuple(m), *d, 3),
+            ),
+        ):
+            ours = np.asarray(function())
+            error = (
+                float(np.abs(ours[0] - expected).max())
+                if ours.shape[1:] == expected.shape
+                else float("inf")
+            )
+            report.check(
+                f"{path} `{group}`", error <= 1e-5, f"max abs error {error:.2e}", "1e-5 abs"
+            )
+
+    for group in ("coreset_d1024", "coreset_d128"):
+        case = load_fixture("reference_parity", group)
+        expected = case["indices"]
+        selected = np.asarray(
+            coreset.approximate_greedy_coreset(
+                case["features"],
+                len(expected),
+                projection=case.get("projection"),
+                start_indices=case["start_points"],
+            )
+        )
+        differ = np.flatnonzero(selected != expected)
+        measured = f"{len(expected) - len(differ)}/{len(expected)} indices equal"
+        if len(differ):
+            measured += f", first difference at step {differ[0]}"
+        report.check(f"greedy coreset `{group}`", len(differ) == 0, measured, "identical")
+
+    data = load_fixture("reference_parity", "score")
+    num_images = len(data["image_scores"])
+    result = scoring.score_patch_features(
+        data["queries"].reshape(num_images, -1, data["queries"].shape[-1]),
+        data["memory_bank"],
+        (28, 28),
+        (224, 224),
+    )
+    for name, ours, expected in (
+        ("patch scores", result.patch_scores, data["patch_scores"]),
+        ("image scores", result.image_scores, data["image_scores"]),
+        ("anomaly maps", result.anomaly_maps, data["maps"]),
+    ):
+        error = relative_error(np.asarray(ours).ravel(), expected.ravel())
+        report.check(
+            f"score_patch_features {name}",
+            error < 1e-4,
+            f"max relative error {error:.2e}",
+            "1e-4 relative",
+        )
+    differ = int((np.asarray(result.nearest_indices).ravel() != data["nearest_index"]).sum())
+    report.check(
+        "score_patch_features nearest indices",
+        differ == 0,
+        f"{differ} of {len(data['nearest_index'])} differ",
+        "identical",
+    )
+    distances, indices = scoring.nearest_neighbors(data["queries"], data["memory_bank"])
+    error = relative_error(np.asarray(distances)[:, 0], data["patch_scores"])
+    differ = int((np.asarray(indices)[:, 0] != data["nearest_index"]).sum())
+    report.check(
+        "nearest_neighbors distances and indices",
+        error < 1e-4 and differ == 0,
+        f"max relative error {error:.2e}, {differ} indices differ",
+        "1e-4 relative, identical",
+    )
+
+    check_tiny_resnet(report)
+
+
+def check_tiny_resnet(report: Report) -> None:
+    """The torchvision ``ResNet(Bottleneck, [1, 2, 1, 1], width_per_group=16)`` fixture."""
+    name = "tiny torchvision ResNet (all stages + logits)"
+    try:
+        from safetensors.numpy import load_file
+    except ImportError:
+        report.skip(name, "package safetensors missing")
+        return
+    from patchcore_jax.backbones.convert import resnet_variables_from_state_dict
+    from patchcore_jax.backbones.resnet import RESNET_STAGES, Bottleneck, ResNet
+
+    module = ResNet(
+        Bottleneck, (1, 2, 1, 1), width_per_group=16, num_classes=10, layers=RESNET_STAGES
+    )
+    state_dict = load_file(str(FIXTURES / "torchvision_tiny_resnet.safetensors"))
+    variables = resnet_variables_from_state_dict(state_dict, module)
+    io = load_fixture("torchvision_tiny_resnet_io")
+    images = jnp.asarray(io["input_nchw"].transpose(0, 2, 3, 1))
+    outputs = module.apply(variables, images, method=ResNet.forward_normalized)
+    errors = {
+        stage: relative_error(outputs[stage], io[f"{stage}_nchw"].transpose(0, 2, 3, 1))
+        for stage in RESNET_STAGES[:-1]
+    }
+    errors["logits"] = relative_error(outputs["logits"], io["logits"])
+    worst = max(errors, key=errors.get)
+    report.check(
+        name,
+        max(errors.values()) < 1e-4,
+        f"max relative error {errors[worst]:.2e} ({worst})",
+        "1e-4 relative",
+    )
+
+
+# ---------------------------------------------------------------------------------- speed
+
+
+def time_backbone(report: Report, sizes: Sizes) -> None:
+    """Backbone + patch features (``model.embed_images``), and the patch features alone."""
+    backbone = init_backbone(BACKBONE, LAYERS)
+    embed = jax.jit(
+        functools.partial(
+            embed_images,
+            backbone.module,
+            pretrain_embed_dimension=EMBED_DIMENSION,
+            target_embed_dimension=EMBED_DIMENSION,
+            patch_size=3,
+        )
+    )
+    images = jax.device_put(random_images(sizes.batch, sizes.image_size, seed=0))
+    variables = jax.device_put(backbone.variables)
+    start = time.perf_counter()
+    compiled = embed.lower(variables, images).compile()
+    compile_seconds = seconds(start)
+    # Random maps of the stages' shapes: timing the features alone needs no second compile of
+    # the backbone.
+    stage_shapes = jax.eval_shape(backbone.module.apply, variables, images)
+    rng = np.random.default_rng(4)
+    maps = [
+        jnp.asarray(rng.normal(size=shape.shape).astype(np.float32))
+        for shape in stage_shapes.values()
+    ]
+    patch_features_only = jax.jit(
+        functools.partial(
+            features.patch_features,
+            pretrain_embed_dimension=EMBED_DIMENSION,
+            target_embed_dimension=EMBED_DIMENSION,
+        )
+    )
+    best = best_times(
+        {
+            "embed": lambda: compiled(variables, images),
+            "features": lambda: patch_features_only(maps),
+        },
+        sizes.repeats,
+    )
+    report.timing(
+        f"{BACKBONE} + patch features, batch {sizes.batch}",
+        f"{sizes.batch / best['embed']:.1f} images/s ({best['embed'] * 1e3:.1f} ms / batch)",
+        "",
+        f"compile {compile_seconds:.1f} s; patch features alone "
+        f"{best['features'] * 1e3:.1f} ms / batch",
+    )
+
+
+def device_copy_bandwidth(num_bytes: int, repeats: int) -> float:
+    """Best device memory bandwidth (bytes/s, read + write) of ``x + 1`` on a float32 array."""
+    values = jnp.ones(num_bytes // 4, jnp.float32)
+    add_one = jax.jit(lambda x: x + 1.0)  # reads and writes every element; cannot be elided
+    best = best_times({"copy": lambda: add_one(values)}, repeats)["copy"]
+    return 2 * num_bytes / best
+
+
+def time_coreset(report: Report, sizes: Sizes) -> None:
+    """Greedy selection steps on an already projected bank vs the bandwidth floor."""
+    bandwidth = device_copy_bandwidth(sizes.copy_bytes, sizes.repeats)
+    report.timing(
+        f"device copy bandwidth ({sizes.copy_bytes / 2**20:.0f} MiB float32, `x + 1`)",
+        f"{bandwidth / 1e9:.0f} GB/s",
+        "",
+        "read + write bytes; the floor of the coreset steps below",
+    )
+    rows, steps = sizes.coreset_rows, sizes.coreset_steps
+    result = coreset_benchmark.greedy_step_seconds(
+        rows, steps, max(2, sizes.repeats // 3), sharding.single_device_mesh()
+    )
+    per_step = result["seconds_per_step"]
+    moved = coreset_benchmark.bytes_per_step(rows)
+    floor = moved / bandwidth
+    report.timing(
+        f"greedy coreset, {rows:,} x {coreset_benchmark.DIM} projected rows",
+        f"{per_step * 1e3:.3f} s / 1,000 steps ({moved / per_step / 1e9:.0f} GB/s)",
+        f"{floor * 1e3:.3f} s / 1,000 steps (floor / measured {floor / per_step:.2f})",
+        f"(time of {steps[1]} steps - time of {steps[0]}) / {steps[1] - steps[0]}; one-off "
+        f"setup {result['setup_seconds']:.3f} s",
+    )
+
+
+def time_knn(report: Report, sizes: Sizes) -> None:
+    """k-NN and full scoring per image vs a plain HIGHEST-precision matmul of the same FLOPs."""
+    rng = np.random.default_rng(1)
+    patches, dim, num_images = sizes.knn_patches, sizes.knn_dim, sizes.knn_images
+    bank = jnp.asarray(rng.normal(size=(sizes.knn_bank, dim)).astype(np.float32))
+    queries = jnp.asarray(rng.normal(size=(num_images * patches, dim)).astype(np.float32))
+    patch_features = queries.reshape(num_images, patches, dim)
+    grid = int(round(patches**0.5))
+    one_image = queries[:patches]
+    matmul = jax.jit(lambda q, b: jnp.dot(q, b.T, precision=HIGHEST))
+    functions: dict[str, Callable] = {
+        "matmul": lambda: matmul(queries, bank),
+        "knn_batch": lambda: scoring.nearest_neighbors(queries, bank),
+        "knn_1image": lambda: scoring.nearest_neighbors(one_image, bank),
+        "score_batch": lambda: scoring.score_patch_features(
+            patch_features, bank, (grid, grid), (sizes.image_size, sizes.image_size)
+        ),
+    }
+    best = best_times(functions, sizes.repeats)
+    flops_per_image = 2.0 * patches * dim * sizes.knn_bank
+    matmul_rate = flops_per_image * num_images / best["matmul"]
+    floor_ms = flops_per_image / matmul_rate * 1e3
+    report.timing(
+        f"matmul [{num_images * patches},{dim}] x [{dim},{sizes.knn_bank}], HIGHEST precision",
+        f"{matmul_rate / 1e12:.2f} TFLOP/s",
+        f"{floor_ms:.3f} ms / image",
+        f"{flops_per_image / 1e9:.1f} GFLOP per image; the k-NN floor",
+    )
+    for key, what, per in (
+        ("knn_1image", "`nearest_neighbors`, 1 image", 1),
+        ("knn_batch", f"`nearest_neighbors`, batch of {num_images}", num_images),
+        ("score_batch", f"`score_patch_features` (k-NN + maps), batch of {num_images}", num_images),
+    ):
+        per_image = best[key] / per
+        report.timing(
+            f"{what}: {patches} x {dim} queries per image, {sizes.knn_bank:,}-row bank",
+            f"{per_image * 1e3:.3f} ms / image ({flops_per_image / per_image / 1e12:.2f} TFLOP/s)",
+            f"{floor_ms:.3f} ms / image (floor / measured {floor_ms / (per_image * 1e3):.2f})",
+            "k = 1, squared L2, default tiles",
+        )
+
+
+def time_end_to_end(report: Report, sizes: Sizes) -> None:
+    """PatchCore on random images: embed, coreset, predict; each phase timed."""
+    config = PatchCoreConfig(
+        backbone=BACKBONE,
+        layers=LAYERS,
+        resize=sizes.image_size,
+        crop=sizes.image_size,
+        coreset_fraction=sizes.coreset_fraction,
+        batch_size=sizes.batch,
+    )
+    model = PatchCore(config, backbone=init_backbone(BACKBONE, LAYERS))
+    train = random_images(sizes.fit_images, sizes.image_size, seed=2)
+    test = random_images(sizes.predict_images, sizes.image_size, seed=3)
+
+    start = time.perf_counter()
+    model.patch_features(train[: sizes.batch])
+    warm_up = seconds(start)
+    start = time.perf_counter()
+    bank_features = model.patch_features(train)
+    embed_seconds = seconds(start)
+    start = time.perf_counter()
+    model.fit_features(bank_features)
+    coreset_seconds = seconds(start)
+    start = time.perf_counter()
+    image_scores, _ = model.predict(test)
+    first_predict = seconds(start)
+    start = time.perf_counter()
+    image_scores_again, _ = model.predict(test)
+    predict_seconds = seconds(start)
+
+    num_rows, bank_rows = bank_features.shape[0], model.memory_bank.shape[0]
+    what = f"PatchCore end to end ({sizes.fit_images} fit, {sizes.predict_images} predict images)"
+    report.timing(f"{what}: compile + first batch of the embedding", f"{warm_up:.2f} s")
+    report.timing(
+        f"{what}: fit, embed {sizes.fit_images} images",
+        f"{embed_seconds:.2f} s ({sizes.fit_images / embed_seconds:.1f} images/s)",
+        "",
+        f"to host patch features [{num_rows:,}, {bank_features.shape[1]}]",
+    )
+    report.timing(
+        f"{what}: fit, greedy coreset {num_rows:,} -> {bank_rows:,} rows",
+        f"{coreset_seconds:.2f} s",
+        "",
+        "includes the projection and compiling the selection",
+    )
+    report.timing(
+        f"{what}: predict (first call)", f"{first_predict:.2f} s", "", "includes compiling scoring"
+    )
+    report.timing(
+        f"{what}: predict",
+        f"{predict_seconds:.2f} s ({sizes.predict_images / predict_seconds:.1f} images/s)",
+        "",
+        f"{bank_rows:,}-row bank; image scores repeat exactly: "
+        f"{bool(np.array_equal(image_scores, image_scores_again))}",
+    )
+
+
+PARTS: dict[str, Callable[[Report, Sizes], None]] = {
+    "correctness": check_correctness,
+    "backbone": time_backbone,
+    "coreset": time_coreset,
+    "knn": time_knn,
+    "end_to_end": time_end_to_end,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS / "gpu.md")
+    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="tiny sizes: a CPU smoke test of this script, not a measurement",
+    )
+    args = parser.parse_args()
+
+    sizes = SMALL if args.small else Sizes()
+    report = Report(args.out, sizes, args.small)
+    print(f"jax {jax.__version__} on {jax.devices()}; fixtures {FIXTURES}", flush=True)
+    run_start = time.perf_counter()
+    for part in args.parts:
+        start = time.perf_counter()
+        print(f"--- {part}", flush=True)
+        try:
+            PARTS[part](report, sizes)
+        except Exception as error:  # record it and go on: one run must report every part
+            traceback.print_exc()
+            report.error(part, error)
+        print(f"--- {part} done in {seconds(start):.1f} s", flush=True)
+        report.write()
+    text = report.write()
+    print(text)
+    print(f"total {seconds(run_start):.0f} s; wrote {args.out}", flush=True)
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
