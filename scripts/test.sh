@@ -12,4 +12,5 @@ fi
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test,torch]"
 export PATCHCORE_SHARED=${PATCHCORE_SHARED:-$(cd .. && pwd)/shared}
+.venv/bin/ruff check .
 .venv/bin/python -m pytest -q "$@"
