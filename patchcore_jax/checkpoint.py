@@ -18,8 +18,10 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import jax
 import numpy as np
 
+from patchcore_jax import sharding
 from patchcore_jax.config import PatchCoreConfig
 
 if TYPE_CHECKING:
@@ -89,8 +91,13 @@ def save(model: PatchCore, path: str | os.PathLike, *, overwrite: bool = True) -
         },
     }
     ocp, checkpointer = _checkpointer()
-    staging = target.with_name(f".{target.name}.saving-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    # With several processes all of them write through orbax (it coordinates them), and
+    # process 0 alone swaps the folders; the barriers keep the others from running ahead.
+    is_primary = jax.process_index() == 0
+    staging = target.with_name(f".{target.name}.saving")
+    if is_primary:
+        shutil.rmtree(staging, ignore_errors=True)
+    _barrier("patchcore_jax.checkpoint.save:staging")
     try:
         checkpointer.save(
             staging,
@@ -102,21 +109,33 @@ def save(model: PatchCore, path: str | os.PathLike, *, overwrite: bool = True) -
             ),
         )
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if is_primary:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
-    backup = target.with_name(f".{target.name}.previous-{os.getpid()}")
-    if target.exists():
-        os.rename(target, backup)
-    os.rename(staging, target)
-    shutil.rmtree(backup, ignore_errors=True)
+    if is_primary:
+        backup = target.with_name(f".{target.name}.previous")
+        shutil.rmtree(backup, ignore_errors=True)
+        if target.exists():
+            os.rename(target, backup)
+        os.rename(staging, target)
+        shutil.rmtree(backup, ignore_errors=True)
+    _barrier("patchcore_jax.checkpoint.save:done")
     return target
+
+
+def _barrier(name: str) -> None:
+    """Waits for every process (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON record of a checkpoint (config, backbone, preprocessing, bank digest)."""
     target = Path(path).absolute()
     if not target.is_dir():
-        leftovers = sorted(target.parent.glob(f".{target.name}.previous-*"))
+        leftovers = sorted(target.parent.glob(f".{target.name}.previous"))
         hint = f"; an interrupted save left {leftovers[0]}" if leftovers else ""
         raise CheckpointError(f"no checkpoint at {target}{hint}")
     ocp, checkpointer = _checkpointer()
@@ -197,9 +216,11 @@ def load(
         )
 
     ocp, checkpointer = _checkpointer()
-    import jax
-
-    abstract = {"memory_bank": jax.ShapeDtypeStruct(shape, np.float32)}
+    # Restored replicated onto this run's devices, whatever topology wrote it.
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    abstract = {
+        "memory_bank": jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding.replicated(mesh))
+    }
     try:
         restored = checkpointer.restore(
             target,

@@ -140,6 +140,7 @@ def main() -> None:
     model = PatchCore(model_config(), mesh=sharding.make_mesh(bank_shards=2))
     model.fit(local_rows(train_images, **split))
     local_scores, local_maps = model.predict(local_rows(test_images, **split))
+    model.save(args.out / "model")  # every process takes part; process 0 swaps folders
     np.savez(
         args.out / f"model_{args.process_id}.npz",
         scores=local_scores,

@@ -113,3 +113,6 @@ def test_two_processes_match_single_process(tmp_path):
     np.testing.assert_allclose(
         np.concatenate([p["maps"] for p in parts]), maps, rtol=1e-5, atol=1e-5 * maps.max()
     )
+    # The checkpoint the two processes wrote together restores in a single process.
+    restored = PatchCore.load(tmp_path / "model", mesh=sharding.single_device_mesh())
+    np.testing.assert_array_equal(np.asarray(restored.memory_bank), np.asarray(model.memory_bank))
