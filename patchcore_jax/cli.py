@@ -198,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("model", help="checkpoint folder written by `fit`")
     evaluate.add_argument("data", type=_existing_dir, help="dataset folder (MVTec AD layout)")
-    evaluate.add_argument("--out", default=None, help="output folder (default: MODEL/evaluation)")
+    evaluate.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: MODEL_evaluation beside the model, which stays untouched)",
+    )
     evaluate.add_argument("--no-heatmaps", action="store_true", help="skip heatmap PNGs")
     _add_run_options(evaluate)
 
@@ -372,7 +376,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     dataset = data.load_dataset(args.data)
     data.validate_masks(dataset)
     model = PatchCore.load(args.model, mesh=_mesh(args.bank_shards))
-    out_dir = Path(args.out) if args.out else Path(args.model) / "evaluation"
+    model_path = Path(args.model).absolute()
+    out_dir = Path(args.out) if args.out else model_path.with_name(f"{model_path.name}_evaluation")
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = dataset.test_samples
     paths = [s.image_path for s in samples]
