@@ -12,5 +12,16 @@ The device stages are importable on their own for use in other JAX programs:
 from patchcore_jax.checkpoint import CheckpointError, load, save
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.model import PatchCore, embed_images
+from patchcore_jax.version import package_version
 
-__all__ = ["CheckpointError", "PatchCore", "PatchCoreConfig", "embed_images", "load", "save"]
+__version__ = package_version()
+
+__all__ = [
+    "CheckpointError",
+    "PatchCore",
+    "PatchCoreConfig",
+    "__version__",
+    "embed_images",
+    "load",
+    "save",
+]

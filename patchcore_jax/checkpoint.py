@@ -14,7 +14,6 @@ import hashlib
 import os
 import shutil
 import time
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +22,7 @@ import numpy as np
 
 from patchcore_jax import sharding
 from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax.version import package_version
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -37,13 +37,6 @@ _RECORD = "record"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, damaged, or does not match what the caller loads it with."""
-
-
-def package_version() -> str:
-    try:
-        return importlib_metadata.version("patchcore-jax")
-    except importlib_metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _bank_digest(memory_bank: np.ndarray) -> str:

@@ -254,26 +254,41 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object
     atomic_write_text(path, buffer.getvalue())
 
 
-def _score_paths(model, paths: Sequence[Path], description: str, quiet: bool):
-    """Scores image files batch by batch; returns (image_scores [N], anomaly_maps [N,H,W])."""
+def _score_paths(model, paths: Sequence[Path], quiet: bool, keep_images: bool):
+    """Scores image files batch by batch.
+
+    Returns (image_scores [N], anomaly_maps [N, H, W], the uint8 crops [N, H, W, 3] if
+    ``keep_images`` (for the heatmaps, so no image is decoded twice) else None).
+    """
     from patchcore_jax import preprocess
 
     config = model.config
-    scores, maps = [], []
-    with _progress(len(paths), description, quiet) as bar:
+    scores, maps, images = [], [], []
+
+    def remembered(batches):
+        for batch in batches:
+            if keep_images:
+                images.append(batch)
+            yield batch
+
+    with _progress(len(paths), "scoring", quiet) as bar:
         batches = preprocess.iter_image_batches(
             paths, config.batch_size, config.resize, config.crop
         )
-        for result in model.score(batches):
+        for result in model.score(remembered(batches)):
             scores.append(result.image_scores)
             maps.append(result.anomaly_maps)
             bar.update(len(result.image_scores))
-    return np.concatenate(scores), np.concatenate(maps)
+    return (
+        np.concatenate(scores),
+        np.concatenate(maps),
+        (np.concatenate(images) if keep_images else None),
+    )
 
 
-def _save_heatmaps(out_dir: Path, paths, scores, maps, masks, config, quiet: bool) -> None:
+def _save_heatmaps(out_dir: Path, paths, images, scores, maps, masks, quiet: bool) -> None:
     """One PNG per image, colour scale shared over the set (min-max of all maps)."""
-    from patchcore_jax import preprocess, viz
+    from patchcore_jax import viz
 
     out_dir.mkdir(parents=True, exist_ok=True)
     vmin, vmax = float(np.min(maps)), float(np.max(maps))
@@ -284,10 +299,9 @@ def _save_heatmaps(out_dir: Path, paths, scores, maps, masks, config, quiet: boo
             while name in used:
                 name += "_"
             used.add(name)
-            image = preprocess.load_image(path, config.resize, config.crop)
             viz.save_anomaly_figure(
                 out_dir / f"{name}.png",
-                image,
+                images[index],
                 maps[index],
                 mask=masks[index],
                 score=float(scores[index]),
@@ -337,15 +351,13 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from patchcore_jax import data, preprocess
-    from patchcore_jax.checkpoint import read_record
     from patchcore_jax.model import PatchCore
 
-    read_record(args.model)  # fail fast, before reading any image
+    model = PatchCore.load(args.model, mesh=_mesh(args.bank_shards))  # checked first
     paths = data.image_paths(args.images)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = PatchCore.load(args.model, mesh=_mesh(args.bank_shards))
-    scores, maps = _score_paths(model, paths, "scoring", args.quiet)
+    scores, maps, images = _score_paths(model, paths, args.quiet, not args.no_heatmaps)
     _write_csv(
         out_dir / "scores.csv",
         ["image", "score"],
@@ -361,27 +373,25 @@ def _predict(args: argparse.Namespace) -> int:
                 if mask_path is None
                 else preprocess.load_mask(mask_path, config.resize, config.crop, image_path=path)
             )
-        _save_heatmaps(out_dir / "heatmaps", paths, scores, maps, masks, config, args.quiet)
+        _save_heatmaps(out_dir / "heatmaps", paths, images, scores, maps, masks, args.quiet)
     _say(f"wrote {out_dir / 'scores.csv'} ({len(paths)} images)")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from patchcore_jax import data, metrics, preprocess
-    from patchcore_jax.checkpoint import read_record
     from patchcore_jax.files import atomic_write_text
     from patchcore_jax.model import PatchCore
 
-    read_record(args.model)  # fail fast, before reading any image
+    model = PatchCore.load(args.model, mesh=_mesh(args.bank_shards))  # checked first
     dataset = data.load_dataset(args.data)
     data.validate_masks(dataset)
-    model = PatchCore.load(args.model, mesh=_mesh(args.bank_shards))
     model_path = Path(args.model).absolute()
     out_dir = Path(args.out) if args.out else model_path.with_name(f"{model_path.name}_evaluation")
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = dataset.test_samples
     paths = [s.image_path for s in samples]
-    scores, maps = _score_paths(model, paths, "scoring", args.quiet)
+    scores, maps, images = _score_paths(model, paths, args.quiet, not args.no_heatmaps)
     config = model.config
     masks = preprocess.load_masks(
         dataset.test_mask_paths, config.resize, config.crop, image_paths=paths
@@ -412,7 +422,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         ],
     )
     if not args.no_heatmaps:
-        _save_heatmaps(out_dir / "heatmaps", paths, scores, maps, masks, config, args.quiet)
+        _save_heatmaps(out_dir / "heatmaps", paths, images, scores, maps, masks, args.quiet)
     for key, value in results.items():
         if isinstance(value, float | int) and not isinstance(value, bool):
             print(
@@ -444,13 +454,11 @@ def _weights(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input)."""
-    from patchcore_jax.checkpoint import CheckpointError
-
     args = build_parser().parse_args(argv)
     handlers = {"fit": _fit, "predict": _predict, "evaluate": _evaluate, "weights": _weights}
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError) as error:
+    except (ValueError, OSError) as error:  # CheckpointError and ImageLoadError included
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         sys.stderr.write(f"{PROG}: error: {message}\n")
         return 2

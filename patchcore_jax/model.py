@@ -54,18 +54,18 @@ def embed_images(
     )
 
 
-def _batches(images: ImageBatches, batch_size: int) -> Iterator[np.ndarray]:
-    """Yields host batches of at most ``batch_size`` images from an array or an iterable."""
-    if isinstance(images, np.ndarray | jax.Array):
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be [N, H, W, 3], got shape {tuple(images.shape)}")
-        for start in range(0, images.shape[0], batch_size):
-            yield np.asarray(images[start : start + batch_size])
-        return
-    for batch in images:
+def _batches(
+    images: ImageBatches, batch_size: int, image_shape: tuple[int, int, int]
+) -> Iterator[np.ndarray]:
+    """Host batches of at most ``batch_size`` images from an array or an iterable of batches.
+
+    Every batch must be [B, *image_shape] (the preprocessed crops the model was built for).
+    """
+    for batch in [images] if isinstance(images, np.ndarray | jax.Array) else images:
         batch = np.asarray(batch)
-        if batch.ndim != 4 or batch.shape[-1] != 3:
-            raise ValueError(f"each image batch must be [B, H, W, 3], got shape {batch.shape}")
+        if batch.ndim != 4 or batch.shape[1:] != image_shape:
+            expected = ", ".join(map(str, ("B", *image_shape)))
+            raise ValueError(f"images must be preprocessed crops [{expected}], got {batch.shape}")
         for start in range(0, batch.shape[0], batch_size):
             yield batch[start : start + batch_size]
 
@@ -116,6 +116,14 @@ class PatchCore:
             out_shardings=batch_sharding,
         )
         self._variables = jax.device_put(backbone.variables, sharding.replicated(self.mesh))
+        # (h, w) of the patch grid: the finest stage's output for the configured crop.
+        stage_shapes = jax.eval_shape(
+            backbone.module.apply,
+            backbone.variables,
+            jax.ShapeDtypeStruct((1, config.crop, config.crop, 3), jnp.uint8),
+        )
+        finest = next(iter(stage_shapes.values()))
+        self.grid_shape: tuple[int, int] = (int(finest.shape[1]), int(finest.shape[2]))
         # Results come back split like the images, so each process reads its own rows.
         self._score = jax.jit(
             functools.partial(
@@ -139,37 +147,18 @@ class PatchCore:
 
     # ------------------------------------------------------------------ embedding
 
-    def _check_images(self, batch: np.ndarray) -> None:
-        crop = self.config.crop
-        if batch.shape[1:] != (crop, crop, 3):
-            raise ValueError(
-                f"images must be preprocessed crops of shape [B, {crop}, {crop}, 3] "
-                f"(config.crop={crop}), got {batch.shape}"
-            )
-
     def embed(self, images: ImageBatches) -> Iterator[tuple[jax.Array, int]]:
         """Yields ``(patch_features [batch, P, D] on device, num_valid_images)`` per batch.
 
         With several processes, each passes its own images; the yielded array is global and
         ``num_valid_images`` counts this process's images (see ``sharding.process_local_rows``).
         """
-        for batch in _batches(images, self._batch_size):
-            self._check_images(batch)
+        crop = self.config.crop
+        for batch in _batches(images, self._batch_size, (crop, crop, 3)):
             num_valid = batch.shape[0]
-            padded, _ = sharding.pad_rows(batch, self._batch_size)
+            padded = sharding.pad_rows(batch, self._batch_size)
             global_batch = jax.make_array_from_process_local_data(self._batch_sharding, padded)
             yield self._embed(self._variables, global_batch), num_valid
-
-    @property
-    def grid_shape(self) -> tuple[int, int]:
-        """(h, w) of the patch grid for the configured crop (the finest stage's output)."""
-        shapes = jax.eval_shape(
-            self.backbone.module.apply,
-            self.backbone.variables,
-            jax.ShapeDtypeStruct((1, self.config.crop, self.config.crop, 3), jnp.uint8),
-        )
-        first = next(iter(shapes.values()))
-        return int(first.shape[1]), int(first.shape[2])
 
     # ------------------------------------------------------------------ fitting
 

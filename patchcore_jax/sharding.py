@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -54,21 +53,13 @@ def mesh_size(mesh: Mesh, axes: str | tuple[str, ...] = ALL_AXES) -> int:
     return int(np.prod([mesh.shape[a] for a in axes]))
 
 
-def pad_rows(x: jax.Array | np.ndarray, multiple: int, value: float = 0.0):
-    """Pads axis 0 of ``x`` up to a multiple of ``multiple``; returns ``(padded, num_valid)``.
+def pad_rows(rows: np.ndarray, multiple: int) -> np.ndarray:
+    """Host ``rows`` with zero rows appended up to a multiple of ``multiple`` (axis 0).
 
-    Callers must make padded rows inert (never selected, never matched); see the stages.
+    Callers drop the padded rows' results; see ``PatchCore.embed``.
     """
-    num_valid = x.shape[0]
-    pad = (-num_valid) % multiple
-    if pad:
-        widths = [(0, pad)] + [(0, 0)] * (x.ndim - 1)
-        x = (
-            jnp.pad(x, widths, constant_values=value)
-            if isinstance(x, jax.Array)
-            else np.pad(x, widths, constant_values=value)
-        )
-    return x, num_valid
+    pad = (-rows.shape[0]) % multiple
+    return np.pad(rows, [(0, pad)] + [(0, 0)] * (rows.ndim - 1)) if pad else rows
 
 
 def row_sharding(mesh: Mesh, axes: str | tuple[str, ...] = ALL_AXES) -> NamedSharding:

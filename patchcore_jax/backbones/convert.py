@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import importlib.metadata
 import json
 import os
 import re
@@ -18,7 +17,7 @@ import sys
 import tempfile
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from patchcore_jax.backbones.mobilenet_v2 import (
 )
 from patchcore_jax.backbones.resnet import RESNET_ARCHITECTURES, RESNET_STAGES, ResNet, resnet
 from patchcore_jax.files import atomic_path
+from patchcore_jax.version import package_version
 
 MANIFEST_FORMAT = "patchcore_jax.backbone_weights/1"
 TORCHVISION_URL = "https://download.pytorch.org/models/"
@@ -70,13 +70,6 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("patchcore-jax")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 # --------------------------------------------------------------------------- architecture shapes
@@ -568,7 +561,7 @@ def save_converted(
         "weights_file": weights_path.name,
         "weights_sha256": sha256_file(weights_path),
         "converter": "patchcore_jax.backbones.convert",
-        "package_version": _package_version(),
+        "package_version": package_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     if layout is not None:
@@ -625,37 +618,25 @@ def _convert(source: Path, arch: str, out_dir: str | Path | None, source_name: s
 # --------------------------------------------------------------------------- download
 
 
-def _download(url: str, destination: Path, report: Callable[[int, int | None], None]) -> str:
-    """Streams ``url`` into ``destination``; returns the hex sha256 of what was written."""
+def _download(url: str, destination: Path, name: str) -> str:
+    """Streams ``url`` into ``destination`` with a progress bar; returns the hex sha256."""
+    from tqdm.auto import tqdm
+
     digest = hashlib.sha256()
     with urllib.request.urlopen(url) as response, open(destination, "wb") as out:
         length = response.headers.get("Content-Length")
-        total = int(length) if length else None
-        done = 0
-        for chunk in iter(lambda: response.read(1 << 20), b""):
-            out.write(chunk)
-            digest.update(chunk)
-            done += len(chunk)
-            report(done, total)
+        with tqdm(
+            total=int(length) if length else None,
+            desc=f"downloading {name}",
+            unit="B",
+            unit_scale=True,
+            file=sys.stderr,
+        ) as bar:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
     return digest.hexdigest()
-
-
-def _progress_printer(name: str) -> Callable[[int, int | None], None]:
-    last = [-1]
-
-    def report(done: int, total: int | None) -> None:
-        step = done * 20 // total if total else done >> 24  # every 5 % or every 16 MiB
-        if step != last[0]:
-            last[0] = step
-            percent = f" {100 * done // total:3d}%" if total else ""
-            print(
-                f"\rdownloading {name}:{percent} {done / 2**20:.1f} MiB",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    return report
 
 
 def fetch_weights(name: str, out_dir: str | Path | None = None, url: str | None = None) -> Path:
@@ -686,8 +667,7 @@ def fetch_weights(name: str, out_dir: str | Path | None = None, url: str | None 
     os.close(handle)
     download = Path(temporary)
     try:
-        digest = _download(url, download, _progress_printer(file_name))
-        print(file=sys.stderr)
+        digest = _download(url, download, file_name)
         if not digest.startswith(expected_prefix):
             raise ValueError(
                 f"{url}: sha256 {digest} does not start with {expected_prefix}; "
