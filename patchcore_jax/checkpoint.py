@@ -75,8 +75,14 @@ def save(model: PatchCore, path: str | os.PathLike, *, overwrite: bool = True) -
             "name": model.backbone.name,
             "layers": list(model.backbone.layers),
             "weights_sha256": model.backbone.weights_sha256,
+            "batch_norm_probe": model.backbone.probed_image_shape is not None
+            and model.backbone.has_batch_stats,
         },
-        "preprocessing": {"resize": model.config.resize, "crop": model.config.crop},
+        "preprocessing": {
+            "resize_mode": model.config.resize_mode,
+            "resize": model.config.resize,
+            "image_shape": list(model.config.image_shape),
+        },
         "memory_bank": {
             "shape": list(memory_bank.shape),
             "dtype": "float32",
@@ -173,7 +179,8 @@ def load(
     target = Path(path).absolute()
     record = read_record(target)
     try:
-        config = PatchCoreConfig.from_dict(record["config"])
+        # Checkpoints from before the probe existed were fitted with pristine statistics.
+        config = PatchCoreConfig.from_dict({"batch_norm_probe": False, **record["config"]})
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{target}: invalid recorded config: {error}") from error
     if expected_config is not None and expected_config != config:

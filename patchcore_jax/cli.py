@@ -3,6 +3,7 @@
 patchcore-jax fit DATA --out MODEL [options]
 patchcore-jax predict MODEL IMAGE_OR_FOLDER... --out DIR
 patchcore-jax evaluate MODEL DATA [--out DIR]
+patchcore-jax split --good DIR --defect [NAME=]DIR ... --out ROOT
 patchcore-jax weights convert FILE --arch NAME | weights fetch NAME | weights list
 """
 
@@ -13,12 +14,13 @@ import csv
 import io
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from patchcore_jax.config import DISTANCES, SAMPLERS, PatchCoreConfig
+from patchcore_jax.config import DISTANCES, RESIZE_MODES, SAMPLERS, PatchCoreConfig
 
 PROG = "patchcore-jax"
 
@@ -48,6 +50,29 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    parts = [part.strip() for part in text.replace("x", ",").split(",")]
+    try:
+        sizes = [int(part) for part in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected H,W (two positive integers, e.g. 224,448) or one size, got {text!r}"
+        )
+    return (sizes[0], sizes[-1])
+
+
+def _mask_threshold(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 255:
+        raise argparse.ArgumentTypeError(f"expected an integer in 1..255, got {text!r}")
     return value
 
 
@@ -83,16 +108,48 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "(default: the backbone's stride-8 and stride-16 stages)",
     )
     group.add_argument(
+        "--resize-mode",
+        choices=RESIZE_MODES,
+        default=defaults.resize_mode,
+        help="shorter-side: resize the shorter side to --resize, then centre-crop (the "
+        "reference); stretch: resize the whole image to --image-size, aspect ratio not kept, "
+        "nothing cut away (default: %(default)s)",
+    )
+    group.add_argument(
         "--resize",
         type=_positive_int,
         default=defaults.resize,
-        help="shorter image side after resizing, pixels (default: %(default)s)",
+        help="shorter image side after resizing, pixels; shorter-side mode only "
+        "(default: %(default)s)",
     )
-    group.add_argument(
+    size = group.add_mutually_exclusive_group()
+    size.add_argument(
         "--crop",
         type=_positive_int,
-        default=defaults.crop,
-        help="centre-crop size, pixels (default: %(default)s)",
+        default=None,
+        help=f"square model input (crop or stretch) size, pixels (default: {defaults.crop})",
+    )
+    size.add_argument(
+        "--image-size",
+        type=_image_size,
+        default=None,
+        metavar="H,W",
+        help="model input height,width in pixels: the centre crop (shorter-side mode) or "
+        "the whole resized image (stretch mode); anomaly maps have this size",
+    )
+    group.add_argument(
+        "--no-batch-norm-probe",
+        dest="batch_norm_probe",
+        action="store_false",
+        help="keep the backbone's pristine eval-mode BatchNorm statistics instead of the "
+        "reference's one-off train-mode probe (see README)",
+    )
+    group.add_argument(
+        "--mask-threshold",
+        type=_mask_threshold,
+        default=defaults.mask_threshold,
+        help="ground-truth masks that are not 0/255 are binarised at this value "
+        "(>= is a defect) (default: %(default)s)",
     )
     group.add_argument(
         "--pretrain-dim",
@@ -204,7 +261,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (default: MODEL_evaluation beside the model, which stays untouched)",
     )
     evaluate.add_argument("--no-heatmaps", action="store_true", help="skip heatmap PNGs")
+    evaluate.add_argument(
+        "--mask-threshold",
+        type=_mask_threshold,
+        default=None,
+        help="binarise masks that are not 0/255 at this value (default: the model's, 128)",
+    )
     _add_run_options(evaluate)
+
+    split = commands.add_parser(
+        "split",
+        help="build the MVTec AD layout from unsplit folders",
+        description="Build ROOT/{train/good, test/good, test/<defect>, ground_truth/<defect>} "
+        "from folders of defect-free images and folders of defect images with their masks "
+        "(beside them, as <stem>_mask.<ext> or as <stem>.png next to a non-PNG image, or in "
+        "--mask-dir). A seeded --train-fraction of the good images goes to train/good, the "
+        "rest to test/good. Files are linked (or copied); the sources are never modified.",
+    )
+    split.add_argument(
+        "--good",
+        type=_existing_dir,
+        action="append",
+        required=True,
+        help="folder of defect-free images (repeatable)",
+    )
+    split.add_argument(
+        "--defect",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="folder of defect images of one type; NAME defaults to the folder's name (repeatable)",
+    )
+    split.add_argument(
+        "--mask-dir",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="masks of a defect type in their own folder, named <stem>.<ext> or "
+        "<stem>_mask.<ext> (repeatable; default: beside the images)",
+    )
+    split.add_argument("--out", required=True, help="dataset folder to create (must not exist)")
+    split.add_argument(
+        "--train-fraction",
+        type=_fraction,
+        default=0.8,
+        help="fraction of the good images used for training (default: %(default)s)",
+    )
+    split.add_argument(
+        "--seed", type=int, default=0, help="seed of the train/test draw (default: 0)"
+    )
+    split.add_argument("--copy", action="store_true", help="copy files instead of linking to them")
 
     weights = commands.add_parser("weights", help="convert or download backbone weights")
     weight_commands = weights.add_subparsers(
@@ -254,6 +360,11 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object
     atomic_write_text(path, buffer.getvalue())
 
 
+def _image_options(config: PatchCoreConfig) -> dict:
+    """The preprocessing arguments of ``config`` (``preprocess.load_image`` & co.)."""
+    return {"resize": config.resize, "crop": config.crop, "resize_mode": config.resize_mode}
+
+
 def _score_paths(model, paths: Sequence[Path], quiet: bool, keep_images: bool):
     """Scores image files batch by batch.
 
@@ -272,9 +383,7 @@ def _score_paths(model, paths: Sequence[Path], quiet: bool, keep_images: bool):
             yield batch
 
     with _progress(len(paths), "scoring", quiet) as bar:
-        batches = preprocess.iter_image_batches(
-            paths, config.batch_size, config.resize, config.crop
-        )
+        batches = preprocess.iter_image_batches(paths, config.batch_size, **_image_options(config))
         for result in model.score(remembered(batches)):
             scores.append(result.image_scores)
             maps.append(result.anomaly_maps)
@@ -322,8 +431,11 @@ def _fit(args: argparse.Namespace) -> int:
     config = PatchCoreConfig(
         backbone=args.backbone,
         layers=args.layers,
+        resize_mode=args.resize_mode,
         resize=args.resize,
-        crop=args.crop,
+        crop=args.image_size or args.crop or PatchCoreConfig.crop,
+        batch_norm_probe=args.batch_norm_probe,
+        mask_threshold=args.mask_threshold,
         pretrain_embed_dimension=args.pretrain_dim,
         target_embed_dimension=args.target_dim,
         sampler=args.sampler,
@@ -340,9 +452,7 @@ def _fit(args: argparse.Namespace) -> int:
     paths = dataset.train_paths
     _say(f"fitting {config.backbone} on {len(paths)} images of {args.data}")
     with _progress(len(paths), "features", args.quiet) as bar:
-        batches = preprocess.iter_image_batches(
-            paths, config.batch_size, config.resize, config.crop
-        )
+        batches = preprocess.iter_image_batches(paths, config.batch_size, **_image_options(config))
         bank_features = model.patch_features(batches, progress=bar.update)
     model.fit_features(bank_features, log=_say)
     _say(f"saved model to {model.save(args.out)}")
@@ -371,7 +481,12 @@ def _predict(args: argparse.Namespace) -> int:
             masks.append(
                 None
                 if mask_path is None
-                else preprocess.load_mask(mask_path, config.resize, config.crop, image_path=path)
+                else preprocess.load_mask(
+                    mask_path,
+                    **_image_options(config),
+                    image_path=path,
+                    threshold=config.mask_threshold,
+                )
             )
         _save_heatmaps(out_dir / "heatmaps", paths, images, scores, maps, masks, args.quiet)
     _say(f"wrote {out_dir / 'scores.csv'} ({len(paths)} images)")
@@ -391,11 +506,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = dataset.test_samples
     paths = [s.image_path for s in samples]
-    scores, maps, images = _score_paths(model, paths, args.quiet, not args.no_heatmaps)
     config = model.config
+    threshold = config.mask_threshold if args.mask_threshold is None else args.mask_threshold
+    # Masks first: a broken mask is reported before any image is scored.
     masks = preprocess.load_masks(
-        dataset.test_mask_paths, config.resize, config.crop, image_paths=paths
+        dataset.test_mask_paths, **_image_options(config), image_paths=paths, threshold=threshold
     )
+    scores, maps, images = _score_paths(model, paths, args.quiet, not args.no_heatmaps)
     labels = np.asarray(dataset.test_labels)
     results = metrics.evaluate(labels, scores, masks, maps)
     threshold = results["f1_threshold"]
@@ -432,6 +549,37 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split(args: argparse.Namespace) -> int:
+    from patchcore_jax import split
+
+    def named_dirs(values: Sequence[str], option: str) -> dict[str, Path]:
+        named: dict[str, Path] = {}
+        for value in values:
+            name, _, folder = value.rpartition("=")
+            folder_path = Path(folder)
+            if not folder_path.is_dir():
+                raise ValueError(f"{option} {value!r}: folder {folder!r} does not exist")
+            name = name or split.default_defect_name(folder_path)
+            if name in named:
+                raise ValueError(f"{option}: defect type {name!r} given twice")
+            named[name] = folder_path
+        return named
+
+    defects = named_dirs(args.defect, "--defect")
+    mask_dirs = named_dirs(args.mask_dir, "--mask-dir")
+    summary = split.split_dataset(
+        args.good,
+        defects,
+        args.out,
+        mask_dirs=mask_dirs,
+        train_fraction=args.train_fraction,
+        seed=args.seed,
+        copy=args.copy,
+    )
+    _say(f"wrote {args.out}: {summary}")
+    return 0
+
+
 def _weights(args: argparse.Namespace) -> int:
     from patchcore_jax import backbones
 
@@ -452,12 +600,25 @@ def _weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings as one line each, in the tool's voice."""
+    sys.stderr.write(f"{PROG}: warning: {message}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input)."""
     args = build_parser().parse_args(argv)
-    handlers = {"fit": _fit, "predict": _predict, "evaluate": _evaluate, "weights": _weights}
+    handlers = {
+        "fit": _fit,
+        "predict": _predict,
+        "evaluate": _evaluate,
+        "split": _split,
+        "weights": _weights,
+    }
     try:
-        return handlers[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return handlers[args.command](args)
     except (ValueError, OSError) as error:  # CheckpointError and ImageLoadError included
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         sys.stderr.write(f"{PROG}: error: {message}\n")

@@ -13,9 +13,11 @@ from typing import Any, Literal
 
 Sampler = Literal["approx_greedy_coreset", "random", "identity", "learned_proxies"]
 Distance = Literal["squared_l2", "l2"]
+ResizeMode = Literal["shorter-side", "stretch"]
 
 SAMPLERS: tuple[str, ...] = ("approx_greedy_coreset", "random", "identity", "learned_proxies")
 DISTANCES: tuple[str, ...] = ("squared_l2", "l2")
+RESIZE_MODES: tuple[str, ...] = ("shorter-side", "stretch")
 
 
 @dataclass(frozen=True)
@@ -27,8 +29,17 @@ class PatchCoreConfig:
         ``wide_resnet101_2``, ``mobilenet_v2``).
       layers: backbone stages whose features are aggregated; ``None`` means the backbone's
         default pair (stride 8 and 16, e.g. ``layer2``/``layer3`` for ResNets).
+      resize_mode: ``shorter-side`` (the reference: the shorter side is resized to ``resize``,
+        keeping the aspect ratio, then the centre ``crop`` is cut out) or ``stretch`` (the whole
+        image is resized to ``crop``, aspect ratio not kept, nothing cut away; ``resize`` unused).
       resize: the shorter image side is resized to this many pixels (Pillow bilinear).
-      crop: centre-crop size in pixels; anomaly maps have this size.
+      crop: the model's input size in pixels: an int (square) or (height, width). Anomaly maps
+        and masks have this size; ``image_shape`` gives it as (height, width).
+      batch_norm_probe: run the reference's one-off BatchNorm probe (SPEC section 2) before
+        fitting, as the authors' ``PatchCore.load`` does; False keeps the pristine eval-mode
+        statistics. Backbones without BatchNorm statistics are unaffected.
+      mask_threshold: ground-truth masks that are not 0/255 are binarised at this value
+        (>= threshold is a defect) before the reference's rule; 0/255 masks are unaffected.
       patch_size: side of the local neighbourhood aggregated around each position (3 in the paper).
       pretrain_embed_dimension: per-layer feature length after adaptive average pooling.
       target_embed_dimension: final patch feature length.
@@ -50,8 +61,11 @@ class PatchCoreConfig:
 
     backbone: str = "wide_resnet50_2"
     layers: tuple[str, ...] | None = None
+    resize_mode: ResizeMode = "shorter-side"
     resize: int = 256
-    crop: int = 224
+    crop: int | tuple[int, int] = 224
+    batch_norm_probe: bool = True
+    mask_threshold: int = 128
     patch_size: int = 3
     pretrain_embed_dimension: int = 1024
     target_embed_dimension: int = 1024
@@ -79,7 +93,6 @@ class PatchCoreConfig:
 
         for name in (
             "resize",
-            "crop",
             "patch_size",
             "pretrain_embed_dimension",
             "target_embed_dimension",
@@ -94,9 +107,40 @@ class PatchCoreConfig:
             positive_int(name)
         if self.patch_size % 2 != 1:
             raise ValueError(f"PatchCoreConfig.patch_size must be odd, got {self.patch_size}")
-        if self.crop > self.resize:
+        if isinstance(self.crop, list | tuple):
+            object.__setattr__(self, "crop", tuple(self.crop))
+        crop_sizes = self.crop if isinstance(self.crop, tuple) else (self.crop,)
+        if len(crop_sizes) != (2 if isinstance(self.crop, tuple) else 1) or not all(
+            isinstance(size, int) and not isinstance(size, bool) and size >= 1
+            for size in crop_sizes
+        ):
             raise ValueError(
-                f"PatchCoreConfig.crop ({self.crop}) must not exceed resize ({self.resize})"
+                "PatchCoreConfig.crop must be a positive integer or (height, width) of positive "
+                f"integers, got {self.crop!r}"
+            )
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(
+                f"PatchCoreConfig.resize_mode must be one of {RESIZE_MODES}, "
+                f"got {self.resize_mode!r}"
+            )
+        if self.resize_mode == "shorter-side" and max(crop_sizes) > self.resize:
+            raise ValueError(
+                f"PatchCoreConfig.crop ({self.crop}) must not exceed resize ({self.resize}) "
+                "with resize_mode 'shorter-side'"
+            )
+        if not isinstance(self.batch_norm_probe, bool):
+            raise ValueError(
+                f"PatchCoreConfig.batch_norm_probe must be True or False, "
+                f"got {self.batch_norm_probe!r}"
+            )
+        if (
+            not isinstance(self.mask_threshold, int)
+            or isinstance(self.mask_threshold, bool)
+            or not 1 <= self.mask_threshold <= 255
+        ):
+            raise ValueError(
+                f"PatchCoreConfig.mask_threshold must be an integer in 1..255, "
+                f"got {self.mask_threshold!r}"
             )
         if self.sampler not in SAMPLERS:
             raise ValueError(
@@ -119,6 +163,13 @@ class PatchCoreConfig:
             if len(self.layers) < 1:
                 raise ValueError("PatchCoreConfig.layers must name at least one backbone stage")
 
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(height, width) of the model's input images, masks and anomaly maps."""
+        if isinstance(self.crop, tuple):
+            return self.crop[0], self.crop[1]
+        return self.crop, self.crop
+
     def replace(self, **changes: Any) -> PatchCoreConfig:
         """Returns a copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -126,8 +177,9 @@ class PatchCoreConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable form (tuples become lists)."""
         out = dataclasses.asdict(self)
-        if out["layers"] is not None:
-            out["layers"] = list(out["layers"])
+        for name in ("layers", "crop"):
+            if isinstance(out[name], tuple):
+                out[name] = list(out[name])
         return out
 
     @classmethod
@@ -137,7 +189,4 @@ class PatchCoreConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown PatchCoreConfig fields: {unknown}")
-        data = dict(data)
-        if data.get("layers") is not None:
-            data["layers"] = tuple(data["layers"])
-        return cls(**data)
+        return cls(**data)  # __post_init__ turns lists back into tuples

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from patchcore_jax import coreset, features, scoring, sharding
-from patchcore_jax.backbones import Backbone, load_backbone
+from patchcore_jax.backbones import Backbone, load_backbone, probe_batch_norm
 from patchcore_jax.config import PatchCoreConfig
 
 ImageBatches = np.ndarray | jax.Array | Iterable[np.ndarray]
@@ -77,8 +77,12 @@ class PatchCore:
     >>> model.fit(train_images)                      # uint8 [N, 224, 224, 3], or batches of them
     >>> image_scores, anomaly_maps = model.predict(test_images)
 
-    Images are preprocessed uint8 crops (see ``patchcore_jax.preprocess``). Work is spread over
-    ``mesh`` (default: every device, data-parallel); results do not depend on the device count.
+    Images are preprocessed uint8 crops (see ``patchcore_jax.preprocess``) of
+    ``config.image_shape``. Work is spread over ``mesh`` (default: every device, data-parallel);
+    results do not depend on the device count. With ``config.batch_norm_probe`` (the default, as
+    the reference) the backbone's BatchNorm statistics are probed once here, for this image
+    shape (``backbones.probe_batch_norm``), unless ``backbone`` was already probed for it (e.g.
+    another model's ``backbone``).
     """
 
     def __init__(
@@ -95,6 +99,16 @@ class PatchCore:
         elif backbone.name != config.backbone:
             raise ValueError(
                 f"backbone {backbone.name!r} does not match config.backbone {config.backbone!r}"
+            )
+        self.image_shape: tuple[int, int] = config.image_shape
+        probed = backbone.probed_image_shape
+        if config.batch_norm_probe and probed is None:
+            backbone = probe_batch_norm(backbone, self.image_shape)
+        elif probed is not None and (not config.batch_norm_probe or probed != self.image_shape):
+            wanted = self.image_shape if config.batch_norm_probe else "no probe"
+            raise ValueError(
+                f"backbone statistics were probed at {probed}, but this config needs {wanted}; "
+                "pass a backbone with pristine statistics"
             )
         self.backbone = backbone
         self.mesh = mesh if mesh is not None else sharding.make_mesh()
@@ -116,11 +130,11 @@ class PatchCore:
             out_shardings=batch_sharding,
         )
         self._variables = jax.device_put(backbone.variables, sharding.replicated(self.mesh))
-        # (h, w) of the patch grid: the finest stage's output for the configured crop.
+        # (h, w) of the patch grid: the finest stage's output for the configured image shape.
         stage_shapes = jax.eval_shape(
             backbone.module.apply,
             backbone.variables,
-            jax.ShapeDtypeStruct((1, config.crop, config.crop, 3), jnp.uint8),
+            jax.ShapeDtypeStruct((1, *self.image_shape, 3), jnp.uint8),
         )
         finest = next(iter(stage_shapes.values()))
         self.grid_shape: tuple[int, int] = (int(finest.shape[1]), int(finest.shape[2]))
@@ -129,7 +143,7 @@ class PatchCore:
             functools.partial(
                 scoring.score_patch_features,
                 grid_shape=self.grid_shape,
-                out_shape=(config.crop, config.crop),
+                out_shape=self.image_shape,
                 num_neighbors=config.num_neighbors,
                 distance=config.distance,
                 reweight=config.reweight,
@@ -153,8 +167,7 @@ class PatchCore:
         With several processes, each passes its own images; the yielded array is global and
         ``num_valid_images`` counts this process's images (see ``sharding.process_local_rows``).
         """
-        crop = self.config.crop
-        for batch in _batches(images, self._batch_size, (crop, crop, 3)):
+        for batch in _batches(images, self._batch_size, (*self.image_shape, 3)):
             num_valid = batch.shape[0]
             padded = sharding.pad_rows(batch, self._batch_size)
             global_batch = jax.make_array_from_process_local_data(self._batch_sharding, padded)
@@ -172,8 +185,8 @@ class PatchCore:
         """Builds the memory bank from nominal images: ``patch_features`` then ``fit_features``.
 
         Args:
-          images: uint8 [N, crop, crop, 3], or an iterable of such batches (host memory then
-            grows with the bank, not with the images).
+          images: uint8 [N, H, W, 3] (``config.image_shape``), or an iterable of such batches
+            (host memory then grows with the bank, not with the images).
           progress: called with the number of images embedded after each batch.
           log: called with one-line status messages (coreset size and timing).
         """
@@ -254,7 +267,7 @@ class PatchCore:
             yield jax.tree.map(lambda x, n=num_valid: sharding.process_local_rows(x)[:n], result)
 
     def predict(self, images: ImageBatches) -> tuple[np.ndarray, np.ndarray]:
-        """Scores images: returns ``(image_scores [N] float32, anomaly_maps [N, crop, crop])``."""
+        """Scores images: returns ``(image_scores [N] float32, anomaly_maps [N, H, W])``."""
         results = list(self.score(images))
         if not results:
             raise ValueError("predict() received no images")

@@ -3,13 +3,21 @@
 Reproduces the reference's torchvision pipeline on PIL images (SPEC section 1):
 ``Resize(resize)`` (shorter side to ``resize``, Pillow bilinear with antialiasing, longer side
 ``int(resize * long / short)``), then ``CenterCrop(crop)`` (top-left corner
-``int(round((size - crop) / 2.0))``, Python's round-half-to-even). Images stay uint8 here; the
-backbone normalises on the device. ``to_float`` is the numpy form of ToTensor + Normalize.
+``int(round((size - crop) / 2.0))``, Python's round-half-to-even). ``resize_mode="stretch"``
+instead resizes the whole image to ``crop`` (height, width) without keeping its aspect ratio
+and cuts nothing away, for non-square images whose ends the centre crop would lose. ``crop`` is
+an int (square) or (height, width). Images stay uint8 here; the backbone normalises on the
+device. ``to_float`` is the numpy form of ToTensor + Normalize.
+
+Masks go through the same geometry; a pixel is a defect iff it is exactly 255 afterwards (the
+reference's rule). Masks that are not 0/255 (anti-aliased or JPEG-damaged edges) are binarised
+first at ``mask_threshold``, so binary masks keep the reference's numbers exactly.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +30,14 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # Pillow modes holding more than 8 bits per sample; scaled to 8 bits (Pillow's convert clips).
 _HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+RESIZE_MODES: tuple[str, ...] = ("shorter-side", "stretch")
+DEFAULT_MASK_THRESHOLD = 128
+
+Size = int | tuple[int, int]
+
+
+class MaskWarning(UserWarning):
+    """A ground-truth mask was usable but suspicious (binarised, or marks no defect)."""
 
 
 class ImageLoadError(ValueError):
@@ -44,11 +60,15 @@ def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
     return int(resize * width / height), resize
 
 
-def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
-    """Pillow crop box (left, top, right, bottom) of torchvision ``CenterCrop(crop)``."""
-    top = int(round((height - crop) / 2.0))
-    left = int(round((width - crop) / 2.0))
-    return left, top, left + crop, top + crop
+def center_crop_box(width: int, height: int, crop: Size) -> tuple[int, int, int, int]:
+    """Pillow crop box (left, top, right, bottom) of torchvision ``CenterCrop(crop)``.
+
+    ``crop``: an int (square) or (height, width), as torchvision takes it.
+    """
+    crop_height, crop_width = _pair(crop)
+    top = int(round((height - crop_height) / 2.0))
+    left = int(round((width - crop_width) / 2.0))
+    return left, top, left + crop_width, top + crop_height
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -68,17 +88,24 @@ def check_mask_size(image_path: str | os.PathLike, mask_path: str | os.PathLike)
         )
 
 
-def load_image(path: str | os.PathLike, resize: int = 256, crop: int = 224) -> np.ndarray:
-    """Reads an image as RGB, resizes the shorter side to ``resize``, centre-crops ``crop``.
+def load_image(
+    path: str | os.PathLike,
+    resize: int = 256,
+    crop: Size = 224,
+    *,
+    resize_mode: str = "shorter-side",
+) -> np.ndarray:
+    """Reads an image as RGB, resizes the shorter side to ``resize``, centre-crops ``crop``
+    (``resize_mode="stretch"``: resizes the whole image to ``crop``).
 
     Grayscale, palette, RGBA (alpha dropped, like PIL ``convert("RGB")``), CMYK and 16-bit
     images are converted to 8-bit RGB; 16-bit values are scaled (65535 -> 255), not clipped.
     EXIF orientation is not applied (the reference does not either).
 
     Returns:
-      image: [crop, crop, 3] uint8.
+      image: [height, width, 3] uint8, (height, width) = ``crop``.
     """
-    _check_sizes(resize, crop)
+    _check_sizes(resize, crop, resize_mode)
     with _open(path) as image:
         try:
             rgb = _to_8bit(image, path).convert("RGB")
@@ -86,31 +113,58 @@ def load_image(path: str | os.PathLike, resize: int = 256, crop: int = 224) -> n
             raise
         except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable".
             raise ImageLoadError(path, f"{type(error).__name__}: {error}") from error
-    return np.asarray(_resize_and_crop(rgb, resize, crop), dtype=np.uint8)
+    return np.asarray(_resize_and_crop(rgb, resize, crop, resize_mode), dtype=np.uint8)
 
 
 def load_mask(
     path: str | os.PathLike | None,
     resize: int = 256,
-    crop: int = 224,
+    crop: Size = 224,
     *,
     image_path: str | os.PathLike | None = None,
+    resize_mode: str = "shorter-side",
+    threshold: int = DEFAULT_MASK_THRESHOLD,
 ) -> np.ndarray:
     """Reads a ground-truth mask with the image pipeline; a pixel is a defect iff it is 255.
 
     The mask is read as 8-bit grayscale (binary "1" masks become 0/255, 16-bit masks are
     scaled), resized bilinearly and cropped like its image; only pixels that are exactly 255
     afterwards are defects (the reference's ``int(value / 255)``, which drops blurred edges).
-    Masks stored as 0/1 are read as 0/255. A mask with other values but no 255 is an error
-    rather than a silently empty mask. ``path=None`` means no defect pixels. With
-    ``image_path``, the mask's original size must equal the image's.
+    Masks stored as 0/1 are read as 0/255. Masks with other values (anti-aliased or
+    JPEG-damaged edges) are binarised first: ``value >= threshold`` becomes 255, the rest 0,
+    with a ``MaskWarning``; so is a mask that marks no defect pixel. ``path=None`` means no
+    defect pixels. With ``image_path``, the mask's original size must equal the image's.
 
     Returns:
-      mask: [crop, crop] bool.
+      mask: [height, width] bool, (height, width) = ``crop``.
     """
-    _check_sizes(resize, crop)
+    mask, binarised, empty = _load_mask(
+        path, resize, crop, image_path=image_path, resize_mode=resize_mode, threshold=threshold
+    )
+    if binarised:
+        warnings.warn(
+            f"mask {path} is not 0/255; binarised at >= {threshold}", MaskWarning, stacklevel=2
+        )
+    if empty:
+        warnings.warn(f"mask {path} marks no defect pixel", MaskWarning, stacklevel=2)
+    return mask
+
+
+def _load_mask(
+    path: str | os.PathLike | None,
+    resize: int,
+    crop: Size,
+    *,
+    image_path: str | os.PathLike | None,
+    resize_mode: str,
+    threshold: int,
+) -> tuple[np.ndarray, bool, bool]:
+    """``load_mask`` without warnings: (mask, whether it was binarised, whether it is empty)."""
+    _check_sizes(resize, crop, resize_mode)
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or not 1 <= threshold <= 255:
+        raise ValueError(f"mask threshold must be an integer in 1..255, got {threshold!r}")
     if path is None:
-        return np.zeros((crop, crop), dtype=bool)
+        return np.zeros(_pair(crop), dtype=bool), False, False
     if image_path is not None:
         check_mask_size(image_path, path)
     with _open(path) as image:
@@ -124,51 +178,85 @@ def load_mask(
         except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable".
             raise ImageLoadError(path, f"{type(error).__name__}: {error}") from error
     max_value = int(values.max()) if values.size else 0
+    binarised = False
     if max_value == 1:
         gray = Image.fromarray((values * 255).astype(np.uint8))
-    elif 1 < max_value < 255:
-        raise ImageLoadError(
-            path,
-            f"mask values go up to {max_value} but defects must be marked 255 (or 1); "
-            "the reference counts only pixels equal to 255",
-        )
-    return np.asarray(_resize_and_crop(gray, resize, crop)) == 255
+    elif np.any((values != 0) & (values != 255)):
+        gray = Image.fromarray(np.where(values >= threshold, 255, 0).astype(np.uint8))
+        binarised = True
+    mask = np.asarray(_resize_and_crop(gray, resize, crop, resize_mode)) == 255
+    return mask, binarised, max_value == 0 or (binarised and max_value < threshold)
 
 
 def load_images(
-    paths: Sequence[str | os.PathLike], resize: int = 256, crop: int = 224
+    paths: Sequence[str | os.PathLike],
+    resize: int = 256,
+    crop: Size = 224,
+    *,
+    resize_mode: str = "shorter-side",
 ) -> np.ndarray:
     """``load_image`` of each path, stacked.
 
     Returns:
-      images: [len(paths), crop, crop, 3] uint8.
+      images: [len(paths), height, width, 3] uint8.
     """
-    images = np.empty((len(paths), crop, crop, 3), dtype=np.uint8)
+    images = np.empty((len(paths), *_pair(crop), 3), dtype=np.uint8)
     for index, path in enumerate(paths):
-        images[index] = load_image(path, resize, crop)
+        images[index] = load_image(path, resize, crop, resize_mode=resize_mode)
     return images
 
 
 def load_masks(
     paths: Sequence[str | os.PathLike | None],
     resize: int = 256,
-    crop: int = 224,
+    crop: Size = 224,
     *,
     image_paths: Sequence[str | os.PathLike] | None = None,
+    resize_mode: str = "shorter-side",
+    threshold: int = DEFAULT_MASK_THRESHOLD,
 ) -> np.ndarray:
     """``load_mask`` of each path (``None``: all normal), stacked; sizes checked with images.
 
+    Warns once (``MaskWarning``) with the number of masks that were binarised and once with
+    those that mark no defect pixel, naming the first of each.
+
     Returns:
-      masks: [len(paths), crop, crop] bool.
+      masks: [len(paths), height, width] bool.
     """
     if image_paths is not None and len(image_paths) != len(paths):
         raise ValueError(
             f"load_masks: got {len(paths)} mask paths but {len(image_paths)} image paths"
         )
-    masks = np.zeros((len(paths), crop, crop), dtype=bool)
+    masks = np.zeros((len(paths), *_pair(crop)), dtype=bool)
+    binarised, empty = [], []
     for index, path in enumerate(paths):
         image_path = None if image_paths is None else image_paths[index]
-        masks[index] = load_mask(path, resize, crop, image_path=image_path)
+        masks[index], was_binarised, is_empty = _load_mask(
+            path,
+            resize,
+            crop,
+            image_path=image_path,
+            resize_mode=resize_mode,
+            threshold=threshold,
+        )
+        if was_binarised:
+            binarised.append(path)
+        if is_empty:
+            empty.append(path)
+    num_masks = sum(path is not None for path in paths)
+    if binarised:
+        warnings.warn(
+            f"{len(binarised)} of {num_masks} masks are not 0/255 (e.g. {binarised[0]}); "
+            f"binarised at >= {threshold}",
+            MaskWarning,
+            stacklevel=2,
+        )
+    if empty:
+        warnings.warn(
+            f"{len(empty)} of {num_masks} masks mark no defect pixel (e.g. {empty[0]})",
+            MaskWarning,
+            stacklevel=2,
+        )
     return masks
 
 
@@ -176,8 +264,9 @@ def iter_image_batches(
     paths: Sequence[str | os.PathLike],
     batch_size: int,
     resize: int = 256,
-    crop: int = 224,
+    crop: Size = 224,
     *,
+    resize_mode: str = "shorter-side",
     num_threads: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Yields ``load_image`` results in batches, in the order of ``paths``.
@@ -187,23 +276,24 @@ def iter_image_batches(
     so memory stays bounded for any number of paths. The last batch may be shorter.
 
     Yields:
-      images: [<= batch_size, crop, crop, 3] uint8.
+      images: [<= batch_size, height, width, 3] uint8.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    _check_sizes(resize, crop)
+    _check_sizes(resize, crop, resize_mode)
     paths = list(paths)
     if num_threads is None:
         num_threads = min(8, os.cpu_count() or 1)
     if num_threads <= 1:
         for start in range(0, len(paths), batch_size):
-            yield load_images(paths[start : start + batch_size], resize, crop)
+            batch = paths[start : start + batch_size]
+            yield load_images(batch, resize, crop, resize_mode=resize_mode)
         return
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
 
         def submit(start: int) -> list:
             return [
-                pool.submit(load_image, path, resize, crop)
+                pool.submit(load_image, path, resize, crop, resize_mode=resize_mode)
                 for path in paths[start : start + batch_size]
             ]
 
@@ -248,11 +338,25 @@ def to_float(
     return (scaled - mean_array) / std_array
 
 
-def _check_sizes(resize: int, crop: int) -> None:
-    for name, value in (("resize", resize), ("crop", crop)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if crop > resize:
+def _pair(crop: Size) -> tuple[int, int]:
+    """(height, width) of an int or (height, width) size."""
+    if isinstance(crop, int | np.integer) and not isinstance(crop, bool):
+        return int(crop), int(crop)
+    height, width = crop
+    return int(height), int(width)
+
+
+def _check_sizes(resize: int, crop: Size, resize_mode: str = "shorter-side") -> None:
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+    if not isinstance(resize, int) or isinstance(resize, bool) or resize < 1:
+        raise ValueError(f"resize must be a positive integer, got {resize!r}")
+    sizes = crop if isinstance(crop, tuple | list) else (crop,)
+    if len(sizes) not in (1, 2) or not all(
+        isinstance(size, int) and not isinstance(size, bool) and size >= 1 for size in sizes
+    ):
+        raise ValueError(f"crop must be a positive integer or (height, width), got {crop!r}")
+    if resize_mode == "shorter-side" and max(sizes) > resize:
         raise ValueError(f"crop ({crop}) must not exceed resize ({resize})")
 
 
@@ -286,7 +390,14 @@ def _to_8bit(image: Image.Image, path: str | os.PathLike) -> Image.Image:
     return image
 
 
-def _resize_and_crop(image: Image.Image, resize: int, crop: int) -> Image.Image:
+def _resize_and_crop(
+    image: Image.Image, resize: int, crop: Size, resize_mode: str = "shorter-side"
+) -> Image.Image:
+    if resize_mode == "stretch":
+        height, width = _pair(crop)
+        if (width, height) == image.size:
+            return image
+        return image.resize((width, height), Image.BILINEAR)
     width, height = resized_size(*image.size, resize)
     if (width, height) != image.size:
         image = image.resize((width, height), Image.BILINEAR)

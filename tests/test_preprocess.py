@@ -12,6 +12,7 @@ from patchcore_jax.preprocess import (
     IMAGENET_STD,
     ImageLoadError,
     ImageNotFoundError,
+    MaskWarning,
     check_mask_size,
     iter_image_batches,
     load_image,
@@ -25,22 +26,24 @@ BOTTLE_IMAGE = BOTTLE / "test" / "broken_large" / "000.png"
 BOTTLE_MASK = BOTTLE / "ground_truth" / "broken_large" / "000_mask.png"
 
 
-def torchvision_resize_crop(image: Image.Image, size: int, crop: int) -> Image.Image:
+def torchvision_resize_crop(image: Image.Image, size: int, crop) -> Image.Image:
     """torchvision Resize(size) + CenterCrop(crop) on a PIL image, from torchvision's source.
 
     _compute_resized_output_size: short, long = (w, h) if w <= h else (h, w);
     new_short, new_long = size, int(size * long / short). F.center_crop:
     crop_top = int(round((image_height - crop_height) / 2.0)), likewise crop_left.
+    ``crop``: an int or (height, width), as CenterCrop takes it.
     """
+    crop_h, crop_w = (crop, crop) if isinstance(crop, int) else crop
     w, h = image.size
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = size, int(size * long / short)
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), Image.BILINEAR)
-    crop_top = int(round((new_h - crop) / 2.0))
-    crop_left = int(round((new_w - crop) / 2.0))
-    return image.crop((crop_left, crop_top, crop_left + crop, crop_top + crop))
+    crop_top = int(round((new_h - crop_h) / 2.0))
+    crop_left = int(round((new_w - crop_w) / 2.0))
+    return image.crop((crop_left, crop_top, crop_left + crop_w, crop_top + crop_h))
 
 
 def random_rgb(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -208,7 +211,8 @@ def test_mask_size_must_match_its_image(tmp_path):
         check_mask_size(image_path, mask_path)
     Image.fromarray(np.zeros((30, 40), np.uint8)).save(mask_path)
     check_mask_size(image_path, mask_path)
-    assert not load_mask(mask_path, 32, 24, image_path=image_path).any()
+    with pytest.warns(MaskWarning, match="img_mask.png marks no defect pixel"):
+        assert not load_mask(mask_path, 32, 24, image_path=image_path).any()
 
 
 def test_mask_encodings_binary_01_and_mode_1_mean_the_same(tmp_path):
@@ -231,10 +235,97 @@ def test_mask_encodings_binary_01_and_mode_1_mean_the_same(tmp_path):
     stacked = load_masks([paths["l255"], None], 32, 24)
     np.testing.assert_array_equal(stacked, np.stack([expected, np.zeros_like(expected)]))
 
-    ambiguous = tmp_path / "grey.png"
-    Image.fromarray((mask * 128).astype(np.uint8)).save(ambiguous)
-    with pytest.raises(ImageLoadError, match="grey.png.*255"):
-        load_mask(ambiguous, 32, 24)
+
+def anti_aliased_mask(seed: int = 0) -> np.ndarray:
+    """A 0/255 blob with soft edges of intermediate values (as Magnetic Tile masks have)."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((60, 80), np.uint8)
+    mask[10:40, 20:70] = 255
+    edge = np.zeros_like(mask, dtype=bool)
+    edge[9:41, 19:71] = True
+    edge[11:39, 21:69] = False
+    mask[edge] = rng.integers(1, 255, edge.sum())
+    return mask
+
+
+def test_anti_aliased_masks_are_binarised_at_the_threshold_then_follow_the_reference_rule(
+    tmp_path,
+):
+    values = anti_aliased_mask()
+    path = tmp_path / "soft.png"
+    Image.fromarray(values).save(path)
+    for threshold in (128, 200):
+        binary = Image.fromarray(np.where(values >= threshold, 255, 0).astype(np.uint8))
+        expected = np.asarray(torchvision_resize_crop(binary, 32, 24)) == 255
+        with pytest.warns(MaskWarning, match=f"soft.png is not 0/255; binarised at >= {threshold}"):
+            np.testing.assert_array_equal(load_mask(path, 32, 24, threshold=threshold), expected)
+    # A uniformly grey mask is a defect at 128 and nothing at 129 (then a warning says so).
+    grey = tmp_path / "grey.png"
+    Image.fromarray((values > 0).astype(np.uint8) * 128).save(grey)
+    with pytest.warns(MaskWarning):
+        assert load_mask(grey, 32, 24).any()
+    with pytest.warns(MaskWarning, match="grey.png marks no defect pixel"):
+        assert not load_mask(grey, 32, 24, threshold=129).any()
+    with pytest.raises(ValueError, match="threshold"):
+        load_mask(path, 32, 24, threshold=0)
+
+
+def test_load_masks_warns_once_with_the_number_of_binarised_masks(tmp_path, recwarn):
+    paths = []
+    for index in range(3):
+        paths.append(tmp_path / f"{index}_mask.png")
+        Image.fromarray(anti_aliased_mask(index)).save(paths[-1])
+    binary = tmp_path / "binary_mask.png"
+    Image.fromarray(np.where(anti_aliased_mask() >= 128, 255, 0).astype(np.uint8)).save(binary)
+    masks = load_masks([*paths, binary, None], 32, 24)
+    assert masks.shape == (5, 24, 24)
+    messages = [str(w.message) for w in recwarn if issubclass(w.category, MaskWarning)]
+    assert messages == [f"3 of 4 masks are not 0/255 (e.g. {paths[0]}); binarised at >= 128"]
+    np.testing.assert_array_equal(masks[0], masks[3])  # the same blob, binarised the same way
+
+
+def test_binary_bottle_masks_are_not_binarised_and_keep_their_pixels(recwarn):
+    masks = sorted((BOTTLE / "ground_truth").rglob("*_mask.png"))
+    assert len(masks) == 63
+    for path in masks:
+        values = np.asarray(Image.open(path))
+        assert set(np.unique(values)) <= {0, 255}, path
+    loaded = load_masks(masks[:5])
+    assert not [w for w in recwarn if issubclass(w.category, MaskWarning)]
+    for path, mask in zip(masks[:5], loaded, strict=True):
+        pil = Image.open(path).convert("L")
+        np.testing.assert_array_equal(
+            mask, np.asarray(torchvision_resize_crop(pil, 256, 224)) == 255
+        )
+
+
+def test_stretch_mode_resizes_the_whole_image_to_height_width(tmp_path):
+    path = tmp_path / "tile.png"
+    pixels = random_rgb(283, 105)
+    Image.fromarray(pixels).save(path)
+    image = load_image(path, crop=(96, 224), resize_mode="stretch")
+    expected = Image.fromarray(pixels).resize((224, 96), Image.BILINEAR)
+    np.testing.assert_array_equal(image, np.asarray(expected))
+    mask_path = tmp_path / "tile_mask.png"
+    mask = np.zeros((105, 283), np.uint8)
+    mask[:, 250:] = 255  # a defect at the far end, which the centre crop would cut away
+    Image.fromarray(mask).save(mask_path)
+    loaded = load_mask(mask_path, crop=(96, 224), resize_mode="stretch", image_path=path)
+    stretched = Image.fromarray(mask).resize((224, 96), Image.BILINEAR)
+    np.testing.assert_array_equal(loaded, np.asarray(stretched) == 255)
+    assert loaded.any() and not load_mask(mask_path, 256, 224).any()
+    batches = list(iter_image_batches([path, path], 2, crop=(96, 224), resize_mode="stretch"))
+    np.testing.assert_array_equal(batches[0], np.stack([image, image]))
+    with pytest.raises(ValueError, match="resize_mode"):
+        load_image(path, resize_mode="squash")
+
+
+def test_rectangular_crop_is_torchvision_center_crop_height_width():
+    pil = Image.open(BOTTLE_IMAGE).convert("RGB")
+    image = load_image(BOTTLE_IMAGE, 256, (160, 224))
+    assert image.shape == (160, 224, 3)
+    np.testing.assert_array_equal(image, np.asarray(torchvision_resize_crop(pil, 256, (160, 224))))
+    assert load_mask(BOTTLE_MASK, 256, (160, 224)).shape == (160, 224)
 
 
 def test_batches_keep_order_and_match_single_loads(tmp_path):

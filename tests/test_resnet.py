@@ -9,10 +9,19 @@ import pytest
 from conftest import FIXTURES, load_fixture
 from safetensors.numpy import load_file
 
-from patchcore_jax.backbones import available_backbones, default_layers, init_backbone
+from patchcore_jax import features
+from patchcore_jax.backbones import (
+    available_backbones,
+    default_layers,
+    init_backbone,
+    load_backbone,
+    probe_batch_norm,
+)
 from patchcore_jax.backbones.convert import (
+    _flatten,
     read_state_dict,
     resnet_variables_from_state_dict,
+    torch_key,
     variable_shapes,
 )
 from patchcore_jax.backbones.resnet import (
@@ -21,6 +30,7 @@ from patchcore_jax.backbones.resnet import (
     RESNET_STAGES,
     Bottleneck,
     ResNet,
+    probe_batch_stats,
     resnet,
 )
 
@@ -175,3 +185,84 @@ def test_invalid_names_and_layers():
     with pytest.raises(ValueError, match="distinct"):
         init_backbone("resnet18", ("layer2", "layer2"))
     assert available_backbones()[0] == "wide_resnet50_2"
+
+
+# ---------------------------------------------------------------- the reference's BatchNorm probe
+
+PROBE = FIXTURES / "reference_probe_tiny_resnet.safetensors"
+
+
+def probed_tiny_variables(layers=("layer2", "layer3")):
+    """Full tiny-ResNet variables after the probe of a module returning ``layers`` at 96x80."""
+    variables = resnet_variables_from_state_dict(load_file(str(TINY_STATE_DICT)), tiny_resnet())
+    return variables, probe_batch_stats(tiny_resnet(layers), variables, (96, 80))
+
+
+def test_probe_reproduces_the_reference_batch_norm_statistics():
+    pristine, probed = probed_tiny_variables()
+    reference = load_file(str(PROBE))
+    reference_keys = {key for key in reference if not key.endswith("num_batches_tracked")}
+    changed = {}
+    for path, value in _flatten(probed["batch_stats"], ("batch_stats",)).items():
+        before = _flatten(pristine["batch_stats"], ("batch_stats",))[path]
+        if not np.array_equal(np.asarray(value), np.asarray(before)):
+            changed[torch_key(path)] = np.asarray(value)
+    # Exactly the reference's changed statistics (its counters have no Flax counterpart) ...
+    assert set(changed) == reference_keys and len(reference_keys) == 32
+    for key in reference_keys:
+        assert relative_error(changed[key], reference[key]) < 1e-5, key
+    # ... and the weights are untouched.
+    assert probed["params"] is pristine["params"]
+
+
+def test_probed_patch_features_equal_the_reference_embed():
+    _, probed = probed_tiny_variables()
+    io = load_fixture("reference_probe_tiny_resnet_io")
+    images = jnp.asarray(io["input_nchw"].transpose(0, 2, 3, 1))
+    module = tiny_resnet(("layer2", "layer3"))
+    stage_outputs = module.apply(probed, images, method=ResNet.forward_normalized)
+    patch_features = features.patch_features(
+        list(stage_outputs.values()),
+        pretrain_embed_dimension=1024,
+        target_embed_dimension=1024,
+        patch_size=3,
+    ).reshape(-1, 1024)
+    assert patch_features.shape == io["features"].shape == (2 * 12 * 10, 1024)
+    assert relative_error(patch_features, io["features"]) < 1e-5
+
+
+def test_probe_stops_at_the_deepest_requested_stage():
+    pristine, probed = probed_tiny_variables(("layer1",))
+    for stage in ("layer2", "layer3", "layer4"):
+        jax.tree.map(
+            np.testing.assert_array_equal,
+            probed["batch_stats"][stage],
+            pristine["batch_stats"][stage],
+        )
+    assert not np.array_equal(
+        probed["batch_stats"]["layer1"]["0"]["bn1"]["mean"],
+        pristine["batch_stats"]["layer1"]["0"]["bn1"]["mean"],
+    )
+
+
+def test_probe_is_a_pure_function_and_needs_more_than_one_value_per_channel():
+    _, first = probed_tiny_variables()
+    _, second = probed_tiny_variables()
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
+        np.testing.assert_array_equal(a, b)
+    variables = resnet_variables_from_state_dict(load_file(str(TINY_STATE_DICT)), tiny_resnet())
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        probe_batch_stats(tiny_resnet(RESNET_STAGES[:4]), variables, (8, 8))
+
+
+def test_probe_batch_norm_records_the_shape_and_leaves_batchnorm_free_backbones_alone():
+    backbone = init_backbone("resnet18")
+    probed = probe_batch_norm(backbone, (64, 48))
+    assert probed.probed_image_shape == (64, 48) and backbone.probed_image_shape is None
+    mean = probed.variables["batch_stats"]["layer2"]["0"]["bn1"]["mean"]
+    assert not np.array_equal(mean, backbone.variables["batch_stats"]["layer2"]["0"]["bn1"]["mean"])
+    with pytest.raises(ValueError, match="already probed"):
+        probe_batch_norm(probed, (64, 48))
+    mobilenet = load_backbone("mobilenet_v2")
+    assert not mobilenet.has_batch_stats
+    assert probe_batch_norm(mobilenet, (224, 224)).variables is mobilenet.variables

@@ -5,6 +5,7 @@ with its own constants, and returns an ordered dict {stage name: [B, h, w, C] fl
 requested stages in network order (finest grid first), computing nothing after the deepest one.
 
     backbone = load_backbone("wide_resnet50_2")          # layer2 + layer3
+    backbone = probe_batch_norm(backbone, (224, 224))     # the reference's BatchNorm probe
     maps = jax.jit(backbone.module.apply)(backbone.variables, images)
 """
 
@@ -40,7 +41,12 @@ from patchcore_jax.backbones.mobilenet_v2 import (
     MobileNetV2,
     MobileNetV2Layout,
 )
-from patchcore_jax.backbones.resnet import RESNET_ARCHITECTURES, RESNET_STAGES, resnet
+from patchcore_jax.backbones.resnet import (
+    RESNET_ARCHITECTURES,
+    RESNET_STAGES,
+    probe_batch_stats,
+    resnet,
+)
 
 __all__ = [
     "Backbone",
@@ -50,6 +56,7 @@ __all__ = [
     "fetch_weights",
     "init_backbone",
     "load_backbone",
+    "probe_batch_norm",
     "stage_names",
     "weights_dir",
 ]
@@ -68,6 +75,8 @@ class Backbone:
       variables: {'params': ..., 'batch_stats': ...} (whatever the module needs), jax arrays.
       layers: stages the module returns, in network order (finest first).
       weights_sha256: sha256 of the source weights file, or "random-init".
+      probed_image_shape: (H, W) of the reference's BatchNorm probe once ``probe_batch_norm``
+        has run, else None (pristine statistics).
     """
 
     name: str
@@ -75,6 +84,12 @@ class Backbone:
     variables: dict
     layers: tuple[str, ...]
     weights_sha256: str
+    probed_image_shape: tuple[int, int] | None = None
+
+    @property
+    def has_batch_stats(self) -> bool:
+        """True when the backbone keeps BatchNorm running statistics (the probe changes them)."""
+        return bool(self.variables.get("batch_stats"))
 
     def feature_maps(self, images: jax.Array) -> dict[str, jax.Array]:
         """images: [B, H, W, 3] uint8/float 0..255 -> {stage: [B, h, w, C] float32}.
@@ -163,6 +178,35 @@ def init_backbone(name: str, layers: Sequence[str] | None = None, seed: int = 0)
 
     variables = jax.tree_util.tree_map_with_path(draw, variable_shapes(module))
     return Backbone(name, module, variables, layers, "random-init")
+
+
+def probe_batch_norm(backbone: Backbone, image_shape: tuple[int, int]) -> Backbone:
+    """The backbone after the reference's one-off BatchNorm probe (SPEC section 2).
+
+    The authors' ``PatchCore.load`` runs the (train-mode) backbone once on a normalised
+    ``ones([1, 3, H, W])`` before anything else, which moves every BatchNorm's running
+    statistics up to the deepest extracted stage; the published numbers come from the moved
+    statistics. Computed eagerly (one forward pass of one image), a pure function of the
+    variables: the same weights, layers and ``image_shape`` always give the same statistics.
+    Backbones without BatchNorm statistics (the TFLite MobileNetV2, whose BN is folded) come
+    back unchanged apart from the record.
+
+    Args:
+      backbone: a backbone with pristine statistics (not probed before).
+      image_shape: (H, W) of the model's input images.
+    """
+    if backbone.probed_image_shape is not None:
+        raise ValueError(
+            f"backbone {backbone.name} was already probed at {backbone.probed_image_shape}; "
+            "the reference probes once, on pristine statistics"
+        )
+    height, width = (int(size) for size in image_shape)
+    if height < 1 or width < 1:
+        raise ValueError(f"image_shape must be two positive sizes, got {image_shape!r}")
+    variables = backbone.variables
+    if backbone.has_batch_stats:
+        variables = probe_batch_stats(backbone.module, variables, (height, width))
+    return dataclasses.replace(backbone, variables=variables, probed_image_shape=(height, width))
 
 
 def _missing_weights(name: str, directory: Path) -> FileNotFoundError:

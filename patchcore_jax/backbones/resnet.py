@@ -5,6 +5,11 @@ Flax tree: ``layer1.0.downsample.1.running_var`` -> ``batch_stats/layer1/0/downs
 ``layer1.0.conv1.weight`` -> ``params/layer1/0/conv1/kernel`` (OIHW -> HWIO), ``fc.weight`` ->
 ``params/fc/kernel`` (transposed). Padding follows torchvision exactly (explicit symmetric pads;
 the max pool pads with -inf), and the bottleneck puts its stride on the 3x3 conv.
+
+Every module's ``__call__`` takes ``train_batch_norm`` (default False, eval mode). True runs
+BatchNorm as torch does in train mode: each layer normalises with its batch statistics and
+updates its running statistics once (``mutable=["batch_stats"]``); ``probe_batch_stats`` uses it
+for the reference's one-off probe (SPEC section 2).
 """
 
 from __future__ import annotations
@@ -48,9 +53,49 @@ def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
     )
 
 
-def _batch_norm(name: str) -> nn.BatchNorm:
-    """Eval-mode BatchNorm with torchvision's epsilon (running statistics, never updated)."""
-    return nn.BatchNorm(use_running_average=True, epsilon=1e-5, name=name)
+class BatchNorm(nn.Module):
+    """torch ``BatchNorm2d`` (eps 1e-5, momentum 0.1) with Flax's variable names.
+
+    Eval mode (the default) is Flax's ``nn.BatchNorm(use_running_average=True)`` arithmetic:
+    ``(x - mean) * (rsqrt(var + eps) * scale) + bias``. Train mode normalises with the batch's
+    mean and biased variance (two-pass) and, when ``batch_stats`` is mutable, updates the running
+    statistics as torch does: ``0.9 * running + 0.1 * batch``, with the UNBIASED batch variance
+    (Flax's own BatchNorm uses the biased one, so it cannot reproduce torch's update).
+    """
+
+    epsilon: float = 1e-5
+    momentum: float = 0.1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        features = x.shape[-1]
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            count = x.size // features
+            if count < 2:
+                raise ValueError(
+                    f"train-mode BatchNorm {self.name} needs more than one value per channel, "
+                    f"got input {x.shape} (the probe image is too small for this stage)"
+                )
+            mean = jnp.mean(x, axes)
+            var = jnp.mean(jnp.square(x - mean), axes)
+            if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
+                keep = 1.0 - self.momentum
+                running_mean.value = keep * running_mean.value + self.momentum * mean
+                unbiased = var * (count / (count - 1))
+                running_var.value = keep * running_var.value + self.momentum * unbiased
+        else:
+            mean, var = running_mean.value, running_var.value
+        return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+
+
+def _batch_norm(name: str) -> BatchNorm:
+    """torchvision's BatchNorm2d (epsilon 1e-5)."""
+    return BatchNorm(name=name)
 
 
 class Downsample(nn.Module):
@@ -60,9 +105,9 @@ class Downsample(nn.Module):
     stride: int
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train_batch_norm: bool = False) -> jax.Array:
         x = _conv(self.features, 1, self.stride, name="0")(x)
-        return _batch_norm(name="1")(x)
+        return _batch_norm(name="1")(x, train_batch_norm)
 
 
 class BasicBlock(nn.Module):
@@ -75,14 +120,16 @@ class BasicBlock(nn.Module):
     width_per_group: int = 64
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train_batch_norm: bool = False) -> jax.Array:
         if self.width_per_group != 64:
             raise ValueError("BasicBlock only supports width_per_group=64 (as torchvision)")
-        out = nn.relu(_batch_norm("bn1")(_conv(self.planes, 3, self.stride, "conv1")(x)))
-        out = _batch_norm("bn2")(_conv(self.planes, 3, 1, "conv2")(out))
+        train = train_batch_norm
+        out = _conv(self.planes, 3, self.stride, "conv1")(x)
+        out = nn.relu(_batch_norm("bn1")(out, train))
+        out = _batch_norm("bn2")(_conv(self.planes, 3, 1, "conv2")(out), train)
         identity = x
         if self.stride != 1 or x.shape[-1] != self.planes:
-            identity = Downsample(self.planes, self.stride, name="downsample")(x)
+            identity = Downsample(self.planes, self.stride, name="downsample")(x, train)
         return nn.relu(out + identity)
 
 
@@ -96,15 +143,16 @@ class Bottleneck(nn.Module):
     width_per_group: int = 64
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train_batch_norm: bool = False) -> jax.Array:
         width = int(self.planes * (self.width_per_group / 64.0))
         out_features = self.planes * self.expansion
-        out = nn.relu(_batch_norm("bn1")(_conv(width, 1, 1, "conv1")(x)))
-        out = nn.relu(_batch_norm("bn2")(_conv(width, 3, self.stride, "conv2")(out)))
-        out = _batch_norm("bn3")(_conv(out_features, 1, 1, "conv3")(out))
+        train = train_batch_norm
+        out = nn.relu(_batch_norm("bn1")(_conv(width, 1, 1, "conv1")(x), train))
+        out = nn.relu(_batch_norm("bn2")(_conv(width, 3, self.stride, "conv2")(out), train))
+        out = _batch_norm("bn3")(_conv(out_features, 1, 1, "conv3")(out), train)
         identity = x
         if self.stride != 1 or x.shape[-1] != out_features:
-            identity = Downsample(out_features, self.stride, name="downsample")(x)
+            identity = Downsample(out_features, self.stride, name="downsample")(x, train)
         return nn.relu(out + identity)
 
 
@@ -118,10 +166,11 @@ class ResNetStage(nn.Module):
     width_per_group: int
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train_batch_norm: bool = False) -> jax.Array:
         for index in range(self.num_blocks):
             stride = self.stride if index == 0 else 1
-            x = self.block(self.planes, stride, self.width_per_group, name=str(index))(x)
+            block = self.block(self.planes, stride, self.width_per_group, name=str(index))
+            x = block(x, train_batch_norm)
         return x
 
 
@@ -142,12 +191,14 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     layers: tuple[str, ...] = ("layer2", "layer3")
 
-    def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
+    def __call__(self, images: jax.Array, train_batch_norm: bool = False) -> dict[str, jax.Array]:
         """images: [B, H, W, 3] uint8/float RGB 0..255 -> {stage: [B, h, w, C] float32}."""
-        return self.forward_normalized(normalize_imagenet(images))
+        return self.forward_normalized(normalize_imagenet(images), train_batch_norm)
 
     @nn.compact
-    def forward_normalized(self, x: jax.Array) -> dict[str, jax.Array]:
+    def forward_normalized(
+        self, x: jax.Array, train_batch_norm: bool = False
+    ) -> dict[str, jax.Array]:
         """x: [B, H, W, 3] float32, already ImageNet-normalised -> {stage: [B, h, w, C]}."""
         if len(self.stage_sizes) != 4:
             raise ValueError(f"ResNet needs 4 stage sizes, got {tuple(self.stage_sizes)}")
@@ -160,14 +211,14 @@ class ResNet(nn.Module):
         deepest = max(RESNET_STAGES.index(name) for name in self.layers)
         outputs: dict[str, jax.Array] = collections.OrderedDict()
 
-        x = nn.relu(_batch_norm("bn1")(_conv(64, 7, 2, "conv1")(x)))
+        x = nn.relu(_batch_norm("bn1")(_conv(64, 7, 2, "conv1")(x), train_batch_norm))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         stages = zip(self.stage_sizes, (64, 128, 256, 512), (1, 2, 2, 2), strict=True)
         for index, (num_blocks, planes, stride) in enumerate(stages):
             name = RESNET_STAGES[index]
             x = ResNetStage(
                 self.block, num_blocks, planes, stride, self.width_per_group, name=name
-            )(x)
+            )(x, train_batch_norm)
             if name in self.layers:
                 outputs[name] = x
             if index == deepest:
@@ -192,3 +243,27 @@ def resnet(name: str, layers: Sequence[str] = ("layer2", "layer3")) -> ResNet:
         raise ValueError(f"unknown ResNet {name!r}; available: {tuple(RESNET_ARCHITECTURES)}")
     block, stage_sizes, width_per_group = RESNET_ARCHITECTURES[name]
     return ResNet(block, stage_sizes, width_per_group, 1000, tuple(layers))
+
+
+def probe_batch_stats(module: ResNet, variables: dict, image_shape: tuple[int, int]) -> dict:
+    """The reference's BatchNorm probe (SPEC section 2), as a pure function of ``variables``.
+
+    The authors' ``PatchCore.load`` runs the backbone once, in torch's train mode, on
+    ``ones([1, 3, H, W])`` in the already-normalised input space, stopping after the last
+    extracted stage. Every BatchNorm it passes normalises that input with its own statistics and
+    moves its running statistics once towards them; later passes run in eval mode with the moved
+    statistics. The published numbers were made that way.
+
+    Args:
+      module: the ResNet whose ``layers`` decide where the probe stops.
+      variables: {'params', 'batch_stats'}; may hold more layers than ``module`` uses.
+      image_shape: (H, W) of the model's input images.
+    Returns:
+      ``variables`` with the running statistics of every BatchNorm up to the deepest requested
+      stage updated; all other entries (later layers included) unchanged.
+    """
+    ones = jnp.ones((1, *image_shape, 3), jnp.float32)
+    _, updates = module.apply(
+        variables, ones, True, method=ResNet.forward_normalized, mutable=["batch_stats"]
+    )
+    return {**variables, "batch_stats": updates["batch_stats"]}

@@ -1,0 +1,182 @@
+"""Build the MVTec AD layout from datasets that ship without a train/test split.
+
+Many real inspection datasets (e.g. the Magnetic Tile Defects set: ``MT_Free/Imgs/*.jpg`` and
+``MT_<defect>/Imgs/<name>.jpg`` with ``<name>.png`` masks beside them) come as folders of
+defect-free images plus folders of defect images with masks. ``split_dataset`` turns them into::
+
+    ROOT/train/good/            a seeded ``train_fraction`` of the good images
+    ROOT/test/good/             the other good images
+    ROOT/test/<defect>/         every defect image
+    ROOT/ground_truth/<defect>/<stem>_mask.<ext>
+
+by symbolic links (or copies). The sources are only read. ROOT is assembled in a hidden sibling
+folder and renamed into place at the end, so a failed run leaves nothing half-written.
+
+Masks of a defect image ``<stem>.<ext>`` are found beside it, or in the type's mask folder, as
+``<stem>_mask.*`` (MVTec's naming) or as ``<stem>.png`` next to a non-PNG image (the Magnetic
+Tile convention); in a mask folder also as ``<stem>.*``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from patchcore_jax.data import GOOD, MASK_SUFFIX, is_image_file
+
+# Folder names that say nothing about the defect type ("MT_Blowhole/Imgs" is "MT_Blowhole").
+_GENERIC_FOLDER_NAMES = frozenset({"imgs", "images", "image", "img"})
+
+
+def default_defect_name(folder: str | os.PathLike) -> str:
+    """The defect type a folder stands for: its name, or its parent's if that name is generic."""
+    folder = Path(folder).absolute()
+    return folder.parent.name if folder.name.lower() in _GENERIC_FOLDER_NAMES else folder.name
+
+
+def _images_and_masks(folder: Path, mask_dir: Path | None) -> tuple[list[Path], dict[str, Path]]:
+    """Images of ``folder`` (masks beside them excluded) and {image stem: mask path}."""
+    files = sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+    by_stem: dict[str, list[Path]] = {}
+    for path in files:
+        by_stem.setdefault(path.stem, []).append(path)
+    images, masks = [], {}
+    for stem, paths in by_stem.items():
+        if stem.endswith(MASK_SUFFIX) and stem[: -len(MASK_SUFFIX)] in by_stem:
+            continue  # an MVTec-style mask beside its image
+        if len(paths) == 2 and sum(p.suffix.lower() == ".png" for p in paths) == 1:
+            mask = next(p for p in paths if p.suffix.lower() == ".png")
+            image = next(p for p in paths if p.suffix.lower() != ".png")
+            images.append(image)
+            masks[stem] = mask
+            continue
+        if len(paths) > 1:
+            raise ValueError(
+                f"{folder}: files {', '.join(p.name for p in paths)} share the name {stem!r}; "
+                "cannot tell the image from its mask (a mask must be <stem>_mask.<ext>, or "
+                "<stem>.png beside a non-PNG image)"
+            )
+        images.append(paths[0])
+        if by_stem.get(stem + MASK_SUFFIX):
+            masks[stem] = by_stem[stem + MASK_SUFFIX][0]
+    if mask_dir is not None:
+        candidates = {}
+        for path in sorted(p for p in mask_dir.iterdir() if is_image_file(p)):
+            stem = path.stem[: -len(MASK_SUFFIX)] if path.stem.endswith(MASK_SUFFIX) else path.stem
+            if stem in candidates:
+                raise ValueError(f"{mask_dir}: two masks for {stem!r}: {candidates[stem]}, {path}")
+            candidates[stem] = path
+        masks = {image.stem: candidates[image.stem] for image in images if image.stem in candidates}
+    return images, masks
+
+
+def split_dataset(
+    good_dirs: Sequence[str | os.PathLike],
+    defect_dirs: Mapping[str, str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    mask_dirs: Mapping[str, str | os.PathLike] | None = None,
+    train_fraction: float = 0.8,
+    seed: int = 0,
+    copy: bool = False,
+) -> str:
+    """Writes the MVTec AD layout at ``out``; returns a one-line summary of the counts.
+
+    Args:
+      good_dirs: folders of defect-free images (masks beside them are ignored).
+      defect_dirs: {defect type: folder of its images}.
+      out: the dataset folder to create; it must not exist (or be an empty folder).
+      mask_dirs: {defect type: folder of its masks}, for types whose masks are not beside
+        the images.
+      train_fraction: share of the good images in ``train/good`` (at least one image goes
+        there), drawn with ``numpy.random.default_rng(seed)`` from the sorted list.
+      copy: copy the files instead of linking to them (absolute symbolic links).
+    Raises:
+      ValueError / FileNotFoundError naming the folder or file at fault; nothing is written.
+    """
+    mask_dirs = dict(mask_dirs or {})
+    if not 0.0 < train_fraction <= 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction!r}")
+    unknown = sorted(set(mask_dirs) - set(defect_dirs))
+    if unknown:
+        raise ValueError(f"mask folders given for unknown defect types {unknown}")
+    out = Path(out).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; choose a new --out")
+    for name in defect_dirs:
+        if name.lower() == GOOD or not name or "/" in name or name.startswith("."):
+            raise ValueError(f"invalid defect type name {name!r}")
+
+    good: list[Path] = []
+    for folder in good_dirs:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"good-image folder {folder} does not exist")
+        images, _ = _images_and_masks(folder, None)
+        good.extend(images)
+    if not good:
+        raise ValueError(f"no images in the good-image folders {[str(p) for p in good_dirs]}")
+    names = [path.name for path in good]
+    if len(set(names)) != len(names):
+        duplicate = next(name for name in names if names.count(name) > 1)
+        raise ValueError(f"two good images are named {duplicate}; file names must be unique")
+
+    defects: dict[str, tuple[list[Path], dict[str, Path]]] = {}
+    for name, folder in defect_dirs.items():
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"defect folder {folder} does not exist")
+        mask_dir = Path(mask_dirs[name]) if name in mask_dirs else None
+        if mask_dir is not None and not mask_dir.is_dir():
+            raise FileNotFoundError(f"mask folder {mask_dir} does not exist")
+        images, masks = _images_and_masks(folder, mask_dir)
+        if not images:
+            raise ValueError(f"defect folder {folder} contains no images")
+        missing = [image for image in images if image.stem not in masks]
+        if missing:
+            where = mask_dir if mask_dir is not None else folder
+            raise ValueError(
+                f"{len(missing)} of {len(images)} images of defect type {name!r} have no mask "
+                f"in {where} (e.g. {missing[0].name}; expected {missing[0].stem}_mask.<ext> or "
+                f"{missing[0].stem}.png)"
+            )
+        defects[name] = (images, masks)
+
+    order = np.random.default_rng(seed).permutation(len(good))
+    num_train = max(1, int(round(train_fraction * len(good))))
+    train = sorted((good[i] for i in order[:num_train]), key=lambda p: p.name)
+    test_good = sorted((good[i] for i in order[num_train:]), key=lambda p: p.name)
+
+    staging = out.with_name(f".{out.name}.splitting")
+    shutil.rmtree(staging, ignore_errors=True)
+    place = shutil.copy2 if copy else os.symlink
+    try:
+        for folder, paths in (
+            (staging / "train" / GOOD, train),
+            (staging / "test" / GOOD, test_good),
+        ):
+            folder.mkdir(parents=True)
+            for path in paths:
+                place(path.absolute(), folder / path.name)
+        for name, (images, masks) in defects.items():
+            (staging / "test" / name).mkdir(parents=True)
+            (staging / "ground_truth" / name).mkdir(parents=True)
+            for image in images:
+                mask = masks[image.stem]
+                place(image.absolute(), staging / "test" / name / image.name)
+                mask_name = f"{image.stem}{MASK_SUFFIX}{mask.suffix}"
+                place(mask.absolute(), staging / "ground_truth" / name / mask_name)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    counts = ", ".join(f"{name} {len(images)}" for name, (images, _) in defects.items())
+    return f"train/good {len(train)}, test/good {len(test_good)}" + (
+        f", defects: {counts}" if counts else ""
+    )
