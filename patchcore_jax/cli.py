@@ -428,12 +428,20 @@ def _fit(args: argparse.Namespace) -> int:
     from patchcore_jax import data, preprocess
     from patchcore_jax.model import PatchCore
 
+    image_size = args.image_size or args.crop or PatchCoreConfig.crop
+    if args.resize_mode == "shorter-side" and np.max(image_size) > args.resize:
+        option = "--image-size" if args.image_size else "--crop"
+        raise ValueError(
+            f"{option} {image_size} must not exceed --resize {args.resize} with --resize-mode "
+            "shorter-side (the crop is cut from the resized image); use --resize-mode stretch "
+            "to resize whole images to --image-size"
+        )
     config = PatchCoreConfig(
         backbone=args.backbone,
         layers=args.layers,
         resize_mode=args.resize_mode,
         resize=args.resize,
-        crop=args.image_size or args.crop or PatchCoreConfig.crop,
+        crop=image_size,
         batch_norm_probe=args.batch_norm_probe,
         mask_threshold=args.mask_threshold,
         pretrain_embed_dimension=args.pretrain_dim,

@@ -4,6 +4,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -127,3 +128,55 @@ def test_unfitted_models_and_foreign_folders_are_not_saved(fitted, tmp_path):
     with pytest.raises(CheckpointError, match="not a patchcore-jax checkpoint"):
         fitted.save(foreign)
     assert (foreign / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_checkpoints_reproduce_the_probed_batch_norm_statistics(images, tmp_path):
+    """The probe is recorded through the config: loading probes the pristine weights again."""
+    from patchcore_jax.backbones import init_backbone, probe_batch_norm
+
+    train = images[0][:2]
+    mesh = sharding.single_device_mesh()
+    config = PatchCoreConfig(backbone="resnet18", sampler="identity", target_embed_dimension=64)
+    model = PatchCore(config, backbone=init_backbone("resnet18"), mesh=mesh).fit(train)
+    expected = probe_batch_norm(init_backbone("resnet18"), (224, 224)).variables
+    jax_leaves = jax.tree.leaves
+    for ours, theirs in zip(
+        jax_leaves(model.backbone.variables), jax_leaves(expected), strict=True
+    ):
+        np.testing.assert_array_equal(ours, theirs)
+    path = model.save(tmp_path / "model")
+    record = checkpoint.read_record(path)
+    assert record["config"]["batch_norm_probe"] is True
+    assert record["backbone"]["batch_norm_probe"] is True
+    assert record["preprocessing"] == {
+        "resize_mode": "shorter-side",
+        "resize": 256,
+        "image_shape": [224, 224],
+    }
+    restored = PatchCore.load(path, backbone=init_backbone("resnet18"), mesh=mesh)
+    for ours, theirs in zip(
+        jax_leaves(restored.backbone.variables), jax_leaves(expected), strict=True
+    ):
+        np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(restored.predict(train)[0], model.predict(train)[0])
+
+    # Switched off: pristine statistics, and different scores.
+    pristine = PatchCore(
+        config.replace(batch_norm_probe=False), backbone=init_backbone("resnet18"), mesh=mesh
+    ).fit(train)
+    for ours, theirs in zip(
+        jax_leaves(pristine.backbone.variables),
+        jax_leaves(init_backbone("resnet18").variables),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(ours, theirs)
+    assert not np.allclose(pristine.predict(train[:1])[1], model.predict(train[:1])[1])
+
+
+def test_checkpoints_from_before_the_probe_load_with_pristine_statistics(fitted, tmp_path):
+    path = fitted.save(tmp_path / "model")
+    (record_path,) = path.rglob("record/metadata")
+    record = json.loads(record_path.read_text())
+    del record["config"]["batch_norm_probe"]
+    record_path.write_text(json.dumps(record))
+    assert PatchCore.load(path).config.batch_norm_probe is False

@@ -115,3 +115,67 @@ def test_help_documents_every_option():
     for action in fit._actions:
         if action.option_strings and action.dest != "help":
             assert action.help, action.option_strings
+
+
+def test_split_then_stretch_fit_and_evaluate_a_non_square_dataset_with_soft_masks(tmp_path):
+    """A Magnetic-Tile-like set: no split, 283x105 tiles, anti-aliased masks, holes at the ends."""
+    from synthetic_data import make_magnetic_tiles
+
+    source = make_magnetic_tiles(tmp_path / "source")
+    root = tmp_path / "tiles"
+    result = run_cli(
+        "split",
+        "--good",
+        source / "MT_Free/Imgs",
+        "--defect",
+        source / "MT_Blowhole/Imgs",
+        "--out",
+        root,
+    )
+    assert "train/good 8, test/good 2, defects: MT_Blowhole 4" in result.stderr
+    fit_args = ["--backbone", "mobilenet_v2", "--quiet", "--resize-mode", "stretch"]
+    run_cli("fit", root, "--out", tmp_path / "model", *fit_args, "--image-size", "96,256")
+    result = run_cli("evaluate", tmp_path / "model", root, "--out", tmp_path / "eval", "--quiet")
+    assert "warning: 4 of 4 masks are not 0/255" in result.stderr
+    assert "binarised at >= 128" in result.stderr
+    metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
+    assert metrics["config"]["resize_mode"] == "stretch"
+    assert metrics["config"]["crop"] == [96, 256]
+    assert metrics["num_defective"] == 4
+    # The whole tile is seen, so the holes at its ends are found and localised.
+    assert metrics["image_auroc"] == 1.0
+    assert metrics["anomaly_pixel_auroc"] > 0.95
+
+
+@pytest.mark.parametrize(
+    "args, reason",
+    [
+        (["--resize-mode", "squash"], "--resize-mode: invalid choice: 'squash'"),
+        (["--image-size", "0,5"], "--image-size: expected H,W"),
+        (["--image-size", "a,b"], "--image-size: expected H,W"),
+        (["--image-size", "300,200"], "--image-size (300, 200) must not exceed --resize 256"),
+        (["--crop", "300"], "--crop 300 must not exceed --resize 256"),
+        (["--crop", "200", "--image-size", "9,9"], "not allowed with argument --crop"),
+        (["--mask-threshold", "0"], "--mask-threshold: expected an integer in 1..255"),
+        (["--mask-threshold", "256"], "--mask-threshold: expected an integer in 1..255"),
+    ],
+)
+def test_geometry_and_mask_options_are_validated_before_any_work(args, reason, tmp_path):
+    result = run_cli("fit", BOTTLE, "--out", tmp_path / "m", *args, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and reason in lines[0], result.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_split_bad_input_is_one_line(tmp_path):
+    result = run_cli("split", "--good", tmp_path, "--out", tmp_path / "o", check=False)
+    assert result.returncode == 2 and "no images in the good-image folders" in result.stderr
+    result = run_cli(
+        "split", "--good", tmp_path, "--defect", "x=/no/such", "--out", "o", check=False
+    )
+    assert result.returncode == 2 and "--defect 'x=/no/such'" in result.stderr
+    result = run_cli(
+        "split", "--good", tmp_path, "--train-fraction", "0", "--out", "o", check=False
+    )
+    assert result.returncode == 2 and "--train-fraction" in result.stderr
