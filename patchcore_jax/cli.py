@@ -232,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit a PatchCore memory bank on DATA's nominal "
         "images (DATA/train/good, or DATA/train) and save it.",
     )
-    fit.add_argument("data", type=_existing_dir, help="dataset folder (MVTec AD layout)")
+    fit.add_argument(
+        "data",
+        type=_existing_dir,
+        help="dataset folder (MVTec AD layout: only train/ is read) or a folder of good images",
+    )
     fit.add_argument("--out", required=True, help="checkpoint folder to write")
     _add_model_options(fit)
     _add_run_options(fit)
@@ -246,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files or folders of images")
     predict.add_argument("--out", required=True, help="output folder (created if missing)")
     predict.add_argument("--no-heatmaps", action="store_true", help="write scores.csv only")
+    predict.add_argument(
+        "--recursive", action="store_true", help="also take images in sub-folders of folders"
+    )
+    predict.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the previous results in --out (only a folder patchcore-jax wrote)",
+    )
     _add_run_options(predict)
 
     evaluate = commands.add_parser(
@@ -266,6 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=_mask_threshold,
         default=None,
         help="binarise masks that are not 0/255 at this value (default: the model's, 128)",
+    )
+    evaluate.add_argument(
+        "--allow-missing-masks",
+        action="store_true",
+        help="accept defect images without a mask; they are left out of the pixel metrics",
+    )
+    evaluate.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the previous results in --out (only a folder patchcore-jax wrote)",
     )
     _add_run_options(evaluate)
 
@@ -395,21 +417,64 @@ def _score_paths(model, paths: Sequence[Path], quiet: bool, keep_images: bool):
     )
 
 
-def _save_heatmaps(out_dir: Path, paths, images, scores, maps, masks, quiet: bool) -> None:
-    """One PNG per image, colour scale shared over the set (min-max of all maps)."""
+def _format_score(score: float) -> str:
+    """Scores as text: 6 significant digits, never "-0"."""
+    return f"{float(score) + 0.0:.6g}"
+
+
+def _output_names(entries: Sequence[str], recursive: bool) -> tuple[list[Path], list[str]]:
+    """The images of the command line's files and folders, and a unique output name for each.
+
+    A folder's images are named by their path relative to the folder, under the folder's own
+    name (``good/000.png``); a file by its name. If two arguments would give the same name, every
+    name gets its argument's position as a prefix (``2/good/000.png``).
+    """
+    from patchcore_jax import data
+
+    paths, names, positions = [], [], []
+    for position, entry in enumerate(entries, start=1):
+        entry_path = Path(entry)
+        if entry_path.is_dir():
+            found = data.image_paths([entry_path], recursive=recursive)
+            base = Path(entry_path.absolute().name)
+            names += [(base / path.relative_to(entry_path)).as_posix() for path in found]
+        else:
+            found = data.image_paths([entry_path])
+            names.append(entry_path.name)
+        paths += found
+        positions += [position] * len(found)
+    if len(set(names)) != len(names):
+        names = [f"{position}/{name}" for position, name in zip(positions, names, strict=True)]
+    return paths, names
+
+
+def _heatmap_names(names: Sequence[str]) -> list[str]:
+    """``x.jpg`` -> ``x.png``; the full name plus ``.png`` where that would clash."""
+    stems = [str(Path(name).with_suffix(".png")) for name in names]
+    return [
+        stem if stems.count(stem) == 1 else f"{name}.png"
+        for stem, name in zip(stems, names, strict=True)
+    ]
+
+
+def _save_heatmaps(
+    out_dir: Path, names, paths, images, scores, maps, masks, quiet: bool
+) -> list[str]:
+    """One PNG per image under ``out_dir`` (named after ``names``), colour scale shared over
+    the set (min-max of all maps); returns the PNG paths relative to ``out_dir.parent``."""
     from patchcore_jax import viz
+    from patchcore_jax.files import OUTPUT_MARKER
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / OUTPUT_MARKER).touch()  # never read back as data, wherever --out points
     vmin, vmax = float(np.min(maps)), float(np.max(maps))
-    used: set[str] = set()
+    written = []
     with _progress(len(paths), "heatmaps", quiet) as bar:
-        for index, path in enumerate(paths):
-            name = "_".join(Path(path).parts[-2:]).rsplit(".", 1)[0]
-            while name in used:
-                name += "_"
-            used.add(name)
+        for index, (name, path) in enumerate(zip(_heatmap_names(names), paths, strict=True)):
+            target = out_dir / name
+            target.parent.mkdir(parents=True, exist_ok=True)
             viz.save_anomaly_figure(
-                out_dir / f"{name}.png",
+                target,
                 images[index],
                 maps[index],
                 mask=masks[index],
@@ -418,7 +483,28 @@ def _save_heatmaps(out_dir: Path, paths, images, scores, maps, masks, quiet: boo
                 vmin=vmin,
                 vmax=vmax,
             )
+            written.append(target.relative_to(out_dir.parent).as_posix())
             bar.update(1)
+    return written
+
+
+def _contour_mask(path: Path, config: PatchCoreConfig) -> np.ndarray | None:
+    """The ground truth beside an MVTec-layout image, for the heatmap contour only: a mask that
+    cannot be used costs the contour and a warning, never the run."""
+    from patchcore_jax import data, preprocess
+
+    try:
+        mask_path = data.find_mask(path)
+        if mask_path is None:
+            return None
+        return preprocess.load_mask(
+            mask_path, **_image_options(config), image_path=path, threshold=config.mask_threshold
+        )
+    except (ValueError, OSError) as error:
+        warnings.warn(
+            f"heatmap of {path} drawn without its ground-truth contour: {error}", stacklevel=2
+        )
+        return None
 
 
 # ---------------------------------------------------------------------------- commands
@@ -455,9 +541,8 @@ def _fit(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
     )
-    dataset = data.load_dataset(args.data)
+    paths = data.load_train_paths(args.data)
     model = PatchCore(config, mesh=_mesh(args.bank_shards))
-    paths = dataset.train_paths
     _say(f"fitting {config.backbone} on {len(paths)} images of {args.data}")
     with _progress(len(paths), "features", args.quiet) as bar:
         batches = preprocess.iter_image_batches(paths, config.batch_size, **_image_options(config))
@@ -468,50 +553,45 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from patchcore_jax import data, preprocess
+    from patchcore_jax.files import output_folder
     from patchcore_jax.model import PatchCore
 
     model = PatchCore.load(args.model, mesh=_mesh(args.bank_shards))  # checked first
-    paths = data.image_paths(args.images)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scores, maps, images = _score_paths(model, paths, args.quiet, not args.no_heatmaps)
-    _write_csv(
-        out_dir / "scores.csv",
-        ["image", "score"],
-        [[str(p), f"{s:.6g}"] for p, s in zip(paths, scores, strict=True)],
-    )
-    if not args.no_heatmaps:
-        config = model.config
-        masks = []
-        for path in paths:  # ground truth where the MVTec layout has it, for the contour
-            mask_path = data.find_mask(path)
-            masks.append(
-                None
-                if mask_path is None
-                else preprocess.load_mask(
-                    mask_path,
-                    **_image_options(config),
-                    image_path=path,
-                    threshold=config.mask_threshold,
-                )
+    paths, names = _output_names(args.images, args.recursive)
+    with output_folder(args.out, overwrite=args.overwrite) as out_dir:
+        scores, maps, images = _score_paths(model, paths, args.quiet, not args.no_heatmaps)
+        heatmaps = [""] * len(paths)
+        if not args.no_heatmaps:
+            masks = [_contour_mask(path, model.config) for path in paths]
+            heatmaps = _save_heatmaps(
+                out_dir / "heatmaps", names, paths, images, scores, maps, masks, args.quiet
             )
-        _save_heatmaps(out_dir / "heatmaps", paths, images, scores, maps, masks, args.quiet)
-    _say(f"wrote {out_dir / 'scores.csv'} ({len(paths)} images)")
+        _write_csv(
+            out_dir / "scores.csv",
+            ["image", "name", "score", "heatmap"],
+            [
+                [str(path), name, _format_score(score), heatmap]
+                for path, name, score, heatmap in zip(paths, names, scores, heatmaps, strict=True)
+            ],
+        )
+    _say(
+        f"scored {len(paths)} images (scores {_format_score(scores.min())} .. "
+        f"{_format_score(scores.max())}); wrote {out_dir / 'scores.csv'}"
+        + ("" if args.no_heatmaps else f" and {len(paths)} heatmaps")
+    )
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from patchcore_jax import data, metrics, preprocess
-    from patchcore_jax.files import atomic_write_text
+    from patchcore_jax.files import atomic_write_text, output_folder
     from patchcore_jax.model import PatchCore
 
     model = PatchCore.load(args.model, mesh=_mesh(args.bank_shards))  # checked first
-    dataset = data.load_dataset(args.data)
+    dataset = data.load_dataset(
+        args.data, allow_missing_masks=args.allow_missing_masks, train=False
+    )
     data.validate_masks(dataset)
-    model_path = Path(args.model).absolute()
-    out_dir = Path(args.out) if args.out else model_path.with_name(f"{model_path.name}_evaluation")
-    out_dir.mkdir(parents=True, exist_ok=True)
     samples = dataset.test_samples
     paths = [s.image_path for s in samples]
     config = model.config
@@ -520,39 +600,74 @@ def _evaluate(args: argparse.Namespace) -> int:
     masks = preprocess.load_masks(
         dataset.test_mask_paths, **_image_options(config), image_paths=paths, threshold=threshold
     )
-    scores, maps, images = _score_paths(model, paths, args.quiet, not args.no_heatmaps)
-    labels = np.asarray(dataset.test_labels)
-    results = metrics.evaluate(labels, scores, masks, maps)
-    threshold = results["f1_threshold"]
-    results = {
-        "dataset": str(args.data),
-        "model": str(args.model),
-        "num_images": len(samples),
-        **results,
-        "config": config.to_dict(),
-    }
-    atomic_write_text(out_dir / "metrics.json", json.dumps(results, indent=2) + "\n")
-    _write_csv(
-        out_dir / "per_image.csv",
-        ["image", "defect_type", "label", "score", "predicted"],
-        [
+    has_pixels = dataset.has_pixel_labels
+    if not has_pixels.all():
+        _say(
+            f"{np.count_nonzero(~has_pixels)} defective images without masks are left out of "
+            "the pixel metrics"
+        )
+    model_path = Path(args.model).absolute()
+    out = Path(args.out) if args.out else model_path.with_name(f"{model_path.name}_evaluation")
+    with output_folder(out, overwrite=args.overwrite) as out_dir:
+        scores, maps, images = _score_paths(model, paths, args.quiet, not args.no_heatmaps)
+        labels = np.asarray(dataset.test_labels)
+        defect_types = np.array([s.defect_type for s in samples])
+        results = metrics.evaluate(labels, scores, masks, maps, pixel_images=has_pixels)
+        per_type = {}
+        for defect_type in dataset.defect_types:
+            subset = (labels == 0) | (defect_types == defect_type)
+            per_type[defect_type] = metrics.evaluate(
+                labels[subset],
+                scores[subset],
+                masks[subset],
+                maps[subset],
+                pixel_images=has_pixels[subset],
+            )
+        f1_threshold = results["f1_threshold"]
+        notes = metrics.missing_metric_reasons(results)
+        results = {
+            "dataset": str(args.data),
+            "model": str(args.model),
+            **results,
+            "num_without_masks": int(np.count_nonzero(~has_pixels)),
+            "per_defect_type": per_type,
+            "notes": notes,
+            "config": config.to_dict(),
+        }
+        atomic_write_text(out_dir / "metrics.json", json.dumps(results, indent=2) + "\n")
+        heatmaps = [""] * len(paths)
+        if not args.no_heatmaps:
+            names = [f"{s.defect_type}/{s.image_path.name}" for s in samples]
+            heatmaps = _save_heatmaps(
+                out_dir / "heatmaps", names, paths, images, scores, maps, masks, args.quiet
+            )
+        _write_csv(
+            out_dir / "per_image.csv",
+            ["image", "defect_type", "label", "score", "predicted", "heatmap"],
             [
-                str(s.image_path),
-                s.defect_type,
-                s.label,
-                f"{score:.6g}",
-                "" if threshold is None else int(score >= threshold),
-            ]
-            for s, score in zip(samples, scores, strict=True)
-        ],
-    )
-    if not args.no_heatmaps:
-        _save_heatmaps(out_dir / "heatmaps", paths, images, scores, maps, masks, args.quiet)
+                [
+                    str(s.image_path),
+                    s.defect_type,
+                    s.label,
+                    _format_score(score),
+                    "" if f1_threshold is None else int(score >= f1_threshold),
+                    heatmap,
+                ]
+                for s, score, heatmap in zip(samples, scores, heatmaps, strict=True)
+            ],
+        )
     for key, value in results.items():
         if isinstance(value, float | int) and not isinstance(value, bool):
             print(
                 f"{key:>28s}: {value:.4f}" if isinstance(value, float) else f"{key:>28s}: {value}"
             )
+    if per_type:
+        print(f"{'image AUROC by defect type':>28s}:")
+        for defect_type, values in per_type.items():
+            auroc = values["image_auroc"]
+            print(f"{defect_type:>28s}: " + ("n/a" if auroc is None else f"{auroc:.4f}"))
+    for note in notes:
+        _say(f"note: {note}")
     _say(f"wrote {out_dir / 'metrics.json'}")
     return 0
 

@@ -3,18 +3,26 @@
 Layout (MVTec AD is a special case)::
 
     <root>/train/good/*.png          nominal images for fit (or images directly in train/)
-    <root>/test/good/*.png           nominal test images, label 0
+    <root>/test/good/*.png           nominal test images, label 0 ("good" in any case)
     <root>/test/<defect>/*.png       defective test images, label 1
-    <root>/ground_truth/<defect>/<stem>_mask.png   optional masks (255 = defect)
+    <root>/ground_truth/<defect>/<stem>_mask.png   their masks (255 = defect)
 
-Image files are those with extension png, jpg, jpeg, bmp, tif or tiff (any case); names starting
-with "." are ignored. Every listing is sorted by name, so the order is deterministic (for MVTec
-it is the reference's order). Only paths are collected here; decoding happens in ``preprocess``.
+The same rules hold for every folder name (MVTec AD is not special-cased): every defect image
+needs a mask unless ``allow_missing_masks`` (then it is left out of pixel metrics); a test folder
+named like "good" but not "good" (e.g. "goods") gets a warning; folders without images are
+ignored with a warning. Image files are those with extension png, jpg, jpeg, bmp, tif, tiff or
+webp (any case); names starting with "." (files and folders, e.g. ``.ipynb_checkpoints``) are
+ignored everywhere, and so are folders that patchcore-jax wrote (they hold ``OUTPUT_MARKER``).
+Broken links are skipped with a warning. Every listing is sorted by name, so the order is
+deterministic (for MVTec it is the reference's order). Only paths are collected here; decoding
+happens in ``preprocess``.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from patchcore_jax import preprocess
+from patchcore_jax.files import OUTPUT_MARKER
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 GOOD = "good"
 MASK_SUFFIX = "_mask"
-# In MVTec AD every defective test image has a mask; a missing one means a broken copy.
 MVTEC_AD_CATEGORIES: tuple[str, ...] = (
     "bottle",
     "cable",
@@ -44,6 +52,10 @@ MVTEC_AD_CATEGORIES: tuple[str, ...] = (
     "wood",
     "zipper",
 )
+
+
+class DatasetWarning(UserWarning):
+    """Something in a dataset folder was skipped or looks like a mistake."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +92,14 @@ class Dataset:
     @property
     def defect_types(self) -> list[str]:
         """Sorted names of the test folders other than ``good``."""
-        return sorted({s.defect_type for s in self.test_samples if s.defect_type != GOOD})
+        return sorted({s.defect_type for s in self.test_samples if s.label == 1})
+
+    @property
+    def has_pixel_labels(self) -> np.ndarray:
+        """[num_test] bool: False for defect images without a mask (left out of pixel metrics)."""
+        return np.array(
+            [s.label == 0 or s.mask_path is not None for s in self.test_samples], dtype=bool
+        )
 
 
 def is_image_file(path: Path) -> bool:
@@ -90,12 +109,37 @@ def is_image_file(path: Path) -> bool:
     )
 
 
+def is_tool_output(folder: Path) -> bool:
+    """True for a folder that patchcore-jax wrote its results into (never read as data)."""
+    return (folder / OUTPUT_MARKER).exists()
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    """Sub-folders of ``folder`` that may hold data: not hidden, not tool outputs; sorted."""
+    return sorted(
+        (
+            p
+            for p in folder.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and not is_tool_output(p)
+        ),
+        key=lambda p: p.name,
+    )
+
+
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name."""
+    """Image files directly inside ``folder``, sorted by name; broken links are warned about."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+    images = []
+    for path in folder.iterdir():
+        if is_image_file(path):
+            images.append(path)
+        elif path.is_symlink() and not path.exists() and not path.name.startswith("."):
+            warnings.warn(
+                f"skipping {path}: a broken link or a link loop", DatasetWarning, stacklevel=2
+            )
+    return sorted(images, key=lambda p: p.name)
 
 
 def image_paths(paths_or_dirs: Sequence[str | os.PathLike], recursive: bool = False) -> list[Path]:
@@ -109,10 +153,7 @@ def image_paths(paths_or_dirs: Sequence[str | os.PathLike], recursive: bool = Fa
     for entry in paths_or_dirs:
         path = Path(entry)
         if path.is_dir():
-            if recursive:
-                found = sorted(p for p in path.rglob("*") if is_image_file(p))
-            else:
-                found = list_images(path)
+            found = sorted(_images_below(path)) if recursive else list_images(path)
             if not found:
                 raise ValueError(
                     f"folder {path} contains no image files ({', '.join(IMAGE_EXTENSIONS)})"
@@ -120,11 +161,21 @@ def image_paths(paths_or_dirs: Sequence[str | os.PathLike], recursive: bool = Fa
             out.extend(found)
         elif path.is_file():
             out.append(path)
+        elif path.is_symlink():
+            raise FileNotFoundError(f"image path {path} is a broken link or a link loop")
         else:
             raise FileNotFoundError(f"image path {path} does not exist")
     if not out:
         raise ValueError("no image paths given")
     return out
+
+
+def _images_below(folder: Path) -> list[Path]:
+    """Image files in ``folder`` and its visible sub-folders (hidden and tool outputs skipped)."""
+    found = list_images(folder)
+    for sub_dir in _visible_dirs(folder):
+        found += _images_below(sub_dir)
+    return found
 
 
 def find_mask(image_path: str | os.PathLike) -> Path | None:
@@ -140,13 +191,36 @@ def find_mask(image_path: str | os.PathLike) -> Path | None:
     return _masks_by_stem(mask_dir).get(image_path.stem)
 
 
-def load_dataset(root: str | os.PathLike, *, require_masks: bool | None = None) -> Dataset:
+def load_train_paths(root: str | os.PathLike) -> list[Path]:
+    """The nominal training images of ``root``: ``train/good/``, images directly in ``train/``,
+    or, for a plain folder of good images, the images directly in ``root``.
+
+    Only the training images are looked at (``test/`` and ``ground_truth/`` may be absent).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder {root} does not exist")
+    if not (root / "train").is_dir():
+        loose = list_images(root)
+        if loose:
+            return loose
+        raise FileNotFoundError(
+            f"training folder {root / 'train'} does not exist, and {root} holds no images "
+            f"(expected {root}/train/good/*.png, {root}/train/*.png or images in {root})"
+        )
+    return _train_paths(root)
+
+
+def load_dataset(
+    root: str | os.PathLike, *, allow_missing_masks: bool = False, train: bool = True
+) -> Dataset:
     """Reads a category folder (layout in the module docstring) into a ``Dataset``.
 
     Args:
       root: the category folder.
-      require_masks: every defective test image must have a mask. Default: True when the
-        folder is named like an MVTec AD category (where every defect image has one).
+      allow_missing_masks: accept defect images without a mask (they are then left out of
+        pixel metrics, see ``Dataset.has_pixel_labels``); by default each one is an error.
+      train: read ``train/`` too; False reads only the test side (``train_paths`` empty).
     Raises:
       FileNotFoundError / ValueError naming the offending path: missing root, train or test
       folder; no images; a mask without its image; ambiguous or missing masks.
@@ -154,12 +228,10 @@ def load_dataset(root: str | os.PathLike, *, require_masks: bool | None = None) 
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
-    if require_masks is None:
-        require_masks = root.name in MVTEC_AD_CATEGORIES
     return Dataset(
         root=root,
-        train_paths=tuple(_train_paths(root)),
-        test_samples=tuple(_test_samples(root, require_masks)),
+        train_paths=tuple(_train_paths(root)) if train else (),
+        test_samples=tuple(_test_samples(root, allow_missing_masks)),
     )
 
 
@@ -198,7 +270,11 @@ def _train_paths(root: Path) -> list[Path]:
     return loose
 
 
-def _test_samples(root: Path, require_masks: bool) -> list[Sample]:
+def _is_good(name: str) -> bool:
+    return name.lower() == GOOD
+
+
+def _test_samples(root: Path, allow_missing_masks: bool) -> list[Sample]:
     test_dir = root / "test"
     if not test_dir.is_dir():
         raise FileNotFoundError(f"test folder {test_dir} does not exist")
@@ -209,21 +285,38 @@ def _test_samples(root: Path, require_masks: bool) -> list[Sample]:
             f"found {loose[0]} directly in {test_dir}"
         )
     gt_dir = root / "ground_truth"
-    type_dirs = sorted(
-        (p for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
-        key=lambda p: p.name,
-    )
+    type_dirs = []
+    for type_dir in _visible_dirs(test_dir):
+        if not list_images(type_dir):
+            warnings.warn(
+                f"ignoring {type_dir}: it holds no image files", DatasetWarning, stacklevel=3
+            )
+            continue
+        name = type_dir.name
+        if not _is_good(name) and difflib.get_close_matches(name.lower(), [GOOD], cutoff=0.7):
+            warnings.warn(
+                f"test folder {type_dir} is read as the defect type {name!r} (label 1); only "
+                f"'{GOOD}' (any case) holds defect-free images",
+                DatasetWarning,
+                stacklevel=3,
+            )
+        type_dirs.append(type_dir)
+    good_dirs = [p for p in type_dirs if _is_good(p.name)]
+    if len(good_dirs) > 1:
+        raise ValueError(f"{test_dir} has several good-image folders: {good_dirs}")
     if gt_dir.is_dir():
-        for mask_type_dir in sorted(p for p in gt_dir.iterdir() if p.is_dir()):
+        for mask_type_dir in _visible_dirs(gt_dir):
             if not (test_dir / mask_type_dir.name).is_dir() and list_images(mask_type_dir):
                 missing = test_dir / mask_type_dir.name
                 raise ValueError(f"mask folder {mask_type_dir} has no test folder {missing}")
     samples: list[Sample] = []
+    missing_masks: list[Path] = []
     for type_dir in type_dirs:
         defect_type = type_dir.name
-        label = 0 if defect_type == GOOD else 1
+        label = 0 if _is_good(defect_type) else 1
         images = list_images(type_dir)
-        masks = _masks_by_stem(gt_dir / defect_type) if (gt_dir / defect_type).is_dir() else {}
+        mask_dir = gt_dir / defect_type
+        masks = _masks_by_stem(mask_dir) if mask_dir.is_dir() else {}
         stems = {p.stem for p in images}
         if masks and len(stems) != len(images):
             raise ValueError(
@@ -238,13 +331,15 @@ def _test_samples(root: Path, require_masks: bool) -> list[Sample]:
                 )
         for image_path in images:
             mask_path = masks.get(image_path.stem)
-            if mask_path is None and label == 1 and require_masks:
-                raise ValueError(
-                    f"defective test image {image_path} has no mask "
-                    f"{gt_dir / defect_type / (image_path.stem + MASK_SUFFIX)}.png; every defect "
-                    "image of an MVTec AD category has one (pass require_masks=False to allow)"
-                )
+            if mask_path is None and label == 1:
+                missing_masks.append(mask_dir / f"{image_path.stem}{MASK_SUFFIX}.png")
             samples.append(Sample(image_path, label, defect_type, mask_path))
+    if missing_masks and not allow_missing_masks:
+        raise ValueError(
+            f"{len(missing_masks)} defective test images have no mask (e.g. {missing_masks[0]}); "
+            "add the masks, or allow this (CLI --allow-missing-masks, library "
+            "allow_missing_masks=True) to leave those images out of the pixel metrics"
+        )
     if not samples:
         raise ValueError(
             f"test folder {test_dir} contains no images in {GOOD}/ or <defect type>/ folders"

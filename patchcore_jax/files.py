@@ -37,3 +37,57 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+# Written into every folder patchcore-jax creates for a run's outputs: readers never take such a
+# folder for data, and --overwrite clears only folders that carry it.
+OUTPUT_MARKER = ".patchcore-jax-output"
+_LOCK_NAME = ".patchcore-jax.lock"
+
+
+@contextlib.contextmanager
+def output_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Holds ``path`` as one run's output folder while the run writes into it.
+
+    The folder is created if missing, marked with ``OUTPUT_MARKER`` and locked (an advisory
+    ``flock``, released even when the process is killed): a second run into the same folder
+    fails at once instead of mixing its files with this run's. It must be empty, so results of
+    different runs never mix; with ``overwrite`` a folder that patchcore-jax wrote before is
+    emptied first, but a folder holding anything else is never cleared.
+
+    Raises:
+      FileExistsError / OSError naming the folder: a file in the way, a folder in use by another
+      run, previous results without ``overwrite``, foreign files with ``overwrite``.
+    """
+    import fcntl
+    import shutil
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"output folder {folder} is a file; give a folder for --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / _LOCK_NAME, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(
+                f"output folder {folder} is in use by another patchcore-jax run"
+            ) from None
+        previous = [p for p in folder.iterdir() if p.name not in (_LOCK_NAME, OUTPUT_MARKER)]
+        if previous and not overwrite:
+            raise FileExistsError(
+                f"output folder {folder} is not empty (e.g. {previous[0].name}); choose a new "
+                "folder or pass --overwrite to replace its previous results"
+            )
+        if previous and not (folder / OUTPUT_MARKER).exists():
+            raise FileExistsError(
+                f"output folder {folder} holds files that patchcore-jax did not write (e.g. "
+                f"{previous[0].name}); refusing to clear it"
+            )
+        for entry in previous:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        (folder / OUTPUT_MARKER).touch()
+        yield folder

@@ -170,6 +170,7 @@ def evaluate(
     masks: np.ndarray | None = None,
     maps: np.ndarray | None = None,
     *,
+    pixel_images: np.ndarray | None = None,
     fpr_limit: float = 0.3,
     connectivity: int = 8,
 ) -> dict[str, Any]:
@@ -180,6 +181,8 @@ def evaluate(
       image_scores: [N] real.
       masks: [N, H, W] bool ground truth, or None (image metrics only).
       maps: [N, H, W] real anomaly maps, given together with ``masks``.
+      pixel_images: [N] bool, the images whose pixels enter the pixel metrics (default all;
+        False for defect images without a mask, whose pixels are unknown).
     Returns:
       {num_images, num_defective, image_auroc, f1_threshold, f1, num_misclassified,
        pixel_auroc, anomaly_pixel_auroc, pro}; the pixel metrics are None without masks or
@@ -211,6 +214,11 @@ def evaluate(
             raise ValueError(
                 f"evaluate: {len(labels)} labels but {len(masks)} masks; one mask per image"
             )
+        if pixel_images is not None:
+            pixel_images = _binary(pixel_images, "pixel_images", ndim=1).astype(bool)
+            if pixel_images.shape != labels.shape:
+                raise ValueError(f"evaluate: pixel_images must be [{len(labels)}] booleans")
+            masks, maps = masks[pixel_images], maps[pixel_images]
         num_defect_pixels = int(np.count_nonzero(masks))
         if 0 < num_defect_pixels < masks.size:
             results.update(
@@ -219,6 +227,22 @@ def evaluate(
                 pro=pro_score(masks, maps, fpr_limit, connectivity),
             )
     return results
+
+
+def missing_metric_reasons(results: dict[str, Any]) -> list[str]:
+    """Why the metrics that ``evaluate`` left as None are undefined, one sentence each."""
+    reasons = []
+    num_good = results["num_images"] - results["num_defective"]
+    if results["image_auroc"] is None:
+        reasons.append(
+            "image AUROC needs good and defective test images; found "
+            f"{num_good} good and {results['num_defective']} defective"
+        )
+    if results["pixel_auroc"] is None:
+        reasons.append(
+            "pixel metrics need ground-truth masks with defect pixels and defect-free pixels"
+        )
+    return reasons
 
 
 def _auroc(positive: np.ndarray, scores: np.ndarray) -> float:

@@ -14,5 +14,5 @@ fi
 .venv/bin/python -m pip install -q -e ".[tflite]"
 RUN=runs/$(basename "$DATA")
 .venv/bin/patchcore-jax fit "$DATA" --backbone mobilenet_v2 --out "$RUN/model" "$@"
-.venv/bin/patchcore-jax evaluate "$RUN/model" "$DATA" --out "$RUN/evaluation"
+.venv/bin/patchcore-jax evaluate "$RUN/model" "$DATA" --out "$RUN/evaluation" --overwrite
 echo "metrics: $RUN/evaluation/metrics.json; heatmaps: $RUN/evaluation/heatmaps/"

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,16 +73,145 @@ def test_fit_evaluate_predict_write_what_they_promise(subset, model_dir, tmp_pat
     with open(tmp_path / "eval/per_image.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and sum(int(r["label"]) for r in rows) == 3
-    assert len(list((tmp_path / "eval/heatmaps").glob("*.png"))) == 6
+    assert {r["heatmap"] for r in rows} == {
+        f"heatmaps/{s}/000.png" for s in ("good", "broken_large", "broken_small", "contamination")
+    } | {"heatmaps/good/001.png", "heatmaps/good/002.png"}
+    assert all((tmp_path / "eval" / r["heatmap"]).is_file() for r in rows)
+    assert set(metrics["per_defect_type"]) == {"broken_large", "broken_small", "contamination"}
+    for values in metrics["per_defect_type"].values():  # 3 good + 1 of the type
+        assert values["num_images"] == 4 and values["num_defective"] == 1
+    assert "broken_large" in result.stdout
 
     images = [subset / "test/good", subset / "test/broken_large"]
-    run_cli("predict", model_dir, *images, "--out", tmp_path / "pred", "--quiet")
+    result = run_cli("predict", model_dir, *images, "--out", tmp_path / "pred", "--quiet")
     with open(tmp_path / "pred/scores.csv") as f:
-        scores = {Path(r["image"]).parent.name: float(r["score"]) for r in csv.DictReader(f)}
-    assert len(list((tmp_path / "pred/heatmaps").glob("*.png"))) == 4
+        predicted = list(csv.DictReader(f))
+    names = [r["name"] for r in predicted]
+    assert names == ["good/000.png", "good/001.png", "good/002.png", "broken_large/000.png"]
+    assert [r["heatmap"] for r in predicted] == [f"heatmaps/{name}" for name in names]
+    assert all((tmp_path / "pred" / r["heatmap"]).is_file() for r in predicted)
+    assert "scored 4 images" in result.stderr and "4 heatmaps" in result.stderr
+    scores = {Path(r["image"]).parent.name: float(r["score"]) for r in predicted}
     # The defective image scores above every good one, as in `evaluate`.
     evaluated = {Path(r["image"]).name + r["defect_type"]: float(r["score"]) for r in rows}
     assert scores["broken_large"] == pytest.approx(evaluated["000.pngbroken_large"], rel=1e-5)
+
+
+def test_predict_output_folders_are_never_mixed_or_lost(subset, model_dir, tmp_path):
+    """Reused --out is refused; --overwrite replaces the whole previous run; concurrent runs
+    into one folder fail clearly; results written under test/ are never read back as data."""
+    good = subset / "test/good"
+    out = subset / "test" / "predictions"  # inside the dataset, as users do
+    run_cli("predict", model_dir, good, "--out", out, "--quiet")
+    assert len(list((out / "heatmaps/good").glob("*.png"))) == 3
+    again = run_cli("predict", model_dir, good / "000.png", "--out", out, check=False)
+    assert (
+        again.returncode == 2 and "is not empty" in again.stderr and "--overwrite" in again.stderr
+    )
+    run_cli("predict", model_dir, good / "000.png", "--out", out, "--overwrite", "--quiet")
+    assert sorted(p.name for p in (out / "heatmaps").iterdir() if p.suffix) == ["000.png"]
+    assert len((out / "scores.csv").read_text().splitlines()) == 2  # header + one image
+    # the folder, its heatmaps and the dataset stay apart
+    from patchcore_jax.data import load_dataset
+
+    assert "predictions" not in {s.defect_type for s in load_dataset(subset).test_samples}
+    shutil.rmtree(out)  # the subset is shared with other tests
+    # a folder that patchcore-jax did not write is never cleared
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    result = run_cli("predict", model_dir, good, "--out", foreign, "--overwrite", check=False)
+    assert result.returncode == 2 and "did not write" in result.stderr
+    assert (foreign / "notes.txt").read_text() == "mine"
+    # a run holding the folder makes a second one fail at once
+    import fcntl
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with open(busy / ".patchcore-jax.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = run_cli("predict", model_dir, good, "--out", busy, check=False)
+    assert result.returncode == 2 and "in use by another patchcore-jax run" in result.stderr
+    file_out = tmp_path / "file.txt"
+    file_out.write_text("x")
+    result = run_cli("evaluate", model_dir, subset, "--out", file_out, check=False)
+    assert result.returncode == 2 and "is a file" in result.stderr
+
+
+def test_predict_names_outputs_by_relative_path_and_recurses_on_request(
+    subset, model_dir, tmp_path
+):
+    test = subset / "test"
+    flat = run_cli("predict", model_dir, test, "--out", tmp_path / "flat", check=False)
+    assert flat.returncode == 2 and "contains no image files" in flat.stderr
+    run_cli("predict", model_dir, test, "--recursive", "--out", tmp_path / "deep", "--quiet")
+    with open(tmp_path / "deep/scores.csv") as f:
+        names = [r["name"] for r in csv.DictReader(f)]
+    assert len(names) == 6 and "test/broken_small/000.png" in names
+    # the same folder name twice: the argument's position keeps the names apart
+    twice = [test / "good", subset / "test" / "good" / ".." / "good"]
+    run_cli("predict", model_dir, *twice, "--no-heatmaps", "--out", tmp_path / "twice", "--quiet")
+    with open(tmp_path / "twice/scores.csv") as f:
+        names = [r["name"] for r in csv.DictReader(f)]
+    assert names[0] == "1/good/000.png" and names[3] == "2/good/000.png"
+
+
+def test_predict_draws_without_a_malformed_contour_mask_and_warns(subset, model_dir, tmp_path):
+    broken = tmp_path / "cat"
+    for part in ("test/broken_large", "ground_truth/broken_large"):
+        (broken / part).mkdir(parents=True)
+    image = subset / "test/broken_large/000.png"
+    (broken / "test/broken_large/000.png").symlink_to(image)
+    (broken / "ground_truth/broken_large/000_mask.png").write_bytes(b"not a png")
+    result = run_cli("predict", model_dir, broken / "test/broken_large", "--out", tmp_path / "o")
+    assert (
+        "warning: heatmap of" in result.stderr
+        and "without its ground-truth contour" in result.stderr
+    )
+    assert (tmp_path / "o/heatmaps/broken_large/000.png").is_file()
+
+
+def test_evaluate_allows_missing_masks_only_when_asked(model_dir, subset, tmp_path):
+    root = tmp_path / "cat"
+    root.mkdir()
+    for source in (subset / "train", subset / "test", subset / "ground_truth"):
+        (root / source.name).symlink_to(source, target_is_directory=True)
+    (root / "ground_truth").unlink()
+    (root / "ground_truth").mkdir()
+    for defect in ("broken_large", "broken_small"):
+        (root / "ground_truth" / defect).symlink_to(subset / "ground_truth" / defect)
+    (root / "ground_truth" / ".ipynb_checkpoints").mkdir()  # hidden: ignored
+    refused = run_cli("evaluate", model_dir, root, "--out", tmp_path / "e1", check=False)
+    assert refused.returncode == 2 and "1 defective test images have no mask" in refused.stderr
+    assert "--allow-missing-masks" in refused.stderr
+    result = run_cli(
+        "evaluate", model_dir, root, "--allow-missing-masks", "--out", tmp_path / "e2", "--quiet"
+    )
+    assert "1 defective images without masks are left out of the pixel metrics" in result.stderr
+    metrics = json.loads((tmp_path / "e2/metrics.json").read_text())
+    assert metrics["num_without_masks"] == 1 and metrics["num_defective"] == 3
+    assert metrics["pixel_auroc"] is not None
+
+
+def test_evaluate_without_defect_images_says_why_metrics_are_missing(model_dir, subset, tmp_path):
+    root = tmp_path / "good_only"
+    (root / "test").mkdir(parents=True)
+    (root / "test/good").symlink_to(subset / "test/good")
+    result = run_cli("evaluate", model_dir, root, "--out", tmp_path / "e", "--quiet")
+    assert "note: image AUROC needs good and defective test images; found 3 good and 0" in (
+        result.stderr
+    )
+    assert "note: pixel metrics need ground-truth masks" in result.stderr
+
+
+def test_fit_reads_only_training_images(tmp_path):
+    plain = tmp_path / "good_images"
+    plain.mkdir()
+    for image in sorted((BOTTLE / "train/good").glob("*.png"))[:3]:
+        (plain / image.name).symlink_to(image)
+    args = ["--backbone", "mobilenet_v2", "--quiet", "--sampler", "identity"]
+    result = run_cli("fit", plain, "--out", tmp_path / "m", *args)
+    assert "fitting mobilenet_v2 on 3 images" in result.stderr
 
 
 @pytest.mark.parametrize(

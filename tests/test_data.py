@@ -10,11 +10,14 @@ import pytest
 from PIL import Image
 
 from patchcore_jax.data import (
+    OUTPUT_MARKER,
     Dataset,
+    DatasetWarning,
     Sample,
     find_mask,
     image_paths,
     load_dataset,
+    load_train_paths,
     validate_masks,
 )
 
@@ -34,8 +37,8 @@ def write_mask(path: Path, size: tuple[int, int] = (12, 10)) -> Path:
     return path
 
 
-def make_layout(root: Path, *, train_good: bool = True) -> Path:
-    """2 train images, test/good (2), test/crack (2, one with a mask), ground_truth/crack."""
+def make_layout(root: Path, *, train_good: bool = True, missing_mask: bool = False) -> Path:
+    """2 train images, test/good (2), test/crack (2 with masks, or one with ``missing_mask``)."""
     train = root / "train" / ("good" if train_good else "")
     for name in ("b.png", "a.png"):
         write_image(train / name)
@@ -44,6 +47,8 @@ def make_layout(root: Path, *, train_good: bool = True) -> Path:
     write_image(root / "test/crack/000.png")
     write_image(root / "test/crack/001.bmp")
     write_mask(root / "ground_truth/crack/000_mask.png")
+    if not missing_mask:
+        write_mask(root / "ground_truth/crack/001_mask.png")
     return root
 
 
@@ -87,12 +92,12 @@ def test_real_bottle_category(bottle_dir):
 
 
 def test_generic_layout_with_mixed_extensions_and_optional_masks(tmp_path):
-    root = make_layout(tmp_path / "parts")
+    root = make_layout(tmp_path / "parts", missing_mask=True)
     (root / "test/crack/notes.txt").write_text("not an image")
     (root / "test/crack/.hidden.png").write_bytes(b"junk")
     write_image(root / "test/scratch/000.JPG")
     write_mask(root / "ground_truth/scratch/000_mask.TIFF")
-    dataset = load_dataset(root)
+    dataset = load_dataset(root, allow_missing_masks=True)
     assert [p.name for p in dataset.train_paths] == ["a.png", "b.png"]
     summary = [
         (s.defect_type, s.image_path.name, s.label, s.mask_path and s.mask_path.name)
@@ -100,11 +105,12 @@ def test_generic_layout_with_mixed_extensions_and_optional_masks(tmp_path):
     ]
     assert summary == [
         ("crack", "000.png", 1, "000_mask.png"),
-        ("crack", "001.bmp", 1, None),  # a defect image without mask is allowed here
+        ("crack", "001.bmp", 1, None),  # allowed: left out of the pixel metrics
         ("good", "000.png", 0, None),
         ("good", "001.jpg", 0, None),
         ("scratch", "000.JPG", 1, "000_mask.TIFF"),
     ]
+    assert dataset.has_pixel_labels.tolist() == [True, False, True, True, True]
     validate_masks(dataset)
 
 
@@ -114,14 +120,69 @@ def test_train_images_directly_in_train_folder(tmp_path):
     assert all(p.parent == tmp_path / "loose/train" for p in dataset.train_paths)
 
 
-def test_mvtec_named_category_requires_every_mask(tmp_path):
-    root = make_layout(tmp_path / "screw")
-    with pytest.raises(ValueError, match=r"001\.bmp has no mask"):
-        load_dataset(root)
-    dataset = load_dataset(root, require_masks=False)
-    assert sum(s.mask_path is None for s in dataset.test_samples) == 3
-    with pytest.raises(ValueError, match=r"001\.bmp has no mask"):
-        load_dataset(make_layout(tmp_path / "mine"), require_masks=True)
+def test_every_defect_image_needs_a_mask_whatever_the_folder_is_called(tmp_path):
+    for name in ("screw", "mine"):
+        root = make_layout(tmp_path / name, missing_mask=True)
+        with pytest.raises(ValueError, match=r"1 defective test images have no mask.*001_mask"):
+            load_dataset(root)
+        with pytest.raises(ValueError, match="--allow-missing-masks"):
+            load_dataset(root)
+        dataset = load_dataset(root, allow_missing_masks=True)
+        assert sum(s.mask_path is None for s in dataset.test_samples) == 3
+
+
+def test_good_is_matched_in_any_case_and_near_misses_are_warned(tmp_path):
+    root = make_layout(tmp_path / "cat")
+    (root / "test/good").rename(root / "test/Good")
+    dataset = load_dataset(root)
+    assert [s.label for s in dataset.test_samples if s.defect_type == "Good"] == [0, 0]
+    assert dataset.defect_types == ["crack"]
+    write_image(root / "test/goods/000.png")
+    write_mask(root / "ground_truth/goods/000_mask.png")
+    with pytest.warns(DatasetWarning, match="goods.*read as the defect type 'goods'"):
+        dataset = load_dataset(root)
+    assert [s.label for s in dataset.test_samples if s.defect_type == "goods"] == [1]
+
+
+def test_tool_outputs_hidden_folders_and_empty_folders_are_not_data(tmp_path):
+    root = make_layout(tmp_path / "cat")
+    # predict --out written under test/: marked, so never a defect class
+    write_image(root / "test/predictions/heatmaps/000.png")
+    (root / "test/predictions" / OUTPUT_MARKER).write_text("")
+    (root / "test/predictions/heatmaps" / OUTPUT_MARKER).write_text("")
+    write_image(root / "ground_truth/.ipynb_checkpoints/000_mask-checkpoint.png")
+    write_image(root / "test/.ipynb_checkpoints/000.png")
+    (root / "test/empty").mkdir()
+    with pytest.warns(DatasetWarning, match="ignoring .*empty: it holds no image files"):
+        dataset = load_dataset(root)
+    assert sorted({s.defect_type for s in dataset.test_samples}) == ["crack", "good"]
+    assert image_paths([root / "test"], recursive=True) == [
+        s.image_path for s in sorted(dataset.test_samples, key=lambda s: s.image_path)
+    ]
+
+
+def test_broken_links_are_warned_and_webp_is_an_image(tmp_path):
+    folder = tmp_path / "images"
+    write_image(folder / "a.webp")
+    (folder / "dangling.png").symlink_to(tmp_path / "nothing.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    with pytest.warns(DatasetWarning, match="dangling.png: a broken link"):
+        assert image_paths([folder]) == [folder / "a.webp"]
+    with pytest.raises(FileNotFoundError, match="loop.png is a broken link or a link loop"):
+        image_paths([folder / "loop.png"])
+
+
+def test_training_images_are_read_without_test_or_ground_truth_folders(tmp_path):
+    root = tmp_path / "cat"
+    write_image(root / "train/good/a.png")
+    write_image(root / "ground_truth/.ipynb_checkpoints/x.png")
+    assert load_train_paths(root) == [root / "train/good/a.png"]
+    plain = tmp_path / "plain"
+    write_image(plain / "b.png")
+    write_image(plain / "a.jpg")
+    assert load_train_paths(plain) == [plain / "a.jpg", plain / "b.png"]
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        load_train_paths(tmp_path / "cat" / "ground_truth")
 
 
 def test_missing_root_train_and_test_folders(tmp_path):

@@ -99,3 +99,22 @@ def test_bottle_real_data_reference_coreset(bottle):
     image_auroc, pixel_auroc = _bottle_aurocs(bottle, 0.1)
     assert image_auroc >= 0.98
     assert pixel_auroc >= 0.95
+
+
+@pytest.mark.parametrize(
+    "images, described",
+    [
+        (np.full((1, 224, 224, 3), 0.5, np.float32), "dtype float32, values 0.5..0.5"),
+        (np.full((1, 224, 224, 3), np.nan, np.float32), "dtype float32, 150528 non-finite"),
+        (np.full((1, 224, 224, 3), 1000, np.uint16), "dtype uint16, values 1000..1000"),
+        (np.full((1, 224, 224, 3), -3, np.int64), "dtype int64, values -3..-3"),
+        (np.ones((1, 224, 224, 3), bool), "dtype bool"),
+    ],
+)
+def test_images_other_than_uint8_pixels_are_refused_naming_dtype_and_range(images, described):
+    model = PatchCore(PatchCoreConfig(backbone="mobilenet_v2"), mesh=sharding.single_device_mesh())
+    with pytest.raises(ValueError, match="images must be uint8") as error:
+        model.fit(images)
+    assert described in str(error.value)
+    with pytest.raises(ValueError, match="images must be uint8"):
+        list(model.embed(images))
