@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,15 @@ class PatchCore:
         )
         finest = next(iter(stage_shapes.values()))
         self.grid_shape: tuple[int, int] = (int(finest.shape[1]), int(finest.shape[2]))
+        for stage, shape in stage_shapes.items():
+            if min(shape.shape[1:3]) < config.patch_size:
+                warnings.warn(
+                    f"image size {self.image_shape[0]}x{self.image_shape[1]} gives a "
+                    f"{shape.shape[1]}x{shape.shape[2]} grid at {stage}, smaller than the "
+                    f"{config.patch_size}x{config.patch_size} patch neighbourhood: its features "
+                    "are mostly zero padding; use larger images",
+                    stacklevel=2,
+                )
         # Results come back split like the images, so each process reads its own rows.
         self._score = jax.jit(
             functools.partial(

@@ -45,3 +45,29 @@ def test_invalid_values_name_the_field(changes, message):
 def test_unknown_fields_are_refused():
     with pytest.raises(ValueError, match="unknown PatchCoreConfig fields"):
         PatchCoreConfig.from_dict({**PatchCoreConfig().to_dict(), "extra": 1})
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"resize_mode": "squash"}, "resize_mode"),
+        ({"crop": (224,)}, "crop"),
+        ({"crop": (0, 10)}, "crop"),
+        ({"crop": (300, 100)}, r"crop \(\(300, 100\)\) must not exceed resize"),
+        ({"batch_norm_probe": "yes"}, "batch_norm_probe"),
+        ({"mask_threshold": 0}, "mask_threshold"),
+        ({"mask_threshold": 256}, "mask_threshold"),
+    ],
+)
+def test_geometry_probe_and_mask_fields_are_validated(changes, message):
+    with pytest.raises(ValueError, match=message):
+        PatchCoreConfig(**changes)
+
+
+def test_image_shape_is_height_width_and_stretch_ignores_resize():
+    assert PatchCoreConfig().image_shape == (224, 224)
+    assert PatchCoreConfig().batch_norm_probe is True  # the reference's behaviour
+    config = PatchCoreConfig(resize_mode="stretch", crop=(96, 512))
+    assert config.image_shape == (96, 512)
+    assert PatchCoreConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict()["crop"] == [96, 512]

@@ -118,3 +118,8 @@ def test_images_other_than_uint8_pixels_are_refused_naming_dtype_and_range(image
     assert described in str(error.value)
     with pytest.raises(ValueError, match="images must be uint8"):
         list(model.embed(images))
+
+
+def test_images_smaller_than_the_deepest_grid_get_a_warning():
+    with pytest.warns(UserWarning, match=r"image size 32x32 gives a 2x2 grid at stride16"):
+        PatchCore(PatchCoreConfig(backbone="mobilenet_v2", resize=32, crop=32))
