@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The main job: fit PatchCore on an MVTec AD category and print its metrics, fully offline, with
-# the bundled ImageNet MobileNetV2 backbone. Creates .venv on first use.
+# The main job: fit PatchCore on an MVTec AD category (default: the demo bottle subset shipped in
+# data/) and print its metrics, fully offline, with the bundled ImageNet MobileNetV2 backbone.
+# Creates .venv on first use.
 # Usage: bash scripts/main.sh [CATEGORY_DIR] [extra `patchcore-jax fit` options...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${1:-../shared/data/mvtec_ad/bottle}
+DATA=${1:-data/mvtec_ad_demo/bottle}
 shift || true
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

@@ -1,4 +1,5 @@
-"""Shared test set-up: 8 virtual CPU devices, and one loader for ../shared fixtures and data."""
+"""Shared test set-up: 8 virtual CPU devices, one loader for fixtures and data, and the
+``shared_data`` marker (tests that need ../shared, skipped only where it is absent)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,26 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from fixture_data import BOTTLE, FIXTURES, REPO_ROOT, SHARED, WEIGHTS, load_fixture  # noqa: E402, F401
+from fixture_data import (  # noqa: E402, F401
+    BOTTLE,
+    DEMO_BOTTLE,
+    FIXTURES,
+    FULL_BOTTLE,
+    HAVE_SHARED,
+    REPO_ROOT,
+    SHARED,
+    WEIGHTS,
+    load_fixture,
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAVE_SHARED:
+        return
+    skip = pytest.mark.skip(reason=f"needs the shared data folder {SHARED} (CI has it)")
+    for item in items:
+        if "shared_data" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

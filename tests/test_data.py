@@ -52,6 +52,7 @@ def make_layout(root: Path, *, train_good: bool = True, missing_mask: bool = Fal
     return root
 
 
+@pytest.mark.shared_data
 def test_real_bottle_category(bottle_dir):
     dataset = load_dataset(bottle_dir)
     assert isinstance(dataset, Dataset) and dataset.root == bottle_dir
@@ -277,3 +278,41 @@ def test_image_paths_expands_folders_in_sorted_order(tmp_path):
         image_paths([tmp_path / "empty"])
     with pytest.raises(ValueError, match="no image paths"):
         image_paths([])
+
+
+@pytest.mark.shared_data
+def test_demo_category_gives_the_complete_categorys_model_inputs():
+    """data/mvtec_ad_demo/bottle (shipped) preprocesses to exactly the original files' inputs."""
+    from fixture_data import DEMO_BOTTLE, FULL_BOTTLE
+
+    from patchcore_jax.preprocess import load_image, load_masks
+
+    demo = load_dataset(DEMO_BOTTLE)
+    full = load_dataset(FULL_BOTTLE)
+    assert len(demo.train_paths) == 70 and len(demo.test_samples) == len(full.test_samples) == 83
+    assert [s.image_path.relative_to(DEMO_BOTTLE) for s in demo.test_samples] == [
+        s.image_path.relative_to(FULL_BOTTLE) for s in full.test_samples
+    ]
+    for demo_path in [*demo.train_paths[::7], *demo.test_image_paths[::5]]:
+        original = FULL_BOTTLE / demo_path.relative_to(DEMO_BOTTLE)
+        np.testing.assert_array_equal(load_image(demo_path), load_image(original))
+    np.testing.assert_array_equal(
+        load_masks(demo.test_mask_paths, image_paths=demo.test_image_paths),
+        load_masks(full.test_mask_paths, image_paths=full.test_image_paths),
+    )
+
+
+@pytest.mark.shared_data
+def test_repository_fixtures_are_the_shared_ones():
+    import hashlib
+
+    from fixture_data import FIXTURES, SHARED
+
+    shared = sorted(p.name for p in (SHARED / "fixtures").iterdir())
+    assert sorted(p.name for p in FIXTURES.iterdir()) == shared
+    for name in shared:
+        digest = [
+            hashlib.sha256((d / name).read_bytes()).digest()
+            for d in (FIXTURES, SHARED / "fixtures")
+        ]
+        assert digest[0] == digest[1], name

@@ -245,6 +245,7 @@ def test_stage_features_agree_with_the_interpreter(ptq_comparison):
         assert np.min(cosines) > 0.98, (name, np.min(cosines))
 
 
+@pytest.mark.shared_data
 def test_quantisation_aware_file_also_converts():
     layout, variables = converted(QUANT)
     assert (layout.input_scale, layout.input_zero_point) == (0.0078125, 128.0)

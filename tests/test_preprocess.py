@@ -64,6 +64,7 @@ def test_bottle_image_matches_direct_pillow_and_torchvision_semantics():
     )
 
 
+@pytest.mark.shared_data  # the demo's masks are already resized
 def test_bottle_mask_keeps_only_pixels_exactly_255_after_resizing():
     mask = load_mask(BOTTLE_MASK, image_path=BOTTLE_IMAGE)
     resized = Image.open(BOTTLE_MASK).resize((256, 256), Image.BILINEAR)
