@@ -4,6 +4,7 @@ patchcore-jax fit DATA --out MODEL [options]
 patchcore-jax predict MODEL IMAGE_OR_FOLDER... --out DIR
 patchcore-jax evaluate MODEL DATA [--out DIR]
 patchcore-jax split --good DIR --defect [NAME=]DIR ... --out ROOT
+patchcore-jax data fetch mvtec-ad [--categories a,b] [--out DIR]
 patchcore-jax weights convert FILE --arch NAME | weights fetch NAME | weights list
 """
 
@@ -333,6 +334,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed of the train/test draw (default: 0)"
     )
     split.add_argument("--copy", action="store_true", help="copy files instead of linking to them")
+
+    data_parser = commands.add_parser("data", help="download public datasets")
+    data_commands = data_parser.add_subparsers(
+        dest="data_command", required=True, parser_class=_Parser
+    )
+    fetch_data = data_commands.add_parser(
+        "fetch",
+        help="download, verify and unpack a dataset",
+        description="Download the official MVTec AD archive (about 5 GB), check its sha256, "
+        "and unpack the requested categories (each complete or not at all).",
+    )
+    fetch_data.add_argument("dataset", choices=("mvtec-ad",), help="the dataset to fetch")
+    fetch_data.add_argument(
+        "--categories",
+        type=_layers,
+        default=None,
+        metavar="a,b",
+        help="comma-separated categories (default: all 15)",
+    )
+    fetch_data.add_argument(
+        "--out", default="mvtec_ad", help="folder for <category>/ folders (default: %(default)s)"
+    )
+    fetch_data.add_argument(
+        "--url", default=None, help="a mirror or local file:// copy of the official archive"
+    )
+    fetch_data.add_argument(
+        "--sha256", default=None, help="expected sha256 of --url (default: the official one)"
+    )
 
     weights = commands.add_parser("weights", help="convert or download backbone weights")
     weight_commands = weights.add_subparsers(
@@ -703,6 +732,19 @@ def _split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    from patchcore_jax import download
+
+    folders = download.fetch_mvtec_ad(
+        args.out,
+        args.categories,
+        url=args.url or download.MVTEC_AD_URL,
+        sha256=args.sha256 or download.MVTEC_AD_SHA256,
+    )
+    _say(f"MVTec AD categories ready in {args.out}: {', '.join(f.name for f in folders)}")
+    return 0
+
+
 def _weights(args: argparse.Namespace) -> int:
     from patchcore_jax import backbones
 
@@ -736,6 +778,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "predict": _predict,
         "evaluate": _evaluate,
         "split": _split,
+        "data": _data,
         "weights": _weights,
     }
     try:

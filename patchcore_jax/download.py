@@ -1,0 +1,143 @@
+"""Downloads for users who are online: MVTec AD from its official archive, verified.
+
+``fetch_mvtec_ad`` streams the official archive (about 5 GB) into the destination folder with a
+progress bar, checks its sha256 before anything is unpacked, and unpacks only the requested
+categories, each into a hidden staging folder renamed into place when complete, so an
+interrupted or failed fetch never leaves a half-written category behind. Categories already
+present are not fetched again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from patchcore_jax.data import MVTEC_AD_CATEGORIES
+
+MVTEC_AD_URL = (
+    "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/"
+    "420938113-1629952094/mvtec_anomaly_detection.tar.xz"
+)
+MVTEC_AD_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
+# Files beside the categories in the archive (the licence and the dataset's readme).
+_ARCHIVE_NOTES = ("license.txt", "readme.txt")
+
+
+def download(url: str, destination: Path, description: str) -> str:
+    """Streams ``url`` into ``destination`` with a progress bar; returns the hex sha256.
+
+    Raises OSError naming the URL when it cannot be read (offline, not found, refused).
+    """
+    from tqdm.auto import tqdm
+
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url) as response, open(destination, "wb") as out:
+            length = response.headers.get("Content-Length")
+            with tqdm(
+                total=int(length) if length else None,
+                desc=f"downloading {description}",
+                unit="B",
+                unit_scale=True,
+                file=sys.stderr,
+            ) as bar:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise OSError(f"cannot download {url}: {reason}") from error
+    return digest.hexdigest()
+
+
+def _complete(category_dir: Path) -> bool:
+    return all((category_dir / part).is_dir() for part in ("train", "test"))
+
+
+def fetch_mvtec_ad(
+    out_dir: str | os.PathLike,
+    categories: Sequence[str] | None = None,
+    *,
+    url: str = MVTEC_AD_URL,
+    sha256: str = MVTEC_AD_SHA256,
+) -> list[Path]:
+    """Downloads MVTec AD and unpacks ``categories`` (default: all 15) into ``out_dir``.
+
+    Args:
+      out_dir: folder that receives ``<category>/`` folders (created if missing).
+      categories: names from ``data.MVTEC_AD_CATEGORIES``; checked before any download.
+      url, sha256: the archive and its checksum (a mirror or a local ``file://`` copy).
+    Returns:
+      The category folders, in the order asked.
+    Raises:
+      ValueError: unknown categories, or a download whose sha256 differs (deleted).
+      OSError: the URL cannot be read, or the destination cannot be written.
+    """
+    categories = list(MVTEC_AD_CATEGORIES if categories is None else categories)
+    unknown = [name for name in categories if name not in MVTEC_AD_CATEGORIES]
+    if unknown or not categories:
+        raise ValueError(f"unknown MVTec AD categories {unknown}; known: {MVTEC_AD_CATEGORIES}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file; give a folder for the dataset")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = [out_dir / name for name in categories]
+    missing = [
+        name for name, target in zip(categories, targets, strict=True) if not _complete(target)
+    ]
+    if not missing:
+        return targets
+    for name in missing:
+        if (out_dir / name).exists():
+            raise FileExistsError(
+                f"{out_dir / name} exists but is not a complete category (no train/ and test/); "
+                "remove it to fetch it again"
+            )
+    handle, temporary = tempfile.mkstemp(prefix=".mvtec_ad.", suffix=".tar.xz", dir=out_dir)
+    os.close(handle)
+    archive = Path(temporary)
+    try:
+        digest = download(url, archive, "MVTec AD")
+        if digest != sha256:
+            raise ValueError(
+                f"{url}: sha256 {digest} is not the expected {sha256}; the download is corrupt "
+                "or not the MVTec AD archive (deleted)"
+            )
+        _unpack(archive, out_dir, missing)
+    finally:
+        archive.unlink(missing_ok=True)
+    absent = [name for name in missing if not _complete(out_dir / name)]
+    if absent:
+        raise ValueError(f"{url}: the archive holds no complete categories {absent}")
+    return targets
+
+
+def _unpack(archive: Path, out_dir: Path, categories: Sequence[str]) -> None:
+    """Unpacks each category of ``archive`` into a staging folder, renamed when complete."""
+    staging = {name: out_dir / f".{name}.fetching" for name in categories}
+    for folder in staging.values():
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                top, _, rest = member.name.lstrip("./").partition("/")
+                if top in staging and rest:
+                    member.name = rest
+                    tar.extract(member, staging[top], filter="data")
+                elif member.isfile() and member.name.lstrip("./") in _ARCHIVE_NOTES:
+                    tar.extract(member, out_dir, filter="data")
+        for name, folder in staging.items():
+            if _complete(folder):
+                os.replace(folder, out_dir / name)
+    finally:
+        for folder in staging.values():
+            shutil.rmtree(folder, ignore_errors=True)
