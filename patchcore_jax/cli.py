@@ -14,6 +14,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -221,6 +222,30 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "i.e. purely data-parallel)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--compile-cache",
+        default=os.environ.get("PATCHCORE_COMPILE_CACHE", str(_default_compile_cache())),
+        metavar="DIR",
+        help="folder of JAX's persistent compilation cache, so a later run with the same "
+        "shapes skips compilation; 'off' disables it (default: $PATCHCORE_COMPILE_CACHE or "
+        "%(default)s)",
+    )
+
+
+def _default_compile_cache() -> Path:
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home) / "patchcore-jax" / "xla"
+
+
+def _enable_compile_cache(folder: str) -> None:
+    """Turns on JAX's persistent compilation cache in ``folder`` (every program is cached)."""
+    if folder == "off":
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(Path(folder).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -784,6 +809,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
+            if getattr(args, "compile_cache", "off") != "off":
+                _enable_compile_cache(args.compile_cache)
             return handlers[args.command](args)
     except (ValueError, OSError) as error:  # CheckpointError and ImageLoadError included
         message = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from patchcore_jax.cli import build_parser
 
 def run_cli(*args, check=True):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device: fastest here
+    env.setdefault("PATCHCORE_COMPILE_CACHE", str(Path(tempfile.gettempdir()) / "pcj-test-xla"))
     result = subprocess.run(
         [sys.executable, "-m", "patchcore_jax.cli", *map(str, args)],
         capture_output=True,
@@ -309,3 +311,14 @@ def test_split_bad_input_is_one_line(tmp_path):
         "split", "--good", tmp_path, "--train-fraction", "0", "--out", "o", check=False
     )
     assert result.returncode == 2 and "--train-fraction" in result.stderr
+
+
+def test_a_second_fit_in_a_new_process_compiles_nothing(subset, tmp_path):
+    """Every program of `fit` comes from the persistent compilation cache the second time."""
+    cache = tmp_path / "xla"
+    args = ["--backbone", "mobilenet_v2", "--quiet", "--coreset-fraction", "0.05"]
+    run_cli("fit", subset, "--out", tmp_path / "a", "--compile-cache", cache, *args)
+    first = sorted(p.name for p in cache.iterdir())
+    assert any(name.startswith("jit_") for name in first)
+    run_cli("fit", subset, "--out", tmp_path / "b", "--compile-cache", cache, *args)
+    assert sorted(p.name for p in cache.iterdir()) == first  # no new program compiled
