@@ -212,3 +212,65 @@ def test_bad_input_raises():
         scoring.nearest_neighbors(features[0], bank, 11)
     with pytest.raises(ValueError, match="queries"):
         scoring.nearest_neighbors(np.zeros((3, 5), np.float32), bank)
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite values (issue 13, item 1)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("bank_shards", [1, 4])
+def test_non_finite_patch_features_score_nan_and_leave_other_scores_unchanged(
+    k, bad_value, bank_shards
+):
+    rng = np.random.default_rng(11)
+    bank = rng.normal(size=(37, 16)).astype(np.float32)
+    features = rng.normal(size=(3, 6, 16)).astype(np.float32)
+    clean = scoring.score_patch_features(
+        features, bank, (2, 3), (4, 6), num_neighbors=k, sigma=1.0, bank_block_size=16
+    )
+    poisoned = features.copy()
+    poisoned[1, 4, 7] = bad_value
+    mesh = sharding.make_mesh(bank_shards=bank_shards)
+    result = scoring.score_patch_features(
+        poisoned, bank, (2, 3), (4, 6), num_neighbors=k, sigma=1.0, bank_block_size=16, mesh=mesh
+    )
+    image_scores = np.asarray(result.image_scores)
+    patch_scores = np.asarray(result.patch_scores)
+    assert np.isnan(image_scores[1])  # never 0 ("perfectly normal"), never a finite number
+    assert np.isnan(patch_scores[1, 4]) and np.all(np.isnan(np.asarray(result.anomaly_maps)[1]))
+    assert np.all(np.asarray(result.nearest_indices)[1, 4] == np.iinfo(np.int32).max)
+    # Every other patch and image is exactly what it is without the bad value.
+    others = np.ones(patch_scores.shape, bool)
+    others[1, 4] = False
+    np.testing.assert_array_equal(patch_scores[others], np.asarray(clean.patch_scores)[others])
+    np.testing.assert_array_equal(image_scores[[0, 2]], np.asarray(clean.image_scores)[[0, 2]])
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_nan_bank_row_is_never_anyones_nearest_neighbor(k):
+    rng = np.random.default_rng(12)
+    bank = rng.normal(size=(30, 8)).astype(np.float32)
+    queries = np.concatenate([bank[:10] + 1e-3, rng.normal(size=(5, 8)).astype(np.float32)])
+    poisoned = bank.copy()
+    poisoned[3, 2] = np.nan  # queries[3] sits right next to this row
+    distances, indices = scoring.nearest_neighbors(queries, poisoned, k, bank_block_size=8)
+    kept = np.delete(np.arange(30), 3)
+    expected_distances, expected_positions = _dense_knn(queries, bank[kept], k)
+    np.testing.assert_array_equal(np.asarray(indices), kept[expected_positions])
+    np.testing.assert_allclose(np.asarray(distances), expected_distances, rtol=1e-4, atol=1e-5)
+    # A bank with fewer finite rows than k leaves the missing neighbour NaN, not inf or 0.
+    distances, _ = scoring.nearest_neighbors(queries[:2], poisoned[2:5], 3)
+    assert np.all(np.isfinite(np.asarray(distances)[:, :2]))
+    assert np.all(np.isnan(np.asarray(distances)[:, 2]))
+
+
+@pytest.mark.parametrize("squared", [True, False])
+def test_rounding_below_zero_clamps_to_positive_zero(squared):
+    rng = np.random.default_rng(13)
+    bank = (rng.normal(size=(64, 32)) * 100).astype(np.float32)
+    distances, indices = scoring.nearest_neighbors(bank, bank, 1, squared=squared)
+    np.testing.assert_array_equal(np.asarray(indices)[:, 0], np.arange(64))
+    assert np.all(np.asarray(distances) == 0.0)
+    assert not np.any(np.signbit(np.asarray(distances)))  # +0, so "-0" is never printed
