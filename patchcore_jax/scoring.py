@@ -296,7 +296,7 @@ def _reweighted_image_scores(
     test_features = patch_features[images, top_patch]  # m_test*: [B, D]
     star_index = nearest_indices[images, top_patch]  # m*: [B]
     star_features = memory_bank[star_index]
-    support_size = min(reweight_neighbors, memory_bank.shape[0])
+    support_size = reweight_neighbors  # 2 <= b <= M (checked by score_patch_features)
     _, support = _nearest_neighbors(
         star_features, memory_bank, support_size, True, bank_block_size, query_block_size, mesh
     )  # [B, b], m* first unless it has exact duplicates of lower index
@@ -447,7 +447,8 @@ def score_patch_features(
       num_neighbors: k; a patch score is the mean of its k distances.
       distance: ``squared_l2`` (reference) or ``l2``.
       reweight: replace each image score by the paper's Eq. 7 reweighted score.
-      reweight_neighbors: b of Eq. 7.
+      reweight_neighbors: b of Eq. 7, in ``[2, M]``; the weights use Euclidean distances
+        whatever ``distance`` is (as the paper).
       sigma: Gaussian blur of the maps in pixels (0: none).
       bank_block_size, query_block_size: k-NN tile sizes per device.
       mesh: ``(data, bank)`` mesh; None means one device.
@@ -478,6 +479,11 @@ def score_patch_features(
     if num_neighbors > memory_bank.shape[0]:
         raise ValueError(
             f"num_neighbors={num_neighbors} exceeds the memory bank size {memory_bank.shape[0]}"
+        )
+    if reweight and not 2 <= reweight_neighbors <= memory_bank.shape[0]:
+        raise ValueError(
+            f"reweight_neighbors={reweight_neighbors} (b of Eq. 7) must be in "
+            f"[2, memory bank size {memory_bank.shape[0]}]: N_b(m*) holds m* and b - 1 others"
         )
     if not sigma >= 0:
         raise ValueError(f"sigma must be non-negative, got {sigma!r}")

@@ -142,7 +142,7 @@ def test_reweighting_equals_plain_numpy_eq7():
 @settings(max_examples=12, deadline=None)
 @given(
     scale=st.floats(min_value=1.0, max_value=5000.0),
-    neighbours=st.integers(min_value=1, max_value=12),
+    neighbours=st.integers(min_value=2, max_value=12),
     seed=st.integers(min_value=0, max_value=2**16),
     distance=st.sampled_from(["squared_l2", "l2"]),
 )
@@ -164,8 +164,75 @@ def test_reweighting_is_finite_and_within_zero_and_max_score(scale, neighbours, 
     image_scores = np.asarray(result.image_scores)
     assert np.all(np.isfinite(image_scores))
     assert np.all(image_scores >= 0) and np.all(image_scores <= top_scores)
-    if neighbours == 1:  # N_1(m*) = {m*}: the weight is exactly 0
-        np.testing.assert_array_equal(image_scores, 0.0)
+
+
+def test_reweight_neighbors_outside_two_to_bank_size_is_refused():
+    bank = np.random.default_rng(7).normal(size=(10, 4)).astype(np.float32)
+    features = np.zeros((1, 6, 4), np.float32)
+    for b in (1, 11):
+        with pytest.raises(
+            ValueError, match=rf"reweight_neighbors={b} .*\[2, memory bank size 10\]"
+        ):
+            scoring.score_patch_features(
+                features, bank, (2, 3), (4, 4), reweight=True, reweight_neighbors=b
+            )
+    result = scoring.score_patch_features(
+        features, bank, (2, 3), (4, 4), reweight=True, reweight_neighbors=10
+    )
+    assert np.all(np.asarray(result.image_scores) < np.asarray(result.patch_scores).max(axis=1))
+
+
+@pytest.fixture(scope="module")
+def bottle_features():
+    """MobileNetV2 patch features of real bottle images: (bank [235, 256], test [4, 784, 256])."""
+    from conftest import BOTTLE
+
+    from patchcore_jax import PatchCore, PatchCoreConfig
+    from patchcore_jax.data import load_dataset
+    from patchcore_jax.preprocess import load_images
+
+    dataset = load_dataset(BOTTLE)
+    config = PatchCoreConfig(
+        backbone="mobilenet_v2",
+        pretrain_embed_dimension=256,
+        target_embed_dimension=256,
+        sampler="random",
+        coreset_fraction=0.1,
+    )
+    model = PatchCore(config, mesh=sharding.single_device_mesh())
+    model.fit(load_images(dataset.train_paths[:3]))
+    good = [s.image_path for s in dataset.test_samples if s.label == 0][:2]
+    bad = [s.image_path for s in dataset.test_samples if s.label == 1][::30][:2]
+    test = np.asarray(model.patch_features(load_images(good + bad))).reshape(4, 784, 256)
+    return np.asarray(model.memory_bank), test
+
+
+@pytest.mark.parametrize("b", [2, 3, 9])
+def test_reweighting_on_real_bottle_features_changes_scores_and_equals_float64_eq7(
+    bottle_features, b
+):
+    bank, test = bottle_features
+    weights = {}
+    for distance in ("squared_l2", "l2"):
+        options = dict(distance=distance, num_neighbors=1, sigma=4.0)
+        plain = scoring.score_patch_features(test, bank, (28, 28), (224, 224), **options)
+        result = scoring.score_patch_features(
+            test, bank, (28, 28), (224, 224), reweight=True, reweight_neighbors=b, **options
+        )
+        expected = _eq7_numpy(
+            test.astype(np.float64),
+            bank.astype(np.float64),
+            np.asarray(result.patch_scores, np.float64),
+            np.asarray(result.nearest_indices)[..., 0],
+            b,
+        )
+        np.testing.assert_allclose(np.asarray(result.image_scores), expected, rtol=2e-6)
+        weights[distance] = np.asarray(result.image_scores) / np.asarray(plain.image_scores)
+        assert np.all(weights[distance] < 1.0)  # the option changes every image score
+    # The weights use Euclidean distances whatever the patch-score distance is.
+    np.testing.assert_allclose(weights["squared_l2"], weights["l2"], rtol=1e-6)
+    if b == 2:  # the smallest neighbourhood: weights far from 1
+        assert weights["l2"].min() < 0.9
 
 
 @pytest.mark.parametrize("bank_shards", [1, 2, 8])
