@@ -86,12 +86,17 @@ class PatchCoreConfig:
             "projection_dim",
             "num_start_points",
             "num_neighbors",
-            "reweight_neighbors",
             "batch_size",
             "bank_block_size",
             "query_block_size",
         ):
             positive_int(name)
+        b = self.reweight_neighbors
+        if not isinstance(b, int) or isinstance(b, bool) or b < 2:
+            raise ValueError(
+                "PatchCoreConfig.reweight_neighbors (b of Eq. 7) must be an integer >= 2: the "
+                f"neighbourhood holds m* and at least one other bank row; got {b!r}"
+            )
         if self.patch_size % 2 != 1:
             raise ValueError(f"PatchCoreConfig.patch_size must be odd, got {self.patch_size}")
         if self.crop > self.resize:
@@ -118,6 +123,23 @@ class PatchCoreConfig:
             object.__setattr__(self, "layers", tuple(self.layers))
             if len(self.layers) < 1:
                 raise ValueError("PatchCoreConfig.layers must name at least one backbone stage")
+
+    def check_bank_size(self, num_rows: int) -> None:
+        """ValueError unless a memory bank of ``num_rows`` rows serves k (and b if reweighting).
+
+        Checked when a bank is built or loaded, so a model that cannot score is never saved.
+        """
+        if self.num_neighbors > num_rows:
+            raise ValueError(
+                f"num_neighbors (k, --k) = {self.num_neighbors} exceeds the memory bank's "
+                f"{num_rows} rows; lower k, or fit on more images or a larger coreset_fraction"
+            )
+        if self.reweight and self.reweight_neighbors > num_rows:
+            raise ValueError(
+                f"reweight_neighbors (b, --reweight-neighbors) = {self.reweight_neighbors} "
+                f"exceeds the memory bank's {num_rows} rows; lower b, or fit on more images or "
+                "a larger coreset_fraction"
+            )
 
     def replace(self, **changes: Any) -> PatchCoreConfig:
         """Returns a copy with ``changes`` applied (validated again)."""

@@ -35,6 +35,8 @@ def test_dict_round_trip_is_lossless():
         ({"batch_size": 0}, "batch_size"),
         ({"num_neighbors": True}, "num_neighbors"),
         ({"layers": ()}, "layers"),
+        ({"reweight_neighbors": 1}, r"reweight_neighbors \(b of Eq. 7\) must be an integer >= 2"),
+        ({"reweight_neighbors": 2.0}, r"reweight_neighbors \(b of Eq. 7\) must be an integer >= 2"),
     ],
 )
 def test_invalid_values_name_the_field(changes, message):
@@ -45,3 +47,12 @@ def test_invalid_values_name_the_field(changes, message):
 def test_unknown_fields_are_refused():
     with pytest.raises(ValueError, match="unknown PatchCoreConfig fields"):
         PatchCoreConfig.from_dict({**PatchCoreConfig().to_dict(), "extra": 1})
+
+
+def test_bank_size_must_serve_k_and_b_when_reweighting():
+    PatchCoreConfig(num_neighbors=3).check_bank_size(3)
+    PatchCoreConfig(reweight_neighbors=9).check_bank_size(5)  # b unused without reweighting
+    with pytest.raises(ValueError, match=r"num_neighbors \(k, --k\) = 5 exceeds .* 1 rows"):
+        PatchCoreConfig(num_neighbors=5).check_bank_size(1)
+    with pytest.raises(ValueError, match=r"\(b, --reweight-neighbors\) = 9 exceeds .* 5 rows"):
+        PatchCoreConfig(reweight=True, reweight_neighbors=9).check_bank_size(5)
