@@ -191,6 +191,10 @@ def load(
             f"{target}: memory bank shape {shape} does not match the recorded "
             f"target_embed_dimension {config.target_embed_dimension}"
         )
+    try:
+        config.check_bank_size(shape[0])
+    except ValueError as error:
+        raise CheckpointError(f"{target}: {error}") from error
 
     if backbone is None:
         backbone = load_backbone(config.backbone, config.layers)

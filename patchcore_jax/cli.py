@@ -41,6 +41,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _neighbourhood_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= 2 (m* and at least one other bank row), got {text!r}"
+        )
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -135,9 +147,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--reweight-neighbors",
-        type=_positive_int,
+        type=_neighbourhood_size,
         default=defaults.reweight_neighbors,
-        help="b, bank neighbourhood of the reweighting (default: %(default)s)",
+        help="b >= 2, bank neighbourhood of the reweighting; its weights use Euclidean "
+        "distances whatever --distance is (default: %(default)s)",
     )
     group.add_argument(
         "--seed",
@@ -338,6 +351,7 @@ def _fit(args: argparse.Namespace) -> int:
     dataset = data.load_dataset(args.data)
     model = PatchCore(config, mesh=_mesh(args.bank_shards))
     paths = dataset.train_paths
+    config.check_bank_size(model.bank_size(len(paths)))  # before any work
     _say(f"fitting {config.backbone} on {len(paths)} images of {args.data}")
     with _progress(len(paths), "features", args.quiet) as bar:
         batches = preprocess.iter_image_batches(

@@ -9,6 +9,7 @@ JAX programs.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -231,6 +232,7 @@ class PatchCore:
         config = self.config
         num_rows = bank_features.shape[0]
         _check_finite_rows(bank_features, "patch features")
+        config.check_bank_size(self._bank_rows(num_rows))  # before the coreset's work
         if log is not None:
             log(
                 f"memory bank: subsampling {num_rows} patches ({config.sampler}, fraction "
@@ -255,6 +257,17 @@ class PatchCore:
         self._set_memory_bank(memory_bank)
         return self
 
+    def bank_size(self, num_images: int) -> int:
+        """Rows of the memory bank ``fit`` builds from ``num_images`` images (known up front,
+        so that k and b can be checked against it before any work)."""
+        return self._bank_rows(num_images * math.prod(self.grid_shape))
+
+    def _bank_rows(self, num_patches: int) -> int:
+        """Memory-bank rows kept from ``num_patches`` (``coreset.build_memory_bank``'s rule)."""
+        if self.config.sampler == "identity":
+            return num_patches
+        return max(1, int(num_patches * self.config.coreset_fraction))
+
     def _set_memory_bank(self, memory_bank: jax.Array | np.ndarray) -> None:
         dim = self.config.target_embed_dimension
         if memory_bank.ndim != 2 or memory_bank.shape[1] != dim or memory_bank.shape[0] < 1:
@@ -262,6 +275,7 @@ class PatchCore:
                 f"memory bank must be [M >= 1, {dim}] (target_embed_dimension), "
                 f"got {tuple(memory_bank.shape)}"
             )
+        self.config.check_bank_size(memory_bank.shape[0])
         memory_bank = np.asarray(memory_bank, np.float32)
         _check_finite_rows(memory_bank, "memory bank")
         # Placed once, so scoring calls do not copy the bank from the host again.

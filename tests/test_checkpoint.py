@@ -127,3 +127,23 @@ def test_unfitted_models_and_foreign_folders_are_not_saved(fitted, tmp_path):
     with pytest.raises(CheckpointError, match="not a patchcore-jax checkpoint"):
         fitted.save(foreign)
     assert (foreign / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_checkpoint_whose_bank_is_smaller_than_k_or_b_is_refused_on_load(fitted, tmp_path):
+    rows = fitted.memory_bank.shape[0]
+    record = checkpoint.read_record(fitted.save(tmp_path / "model"))
+    for changes, message in [
+        ({"num_neighbors": rows + 1}, rf"num_neighbors \(k, --k\) = {rows + 1} exceeds"),
+        ({"reweight": True, "reweight_neighbors": rows + 1}, r"\(b, --reweight-neighbors\)"),
+    ]:
+        record["config"] = {**fitted.config.to_dict(), **changes}
+        path = tmp_path / f"tampered_{len(changes)}"
+        ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(
+            path,
+            ocp.args.Composite(
+                state=ocp.args.StandardSave({"memory_bank": np.asarray(fitted.memory_bank)}),
+                record=ocp.args.JsonSave(record),
+            ),
+        )
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint.load(path)

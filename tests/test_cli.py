@@ -90,6 +90,7 @@ def test_fit_evaluate_predict_write_what_they_promise(subset, model_dir, tmp_pat
         (["fit", "/no/such/folder", "--out", "x"], "does not exist"),
         (["fit", ".", "--out", "x", "--coreset-fraction", "2"], "coreset-fraction"),
         (["fit", ".", "--out", "x", "--sampler", "kmeans"], "sampler"),
+        (["fit", ".", "--out", "x", "--reweight-neighbors", "1"], "--reweight-neighbors"),
         (["evaluate", "/no/such/model", "."], "no checkpoint"),
         (["predict", "/no/such/model", "x.png", "--out", "o"], "no checkpoint"),
     ],
@@ -115,3 +116,17 @@ def test_help_documents_every_option():
     for action in fit._actions:
         if action.option_strings and action.dest != "help":
             assert action.help, action.option_strings
+
+
+def test_fit_refuses_k_larger_than_the_bank_and_saves_nothing(subset, tmp_path):
+    out = tmp_path / "model"
+    result = run_cli(
+        "fit", subset, "--out", out, "--backbone", "mobilenet_v2", "--sampler", "random",
+        "--coreset-fraction", "0.0001", "--k", "5", "--quiet", check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [  # one line: checked before any work
+        "patchcore-jax: error: num_neighbors (k, --k) = 5 exceeds the memory bank's 1 rows; "
+        "lower k, or fit on more images or a larger coreset_fraction"
+    ]
+    assert not out.exists()

@@ -150,3 +150,19 @@ def test_predict_scores_nan_for_an_image_with_non_finite_features(tiny_model, mo
     assert np.all(np.isfinite(clean_scores)) and clean_scores.min() > 0
     np.testing.assert_array_equal(scores[[0, 1, 3]], clean_scores[[0, 1, 3]])
     np.testing.assert_array_equal(maps[[0, 1, 3]], clean_maps[[0, 1, 3]])
+
+
+def test_fit_refuses_a_bank_smaller_than_k_or_b(tiny_model):
+    rows = np.random.default_rng(2).normal(size=(5, 32)).astype(np.float32)
+    for changes, message in [
+        ({"num_neighbors": 6}, r"num_neighbors \(k, --k\) = 6 exceeds the memory bank's 5 rows"),
+        ({"reweight": True}, r"reweight_neighbors \(b, --reweight-neighbors\) = 9 exceeds"),
+    ]:
+        config = tiny_model.config.replace(**changes)
+        model = PatchCore(config, backbone=tiny_model.backbone, mesh=tiny_model.mesh)
+        with pytest.raises(ValueError, match=message):
+            model.fit_features(rows)
+        assert model.memory_bank is None  # nothing to save
+    config = tiny_model.config.replace(num_neighbors=5, reweight=True, reweight_neighbors=5)
+    model = PatchCore(config, backbone=tiny_model.backbone, mesh=tiny_model.mesh)
+    assert model.fit_features(rows).memory_bank.shape == (5, 32)
