@@ -329,9 +329,10 @@ def _save_heatmaps(out_dir: Path, paths, images, scores, maps, masks, quiet: boo
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from patchcore_jax import data, preprocess
+    from patchcore_jax import checkpoint, data, preprocess
     from patchcore_jax.model import PatchCore
 
+    checkpoint.check_destination(args.out)  # a bad --out fails now, not after the work
     config = PatchCoreConfig(
         backbone=args.backbone,
         layers=args.layers,

@@ -130,3 +130,39 @@ def test_fit_refuses_k_larger_than_the_bank_and_saves_nothing(subset, tmp_path):
         "lower k, or fit on more images or a larger coreset_fraction"
     ]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.write_text("x"), "is a file, not a checkpoint folder"),
+        (lambda p: (p.mkdir(), (p / "a.txt").write_text("x")), "is not a patchcore-jax checkpoint"),
+    ],
+)
+def test_fit_checks_out_before_any_work(subset, tmp_path, make, reason):
+    out = tmp_path / "out"
+    make(out)
+    before = sorted(out.rglob("*")) if out.is_dir() else out.read_text()
+    result = run_cli("fit", subset, "--out", out, "--backbone", "mobilenet_v2", check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(out) in lines[0] and reason in lines[0], result.stderr
+    assert (sorted(out.rglob("*")) if out.is_dir() else out.read_text()) == before
+
+
+def test_fit_over_a_checkpoint_replaces_the_model_and_keeps_other_files(
+    subset, model_dir, tmp_path
+):
+    import shutil
+
+    out = tmp_path / "model"
+    shutil.copytree(model_dir, out)
+    (out / "notes.txt").write_text("mine")
+    run_cli(
+        "fit", subset, "--out", out, "--backbone", "mobilenet_v2", "--sampler", "random",
+        "--coreset-fraction", "0.01", "--seed", "3", "--quiet",
+    )  # fmt: skip
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["CURRENT", "notes.txt", "v000002"]
+    run_cli("predict", out, subset / "test/good", "--out", tmp_path / "pred", "--no-heatmaps")
+    assert (tmp_path / "pred/scores.csv").read_text().count("\n") == 4
