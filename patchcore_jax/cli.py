@@ -18,7 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from patchcore_jax.config import DISTANCES, SAMPLERS, PatchCoreConfig
+from patchcore_jax.config import (
+    DISTANCES,
+    NON_SPATIAL_STAGES,
+    SAMPLERS,
+    SEED_LIMIT,
+    PatchCoreConfig,
+)
 
 PROG = "patchcore-jax"
 
@@ -67,14 +73,45 @@ def _layers(text: str) -> tuple[str, ...]:
     layers = tuple(name.strip() for name in text.split(",") if name.strip())
     if not layers:
         raise argparse.ArgumentTypeError("expected comma-separated stage names, e.g. layer2,layer3")
+    flat = [name for name in layers if name in NON_SPATIAL_STAGES]
+    if flat:
+        raise argparse.ArgumentTypeError(
+            f"{flat[0]!r} has no spatial grid; give feature-map stages, e.g. layer2,layer3 "
+            "(ResNets) or stride8,stride16 (mobilenet_v2)"
+        )
     return layers
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}")
+    return value
 
 
 def _existing_dir(text: str) -> Path:
     path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"folder {text!r} does not exist")
     return path
+
+
+def _output_dir(text: str) -> Path:
+    """An output folder: absent (created later) or a folder, never an existing file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; expected an output folder")
+    return path
+
+
+def _format_score(score: float) -> str:
+    """Six significant digits; -0 prints as 0 (a score is never negative), NaN as nan."""
+    return f"{float(score) + 0.0:.6g}"
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -154,7 +191,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=defaults.seed,
         help="seed of the coreset projection, start points and random sampler "
         "(default: %(default)s)",
@@ -179,7 +216,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from patchcore_jax.version import package_version
+
     parser = _Parser(prog=PROG, description="PatchCore anomaly detection in JAX.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     fit = commands.add_parser(
@@ -200,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("model", help="checkpoint folder written by `fit`")
     predict.add_argument("images", nargs="+", help="image files or folders of images")
-    predict.add_argument("--out", required=True, help="output folder (created if missing)")
+    predict.add_argument(
+        "--out", required=True, type=_output_dir, help="output folder (created if missing)"
+    )
     predict.add_argument("--no-heatmaps", action="store_true", help="write scores.csv only")
     _add_run_options(predict)
 
@@ -214,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--out",
         default=None,
+        type=_output_dir,
         help="output folder (default: MODEL_evaluation beside the model, which stays untouched)",
     )
     evaluate.add_argument("--no-heatmaps", action="store_true", help="skip heatmap PNGs")
@@ -376,18 +419,22 @@ def _predict(args: argparse.Namespace) -> int:
     _write_csv(
         out_dir / "scores.csv",
         ["image", "score"],
-        [[str(p), f"{s:.6g}"] for p, s in zip(paths, scores, strict=True)],
+        [[str(p), _format_score(s)] for p, s in zip(paths, scores, strict=True)],
     )
     if not args.no_heatmaps:
         config = model.config
         masks = []
-        for path in paths:  # ground truth where the MVTec layout has it, for the contour
-            mask_path = data.find_mask(path)
-            masks.append(
-                None
-                if mask_path is None
-                else preprocess.load_mask(mask_path, config.resize, config.crop, image_path=path)
-            )
+        for path in paths:  # ground truth where the MVTec layout has it, for the contour only
+            mask_path, mask = data.find_mask(path), None
+            if mask_path is not None:
+                try:
+                    mask = preprocess.load_mask(
+                        mask_path, config.resize, config.crop, image_path=path
+                    )
+                except (ValueError, OSError) as error:  # the scores need no mask: warn, go on
+                    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                    _say(f"warning: heatmap of {path} drawn without its mask contour: {reason}")
+            masks.append(mask)
         _save_heatmaps(out_dir / "heatmaps", paths, images, scores, maps, masks, args.quiet)
     _say(f"wrote {out_dir / 'scores.csv'} ({len(paths)} images)")
     return 0
@@ -398,11 +445,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     from patchcore_jax.files import atomic_write_text
     from patchcore_jax.model import PatchCore
 
+    model_path = Path(args.model).absolute()
+    out_dir = Path(args.out) if args.out else model_path.with_name(f"{model_path.name}_evaluation")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file; expected an output folder (--out)")
     model = PatchCore.load(args.model, mesh=_mesh(args.bank_shards))  # checked first
     dataset = data.load_dataset(args.data)
     data.validate_masks(dataset)
-    model_path = Path(args.model).absolute()
-    out_dir = Path(args.out) if args.out else model_path.with_name(f"{model_path.name}_evaluation")
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = dataset.test_samples
     paths = [s.image_path for s in samples]
@@ -430,7 +479,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 str(s.image_path),
                 s.defect_type,
                 s.label,
-                f"{score:.6g}",
+                _format_score(score),
                 "" if threshold is None else int(score >= threshold),
             ]
             for s, score in zip(samples, scores, strict=True)

@@ -91,6 +91,11 @@ def test_fit_evaluate_predict_write_what_they_promise(subset, model_dir, tmp_pat
         (["fit", ".", "--out", "x", "--coreset-fraction", "2"], "coreset-fraction"),
         (["fit", ".", "--out", "x", "--sampler", "kmeans"], "sampler"),
         (["fit", ".", "--out", "x", "--reweight-neighbors", "1"], "--reweight-neighbors"),
+        (["fit", ".", "--out", "x", "--layers", "logits"], "--layers: 'logits' has no spatial"),
+        (["fit", ".", "--out", "x", "--seed", str(2**63)], "--seed: expected an integer in"),
+        (["fit", __file__, "--out", "x"], "test_cli.py' is a file, not a folder"),
+        (["evaluate", "m", ".", "--out", __file__], "test_cli.py' is a file; expected an output"),
+        (["predict", "m", "x.png", "--out", __file__], "is a file; expected an output folder"),
         (["evaluate", "/no/such/model", "."], "no checkpoint"),
         (["predict", "/no/such/model", "x.png", "--out", "o"], "no checkpoint"),
     ],
@@ -166,3 +171,47 @@ def test_fit_over_a_checkpoint_replaces_the_model_and_keeps_other_files(
     assert sorted(p.name for p in out.iterdir()) == ["CURRENT", "notes.txt", "v000002"]
     run_cli("predict", out, subset / "test/good", "--out", tmp_path / "pred", "--no-heatmaps")
     assert (tmp_path / "pred/scores.csv").read_text().count("\n") == 4
+
+
+def test_weights_convert_of_a_corrupt_file_is_one_line(tmp_path):
+    source = tmp_path / "corrupt.safetensors"
+    source.write_bytes(b"\xff" * 64)
+    result = run_cli(
+        "weights", "convert", source, "--arch", "resnet18", "--out-dir", tmp_path, check=False
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{source} is not a readable .safetensors file" in lines[0]
+
+
+def test_version_prints_the_package_version():
+    from patchcore_jax.version import package_version
+
+    result = run_cli("--version")
+    assert result.stdout.strip() == f"patchcore-jax {package_version()}"
+
+
+def test_scores_never_print_as_minus_zero():
+    from patchcore_jax.cli import _format_score
+
+    assert _format_score(-0.0) == "0" and _format_score(0.0) == "0"
+    assert _format_score(float("nan")) == "nan"
+    assert _format_score(1234567.0) == "1.23457e+06" and _format_score(0.5) == "0.5"
+
+
+def test_predict_with_a_malformed_mask_draws_without_the_contour_and_warns(model_dir, tmp_path):
+    image = sorted((BOTTLE / "test/broken_large").glob("*.png"))[0]
+    (tmp_path / "data/test/broken_large").mkdir(parents=True)
+    (tmp_path / "data/ground_truth/broken_large").mkdir(parents=True)
+    copy = tmp_path / "data/test/broken_large" / image.name
+    copy.symlink_to(image)
+    mask = tmp_path / "data/ground_truth/broken_large" / f"{image.stem}_mask.png"
+    mask.write_bytes(b"not a png")
+    result = run_cli("predict", model_dir, copy, "--out", tmp_path / "pred", "--quiet")
+    assert result.returncode == 0
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, result.stderr
+    assert f"warning: heatmap of {copy} drawn without its mask contour: " in warnings[0]
+    assert str(mask) in warnings[0]
+    assert (tmp_path / "pred/scores.csv").read_text().count("\n") == 2
+    assert len(list((tmp_path / "pred/heatmaps").glob("*.png"))) == 1
