@@ -4,16 +4,34 @@ A checkpoint is a folder holding the memory bank (an orbax array, so it restores
 JSON record of everything needed to reproduce the scores: the full config, the backbone's name and
 weights hash, the preprocessing, the package version and a sha256 of the bank's bytes.
 
-Saving never harms an existing good model: the new checkpoint is written beside it and swapped in
-with renames only once orbax has committed it.
+Layout: the checkpoint folder holds versions and a pointer::
+
+    MODEL/CURRENT      one line: the name of the version folder that is the model
+    MODEL/v000002/     an orbax checkpoint: state/ (the bank) and record/ (the JSON record)
+
+Saving writes the next version in full (orbax commits it), then replaces ``CURRENT`` with one
+``os.replace``, then removes the older versions. A kill at any moment leaves ``CURRENT`` naming
+a complete version, old or new, so loading always finds a model; the next save removes what a
+killed one left. Saving only ever deletes entries it wrote (versions, its staging folders and
+pointer temporaries); other files in the folder are left alone. Folders written before the
+pointer existed (an orbax checkpoint at MODEL itself) still load, and the next save replaces
+them in the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
+import logging
 import os
+import re
 import shutil
+import sys
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,22 +67,62 @@ def _checkpointer():
     return ocp, ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
+def check_destination(path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """The absolute ``path`` if a checkpoint can be saved there; CheckpointError otherwise.
+
+    Cheap, and called before any work (``fit``) so a bad ``--out`` fails in a second, not after
+    feature extraction: ``path`` must be a new folder (its nearest existing ancestor a writable
+    folder), an empty folder, or a writable patchcore-jax checkpoint (replaced if ``overwrite``).
+    """
+    target = Path(path).absolute()
+    if target.exists() or target.is_symlink():
+        if not target.is_dir():
+            raise CheckpointError(f"{target} is a file, not a checkpoint folder")
+        if _layout(target) is None and not all(map(_is_leftover, target.iterdir())):
+            raise CheckpointError(
+                f"{target} exists and is not a patchcore-jax checkpoint; refusing to write into it"
+            )
+        if _layout(target) is not None and not overwrite:
+            raise CheckpointError(f"{target} exists; pass overwrite=True to replace it")
+        problem = _unwritable(target)
+        if problem:
+            raise CheckpointError(f"cannot write to {target}: {problem}")
+        return target
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CheckpointError(f"cannot create {target}: {ancestor} is a file, not a folder")
+    problem = _unwritable(ancestor)
+    if problem:
+        raise CheckpointError(f"cannot create {target}: {ancestor} is not writable ({problem})")
+    return target
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why a folder cannot be created in ``folder`` (None if it can): a real, removed probe,
+    so read-only file systems and ACLs are caught whoever runs it (root included)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".patchcore-jax-probe-", dir=folder))
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    return None
+
+
+def _reached(point: str) -> None:
+    """Called at each step of ``save`` (a no-op); tests replace it to kill the process there."""
+
+
 def save(model: PatchCore, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
     """Writes ``model`` (fitted) to the folder ``path``; returns its absolute path.
 
-    The bank is written first to a sibling temporary folder; an existing checkpoint at ``path``
-    is replaced only after the new one is complete, so a crash leaves the old one intact.
+    The new version is complete before ``CURRENT`` is switched to it in one ``os.replace``, so a
+    crash or kill at any point leaves the old model or the new one loadable, never neither.
+    Raises CheckpointError (one line, naming the path) if it cannot be written.
     """
     if model.memory_bank is None:
         raise CheckpointError("cannot save an unfitted PatchCore model: call fit() first")
-    target = Path(path).absolute()
-    if target.exists() and not overwrite:
-        raise CheckpointError(f"{target} exists; pass overwrite=True to replace it")
-    if target.exists() and not (target / _RECORD).exists():
-        raise CheckpointError(
-            f"{target} exists and is not a patchcore-jax checkpoint; refusing to replace it"
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = check_destination(path, overwrite=overwrite)
     memory_bank = np.asarray(model.memory_bank)
     record = {
         "format": FORMAT,
@@ -91,35 +149,204 @@ def save(model: PatchCore, path: str | os.PathLike, *, overwrite: bool = True) -
     }
     ocp, checkpointer = _checkpointer()
     # With several processes all of them write through orbax (it coordinates them), and
-    # process 0 alone swaps the folders; the barriers keep the others from running ahead.
+    # process 0 alone creates, switches and cleans; the barriers keep the others in step.
     is_primary = jax.process_index() == 0
-    staging = target.with_name(f".{target.name}.saving")
-    if is_primary:
-        shutil.rmtree(staging, ignore_errors=True)
-    _barrier("patchcore_jax.checkpoint.save:staging")
+    created = not target.exists()
     try:
-        checkpointer.save(
-            staging,
-            ocp.args.Composite(
-                **{
-                    _STATE: ocp.args.StandardSave({"memory_bank": model.memory_bank}),
-                    _RECORD: ocp.args.JsonSave(record),
-                }
-            ),
-        )
-    except BaseException:
         if is_primary:
-            shutil.rmtree(staging, ignore_errors=True)
+            target.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(target)
+        _barrier("patchcore_jax.checkpoint.save:prepared")
+        current = _current_version(target)
+        name = f"v{(int(current[1:]) if current else 0) + 1:06d}"
+        staging = target / f".{name}.saving"
+        _reached("writing")
+        try:
+            with _orbax_quietly():
+                checkpointer.save(
+                    staging,
+                    ocp.args.Composite(
+                        **{
+                            _STATE: ocp.args.StandardSave({"memory_bank": model.memory_bank}),
+                            _RECORD: ocp.args.JsonSave(record),
+                        }
+                    ),
+                )
+        except Exception as error:  # orbax/tensorstore: disk full, permissions, ...
+            raise CheckpointError(
+                f"cannot write the checkpoint {target}: {_first_line(error)}"
+            ) from error
+        finally:
+            if is_primary and not (staging / _RECORD).is_dir():
+                _remove_staging(target)
+        _reached("written")
+        if is_primary:
+            os.rename(staging, target / name)
+            _fsync_dir(target)
+            _reached("renamed")
+            _write_pointer(target, name)
+            _reached("switched")
+            _remove_leftovers(target)
+            _reached("cleaned")
+    except BaseException:
+        if is_primary and created and target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # nothing of ours or anyone's in it
         raise
-    if is_primary:
-        backup = target.with_name(f".{target.name}.previous")
-        shutil.rmtree(backup, ignore_errors=True)
-        if target.exists():
-            os.rename(target, backup)
-        os.rename(staging, target)
-        shutil.rmtree(backup, ignore_errors=True)
     _barrier("patchcore_jax.checkpoint.save:done")
     return target
+
+
+_POINTER = "CURRENT"
+_VERSION = re.compile(r"v\d{6}")
+_LEGACY = (_STATE, _RECORD, "_CHECKPOINT_METADATA", "commit_success.txt")
+
+
+class _DropOrbaxErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+@contextlib.contextmanager
+def _orbax_quietly() -> Iterator[None]:
+    """Runs an orbax call without its error logs, which print one traceback per writer thread
+    (about 115 lines for a full disk) while the caller reports one line (the orbax error chained
+    to it). On failure, waits for orbax's writer threads, which outlive the exception, and keeps
+    dropping orbax's error logs afterwards: a straggler may still log the same failure."""
+    before = set(threading.enumerate())
+    logger = logging.getLogger("absl")
+    drop = _DropOrbaxErrors()
+    logger.addFilter(drop)
+    failed = False
+    unraisable_hook, thread_hook = sys.unraisablehook, threading.excepthook
+    # A failed restore leaves orbax coroutines and callbacks that report their own tracebacks
+    # when collected ("Exception ignored in <coroutine ...>", "Event loop is closed").
+    sys.unraisablehook = lambda unraisable: None
+    threading.excepthook = lambda args: None
+    try:
+        yield
+    except BaseException:
+        failed = True
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline:  # threads may start threads: until none is left
+            running = [t for t in set(threading.enumerate()) - before if t.is_alive()]
+            if not running:
+                break
+            for thread in running:
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        gc.collect()
+        raise
+    finally:
+        sys.unraisablehook, threading.excepthook = unraisable_hook, thread_hook
+        if not failed:
+            logger.removeFilter(drop)
+
+
+def _first_line(error: BaseException) -> str:
+    """``Type: first line`` of an error, without TensorStore's spec dump (``<bound method``)."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else ""
+    line = re.split(r"\s*See full TensorStore details|\s*<bound method", line)[0][:300]
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+def _layout(folder: Path) -> str | None:
+    """``"versioned"`` (CURRENT + versions), ``"legacy"`` (orbax checkpoint at the folder) or
+    None (not a patchcore-jax checkpoint)."""
+    if (folder / _POINTER).is_file():
+        return "versioned"
+    if (folder / _RECORD).is_dir():
+        return "legacy"
+    return None
+
+
+def _current_version(folder: Path) -> str | None:
+    """The version ``CURRENT`` names, or None if there is no pointer."""
+    try:
+        name = (folder / _POINTER).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    if not _VERSION.fullmatch(name):
+        raise CheckpointError(f"{folder / _POINTER} does not name a version folder: {name[:50]!r}")
+    return name
+
+
+def _write_pointer(folder: Path, name: str) -> None:
+    """Replaces ``CURRENT`` atomically (and durably: fsync of the file and the folder)."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{_POINTER}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(name + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, folder / _POINTER)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _is_leftover(entry: Path) -> bool:
+    """Whether ``entry`` is something an interrupted save wrote (a version or staging folder,
+    a pointer temporary): a folder holding only these is an unfinished first save."""
+    name = entry.name
+    return bool(
+        _VERSION.fullmatch(name)
+        or (name.startswith(".v") and ".saving" in name)
+        or (name.startswith(f".{_POINTER}.") and name.endswith(".tmp"))
+    )
+
+
+def _remove_staging(folder: Path) -> None:
+    for entry in folder.iterdir():
+        if entry.name.startswith(".v") and ".saving" in entry.name:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """Deletes what earlier saves wrote and no longer need: every version but the current one,
+    staging folders, pointer temporaries, and a legacy checkpoint once a pointer replaced it.
+    Nothing else is touched."""
+    current = _current_version(folder)
+    for entry in folder.iterdir():
+        ours = (_is_leftover(entry) and entry.name != current) or (
+            current is not None and entry.name in _LEGACY
+        )
+        if not ours:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _resolve(target: Path) -> Path:
+    """The orbax checkpoint folder holding the model saved at ``target``."""
+    if not target.is_dir():
+        leftovers = sorted(target.parent.glob(f".{target.name}.previous"))
+        hint = f"; an interrupted save left {leftovers[0]}" if leftovers else ""
+        raise CheckpointError(f"no checkpoint at {target}{hint}")
+    layout = _layout(target)
+    if layout == "legacy":
+        return target
+    if layout is None:
+        unfinished = any(map(_is_leftover, target.iterdir()))
+        hint = "; a save was interrupted before it finished: fit again" if unfinished else ""
+        raise CheckpointError(f"no checkpoint at {target} (no {_POINTER} file){hint}")
+    version = target / _current_version(target)
+    if not version.is_dir():
+        raise CheckpointError(
+            f"{target} is damaged: {_POINTER} names {version.name}, which does not exist"
+        )
+    return version
 
 
 def _barrier(name: str) -> None:
@@ -133,18 +360,20 @@ def _barrier(name: str) -> None:
 def read_record(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON record of a checkpoint (config, backbone, preprocessing, bank digest)."""
     target = Path(path).absolute()
-    if not target.is_dir():
-        leftovers = sorted(target.parent.glob(f".{target.name}.previous"))
-        hint = f"; an interrupted save left {leftovers[0]}" if leftovers else ""
-        raise CheckpointError(f"no checkpoint at {target}{hint}")
+    return _read_record(target, _resolve(target))
+
+
+def _read_record(target: Path, folder: Path) -> dict[str, Any]:
+    """The record of the orbax checkpoint ``folder`` (the model at ``target``), validated."""
     ocp, checkpointer = _checkpointer()
     try:
         restore_args = ocp.args.Composite(**{_RECORD: ocp.args.JsonRestore()})
-        record = checkpointer.restore(target, restore_args)[_RECORD]
+        with _orbax_quietly():
+            record = checkpointer.restore(folder, restore_args)[_RECORD]
     except Exception as error:  # orbax raises several types for missing or broken items
         raise CheckpointError(
             f"{target} is not a complete patchcore-jax checkpoint (its record cannot be read: "
-            f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})"
+            f"{_first_line(error)})"
         ) from error
     if not isinstance(record, dict):
         raise CheckpointError(f"{target}: its record is not a JSON object")
@@ -177,7 +406,8 @@ def load(
     from patchcore_jax.model import PatchCore
 
     target = Path(path).absolute()
-    record = read_record(target)
+    folder = _resolve(target)  # one version for the record and the bank
+    record = _read_record(target, folder)
     try:
         # Checkpoints from before the probe existed were fitted with pristine statistics.
         config = PatchCoreConfig.from_dict({"batch_norm_probe": False, **record["config"]})
@@ -198,6 +428,10 @@ def load(
             f"{target}: memory bank shape {shape} does not match the recorded "
             f"target_embed_dimension {config.target_embed_dimension}"
         )
+    try:
+        config.check_bank_size(shape[0])
+    except ValueError as error:
+        raise CheckpointError(f"{target}: {error}") from error
 
     if backbone is None:
         backbone = load_backbone(config.backbone, config.layers)
@@ -222,15 +456,16 @@ def load(
         "memory_bank": jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding.replicated(mesh))
     }
     try:
-        restored = checkpointer.restore(
-            target,
-            ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)}),
-        )
-        memory_bank = np.asarray(restored[_STATE]["memory_bank"])
+        with _orbax_quietly():
+            restored = checkpointer.restore(
+                folder,
+                ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)}),
+            )
+            memory_bank = np.asarray(restored[_STATE]["memory_bank"])
     except Exception as error:  # orbax/tensorstore raise many types for damaged files
         raise CheckpointError(
             f"{target}: the memory bank cannot be read; the checkpoint is damaged or partial "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+            f"({_first_line(error)})"
         ) from error
     if memory_bank.shape != shape or _bank_digest(memory_bank) != bank_record.get("sha256"):
         raise CheckpointError(

@@ -22,7 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from patchcore_jax.config import DISTANCES, RESIZE_MODES, SAMPLERS, PatchCoreConfig
+from patchcore_jax.config import (
+    DISTANCES,
+    NON_SPATIAL_STAGES,
+    RESIZE_MODES,
+    SAMPLERS,
+    SEED_LIMIT,
+    PatchCoreConfig,
+)
 
 PROG = "patchcore-jax"
 
@@ -42,6 +49,18 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _neighbourhood_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= 2 (m* and at least one other bank row), got {text!r}"
+        )
     return value
 
 
@@ -82,14 +101,45 @@ def _layers(text: str) -> tuple[str, ...]:
     layers = tuple(name.strip() for name in text.split(",") if name.strip())
     if not layers:
         raise argparse.ArgumentTypeError("expected comma-separated stage names, e.g. layer2,layer3")
+    flat = [name for name in layers if name in NON_SPATIAL_STAGES]
+    if flat:
+        raise argparse.ArgumentTypeError(
+            f"{flat[0]!r} has no spatial grid; give feature-map stages, e.g. layer2,layer3 "
+            "(ResNets) or stride8,stride16 (mobilenet_v2)"
+        )
     return layers
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}")
+    return value
 
 
 def _existing_dir(text: str) -> Path:
     path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"folder {text!r} does not exist")
     return path
+
+
+def _output_dir(text: str) -> Path:
+    """An output folder: absent (created later) or a folder, never an existing file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; expected an output folder")
+    return path
+
+
+def _format_score(score: float) -> str:
+    """Six significant digits; -0 prints as 0 (a score is never negative), NaN as nan."""
+    return f"{float(score) + 0.0:.6g}"
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -194,13 +244,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--reweight-neighbors",
-        type=_positive_int,
+        type=_neighbourhood_size,
         default=defaults.reweight_neighbors,
-        help="b, bank neighbourhood of the reweighting (default: %(default)s)",
+        help="b >= 2, bank neighbourhood of the reweighting; its weights use Euclidean "
+        "distances whatever --distance is (default: %(default)s)",
     )
     group.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=defaults.seed,
         help="seed of the coreset projection, start points and random sampler "
         "(default: %(default)s)",
@@ -249,7 +300,10 @@ def _enable_compile_cache(folder: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from patchcore_jax.version import package_version
+
     parser = _Parser(prog=PROG, description="PatchCore anomaly detection in JAX.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     fit = commands.add_parser(
@@ -274,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("model", help="checkpoint folder written by `fit`")
     predict.add_argument("images", nargs="+", help="image files or folders of images")
-    predict.add_argument("--out", required=True, help="output folder (created if missing)")
+    predict.add_argument(
+        "--out", required=True, type=_output_dir, help="output folder (created if missing)"
+    )
     predict.add_argument("--no-heatmaps", action="store_true", help="write scores.csv only")
     predict.add_argument(
         "--recursive", action="store_true", help="also take images in sub-folders of folders"
@@ -296,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--out",
         default=None,
+        type=_output_dir,
         help="output folder (default: MODEL_evaluation beside the model, which stays untouched)",
     )
     evaluate.add_argument("--no-heatmaps", action="store_true", help="skip heatmap PNGs")
@@ -565,9 +622,10 @@ def _contour_mask(path: Path, config: PatchCoreConfig) -> np.ndarray | None:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from patchcore_jax import data, preprocess
+    from patchcore_jax import checkpoint, data, preprocess
     from patchcore_jax.model import PatchCore
 
+    checkpoint.check_destination(args.out)  # a bad --out fails now, not after the work
     image_size = args.image_size or args.crop or PatchCoreConfig.crop
     if args.resize_mode == "shorter-side" and np.max(image_size) > args.resize:
         option = "--image-size" if args.image_size else "--crop"
@@ -597,6 +655,7 @@ def _fit(args: argparse.Namespace) -> int:
     )
     paths = data.load_train_paths(args.data)
     model = PatchCore(config, mesh=_mesh(args.bank_shards))
+    config.check_bank_size(model.bank_size(len(paths)))  # before any work
     _say(f"fitting {config.backbone} on {len(paths)} images of {args.data}")
     with _progress(len(paths), "features", args.quiet) as bar:
         batches = preprocess.iter_image_batches(paths, config.batch_size, **_image_options(config))
@@ -641,6 +700,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from patchcore_jax.files import atomic_write_text, output_folder
     from patchcore_jax.model import PatchCore
 
+    model_path = Path(args.model).absolute()
+    out_dir = Path(args.out) if args.out else model_path.with_name(f"{model_path.name}_evaluation")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file; expected an output folder (--out)")
     model = PatchCore.load(args.model, mesh=_mesh(args.bank_shards))  # checked first
     dataset = data.load_dataset(
         args.data, allow_missing_masks=args.allow_missing_masks, train=False
@@ -660,9 +723,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             f"{np.count_nonzero(~has_pixels)} defective images without masks are left out of "
             "the pixel metrics"
         )
-    model_path = Path(args.model).absolute()
-    out = Path(args.out) if args.out else model_path.with_name(f"{model_path.name}_evaluation")
-    with output_folder(out, overwrite=args.overwrite) as out_dir:
+    with output_folder(out_dir, overwrite=args.overwrite) as out_dir:
         scores, maps, images = _score_paths(model, paths, args.quiet, not args.no_heatmaps)
         labels = np.asarray(dataset.test_labels)
         defect_types = np.array([s.defect_type for s in samples])

@@ -8,6 +8,7 @@ compared on restore.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,6 +19,11 @@ ResizeMode = Literal["shorter-side", "stretch"]
 SAMPLERS: tuple[str, ...] = ("approx_greedy_coreset", "random", "identity", "learned_proxies")
 DISTANCES: tuple[str, ...] = ("squared_l2", "l2")
 RESIZE_MODES: tuple[str, ...] = ("shorter-side", "stretch")
+# Backbone outputs without a spatial grid, so no patch features.
+NON_SPATIAL_STAGES: tuple[str, ...] = ("logits",)
+# jax.random.key keeps the low 32 bits of a seed (without jax_enable_x64): larger seeds would
+# silently repeat smaller ones, and it overflows past 2**63.
+SEED_LIMIT = 2**32
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class PatchCoreConfig:
       reweight: apply the paper's Eq. 7 image-score reweighting.
       reweight_neighbors: b, the bank neighbourhood size used by the reweighting.
       anomaly_map_sigma: Gaussian blur sigma (pixels) of anomaly maps.
-      seed: seeds the projection, start points and random samplers.
+      seed: seeds the projection, start points and random samplers; in ``[0, 2**32)``.
       batch_size: images per backbone batch.
       bank_block_size: memory-bank rows per distance tile (bounds k-NN memory).
       query_block_size: query rows per distance tile.
@@ -99,12 +105,17 @@ class PatchCoreConfig:
             "projection_dim",
             "num_start_points",
             "num_neighbors",
-            "reweight_neighbors",
             "batch_size",
             "bank_block_size",
             "query_block_size",
         ):
             positive_int(name)
+        b = self.reweight_neighbors
+        if not isinstance(b, int) or isinstance(b, bool) or b < 2:
+            raise ValueError(
+                "PatchCoreConfig.reweight_neighbors (b of Eq. 7) must be an integer >= 2: the "
+                f"neighbourhood holds m* and at least one other bank row; got {b!r}"
+            )
         if self.patch_size % 2 != 1:
             raise ValueError(f"PatchCoreConfig.patch_size must be odd, got {self.patch_size}")
         if isinstance(self.crop, list | tuple):
@@ -154,14 +165,53 @@ class PatchCoreConfig:
             raise ValueError(
                 f"PatchCoreConfig.coreset_fraction must be in (0, 1], got {self.coreset_fraction!r}"
             )
-        if not self.anomaly_map_sigma >= 0.0:
+        sigma = self.anomaly_map_sigma
+        if (
+            not isinstance(sigma, int | float)
+            or isinstance(sigma, bool)
+            or not math.isfinite(sigma)
+            or sigma < 0
+        ):
             raise ValueError(
-                f"PatchCoreConfig.anomaly_map_sigma must be >= 0, got {self.anomaly_map_sigma!r}"
+                f"PatchCoreConfig.anomaly_map_sigma must be a finite number >= 0, got {sigma!r}"
             )
+        seed = self.seed
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"PatchCoreConfig.seed must be an integer in [0, 2**32), got {seed!r}")
         if self.layers is not None:
+            if isinstance(self.layers, str):
+                raise ValueError(
+                    "PatchCoreConfig.layers must be a sequence of stage names, e.g. "
+                    f"({self.layers!r},), not the string {self.layers!r}"
+                )
             object.__setattr__(self, "layers", tuple(self.layers))
             if len(self.layers) < 1:
                 raise ValueError("PatchCoreConfig.layers must name at least one backbone stage")
+            for layer in self.layers:
+                if not isinstance(layer, str):
+                    raise ValueError(f"PatchCoreConfig.layers: {layer!r} is not a stage name")
+                if layer in NON_SPATIAL_STAGES:
+                    raise ValueError(
+                        f"PatchCoreConfig.layers: {layer!r} has no spatial grid; patch features "
+                        "need feature-map stages (e.g. layer2, layer3 or stride8, stride16)"
+                    )
+
+    def check_bank_size(self, num_rows: int) -> None:
+        """ValueError unless a memory bank of ``num_rows`` rows serves k (and b if reweighting).
+
+        Checked when a bank is built or loaded, so a model that cannot score is never saved.
+        """
+        if self.num_neighbors > num_rows:
+            raise ValueError(
+                f"num_neighbors (k, --k) = {self.num_neighbors} exceeds the memory bank's "
+                f"{num_rows} rows; lower k, or fit on more images or a larger coreset_fraction"
+            )
+        if self.reweight and self.reweight_neighbors > num_rows:
+            raise ValueError(
+                f"reweight_neighbors (b, --reweight-neighbors) = {self.reweight_neighbors} "
+                f"exceeds the memory bank's {num_rows} rows; lower b, or fit on more images or "
+                "a larger coreset_fraction"
+            )
 
     @property
     def image_shape(self) -> tuple[int, int]:

@@ -64,7 +64,7 @@ def output_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
 
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"output folder {folder} is a file; give a folder for --out")
+        raise FileExistsError(f"{folder} is a file; expected an output folder (--out)")
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / _LOCK_NAME, "a+") as lock:
         try:

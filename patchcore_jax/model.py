@@ -9,6 +9,7 @@ JAX programs.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 import warnings
@@ -89,6 +90,23 @@ def _batches(
             raise ValueError(_not_uint8_message(batch))
         for start in range(0, batch.shape[0], batch_size):
             yield batch[start : start + batch_size]
+
+
+def _check_finite_rows(rows: np.ndarray | jax.Array, what: str) -> None:
+    """ValueError naming how many rows of ``rows: [N, D]`` hold a NaN or infinite value."""
+    if isinstance(rows, jax.Array):
+        bad = int(jnp.sum(~jnp.all(jnp.isfinite(rows), axis=-1)))
+    else:  # host rows, in chunks so the check never doubles host memory
+        rows = np.asarray(rows)
+        bad = sum(
+            int(np.count_nonzero(~np.isfinite(rows[start : start + 8192]).all(axis=-1)))
+            for start in range(0, rows.shape[0], 8192)
+        )
+    if bad:
+        raise ValueError(
+            f"{what}: {bad} of {rows.shape[0]} rows are non-finite (NaN or inf); "
+            "check the input images (non-finite or out-of-range pixels) and the backbone weights"
+        )
 
 
 class PatchCore:
@@ -249,9 +267,15 @@ class PatchCore:
         *,
         log: Callable[[str], None] | None = None,
     ) -> PatchCore:
-        """Subsamples patch features [N, D] into the memory bank (``config.sampler``)."""
+        """Subsamples patch features [N, D] into the memory bank (``config.sampler``).
+
+        Raises ValueError if any row is NaN or infinite: one such row would be every test
+        patch's nearest neighbour (or nobody's) and silently change every later score.
+        """
         config = self.config
         num_rows = bank_features.shape[0]
+        _check_finite_rows(bank_features, "patch features")
+        config.check_bank_size(self._bank_rows(num_rows))  # before the coreset's work
         if log is not None:
             log(
                 f"memory bank: subsampling {num_rows} patches ({config.sampler}, fraction "
@@ -276,6 +300,17 @@ class PatchCore:
         self._set_memory_bank(memory_bank)
         return self
 
+    def bank_size(self, num_images: int) -> int:
+        """Rows of the memory bank ``fit`` builds from ``num_images`` images (known up front,
+        so that k and b can be checked against it before any work)."""
+        return self._bank_rows(num_images * math.prod(self.grid_shape))
+
+    def _bank_rows(self, num_patches: int) -> int:
+        """Memory-bank rows kept from ``num_patches`` (``coreset.build_memory_bank``'s rule)."""
+        if self.config.sampler == "identity":
+            return num_patches
+        return max(1, int(num_patches * self.config.coreset_fraction))
+
     def _set_memory_bank(self, memory_bank: jax.Array | np.ndarray) -> None:
         dim = self.config.target_embed_dimension
         if memory_bank.ndim != 2 or memory_bank.shape[1] != dim or memory_bank.shape[0] < 1:
@@ -283,13 +318,19 @@ class PatchCore:
                 f"memory bank must be [M >= 1, {dim}] (target_embed_dimension), "
                 f"got {tuple(memory_bank.shape)}"
             )
+        self.config.check_bank_size(memory_bank.shape[0])
+        memory_bank = np.asarray(memory_bank, np.float32)
+        _check_finite_rows(memory_bank, "memory bank")
         # Placed once, so scoring calls do not copy the bank from the host again.
-        self.memory_bank = sharding.replicate(np.asarray(memory_bank, np.float32), self.mesh)
+        self.memory_bank = sharding.replicate(memory_bank, self.mesh)
 
     # ------------------------------------------------------------------ inference
 
     def score(self, images: ImageBatches) -> Iterator[scoring.ScoreResult]:
-        """Yields host-side ``ScoreResult`` per batch (image scores, maps, patch scores)."""
+        """Yields host-side ``ScoreResult`` per batch (image scores, maps, patch scores).
+
+        An image whose patch features are not all finite scores NaN (never a plausible number).
+        """
         if self.memory_bank is None:
             raise RuntimeError("PatchCore.score/predict called before fit() or load()")
         for patch_features, num_valid in self.embed(images):

@@ -7,6 +7,11 @@ running top-k. Under a ``(data, bank)`` mesh, queries are split over ``data`` an
 ``bank`` plus a final top-k gives the global answer. Padded queries are dropped, padded bank rows
 get an infinite distance and are never matched. Ties go to the lowest bank index everywhere.
 
+Non-finite values are never hidden: a NaN distance ranks behind every number (a NaN bank row is
+never anyone's nearest neighbour), and a query with a NaN or infinite component gets NaN
+distances (index ``_NO_INDEX``), so its patch and image scores are NaN rather than a plausible
+number.
+
 Anomaly maps are linear and separable: upsampling then Gaussian blurring one axis is a single
 static ``[out, grid]`` matrix, so a map is ``A_rows @ scores @ A_cols^T``.
 """
@@ -122,7 +127,11 @@ def _local_top_k(
             tile_rows, tile_norms, tile_indices = tile
             products = jnp.dot(block, tile_rows.T, precision=HIGHEST)
             distances = (query_norms[:, None] + tile_norms[None, :]) - 2.0 * products
-            distances = jnp.maximum(distances, 0.0)
+            # Rounding can make a distance slightly negative (or -0.0): clamp to +0. A NaN one
+            # ranks last (as +inf); ``_nearest_neighbors`` reports its query as NaN.
+            distances = jnp.where(
+                distances > 0.0, distances, jnp.where(jnp.isnan(distances), jnp.inf, 0.0)
+            )
             indices = jnp.broadcast_to(tile_indices[None, :], distances.shape)
             return _merge_top_k(*carry, distances, indices), None
 
@@ -179,6 +188,11 @@ def _nearest_neighbors(
         check_vma=False,
     )(queries, memory_bank)
     distances, indices = distances[:num_queries], indices[:num_queries]
+    # A non-finite query, or a slot no finite distance filled, is NaN (not inf, never 0).
+    unknown = (indices == _NO_INDEX) | ~jnp.all(jnp.isfinite(queries[:num_queries]), axis=1)[
+        :, None
+    ]
+    distances = jnp.where(unknown, jnp.nan, distances)
     return (distances if squared else jnp.sqrt(distances)), indices
 
 
@@ -213,7 +227,8 @@ def nearest_neighbors(
     """Exact k nearest memory-bank rows of each query, in bounded memory, sharded over ``mesh``.
 
     Distances are ``max(|q|^2 + |b|^2 - 2 q.b, 0)`` in float32 (HIGHEST precision), square-rooted
-    when ``squared`` is False. Ties go to the lowest bank index.
+    when ``squared`` is False. Ties go to the lowest bank index. NaN distances rank last; a query
+    with a non-finite component gets NaN distances and index ``2**31 - 1``.
 
     Args:
       queries: ``[Q, D] float32``.
@@ -281,7 +296,7 @@ def _reweighted_image_scores(
     test_features = patch_features[images, top_patch]  # m_test*: [B, D]
     star_index = nearest_indices[images, top_patch]  # m*: [B]
     star_features = memory_bank[star_index]
-    support_size = min(reweight_neighbors, memory_bank.shape[0])
+    support_size = reweight_neighbors  # 2 <= b <= M (checked by score_patch_features)
     _, support = _nearest_neighbors(
         star_features, memory_bank, support_size, True, bank_block_size, query_block_size, mesh
     )  # [B, b], m* first unless it has exact duplicates of lower index
@@ -294,7 +309,8 @@ def _reweighted_image_scores(
     logits = jnp.concatenate(
         [star_distance[:, None], jnp.where(dropped, -jnp.inf, support_distances)], axis=1
     )
-    log_ratio = jnp.minimum(star_distance - jax.nn.logsumexp(logits, axis=1), 0.0)
+    log_ratio = star_distance - jax.nn.logsumexp(logits, axis=1)
+    log_ratio = jnp.where(log_ratio > 0.0, 0.0, log_ratio)  # min(., 0) that keeps NaN
     weights = -jnp.expm1(log_ratio)  # 1 - exp(log_ratio), in [0, 1)
     return weights * top_scores
 
@@ -431,7 +447,8 @@ def score_patch_features(
       num_neighbors: k; a patch score is the mean of its k distances.
       distance: ``squared_l2`` (reference) or ``l2``.
       reweight: replace each image score by the paper's Eq. 7 reweighted score.
-      reweight_neighbors: b of Eq. 7.
+      reweight_neighbors: b of Eq. 7, in ``[2, M]``; the weights use Euclidean distances
+        whatever ``distance`` is (as the paper).
       sigma: Gaussian blur of the maps in pixels (0: none).
       bank_block_size, query_block_size: k-NN tile sizes per device.
       mesh: ``(data, bank)`` mesh; None means one device.
@@ -462,6 +479,11 @@ def score_patch_features(
     if num_neighbors > memory_bank.shape[0]:
         raise ValueError(
             f"num_neighbors={num_neighbors} exceeds the memory bank size {memory_bank.shape[0]}"
+        )
+    if reweight and not 2 <= reweight_neighbors <= memory_bank.shape[0]:
+        raise ValueError(
+            f"reweight_neighbors={reweight_neighbors} (b of Eq. 7) must be in "
+            f"[2, memory bank size {memory_bank.shape[0]}]: N_b(m*) holds m* and b - 1 others"
         )
     if not sigma >= 0:
         raise ValueError(f"sigma must be non-negative, got {sigma!r}")

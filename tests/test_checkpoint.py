@@ -58,7 +58,7 @@ def _largest_file(folder: Path) -> Path:
 
 def test_truncated_bank_file_is_refused(fitted, tmp_path):
     path = fitted.save(tmp_path / "model")
-    victim = _largest_file(path / "state")
+    victim = _largest_file(path / "v000001" / "state")
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="damaged"):
         checkpoint.load(path)
@@ -66,7 +66,7 @@ def test_truncated_bank_file_is_refused(fitted, tmp_path):
 
 def test_flipped_bank_bytes_are_refused(fitted, tmp_path):
     path = fitted.save(tmp_path / "model")
-    victim = _largest_file(path / "state")
+    victim = _largest_file(path / "v000001" / "state")
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
@@ -96,7 +96,7 @@ def test_missing_or_partial_checkpoints_are_reported(fitted, tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         checkpoint.load(tmp_path / "nothing")
     path = fitted.save(tmp_path / "model")
-    for item in (path / "record").iterdir():
+    for item in (path / "v000001" / "record").iterdir():
         item.unlink()
     with pytest.raises(CheckpointError, match="not a complete"):
         checkpoint.load(path)
@@ -110,8 +110,9 @@ def test_crash_while_saving_keeps_the_previous_model(fitted, tmp_path, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr(ocp.Checkpointer, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=f"cannot write the checkpoint {path}: OSError: disk"):
         fitted.save(path)
+    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "v000001"]  # no staging left
     monkeypatch.undo()
     assert json.dumps(checkpoint.read_record(path), sort_keys=True) == before
     restored = checkpoint.load(path)
@@ -128,6 +129,263 @@ def test_unfitted_models_and_foreign_folders_are_not_saved(fitted, tmp_path):
     with pytest.raises(CheckpointError, match="not a patchcore-jax checkpoint"):
         fitted.save(foreign)
     assert (foreign / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_checkpoint_whose_bank_is_smaller_than_k_or_b_is_refused_on_load(fitted, tmp_path):
+    rows = fitted.memory_bank.shape[0]
+    record = checkpoint.read_record(fitted.save(tmp_path / "model"))
+    for changes, message in [
+        ({"num_neighbors": rows + 1}, rf"num_neighbors \(k, --k\) = {rows + 1} exceeds"),
+        ({"reweight": True, "reweight_neighbors": rows + 1}, r"\(b, --reweight-neighbors\)"),
+    ]:
+        record["config"] = {**fitted.config.to_dict(), **changes}
+        path = tmp_path / f"tampered_{len(changes)}"
+        ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(
+            path,
+            ocp.args.Composite(
+                state=ocp.args.StandardSave({"memory_bank": np.asarray(fitted.memory_bank)}),
+                record=ocp.args.JsonSave(record),
+            ),
+        )
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint.load(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic replacement under kill -9 (issue 13, item 7)
+
+_TINY_CHILD = """
+import os, signal, sys
+import numpy as np
+from patchcore_jax import checkpoint, sharding
+sys.path.insert(0, {tests!r})
+from test_checkpoint import tiny_model
+
+path, point, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model = tiny_model(seed)
+np.save(path + ".new_bank.npy", np.asarray(model.memory_bank))
+
+def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint._reached = lambda name: kill() if name == point else None
+rename = os.rename
+
+def renaming(source, destination, *args, **kwargs):  # orbax finalises with os.rename
+    if point == "orbax:state" and str(destination).endswith("/state"):
+        kill()
+    if point == "orbax:commit" and str(destination).endswith(".saving"):
+        kill()
+    return rename(source, destination, *args, **kwargs)
+
+os.rename = renaming
+model.save(path)
+print("saved without being killed")
+"""
+
+
+def tiny_model(seed: int) -> PatchCore:
+    """resnet18 with random weights on 32-pixel random images: a 32-row bank in a second."""
+    from patchcore_jax.backbones import init_backbone
+
+    config = PatchCoreConfig(
+        backbone="resnet18",
+        resize=32,
+        crop=32,
+        pretrain_embed_dimension=16,
+        target_embed_dimension=8,
+        sampler="identity",
+    )
+    mesh = sharding.single_device_mesh()
+    model = PatchCore(config, backbone=init_backbone("resnet18"), mesh=mesh)
+    images = np.random.default_rng(seed).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    return model.fit(images)
+
+
+def _legacy_save(model: PatchCore, path: Path) -> None:
+    """A checkpoint as versions before the CURRENT pointer wrote it (orbax at ``path``)."""
+    model.save(path)
+    version = path / checkpoint._current_version(path)
+    (path / "CURRENT").unlink()
+    for item in version.iterdir():
+        item.rename(path / item.name)
+    version.rmdir()
+
+
+@pytest.mark.parametrize(
+    "point, survivor, legacy",
+    [
+        ("writing", "old", False),
+        ("orbax:state", "old", False),
+        ("orbax:commit", "old", False),
+        ("written", "old", False),
+        ("renamed", "old", False),
+        ("switched", "new", False),
+        ("cleaned", "new", False),
+        ("renamed", "old", True),
+        ("switched", "new", True),
+    ],
+)
+def test_kill_during_save_leaves_the_old_or_the_new_model_loadable(
+    point, survivor, legacy, tmp_path
+):
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "model"
+    old = tiny_model(seed=0)
+    (_legacy_save if legacy else PatchCore.save)(old, path)
+    (path / "notes.txt").write_text("mine")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    child = _TINY_CHILD.format(tests=str(Path(__file__).parent))
+    result = subprocess.run(
+        [sys.executable, "-c", child, str(path), point, "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == -9, result.stdout + result.stderr  # killed by SIGKILL
+    new_bank = np.load(f"{path}.new_bank.npy")
+    expected = np.asarray(old.memory_bank) if survivor == "old" else new_bank
+    assert not np.array_equal(new_bank, np.asarray(old.memory_bank))
+    restored = checkpoint.load(path, backbone=old.backbone, mesh=sharding.single_device_mesh())
+    np.testing.assert_array_equal(np.asarray(restored.memory_bank), expected)
+    # The next save removes what the killed one left, and nothing else.
+    old.save(path)
+    assert sorted(p.name for p in path.iterdir()) == [
+        "CURRENT",
+        "notes.txt",
+        _next(survivor, legacy),
+    ]
+    assert (path / "notes.txt").read_text() == "mine"
+    restored = checkpoint.load(path, backbone=old.backbone, mesh=sharding.single_device_mesh())
+    np.testing.assert_array_equal(np.asarray(restored.memory_bank), np.asarray(old.memory_bank))
+
+
+def _next(survivor: str, legacy: bool) -> str:
+    """The version the save after the kill writes: one past the surviving model's."""
+    surviving = (0 if legacy else 1) + (survivor == "new")
+    return f"v{surviving + 1:06d}"
+
+
+_FULL_DISK_CHILD = """
+import resource, sys
+sys.path.insert(0, {tests!r})
+from test_checkpoint import tiny_model
+from patchcore_jax import CheckpointError
+model = tiny_model(0)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))  # writes past 200 bytes fail (EFBIG)
+try:
+    model.save(sys.argv[1])
+except CheckpointError as error:
+    print(error)
+"""
+
+
+def test_a_full_disk_is_reported_in_one_line_naming_the_path(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    child = _FULL_DISK_CHILD.format(tests=str(Path(__file__).parent))
+    path = tmp_path / "model"
+    result = subprocess.run(
+        [sys.executable, "-c", child, str(path)], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"cannot write the checkpoint {path}: ")
+    # The folder it created is gone again, unless an orbax writer thread that outlived the
+    # error recreated its staging folder; then the next save removes that.
+    assert not path.exists() or all(p.name.startswith(".v000001.saving") for p in path.iterdir())
+    model = tiny_model(0)
+    model.save(path)
+    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "v000001"]
+
+
+def test_damaged_bank_metadata_gives_one_clean_line(fitted, tmp_path, capfd):
+    path = fitted.save(tmp_path / "model")
+    victim = path / "v000001" / "state" / "array_metadatas" / "process_0"
+    victim.write_bytes(victim.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="damaged or partial") as caught:
+        checkpoint.load(path, backbone=fitted.backbone)
+    assert "\n" not in str(caught.value) and "<bound method" not in str(caught.value)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_tensorstore_spec_dumps_are_cut_from_messages():
+    error = Exception(
+        "Encountered error while reading array index: (slice(0, 32, 1),). See full "
+        "TensorStore details: <bound method spec of TensorStore({\n  'base': {})>."
+    )
+    assert checkpoint._first_line(error) == (
+        "Exception: Encountered error while reading array index: (slice(0, 32, 1),)."
+    )
+
+
+def test_a_pointer_to_a_missing_version_is_reported(fitted, tmp_path):
+    path = fitted.save(tmp_path / "model")
+    (path / "CURRENT").write_text("v000007\n")
+    with pytest.raises(CheckpointError, match="CURRENT names v000007, which does not exist"):
+        checkpoint.load(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Destination checks (issue 13, item 6)
+
+
+def test_check_destination_refuses_files_foreign_folders_and_unwritable_places(
+    fitted, tmp_path, monkeypatch
+):
+    import os
+
+    (tmp_path / "x.jpg").write_bytes(b"image")
+    with pytest.raises(CheckpointError, match=r"x.jpg is a file, not a checkpoint folder"):
+        checkpoint.check_destination(tmp_path / "x.jpg")
+    with pytest.raises(CheckpointError, match=r"cannot create .*/x.jpg/model: .*x.jpg is a file"):
+        checkpoint.check_destination(tmp_path / "x.jpg" / "model")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.png").write_bytes(b"png")
+    with pytest.raises(CheckpointError, match="photos exists and is not a patchcore-jax"):
+        checkpoint.check_destination(tmp_path / "photos")
+    (tmp_path / "empty").mkdir()
+    assert checkpoint.check_destination(tmp_path / "empty") == tmp_path / "empty"
+    assert checkpoint.check_destination(tmp_path / "new" / "deeper") == tmp_path / "new/deeper"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+    saved = fitted.save(tmp_path / "model")
+    with pytest.raises(CheckpointError, match="exists; pass overwrite=True"):
+        checkpoint.check_destination(saved, overwrite=False)
+    # A folder the OS refuses to write in (as a read-only file system would, even for root).
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    mkdir = os.mkdir
+
+    def refuse(path, *args, **kwargs):
+        if Path(path).parent == read_only:
+            raise OSError(30, "Read-only file system", str(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refuse)
+    with pytest.raises(CheckpointError, match=r"read_only is not writable \(Read-only file"):
+        checkpoint.check_destination(read_only / "model")
+    with pytest.raises(CheckpointError, match=r"read_only is not writable"):
+        fitted.save(read_only / "model")
+    assert list(read_only.iterdir()) == []
+
+
+def test_saving_over_a_checkpoint_keeps_files_the_tool_did_not_write(fitted, tmp_path):
+    path = fitted.save(tmp_path / "model")
+    (path / "notes.txt").write_text("mine")
+    (path / "plots").mkdir()
+    (path / "plots" / "roc.png").write_bytes(b"png")
+    fitted.save(path)
+    fitted.save(path)
+    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "notes.txt", "plots", "v000003"]
+    assert (path / "notes.txt").read_text() == "mine"
+    assert (path / "plots" / "roc.png").read_bytes() == b"png"
 
 
 def test_checkpoints_reproduce_the_probed_batch_norm_statistics(images, tmp_path):

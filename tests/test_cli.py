@@ -222,6 +222,12 @@ def test_fit_reads_only_training_images(tmp_path):
         (["fit", "/no/such/folder", "--out", "x"], "does not exist"),
         (["fit", ".", "--out", "x", "--coreset-fraction", "2"], "coreset-fraction"),
         (["fit", ".", "--out", "x", "--sampler", "kmeans"], "sampler"),
+        (["fit", ".", "--out", "x", "--reweight-neighbors", "1"], "--reweight-neighbors"),
+        (["fit", ".", "--out", "x", "--layers", "logits"], "--layers: 'logits' has no spatial"),
+        (["fit", ".", "--out", "x", "--seed", str(2**63)], "--seed: expected an integer in"),
+        (["fit", __file__, "--out", "x"], "test_cli.py' is a file, not a folder"),
+        (["evaluate", "m", ".", "--out", __file__], "test_cli.py' is a file; expected an output"),
+        (["predict", "m", "x.png", "--out", __file__], "is a file; expected an output folder"),
         (["evaluate", "/no/such/model", "."], "no checkpoint"),
         (["predict", "/no/such/model", "x.png", "--out", "o"], "no checkpoint"),
     ],
@@ -322,3 +328,79 @@ def test_a_second_fit_in_a_new_process_compiles_nothing(subset, tmp_path):
     assert any(name.startswith("jit_") for name in first)
     run_cli("fit", subset, "--out", tmp_path / "b", "--compile-cache", cache, *args)
     assert sorted(p.name for p in cache.iterdir()) == first  # no new program compiled
+
+
+def test_fit_refuses_k_larger_than_the_bank_and_saves_nothing(subset, tmp_path):
+    out = tmp_path / "model"
+    result = run_cli(
+        "fit", subset, "--out", out, "--backbone", "mobilenet_v2", "--sampler", "random",
+        "--coreset-fraction", "0.0001", "--k", "5", "--quiet", check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [  # one line: checked before any work
+        "patchcore-jax: error: num_neighbors (k, --k) = 5 exceeds the memory bank's 1 rows; "
+        "lower k, or fit on more images or a larger coreset_fraction"
+    ]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.write_text("x"), "is a file, not a checkpoint folder"),
+        (lambda p: (p.mkdir(), (p / "a.txt").write_text("x")), "is not a patchcore-jax checkpoint"),
+    ],
+)
+def test_fit_checks_out_before_any_work(subset, tmp_path, make, reason):
+    out = tmp_path / "out"
+    make(out)
+    before = sorted(out.rglob("*")) if out.is_dir() else out.read_text()
+    result = run_cli("fit", subset, "--out", out, "--backbone", "mobilenet_v2", check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(out) in lines[0] and reason in lines[0], result.stderr
+    assert (sorted(out.rglob("*")) if out.is_dir() else out.read_text()) == before
+
+
+def test_fit_over_a_checkpoint_replaces_the_model_and_keeps_other_files(
+    subset, model_dir, tmp_path
+):
+    import shutil
+
+    out = tmp_path / "model"
+    shutil.copytree(model_dir, out)
+    (out / "notes.txt").write_text("mine")
+    run_cli(
+        "fit", subset, "--out", out, "--backbone", "mobilenet_v2", "--sampler", "random",
+        "--coreset-fraction", "0.01", "--seed", "3", "--quiet",
+    )  # fmt: skip
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["CURRENT", "notes.txt", "v000002"]
+    run_cli("predict", out, subset / "test/good", "--out", tmp_path / "pred", "--no-heatmaps")
+    assert (tmp_path / "pred/scores.csv").read_text().count("\n") == 4
+
+
+def test_weights_convert_of_a_corrupt_file_is_one_line(tmp_path):
+    source = tmp_path / "corrupt.safetensors"
+    source.write_bytes(b"\xff" * 64)
+    result = run_cli(
+        "weights", "convert", source, "--arch", "resnet18", "--out-dir", tmp_path, check=False
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{source} is not a readable .safetensors file" in lines[0]
+
+
+def test_version_prints_the_package_version():
+    from patchcore_jax.version import package_version
+
+    result = run_cli("--version")
+    assert result.stdout.strip() == f"patchcore-jax {package_version()}"
+
+
+def test_scores_never_print_as_minus_zero():
+    from patchcore_jax.cli import _format_score
+
+    assert _format_score(-0.0) == "0" and _format_score(0.0) == "0"
+    assert _format_score(float("nan")) == "nan"
+    assert _format_score(1234567.0) == "1.23457e+06" and _format_score(0.5) == "0.5"

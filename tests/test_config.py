@@ -35,6 +35,8 @@ def test_dict_round_trip_is_lossless():
         ({"batch_size": 0}, "batch_size"),
         ({"num_neighbors": True}, "num_neighbors"),
         ({"layers": ()}, "layers"),
+        ({"reweight_neighbors": 1}, r"reweight_neighbors \(b of Eq. 7\) must be an integer >= 2"),
+        ({"reweight_neighbors": 2.0}, r"reweight_neighbors \(b of Eq. 7\) must be an integer >= 2"),
     ],
 )
 def test_invalid_values_name_the_field(changes, message):
@@ -45,6 +47,41 @@ def test_invalid_values_name_the_field(changes, message):
 def test_unknown_fields_are_refused():
     with pytest.raises(ValueError, match="unknown PatchCoreConfig fields"):
         PatchCoreConfig.from_dict({**PatchCoreConfig().to_dict(), "extra": 1})
+
+
+def test_bank_size_must_serve_k_and_b_when_reweighting():
+    PatchCoreConfig(num_neighbors=3).check_bank_size(3)
+    PatchCoreConfig(reweight_neighbors=9).check_bank_size(5)  # b unused without reweighting
+    with pytest.raises(ValueError, match=r"num_neighbors \(k, --k\) = 5 exceeds .* 1 rows"):
+        PatchCoreConfig(num_neighbors=5).check_bank_size(1)
+    with pytest.raises(ValueError, match=r"\(b, --reweight-neighbors\) = 9 exceeds .* 5 rows"):
+        PatchCoreConfig(reweight=True, reweight_neighbors=9).check_bank_size(5)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"seed": 2**63}, r"seed must be an integer in \[0, 2\*\*32\), got 9223372036854775808"),
+        ({"seed": 2**32}, r"seed must be an integer in \[0, 2\*\*32\)"),  # would repeat seed 0
+        ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*32\)"),
+        ({"seed": 1.5}, r"seed must be an integer in \[0, 2\*\*32\), got 1.5"),
+        ({"seed": True}, r"seed must be an integer"),
+        ({"anomaly_map_sigma": float("inf")}, r"anomaly_map_sigma must be a finite number >= 0"),
+        ({"anomaly_map_sigma": float("nan")}, r"anomaly_map_sigma must be a finite number >= 0"),
+        ({"anomaly_map_sigma": -1.0}, r"anomaly_map_sigma must be a finite number >= 0"),
+        ({"layers": "stride8"}, r"layers must be a sequence of stage names, e.g. \('stride8',\)"),
+        ({"layers": ("layer2", "logits")}, r"'logits' has no spatial grid"),
+        ({"layers": ("layer2", 3)}, r"layers: 3 is not a stage name"),
+    ],
+)
+def test_values_that_would_fail_after_feature_extraction_are_refused_up_front(changes, message):
+    with pytest.raises(ValueError, match=message):
+        PatchCoreConfig(**changes)
+
+
+def test_largest_seed_and_sigma_zero_are_accepted():
+    config = PatchCoreConfig(seed=2**32 - 1, anomaly_map_sigma=0)
+    assert (config.seed, config.anomaly_map_sigma) == (2**32 - 1, 0)
 
 
 @pytest.mark.parametrize(

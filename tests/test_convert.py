@@ -185,6 +185,7 @@ def test_missing_weights_name_the_command(tmp_path):
         load_backbone("wide_resnet50_2", weights_dir=tmp_path)
     assert "patchcore-jax weights fetch wide_resnet50_2" in str(error.value)
     assert "patchcore-jax weights convert FILE --arch wide_resnet50_2" in str(error.value)
+    assert "set the PATCHCORE_WEIGHTS environment variable" in str(error.value)
     with pytest.raises(FileNotFoundError, match="--arch mobilenet_v2"):
         load_backbone("mobilenet_v2", weights_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -213,3 +214,33 @@ def test_weights_dir_default(monkeypatch, tmp_path):
     assert weights_dir() == tmp_path
     monkeypatch.delenv("PATCHCORE_WEIGHTS")
     assert weights_dir() == WEIGHTS  # editable install: the checkout's weights/
+
+
+@pytest.mark.parametrize(
+    "suffix, arch, message",
+    [
+        (".pth", "resnet18", r"is not a readable PyTorch state dict: damaged, truncated"),
+        (".safetensors", "resnet18", r"is not a readable \.safetensors file \(safetensors\."),
+        (".tflite", "mobilenet_v2", r"is not a readable TFLite MobileNetV2 file \(struct\.error"),
+    ],
+)
+def test_corrupt_weight_files_are_one_value_error_naming_the_file(tmp_path, suffix, arch, message):
+    if suffix == ".pth":
+        pytest.importorskip("torch")
+    source = tmp_path / f"corrupt{suffix}"
+    source.write_bytes(np.random.default_rng(0).bytes(5000))
+    out = tmp_path / "weights"
+    with pytest.raises(ValueError, match=message) as caught:
+        convert_weights(source, arch, out)
+    assert str(source) in str(caught.value) and "\n" not in str(caught.value)
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_failed_downloads_name_the_url(tmp_path):
+    missing = (tmp_path / "resnet18-00000000.pth").as_uri()
+    with pytest.raises(OSError, match=f"cannot download {missing}: "):
+        fetch_weights("resnet18", tmp_path / "weights", url=missing)
+    refused = "http://127.0.0.1:9/resnet18-00000000.pth"  # nothing listens there (offline too)
+    with pytest.raises(OSError, match=f"cannot download {refused}: .*refused"):
+        fetch_weights("resnet18", tmp_path / "weights", url=refused)
+    assert list((tmp_path / "weights").iterdir()) == []

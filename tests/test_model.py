@@ -101,6 +101,73 @@ def test_bottle_real_data_reference_coreset(bottle):
     assert pixel_auroc >= 0.95
 
 
+# ----------------------------------------------------------------------------------------------
+# Non-finite features (issue 13, item 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """MobileNetV2 on 64-pixel crops (an 8 x 8 grid), unfitted; cheap to compile."""
+    config = PatchCoreConfig(
+        backbone="mobilenet_v2",
+        resize=64,
+        crop=64,
+        pretrain_embed_dimension=64,
+        target_embed_dimension=32,
+        sampler="identity",
+        batch_size=4,
+    )
+    return PatchCore(config, mesh=sharding.single_device_mesh())
+
+
+def test_fit_features_refuses_non_finite_rows_and_counts_them(tiny_model):
+    rows = np.random.default_rng(0).normal(size=(100, 32)).astype(np.float32)
+    rows[[3, 50]] = np.nan
+    rows[70, 5] = np.inf
+    rows[71, :2] = -np.inf
+    with pytest.raises(ValueError, match=r"patch features: 4 of 100 rows are non-finite"):
+        tiny_model.fit_features(rows)
+    assert tiny_model.memory_bank is None  # nothing entered a bank
+    with pytest.raises(ValueError, match=r"memory bank: 1 of 20 rows are non-finite"):
+        PatchCore(tiny_model.config, backbone=tiny_model.backbone, memory_bank=rows[40:60])
+
+
+def test_predict_scores_nan_for_an_image_with_non_finite_features(tiny_model, monkeypatch):
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 256, size=(3, 64, 64, 3), dtype=np.uint8)
+    test = rng.integers(0, 256, size=(4, 64, 64, 3), dtype=np.uint8)
+    model = PatchCore(tiny_model.config, backbone=tiny_model.backbone, mesh=tiny_model.mesh)
+    model.fit(train)
+    clean_scores, clean_maps = model.predict(test)
+    embed = model._embed
+
+    def poisoned(variables, images):  # one NaN feature in image 2, patch 5
+        return embed(variables, images).at[2, 5, 0].set(np.nan)
+
+    monkeypatch.setattr(model, "_embed", poisoned)
+    scores, maps = model.predict(test)
+    assert np.isnan(scores[2]) and np.isnan(maps[2]).any()
+    assert np.all(np.isfinite(clean_scores)) and clean_scores.min() > 0
+    np.testing.assert_array_equal(scores[[0, 1, 3]], clean_scores[[0, 1, 3]])
+    np.testing.assert_array_equal(maps[[0, 1, 3]], clean_maps[[0, 1, 3]])
+
+
+def test_fit_refuses_a_bank_smaller_than_k_or_b(tiny_model):
+    rows = np.random.default_rng(2).normal(size=(5, 32)).astype(np.float32)
+    for changes, message in [
+        ({"num_neighbors": 6}, r"num_neighbors \(k, --k\) = 6 exceeds the memory bank's 5 rows"),
+        ({"reweight": True}, r"reweight_neighbors \(b, --reweight-neighbors\) = 9 exceeds"),
+    ]:
+        config = tiny_model.config.replace(**changes)
+        model = PatchCore(config, backbone=tiny_model.backbone, mesh=tiny_model.mesh)
+        with pytest.raises(ValueError, match=message):
+            model.fit_features(rows)
+        assert model.memory_bank is None  # nothing to save
+    config = tiny_model.config.replace(num_neighbors=5, reweight=True, reweight_neighbors=5)
+    model = PatchCore(config, backbone=tiny_model.backbone, mesh=tiny_model.mesh)
+    assert model.fit_features(rows).memory_bank.shape == (5, 32)
+
+
 @pytest.mark.parametrize(
     "images, described",
     [

@@ -142,7 +142,7 @@ def test_reweighting_equals_plain_numpy_eq7():
 @settings(max_examples=12, deadline=None)
 @given(
     scale=st.floats(min_value=1.0, max_value=5000.0),
-    neighbours=st.integers(min_value=1, max_value=12),
+    neighbours=st.integers(min_value=2, max_value=12),
     seed=st.integers(min_value=0, max_value=2**16),
     distance=st.sampled_from(["squared_l2", "l2"]),
 )
@@ -164,8 +164,75 @@ def test_reweighting_is_finite_and_within_zero_and_max_score(scale, neighbours, 
     image_scores = np.asarray(result.image_scores)
     assert np.all(np.isfinite(image_scores))
     assert np.all(image_scores >= 0) and np.all(image_scores <= top_scores)
-    if neighbours == 1:  # N_1(m*) = {m*}: the weight is exactly 0
-        np.testing.assert_array_equal(image_scores, 0.0)
+
+
+def test_reweight_neighbors_outside_two_to_bank_size_is_refused():
+    bank = np.random.default_rng(7).normal(size=(10, 4)).astype(np.float32)
+    features = np.zeros((1, 6, 4), np.float32)
+    for b in (1, 11):
+        with pytest.raises(
+            ValueError, match=rf"reweight_neighbors={b} .*\[2, memory bank size 10\]"
+        ):
+            scoring.score_patch_features(
+                features, bank, (2, 3), (4, 4), reweight=True, reweight_neighbors=b
+            )
+    result = scoring.score_patch_features(
+        features, bank, (2, 3), (4, 4), reweight=True, reweight_neighbors=10
+    )
+    assert np.all(np.asarray(result.image_scores) < np.asarray(result.patch_scores).max(axis=1))
+
+
+@pytest.fixture(scope="module")
+def bottle_features():
+    """MobileNetV2 patch features of real bottle images: (bank [235, 256], test [4, 784, 256])."""
+    from conftest import BOTTLE
+
+    from patchcore_jax import PatchCore, PatchCoreConfig
+    from patchcore_jax.data import load_dataset
+    from patchcore_jax.preprocess import load_images
+
+    dataset = load_dataset(BOTTLE)
+    config = PatchCoreConfig(
+        backbone="mobilenet_v2",
+        pretrain_embed_dimension=256,
+        target_embed_dimension=256,
+        sampler="random",
+        coreset_fraction=0.1,
+    )
+    model = PatchCore(config, mesh=sharding.single_device_mesh())
+    model.fit(load_images(dataset.train_paths[:3]))
+    good = [s.image_path for s in dataset.test_samples if s.label == 0][:2]
+    bad = [s.image_path for s in dataset.test_samples if s.label == 1][::30][:2]
+    test = np.asarray(model.patch_features(load_images(good + bad))).reshape(4, 784, 256)
+    return np.asarray(model.memory_bank), test
+
+
+@pytest.mark.parametrize("b", [2, 3, 9])
+def test_reweighting_on_real_bottle_features_changes_scores_and_equals_float64_eq7(
+    bottle_features, b
+):
+    bank, test = bottle_features
+    weights = {}
+    for distance in ("squared_l2", "l2"):
+        options = dict(distance=distance, num_neighbors=1, sigma=4.0)
+        plain = scoring.score_patch_features(test, bank, (28, 28), (224, 224), **options)
+        result = scoring.score_patch_features(
+            test, bank, (28, 28), (224, 224), reweight=True, reweight_neighbors=b, **options
+        )
+        expected = _eq7_numpy(
+            test.astype(np.float64),
+            bank.astype(np.float64),
+            np.asarray(result.patch_scores, np.float64),
+            np.asarray(result.nearest_indices)[..., 0],
+            b,
+        )
+        np.testing.assert_allclose(np.asarray(result.image_scores), expected, rtol=2e-6)
+        weights[distance] = np.asarray(result.image_scores) / np.asarray(plain.image_scores)
+        assert np.all(weights[distance] < 1.0)  # the option changes every image score
+    # The weights use Euclidean distances whatever the patch-score distance is.
+    np.testing.assert_allclose(weights["squared_l2"], weights["l2"], rtol=1e-6)
+    if b == 2:  # the smallest neighbourhood: weights far from 1
+        assert weights["l2"].min() < 0.9
 
 
 @pytest.mark.parametrize("bank_shards", [1, 2, 8])
@@ -212,3 +279,65 @@ def test_bad_input_raises():
         scoring.nearest_neighbors(features[0], bank, 11)
     with pytest.raises(ValueError, match="queries"):
         scoring.nearest_neighbors(np.zeros((3, 5), np.float32), bank)
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite values (issue 13, item 1)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("bank_shards", [1, 4])
+def test_non_finite_patch_features_score_nan_and_leave_other_scores_unchanged(
+    k, bad_value, bank_shards
+):
+    rng = np.random.default_rng(11)
+    bank = rng.normal(size=(37, 16)).astype(np.float32)
+    features = rng.normal(size=(3, 6, 16)).astype(np.float32)
+    clean = scoring.score_patch_features(
+        features, bank, (2, 3), (4, 6), num_neighbors=k, sigma=1.0, bank_block_size=16
+    )
+    poisoned = features.copy()
+    poisoned[1, 4, 7] = bad_value
+    mesh = sharding.make_mesh(bank_shards=bank_shards)
+    result = scoring.score_patch_features(
+        poisoned, bank, (2, 3), (4, 6), num_neighbors=k, sigma=1.0, bank_block_size=16, mesh=mesh
+    )
+    image_scores = np.asarray(result.image_scores)
+    patch_scores = np.asarray(result.patch_scores)
+    assert np.isnan(image_scores[1])  # never 0 ("perfectly normal"), never a finite number
+    assert np.isnan(patch_scores[1, 4]) and np.all(np.isnan(np.asarray(result.anomaly_maps)[1]))
+    assert np.all(np.asarray(result.nearest_indices)[1, 4] == np.iinfo(np.int32).max)
+    # Every other patch and image is exactly what it is without the bad value.
+    others = np.ones(patch_scores.shape, bool)
+    others[1, 4] = False
+    np.testing.assert_array_equal(patch_scores[others], np.asarray(clean.patch_scores)[others])
+    np.testing.assert_array_equal(image_scores[[0, 2]], np.asarray(clean.image_scores)[[0, 2]])
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_nan_bank_row_is_never_anyones_nearest_neighbor(k):
+    rng = np.random.default_rng(12)
+    bank = rng.normal(size=(30, 8)).astype(np.float32)
+    queries = np.concatenate([bank[:10] + 1e-3, rng.normal(size=(5, 8)).astype(np.float32)])
+    poisoned = bank.copy()
+    poisoned[3, 2] = np.nan  # queries[3] sits right next to this row
+    distances, indices = scoring.nearest_neighbors(queries, poisoned, k, bank_block_size=8)
+    kept = np.delete(np.arange(30), 3)
+    expected_distances, expected_positions = _dense_knn(queries, bank[kept], k)
+    np.testing.assert_array_equal(np.asarray(indices), kept[expected_positions])
+    np.testing.assert_allclose(np.asarray(distances), expected_distances, rtol=1e-4, atol=1e-5)
+    # A bank with fewer finite rows than k leaves the missing neighbour NaN, not inf or 0.
+    distances, _ = scoring.nearest_neighbors(queries[:2], poisoned[2:5], 3)
+    assert np.all(np.isfinite(np.asarray(distances)[:, :2]))
+    assert np.all(np.isnan(np.asarray(distances)[:, 2]))
+
+
+@pytest.mark.parametrize("squared", [True, False])
+def test_rounding_below_zero_clamps_to_positive_zero(squared):
+    rng = np.random.default_rng(13)
+    bank = (rng.normal(size=(64, 32)) * 100).astype(np.float32)
+    distances, indices = scoring.nearest_neighbors(bank, bank, 1, squared=squared)
+    np.testing.assert_array_equal(np.asarray(indices)[:, 0], np.arange(64))
+    assert np.all(np.asarray(distances) == 0.0)
+    assert not np.any(np.signbit(np.asarray(distances)))  # +0, so "-0" is never printed

@@ -223,7 +223,8 @@ def _missing_weights(name: str, directory: Path) -> FileNotFoundError:
         )
     return FileNotFoundError(
         f"no weights for {name} in {directory} (expected {name}.msgpack + {name}.json); {how}. "
-        "Set PATCHCORE_WEIGHTS or pass weights_dir to use another folder."
+        "To use another folder, set the PATCHCORE_WEIGHTS environment variable to it "
+        "(in Python: load_backbone(..., weights_dir=...))."
     )
 
 

@@ -219,7 +219,12 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
-        return dict(load_file(str(path)))
+        try:
+            return dict(load_file(str(path)))
+        except Exception as error:  # SafetensorError and friends: a damaged or foreign file
+            raise ValueError(
+                f"{path} is not a readable .safetensors file ({_first_line(error)})"
+            ) from error
     if path.suffix in (".pth", ".pt", ".bin"):
         try:
             import torch
@@ -228,7 +233,13 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
                 f"reading {path.name} needs PyTorch: pip install 'patchcore-jax[torch]' "
                 "(or convert a .safetensors copy of the weights, which needs no torch)"
             ) from error
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as error:  # UnpicklingError, RuntimeError, EOFError: damaged or foreign
+            raise ValueError(
+                f"{path} is not a readable PyTorch state dict: damaged, truncated or not written "
+                f"by torch.save ({type(error).__name__})"
+            ) from error
         if isinstance(loaded, Mapping) and "state_dict" in loaded:
             loaded = loaded["state_dict"]
         if not isinstance(loaded, Mapping):
@@ -343,7 +354,27 @@ class _TFLiteGraph:
         return options
 
 
+def _first_line(error: BaseException) -> str:
+    """``module.Type: first line`` of an error, short enough for a one-line report."""
+    kind, module = type(error).__qualname__, type(error).__module__.split(".")[0]
+    kind = kind if module == "builtins" else f"{module.lstrip('_')}.{kind}"
+    text = str(error).strip()
+    return f"{kind}: {text.splitlines()[0][:200]}" if text else kind
+
+
 def read_tflite(path: str | Path) -> tuple[MobileNetV2Layout, dict[str, Any]]:
+    """``_read_tflite``, reporting a damaged or foreign file as one ValueError naming it."""
+    try:
+        return _read_tflite(path)
+    except (ValueError, ImportError, OSError):
+        raise
+    except Exception as error:  # struct.error, IndexError, ... from the flatbuffer reader
+        raise ValueError(
+            f"{path} is not a readable TFLite MobileNetV2 file ({_first_line(error)})"
+        ) from error
+
+
+def _read_tflite(path: str | Path) -> tuple[MobileNetV2Layout, dict[str, Any]]:
     """Maps a TFLite MobileNetV2's operators onto ``MobileNetV2`` and dequantises its weights.
 
     Recognised sequence: [QUANTIZE] CONV_2D (stem); per block [CONV_2D expand] [PAD]
@@ -623,7 +654,12 @@ def _download(url: str, destination: Path, name: str) -> str:
     from tqdm.auto import tqdm
 
     digest = hashlib.sha256()
-    with urllib.request.urlopen(url) as response, open(destination, "wb") as out:
+    try:
+        response = urllib.request.urlopen(url)
+    except (OSError, ValueError) as error:  # URLError (offline, DNS, HTTP 404) is an OSError
+        reason = getattr(error, "reason", None) or error
+        raise OSError(f"cannot download {url}: {reason}") from error
+    with response, open(destination, "wb") as out:
         length = response.headers.get("Content-Length")
         with tqdm(
             total=int(length) if length else None,
