@@ -404,3 +404,20 @@ def test_scores_never_print_as_minus_zero():
     assert _format_score(-0.0) == "0" and _format_score(0.0) == "0"
     assert _format_score(float("nan")) == "nan"
     assert _format_score(1234567.0) == "1.23457e+06" and _format_score(0.5) == "0.5"
+
+
+def test_evaluate_reads_every_mask_before_scoring_any_image(model_dir, subset, tmp_path):
+    root = tmp_path / "cat"
+    (root / "ground_truth").mkdir(parents=True)
+    (root / "test").symlink_to(subset / "test", target_is_directory=True)
+    for defect in ("broken_large", "broken_small", "contamination"):
+        (root / "ground_truth" / defect).symlink_to(subset / "ground_truth" / defect)
+    damaged = root / "ground_truth" / "broken_small"
+    damaged.unlink()
+    damaged.mkdir()
+    original = subset / "ground_truth/broken_small/000_mask.png"
+    (damaged / original.name).write_bytes(original.read_bytes()[:200])  # header fine, data cut
+    result = run_cli("evaluate", model_dir, root, "--out", tmp_path / "e", check=False)
+    assert result.returncode == 2 and str(damaged / original.name) in result.stderr
+    assert "scoring" not in result.stderr  # no image was scored
+    assert not (tmp_path / "e").exists()
