@@ -9,18 +9,15 @@ present are not fetched again.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 from patchcore_jax.data import MVTEC_AD_CATEGORIES
+from patchcore_jax.files import download_file
 
 MVTEC_AD_URL = (
     "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/"
@@ -29,34 +26,6 @@ MVTEC_AD_URL = (
 MVTEC_AD_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
 # Files beside the categories in the archive (the licence and the dataset's readme).
 _ARCHIVE_NOTES = ("license.txt", "readme.txt")
-
-
-def download(url: str, destination: Path, description: str) -> str:
-    """Streams ``url`` into ``destination`` with a progress bar; returns the hex sha256.
-
-    Raises OSError naming the URL when it cannot be read (offline, not found, refused).
-    """
-    from tqdm.auto import tqdm
-
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url) as response, open(destination, "wb") as out:
-            length = response.headers.get("Content-Length")
-            with tqdm(
-                total=int(length) if length else None,
-                desc=f"downloading {description}",
-                unit="B",
-                unit_scale=True,
-                file=sys.stderr,
-            ) as bar:
-                for chunk in iter(lambda: response.read(1 << 20), b""):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-    except (urllib.error.URLError, ValueError) as error:
-        reason = getattr(error, "reason", error)
-        raise OSError(f"cannot download {url}: {reason}") from error
-    return digest.hexdigest()
 
 
 def _complete(category_dir: Path) -> bool:
@@ -106,7 +75,7 @@ def fetch_mvtec_ad(
     os.close(handle)
     archive = Path(temporary)
     try:
-        digest = download(url, archive, "MVTec AD")
+        digest = download_file(url, archive, "MVTec AD")
         if digest != sha256:
             raise ValueError(
                 f"{url}: sha256 {digest} is not the expected {sha256}; the download is corrupt "

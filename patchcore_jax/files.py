@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,3 +94,32 @@ def output_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
                 entry.unlink()
         (folder / OUTPUT_MARKER).touch()
         yield folder
+
+
+def download_file(url: str, destination: Path, name: str) -> str:
+    """Streams ``url`` into ``destination`` with a progress bar; returns the hex sha256.
+
+    Raises OSError naming the URL when it cannot be opened (offline, not found, refused).
+    """
+    from tqdm.auto import tqdm
+
+    digest = hashlib.sha256()
+    try:
+        response = urllib.request.urlopen(url)
+    except (OSError, ValueError) as error:  # URLError (offline, DNS, HTTP 404) is an OSError
+        reason = getattr(error, "reason", None) or error
+        raise OSError(f"cannot download {url}: {reason}") from error
+    with response, open(destination, "wb") as out:
+        length = response.headers.get("Content-Length")
+        with tqdm(
+            total=int(length) if length else None,
+            desc=f"downloading {name}",
+            unit="B",
+            unit_scale=True,
+            file=sys.stderr,
+        ) as bar:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+    return digest.hexdigest()

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 import tempfile
 import urllib.parse
 import urllib.request
@@ -35,7 +34,7 @@ from patchcore_jax.backbones.mobilenet_v2 import (
     MobileNetV2Layout,
 )
 from patchcore_jax.backbones.resnet import RESNET_ARCHITECTURES, RESNET_STAGES, ResNet, resnet
-from patchcore_jax.files import atomic_path
+from patchcore_jax.files import atomic_path, download_file
 from patchcore_jax.version import package_version
 
 MANIFEST_FORMAT = "patchcore_jax.backbone_weights/1"
@@ -649,32 +648,6 @@ def _convert(source: Path, arch: str, out_dir: str | Path | None, source_name: s
 # --------------------------------------------------------------------------- download
 
 
-def _download(url: str, destination: Path, name: str) -> str:
-    """Streams ``url`` into ``destination`` with a progress bar; returns the hex sha256."""
-    from tqdm.auto import tqdm
-
-    digest = hashlib.sha256()
-    try:
-        response = urllib.request.urlopen(url)
-    except (OSError, ValueError) as error:  # URLError (offline, DNS, HTTP 404) is an OSError
-        reason = getattr(error, "reason", None) or error
-        raise OSError(f"cannot download {url}: {reason}") from error
-    with response, open(destination, "wb") as out:
-        length = response.headers.get("Content-Length")
-        with tqdm(
-            total=int(length) if length else None,
-            desc=f"downloading {name}",
-            unit="B",
-            unit_scale=True,
-            file=sys.stderr,
-        ) as bar:
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                out.write(chunk)
-                digest.update(chunk)
-                bar.update(len(chunk))
-    return digest.hexdigest()
-
-
 def fetch_weights(name: str, out_dir: str | Path | None = None, url: str | None = None) -> Path:
     """Downloads torchvision's ImageNet weights for ``name``, verifies them, and converts them.
 
@@ -703,7 +676,7 @@ def fetch_weights(name: str, out_dir: str | Path | None = None, url: str | None 
     os.close(handle)
     download = Path(temporary)
     try:
-        digest = _download(url, download, file_name)
+        digest = download_file(url, download, file_name)
         if not digest.startswith(expected_prefix):
             raise ValueError(
                 f"{url}: sha256 {digest} does not start with {expected_prefix}; "
