@@ -3,6 +3,7 @@
 patchcore-jax fit DATA --out MODEL [options]
 patchcore-jax predict MODEL IMAGE_OR_FOLDER... --out DIR [--masks]
 patchcore-jax evaluate MODEL DATA [--out DIR]
+patchcore-jax export MODEL --out FILE [--platforms cpu,cuda,tpu]
 patchcore-jax split --good DIR --defect [NAME=]DIR ... --out ROOT
 patchcore-jax weights convert FILE --arch NAME | weights fetch NAME | weights list
 """
@@ -84,6 +85,14 @@ def _quantile(text: str) -> float:
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a quantile in (0, 1], got {text!r}")
     return value
+
+
+def _platforms(text: str) -> tuple[str, ...]:
+    platforms = tuple(name.strip() for name in text.split(",") if name.strip())
+    known = ("cpu", "cuda", "tpu")
+    if not platforms or any(name not in known for name in platforms):
+        raise argparse.ArgumentTypeError(f"expected names among {','.join(known)}, got {text!r}")
+    return platforms
 
 
 def _layers(text: str) -> tuple[str, ...]:
@@ -341,6 +350,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the previous results in --out (only a folder patchcore-jax wrote)",
     )
     _add_run_options(evaluate)
+
+    export = commands.add_parser(
+        "export",
+        help="serialise a model's inference for deployment (jax.export, StableHLO)",
+        description="Write MODEL's whole inference (uint8 crops -> image scores, normalised "
+        "scores, decisions, anomaly maps; weights and memory bank included, any batch size) "
+        "to FILE; run it with patchcore_jax.exported.load(FILE), which needs only jax and numpy.",
+    )
+    export.add_argument("model", help="checkpoint folder written by `fit` (calibrated)")
+    export.add_argument("--out", required=True, metavar="FILE", help="export file to write")
+    export.add_argument(
+        "--platforms",
+        type=_platforms,
+        default=None,
+        help="comma-separated among cpu,cuda,tpu (default: cpu and each other platform that "
+        "lowers on this machine)",
+    )
 
     split = commands.add_parser(
         "split",
@@ -849,6 +875,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from patchcore_jax.export import export_model
+    from patchcore_jax.model import PatchCore
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; give a file name")
+    model = PatchCore.load(args.model)
+    metadata = export_model(model, out, platforms=args.platforms)
+    _say(f"exported {args.model} for {', '.join(metadata['platforms'])} to {out}")
+    return 0
+
+
 def _split(args: argparse.Namespace) -> int:
     from patchcore_jax import split
 
@@ -912,6 +951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fit": _fit,
         "predict": _predict,
         "evaluate": _evaluate,
+        "export": _export,
         "split": _split,
         "weights": _weights,
     }
