@@ -399,3 +399,18 @@ def test_uncalibrated_models_say_so_instead_of_deciding(tmp_path):
     )
     assert held.returncode == 2 and len(held.stderr.strip().splitlines()) == 1
     assert "--held-out-fraction" in held.stderr and "no training images" in held.stderr
+
+
+def test_fit_with_a_labelled_validation_folder_stores_the_f1_optimal_threshold(subset, tmp_path):
+    model = tmp_path / "m"
+    args = ["--backbone", "mobilenet_v2", "--coreset-fraction", "0.05", "--quiet"]
+    result = run_cli("fit", subset, "--out", model, "--validation", subset, *args)
+    assert "F1-optimal on 6 validation images" in result.stderr
+    run_cli("evaluate", model, subset, "--out", tmp_path / "eval", "--no-heatmaps", "--quiet")
+    results = json.loads((tmp_path / "eval/metrics.json").read_text())
+    calibrated = results["confusion"]["calibrated"]
+    assert calibrated["threshold"] == pytest.approx(results["f1_threshold"], rel=1e-6)
+    assert (
+        calibrated["false_positives"] + calibrated["false_negatives"]
+        == (results["num_misclassified"])
+    )
