@@ -411,7 +411,9 @@ class PatchCore:
             if self_excluded:
                 ids = np.arange(start, start + self._batch_size, dtype=np.int32)
                 ids[num_valid:] = -2  # padding: matches no bank row's image
-                result = score(global_batch, ids, self.memory_bank, sources)
+                # Split like the batch (every process passes the same rows; each reads its own).
+                global_ids = jax.make_array_from_process_local_data(self._batch_sharding, ids)
+                result = score(global_batch, global_ids, self.memory_bank, sources)
             else:
                 result = self._score(global_batch, self.memory_bank)
             scores.append(sharding.process_local_rows(result.image_scores)[:num_valid])
