@@ -6,15 +6,23 @@ Public API::
 
 The device stages are importable on their own for use in other JAX programs:
 ``patchcore_jax.features``, ``patchcore_jax.coreset``, ``patchcore_jax.scoring``,
-``patchcore_jax.sharding`` and ``patchcore_jax.backbones``.
+``patchcore_jax.sharding`` and ``patchcore_jax.backbones``. Names are imported on first use, so
+``patchcore_jax.exported`` (the deployment loader) runs with jax and numpy alone.
 """
 
-from patchcore_jax.checkpoint import CheckpointError, load, save
-from patchcore_jax.config import PatchCoreConfig
-from patchcore_jax.model import PatchCore, embed_images
-from patchcore_jax.version import package_version
+from __future__ import annotations
 
-__version__ = package_version()
+import importlib
+from typing import Any
+
+_LAZY = {
+    "CheckpointError": "patchcore_jax.checkpoint",
+    "load": "patchcore_jax.checkpoint",
+    "save": "patchcore_jax.checkpoint",
+    "PatchCoreConfig": "patchcore_jax.config",
+    "PatchCore": "patchcore_jax.model",
+    "embed_images": "patchcore_jax.model",
+}
 
 __all__ = [
     "CheckpointError",
@@ -25,3 +33,20 @@ __all__ = [
     "load",
     "save",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from patchcore_jax.version import package_version
+
+        value = package_version()
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    else:
+        raise AttributeError(f"module 'patchcore_jax' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -146,6 +146,8 @@ def save(model: PatchCore, path: str | os.PathLike, *, overwrite: bool = True) -
             "dtype": "float32",
             "sha256": _bank_digest(memory_bank),
         },
+        # Thresholds and the calibration score distributions (None: not calibrated).
+        "calibration": None if model.calibration is None else model.calibration.to_dict(),
     }
     ocp, checkpointer = _checkpointer()
     # With several processes all of them write through orbax (it coordinates them), and
@@ -410,7 +412,10 @@ def load(
     record = _read_record(target, folder)
     try:
         # Checkpoints from before the probe existed were fitted with pristine statistics.
-        config = PatchCoreConfig.from_dict({"batch_norm_probe": False, **record["config"]})
+        # ... and without calibration.
+        config = PatchCoreConfig.from_dict(
+            {"batch_norm_probe": False, "calibration": "none", **record["config"]}
+        )
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{target}: invalid recorded config: {error}") from error
     if expected_config is not None and expected_config != config:
@@ -472,4 +477,12 @@ def load(
             f"{target}: the memory bank's contents do not match its recorded sha256; "
             "the checkpoint is damaged"
         )
-    return PatchCore(config, backbone=backbone, mesh=mesh, memory_bank=memory_bank)
+    model = PatchCore(config, backbone=backbone, mesh=mesh, memory_bank=memory_bank)
+    if record.get("calibration") is not None:
+        from patchcore_jax.calibration import Calibration
+
+        try:
+            model.calibration = Calibration.from_dict(record["calibration"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{target}: invalid recorded calibration: {error}") from error
+    return model

@@ -1,8 +1,9 @@
 """The ``patchcore-jax`` command: thin argument parsing over the library API.
 
 patchcore-jax fit DATA --out MODEL [options]
-patchcore-jax predict MODEL IMAGE_OR_FOLDER... --out DIR
+patchcore-jax predict MODEL IMAGE_OR_FOLDER... --out DIR [--masks]
 patchcore-jax evaluate MODEL DATA [--out DIR]
+patchcore-jax export MODEL --out FILE [--platforms cpu,cuda,tpu]
 patchcore-jax split --good DIR --defect [NAME=]DIR ... --out ROOT
 patchcore-jax data fetch mvtec-ad [--categories a,b] [--out DIR]
 patchcore-jax weights convert FILE --arch NAME | weights fetch NAME | weights list
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from patchcore_jax.config import (
+    CALIBRATIONS,
     DISTANCES,
     NON_SPATIAL_STAGES,
     RESIZE_MODES,
@@ -95,6 +97,24 @@ def _mask_threshold(text: str) -> int:
     if not 1 <= value <= 255:
         raise argparse.ArgumentTypeError(f"expected an integer in 1..255, got {text!r}")
     return value
+
+
+def _quantile(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a quantile in (0, 1], got {text!r}")
+    return value
+
+
+def _platforms(text: str) -> tuple[str, ...]:
+    platforms = tuple(name.strip() for name in text.split(",") if name.strip())
+    known = ("cpu", "cuda", "tpu")
+    if not platforms or any(name not in known for name in platforms):
+        raise argparse.ArgumentTypeError(f"expected names among {','.join(known)}, got {text!r}")
+    return platforms
 
 
 def _layers(text: str) -> tuple[str, ...]:
@@ -319,19 +339,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--out", required=True, help="checkpoint folder to write")
     _add_model_options(fit)
+    defaults = PatchCoreConfig()
+    calibration = fit.add_argument_group(
+        "calibration (decision thresholds without defect images; see README)"
+    )
+    calibration.add_argument(
+        "--calibration",
+        choices=CALIBRATIONS,
+        default=None,
+        help="self-excluded: score each training image against the bank without its own rows "
+        "(bank unchanged; the default); held-out: keep --held-out-fraction of the training "
+        "images out of the bank and score them; none: no thresholds",
+    )
+    calibration.add_argument(
+        "--held-out-fraction",
+        type=_fraction,
+        default=None,
+        help="fraction of the training images held out (implies --calibration held-out; "
+        f"default {defaults.calibration_fraction})",
+    )
+    calibration.add_argument(
+        "--threshold-quantile",
+        type=_quantile,
+        default=defaults.threshold_quantile,
+        help="thresholds are this quantile of the nominal calibration scores "
+        "(default: %(default)s)",
+    )
+    calibration.add_argument(
+        "--validation",
+        type=_existing_dir,
+        default=None,
+        metavar="DIR",
+        help="calibrate on this folder instead: MVTec layout (DIR/test, DIR/ground_truth; "
+        "F1-optimal thresholds) or a folder of good images (quantile thresholds)",
+    )
     _add_run_options(fit)
 
     predict = commands.add_parser(
         "predict",
         help="score images with a fitted model",
-        description="Score images; writes scores.csv and, per image, a heatmap PNG into --out.",
+        description="Score images; writes scores.csv (raw and normalised score, decision) and, "
+        "per image, a heatmap PNG (and with --masks a defect mask) into --out.",
     )
     predict.add_argument("model", help="checkpoint folder written by `fit`")
     predict.add_argument("images", nargs="+", help="image files or folders of images")
     predict.add_argument(
         "--out", required=True, type=_output_dir, help="output folder (created if missing)"
     )
-    predict.add_argument("--no-heatmaps", action="store_true", help="write scores.csv only")
+    predict.add_argument("--no-heatmaps", action="store_true", help="write no heatmap PNGs")
+    predict.add_argument(
+        "--masks",
+        action="store_true",
+        help="write binary defect masks (PNG, 255 = defect, at the calibrated pixel threshold) "
+        "into masks/",
+    )
     predict.add_argument(
         "--recursive", action="store_true", help="also take images in sub-folders of folders"
     )
@@ -373,6 +434,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the previous results in --out (only a folder patchcore-jax wrote)",
     )
     _add_run_options(evaluate)
+
+    export = commands.add_parser(
+        "export",
+        help="serialise a model's inference for deployment (jax.export, StableHLO)",
+        description="Write MODEL's whole inference (uint8 crops -> image scores, normalised "
+        "scores, decisions, anomaly maps; weights and memory bank included, any batch size) "
+        "to FILE; run it with patchcore_jax.exported.load(FILE), which needs only jax and numpy.",
+    )
+    export.add_argument("model", help="checkpoint folder written by `fit` (calibrated)")
+    export.add_argument("--out", required=True, metavar="FILE", help="export file to write")
+    export.add_argument(
+        "--platforms",
+        type=_platforms,
+        default=None,
+        help="comma-separated among cpu,cuda,tpu (default: cpu and each other platform that "
+        "lowers on this machine)",
+    )
 
     split = commands.add_parser(
         "split",
@@ -621,8 +699,49 @@ def _contour_mask(path: Path, config: PatchCoreConfig) -> np.ndarray | None:
 # ---------------------------------------------------------------------------- commands
 
 
+def _calibration_choice(args: argparse.Namespace) -> str:
+    """--calibration, --held-out-fraction and --validation as one config value."""
+    if args.validation is not None:
+        if args.calibration not in (None, "none") or args.held_out_fraction is not None:
+            raise ValueError(
+                "--validation calibrates on its own folder; drop --calibration/--held-out-fraction"
+            )
+        return "none"  # the bank is fitted alone; the validation set calibrates it afterwards
+    if args.held_out_fraction is not None:
+        if args.calibration not in (None, "held-out"):
+            raise ValueError("--held-out-fraction needs --calibration held-out (or none given)")
+        return "held-out"
+    return args.calibration or "self-excluded"
+
+
+def _validation_set(folder: Path, config: PatchCoreConfig):
+    """(paths, labels or None, masks or None) of a --validation folder: MVTec layout (labelled,
+    with masks) if it has test/, else its good images (train/good, train/ or the folder)."""
+    from patchcore_jax import data, preprocess
+
+    if not (folder / "test").is_dir():
+        return data.load_train_paths(folder), None, None
+    dataset = data.load_dataset(folder, train=False)
+    data.validate_masks(dataset)
+    paths = dataset.test_image_paths
+    masks = preprocess.load_masks(
+        dataset.test_mask_paths,
+        **_image_options(config),
+        image_paths=paths,
+        threshold=config.mask_threshold,
+    )
+    return paths, dataset.test_labels, masks
+
+
+def _counted(batches, bar):
+    """Passes ``batches`` through, advancing ``bar`` by each batch's size."""
+    for batch in batches:
+        yield batch
+        bar.update(len(batch))
+
+
 def _fit(args: argparse.Namespace) -> int:
-    from patchcore_jax import checkpoint, data, preprocess
+    from patchcore_jax import calibration, checkpoint, data, preprocess
     from patchcore_jax.model import PatchCore
 
     checkpoint.check_destination(args.out)  # a bad --out fails now, not after the work
@@ -652,8 +771,21 @@ def _fit(args: argparse.Namespace) -> int:
         reweight_neighbors=args.reweight_neighbors,
         seed=args.seed,
         batch_size=args.batch_size,
+        calibration=_calibration_choice(args),
+        threshold_quantile=args.threshold_quantile,
+        **(
+            {}
+            if args.held_out_fraction is None
+            else {"calibration_fraction": args.held_out_fraction}
+        ),
     )
     paths = data.load_train_paths(args.data)
+    if config.calibration == "held-out":
+        try:
+            calibration.held_out_images(len(paths), config.calibration_fraction, config.seed)
+        except ValueError as error:
+            raise ValueError(f"--held-out-fraction: {error}") from None
+    validation = _validation_set(args.validation, config) if args.validation else None
     model = PatchCore(config, mesh=_mesh(args.bank_shards))
     config.check_bank_size(model.bank_size(len(paths)))  # before any work
     _say(f"fitting {config.backbone} on {len(paths)} images of {args.data}")
@@ -661,6 +793,14 @@ def _fit(args: argparse.Namespace) -> int:
         batches = preprocess.iter_image_batches(paths, config.batch_size, **_image_options(config))
         bank_features = model.patch_features(batches, progress=bar.update)
     model.fit_features(bank_features, log=_say)
+    if validation is not None:
+        val_paths, labels, masks = validation
+        with _progress(len(val_paths), "validation", args.quiet) as bar:
+            batches = preprocess.iter_image_batches(
+                val_paths, config.batch_size, **_image_options(config)
+            )
+            model.calibrate(_counted(batches, bar), labels=labels, masks=masks)
+        _say(f"calibration: {model.calibration.describe()}")
     _say(f"saved model to {model.save(args.out)}")
     return 0
 
@@ -670,6 +810,12 @@ def _predict(args: argparse.Namespace) -> int:
     from patchcore_jax.model import PatchCore
 
     model = PatchCore.load(args.model, mesh=_mesh(args.bank_shards))  # checked first
+    calibration = model.calibration
+    if args.masks and calibration is None:
+        raise ValueError(
+            f"--masks needs a calibrated model; {args.model} has no calibration (fitted with "
+            "--calibration none or by an older version): refit it"
+        )
     paths, names = _output_names(args.images, args.recursive)
     with output_folder(args.out, overwrite=args.overwrite) as out_dir:
         scores, maps, images = _score_paths(model, paths, args.quiet, not args.no_heatmaps)
@@ -679,20 +825,55 @@ def _predict(args: argparse.Namespace) -> int:
             heatmaps = _save_heatmaps(
                 out_dir / "heatmaps", names, paths, images, scores, maps, masks, args.quiet
             )
+        mask_files = [""] * len(paths)
+        if calibration is None:
+            normalized, decisions = [""] * len(paths), [""] * len(paths)
+        else:
+            normalized = [_format_score(s) for s in calibration.normalize_image_scores(scores)]
+            decisions = [int(d) for d in calibration.decisions(scores)]
+            if args.masks:
+                mask_files = _save_masks(out_dir / "masks", names, calibration.defect_masks(maps))
         _write_csv(
             out_dir / "scores.csv",
-            ["image", "name", "score", "heatmap"],
+            ["image", "name", "score", "normalized_score", "anomalous", "heatmap", "mask"],
             [
-                [str(path), name, _format_score(score), heatmap]
-                for path, name, score, heatmap in zip(paths, names, scores, heatmaps, strict=True)
+                [str(path), name, _format_score(score), *rest]
+                for path, name, score, *rest in zip(
+                    paths, names, scores, normalized, decisions, heatmaps, mask_files, strict=True
+                )
             ],
         )
     _say(
         f"scored {len(paths)} images (scores {_format_score(scores.min())} .. "
         f"{_format_score(scores.max())}); wrote {out_dir / 'scores.csv'}"
         + ("" if args.no_heatmaps else f" and {len(paths)} heatmaps")
+        + (f" and {len(paths)} masks" if args.masks else "")
     )
+    if calibration is None:
+        _say(
+            f"{args.model} has no calibration (fitted with --calibration none or by an older "
+            "version): no decisions; refit to get thresholds"
+        )
+    else:
+        _say(f"{sum(decisions)} of {len(paths)} images anomalous ({calibration.describe()})")
     return 0
+
+
+def _save_masks(out_dir: Path, names: Sequence[str], masks: np.ndarray) -> list[str]:
+    """Binary defect masks as PNGs (255 = defect) named like the heatmaps; returns their paths
+    relative to ``out_dir.parent``."""
+    from PIL import Image
+
+    from patchcore_jax.files import atomic_path
+
+    written = []
+    for name, mask in zip(_heatmap_names(names), masks, strict=True):
+        target = out_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+        written.append(target.relative_to(out_dir.parent).as_posix())
+    return written
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -740,10 +921,25 @@ def _evaluate(args: argparse.Namespace) -> int:
             )
         f1_threshold = results["f1_threshold"]
         notes = metrics.missing_metric_reasons(results)
+        calibration = model.calibration
+        thresholds = {
+            "calibrated": None if calibration is None else calibration.image_threshold,
+            "f1_optimal": f1_threshold,
+        }
+        confusion = {
+            name: None
+            if threshold is None
+            else {"threshold": threshold, **metrics.confusion_counts(labels, scores, threshold)}
+            for name, threshold in thresholds.items()
+        }
+        if calibration is None:
+            notes.append("the model has no calibration: no calibrated threshold to report")
         results = {
             "dataset": str(args.data),
             "model": str(args.model),
             **results,
+            "confusion": confusion,
+            "calibration": None if calibration is None else calibration.describe(),
             "num_without_masks": int(np.count_nonzero(~has_pixels)),
             "per_defect_type": per_type,
             "notes": notes,
@@ -758,7 +954,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             )
         _write_csv(
             out_dir / "per_image.csv",
-            ["image", "defect_type", "label", "score", "predicted", "heatmap"],
+            ["image", "defect_type", "label", "score", "predicted", "anomalous", "heatmap"],
             [
                 [
                     str(s.image_path),
@@ -766,6 +962,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                     s.label,
                     _format_score(score),
                     "" if f1_threshold is None else int(score >= f1_threshold),
+                    "" if calibration is None else int(score >= calibration.image_threshold),
                     heatmap,
                 ]
                 for s, score, heatmap in zip(samples, scores, heatmaps, strict=True)
@@ -776,6 +973,13 @@ def _evaluate(args: argparse.Namespace) -> int:
             print(
                 f"{key:>28s}: {value:.4f}" if isinstance(value, float) else f"{key:>28s}: {value}"
             )
+    for name, counts in confusion.items():
+        if counts is not None:
+            print(
+                f"{name + ' threshold':>28s}: {counts['threshold']:.6g}  "
+                f"TP {counts['true_positives']}  FP {counts['false_positives']}  "
+                f"TN {counts['true_negatives']}  FN {counts['false_negatives']}"
+            )
     if per_type:
         print(f"{'image AUROC by defect type':>28s}:")
         for defect_type, values in per_type.items():
@@ -784,6 +988,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     for note in notes:
         _say(f"note: {note}")
     _say(f"wrote {out_dir / 'metrics.json'}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from patchcore_jax.export import export_model
+    from patchcore_jax.model import PatchCore
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; give a file name")
+    model = PatchCore.load(args.model)
+    metadata = export_model(model, out, platforms=args.platforms)
+    _say(f"exported {args.model} for {', '.join(metadata['platforms'])} to {out}")
     return 0
 
 
@@ -863,6 +1080,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fit": _fit,
         "predict": _predict,
         "evaluate": _evaluate,
+        "export": _export,
         "split": _split,
         "data": _data,
         "weights": _weights,

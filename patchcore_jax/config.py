@@ -15,6 +15,7 @@ from typing import Any, Literal
 Sampler = Literal["approx_greedy_coreset", "random", "identity", "learned_proxies"]
 Distance = Literal["squared_l2", "l2"]
 ResizeMode = Literal["shorter-side", "stretch"]
+Calibration = Literal["self-excluded", "held-out", "none"]
 
 SAMPLERS: tuple[str, ...] = ("approx_greedy_coreset", "random", "identity", "learned_proxies")
 DISTANCES: tuple[str, ...] = ("squared_l2", "l2")
@@ -24,6 +25,7 @@ NON_SPATIAL_STAGES: tuple[str, ...] = ("logits",)
 # jax.random.key keeps the low 32 bits of a seed (without jax_enable_x64): larger seeds would
 # silently repeat smaller ones, and it overflows past 2**63.
 SEED_LIMIT = 2**32
+CALIBRATIONS: tuple[str, ...] = ("self-excluded", "held-out", "none")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,13 @@ class PatchCoreConfig:
       batch_size: images per backbone batch.
       bank_block_size: memory-bank rows per distance tile (bounds k-NN memory).
       query_block_size: query rows per distance tile.
+      calibration: how ``fit`` calibrates the decision threshold without defect images:
+        ``self-excluded`` (every training image scored against the bank without the rows that
+        came from it; the bank is unchanged), ``held-out`` (a seeded ``calibration_fraction`` of
+        the training images stays out of the bank and is scored) or ``none``.
+      calibration_fraction: fraction of the training images held out (``held-out`` only).
+      threshold_quantile: the thresholds are this quantile of the nominal calibration scores
+        (image scores, and each image's maximum pixel score for the masks).
     """
 
     backbone: str = "wide_resnet50_2"
@@ -88,6 +97,9 @@ class PatchCoreConfig:
     batch_size: int = 8
     bank_block_size: int = 4096
     query_block_size: int = 1024
+    calibration: Calibration = "self-excluded"
+    calibration_fraction: float = 0.1
+    threshold_quantile: float = 0.995
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -178,6 +190,26 @@ class PatchCoreConfig:
         seed = self.seed
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
             raise ValueError(f"PatchCoreConfig.seed must be an integer in [0, 2**32), got {seed!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(
+                f"PatchCoreConfig.calibration must be one of {CALIBRATIONS}, "
+                f"got {self.calibration!r}"
+            )
+        if self.calibration == "self-excluded" and self.sampler == "learned_proxies":
+            raise ValueError(
+                "PatchCoreConfig.calibration 'self-excluded' needs bank rows taken from the "
+                "training images; learned_proxies has none: use 'held-out' or 'none'"
+            )
+        if not 0.0 < self.calibration_fraction < 1.0:
+            raise ValueError(
+                "PatchCoreConfig.calibration_fraction must be in (0, 1), "
+                f"got {self.calibration_fraction!r}"
+            )
+        if not 0.0 < self.threshold_quantile <= 1.0:
+            raise ValueError(
+                "PatchCoreConfig.threshold_quantile must be in (0, 1], "
+                f"got {self.threshold_quantile!r}"
+            )
         if self.layers is not None:
             if isinstance(self.layers, str):
                 raise ValueError(

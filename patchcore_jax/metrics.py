@@ -164,6 +164,22 @@ def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float,
     return float(threshold), float(f1[best]), num_misclassified
 
 
+def confusion_counts(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, int]:
+    """Counts of ``scores >= threshold`` (predicted defective) against ``labels`` (1 = defect).
+
+    Returns:
+      {"true_positives", "false_positives", "true_negatives", "false_negatives"}.
+    """
+    labels = _binary(labels, "labels", ndim=1).astype(bool)
+    predicted = _real(scores, "scores", labels.shape) >= threshold
+    return {
+        "true_positives": int(np.count_nonzero(predicted & labels)),
+        "false_positives": int(np.count_nonzero(predicted & ~labels)),
+        "true_negatives": int(np.count_nonzero(~predicted & ~labels)),
+        "false_negatives": int(np.count_nonzero(~predicted & labels)),
+    }
+
+
 def evaluate(
     labels: np.ndarray,
     image_scores: np.ndarray,

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from patchcore_jax import coreset, features, scoring, sharding
+from patchcore_jax import calibration, coreset, features, scoring, sharding
 from patchcore_jax.backbones import Backbone, load_backbone, probe_batch_norm
 from patchcore_jax.config import PatchCoreConfig
 
@@ -204,6 +204,10 @@ class PatchCore:
             out_shardings=batch_sharding,
         )
         self.memory_bank: jax.Array | None = None
+        # Thresholds and score distributions (``fit`` with ``config.calibration``, ``calibrate``)
+        # and the training image each bank row was taken from (known after a calibrated fit).
+        self.calibration: calibration.Calibration | None = None
+        self.bank_source_images: np.ndarray | None = None
         if memory_bank is not None:
             self._set_memory_bank(memory_bank)
 
@@ -267,11 +271,103 @@ class PatchCore:
         *,
         log: Callable[[str], None] | None = None,
     ) -> PatchCore:
-        """Subsamples patch features [N, D] into the memory bank (``config.sampler``).
+        """Subsamples patch features [N, D] into the memory bank (``config.sampler``), then
+        calibrates the thresholds (``config.calibration``).
 
+        With a calibration the features must be whole images' ([num_images * h * w, D],
+        image-major, as ``patch_features`` returns): ``self-excluded`` scores each image against
+        the bank without its own rows (the bank is the same as without calibration),
+        ``held-out`` keeps a seeded ``calibration_fraction`` of the images out of the bank.
         Raises ValueError if any row is NaN or infinite: one such row would be every test
         patch's nearest neighbour (or nobody's) and silently change every later score.
         """
+        config = self.config
+        if config.calibration == "none":
+            self._set_memory_bank(self._subsample(bank_features, log)[0])
+            self.calibration = self.bank_source_images = None
+            return self
+        num_patches = math.prod(self.grid_shape)
+        features = np.asarray(bank_features)
+        if features.ndim != 2 or features.shape[0] % num_patches:
+            raise ValueError(
+                f"calibration {config.calibration!r} needs the patch features of whole images "
+                f"([num_images * {num_patches}, D], as patch_features returns), got "
+                f"{features.shape}; or use calibration='none'"
+            )
+        num_images = features.shape[0] // num_patches
+        per_image = features.reshape(num_images, num_patches, -1)
+        if config.calibration == "held-out":
+            held_out = calibration.held_out_images(
+                num_images, config.calibration_fraction, config.seed
+            )
+            bank_images = np.setdiff1d(np.arange(num_images), held_out)
+            features = per_image[bank_images].reshape(-1, features.shape[1])
+        elif num_images < 2:
+            raise ValueError(
+                "self-excluded calibration needs at least 2 training images (each is scored "
+                "against the others' bank rows), got 1; use calibration='none'"
+            )
+        else:
+            bank_images = np.arange(num_images)
+        memory_bank, rows = self._subsample(features, log, with_rows=True)
+        self._set_memory_bank(memory_bank)
+        # None for learned proxies: they are no image's rows (only held-out calibrates them).
+        self.bank_source_images = (
+            None if rows is None else bank_images[rows // num_patches].astype(np.int32)
+        )
+        start = time.perf_counter()
+        if config.calibration == "held-out":
+            image_scores, maps = self._calibration_scores(per_image[held_out])
+        else:
+            image_scores, maps = self._calibration_scores(per_image, self_excluded=True)
+            held_out = None
+        self.calibration = calibration.calibrate(
+            image_scores,
+            maps,
+            method=config.calibration,
+            quantile=config.threshold_quantile,
+            images=held_out,
+        )
+        if log is not None:
+            log(
+                f"calibration: {self.calibration.describe()} in {time.perf_counter() - start:.1f} s"
+            )
+        return self
+
+    def _selected_rows(self, features: np.ndarray) -> np.ndarray | None:
+        """Indices of the rows ``coreset.build_memory_bank`` keeps for ``config`` (the same
+        calls with the same key), or None for ``learned_proxies`` (no row is kept as is)."""
+        config = self.config
+        num_rows = features.shape[0]
+        num_samples = max(1, int(num_rows * config.coreset_fraction))
+        key = jax.random.key(config.seed)
+        if config.sampler == "identity":
+            return np.arange(num_rows)
+        if config.sampler == "random":
+            return np.asarray(coreset.random_subsample(num_rows, num_samples, key))
+        if config.sampler == "approx_greedy_coreset":
+            return np.asarray(
+                coreset.approximate_greedy_coreset(
+                    features,
+                    num_samples,
+                    key=key,
+                    projection_dim=config.projection_dim,
+                    num_start_points=config.num_start_points,
+                    mesh=self.mesh,
+                )
+            )
+        return None
+
+    def _subsample(
+        self,
+        bank_features: np.ndarray | jax.Array,
+        log: Callable[[str], None] | None,
+        *,
+        with_rows: bool = False,
+    ) -> tuple[jax.Array, np.ndarray | None]:
+        """``(memory_bank [M, D], rows [M] or None)``: ``coreset.build_memory_bank``, or with
+        ``with_rows`` the same bank taken as ``bank_features[rows]`` so that each bank row's
+        source is known (rows None for ``learned_proxies``)."""
         config = self.config
         num_rows = bank_features.shape[0]
         _check_finite_rows(bank_features, "patch features")
@@ -282,23 +378,93 @@ class PatchCore:
                 f"{config.coreset_fraction}) on {self._num_shards} device(s)"
             )
         start = time.perf_counter()
-        memory_bank = coreset.build_memory_bank(
-            bank_features,
-            sampler=config.sampler,
-            fraction=config.coreset_fraction,
-            key=jax.random.key(config.seed),
-            projection_dim=config.projection_dim,
-            num_start_points=config.num_start_points,
-            mesh=self.mesh,
-        )
+        rows = self._selected_rows(bank_features) if with_rows else None
+        if rows is not None:
+            memory_bank = jnp.asarray(np.asarray(bank_features)[rows], jnp.float32)
+        else:
+            memory_bank = coreset.build_memory_bank(
+                bank_features,
+                sampler=config.sampler,
+                fraction=config.coreset_fraction,
+                key=jax.random.key(config.seed),
+                projection_dim=config.projection_dim,
+                num_start_points=config.num_start_points,
+                mesh=self.mesh,
+            )
         memory_bank = jax.block_until_ready(memory_bank)
         if log is not None:
             log(
                 f"memory bank: {num_rows} patches -> {memory_bank.shape[0]} "
                 f"in {time.perf_counter() - start:.1f} s"
             )
-        self._set_memory_bank(memory_bank)
-        return self
+        return memory_bank, rows
+
+    def _calibration_scores(
+        self, per_image: np.ndarray, *, self_excluded: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores patch features ``[N, P, D]`` batch by batch: ``([N], [N, H, W])``.
+
+        ``self_excluded``: image ``i`` of ``per_image`` is training image ``i``, and its k-NN
+        skips the bank rows taken from it (``calibration.self_excluded_scores``).
+        """
+        config = self.config
+        if self_excluded:
+            sources = sharding.replicate(self.bank_source_images, self.mesh)
+            score = functools.partial(
+                calibration.self_excluded_scores,
+                grid_shape=self.grid_shape,
+                out_shape=self.image_shape,
+                num_neighbors=config.num_neighbors,
+                distance=config.distance,
+                reweight=config.reweight,
+                reweight_neighbors=config.reweight_neighbors,
+                sigma=config.anomaly_map_sigma,
+                bank_block_size=config.bank_block_size,
+                query_block_size=config.query_block_size,
+                mesh=self.mesh,
+            )
+        scores, maps = [], []
+        for start in range(0, len(per_image), self._batch_size):
+            batch = per_image[start : start + self._batch_size]
+            num_valid = len(batch)
+            padded = sharding.pad_rows(batch, self._batch_size)
+            global_batch = jax.make_array_from_process_local_data(self._batch_sharding, padded)
+            if self_excluded:
+                ids = np.arange(start, start + self._batch_size, dtype=np.int32)
+                ids[num_valid:] = -2  # padding: matches no bank row's image
+                # Split like the batch (every process passes the same rows; each reads its own).
+                global_ids = jax.make_array_from_process_local_data(self._batch_sharding, ids)
+                result = score(global_batch, global_ids, self.memory_bank, sources)
+            else:
+                result = self._score(global_batch, self.memory_bank)
+            scores.append(sharding.process_local_rows(result.image_scores)[:num_valid])
+            maps.append(sharding.process_local_rows(result.anomaly_maps)[:num_valid])
+        return np.concatenate(scores), np.concatenate(maps)
+
+    def calibrate(
+        self,
+        images: ImageBatches,
+        *,
+        labels: np.ndarray | None = None,
+        masks: np.ndarray | None = None,
+    ) -> calibration.Calibration:
+        """Calibrates the thresholds on a validation set, replacing the fitted calibration.
+
+        Args:
+          images: uint8 [N, H, W, 3] (or batches), nominal unless ``labels`` says otherwise.
+          labels: [N] 0/1; with defect images the image threshold is F1-optimal.
+          masks: [N, H, W] bool ground truth; with defect pixels the pixel threshold is too.
+        """
+        image_scores, maps = self.predict(images)
+        self.calibration = calibration.calibrate(
+            image_scores,
+            maps,
+            method="validation",
+            quantile=self.config.threshold_quantile,
+            labels=labels,
+            masks=masks,
+        )
+        return self.calibration
 
     def bank_size(self, num_images: int) -> int:
         """Rows of the memory bank ``fit`` builds from ``num_images`` images (known up front,

@@ -167,18 +167,16 @@ def _load_mask(
         return np.zeros(_pair(crop), dtype=bool), False, False
     if image_path is not None:
         check_mask_size(image_path, path)
-    with _open(path) as image:
-        try:
-            gray = _to_8bit(image, path)
-            if gray.mode != "L":
-                gray = gray.convert("L")
-            values = np.asarray(gray)
-        except ImageLoadError:
-            raise
-        except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable".
-            raise ImageLoadError(path, f"{type(error).__name__}: {error}") from error
+    return _mask_from_values(decode_mask(path), resize, crop, resize_mode, threshold)
+
+
+def _mask_from_values(
+    values: np.ndarray, resize: int, crop: Size, resize_mode: str, threshold: int
+) -> tuple[np.ndarray, bool, bool]:
+    """The reference's mask rule on decoded 8-bit values [H, W]: (mask, binarised, empty)."""
     max_value = int(values.max()) if values.size else 0
     binarised = False
+    gray = Image.fromarray(values)
     if max_value == 1:
         gray = Image.fromarray((values * 255).astype(np.uint8))
     elif np.any((values != 0) & (values != 255)):
@@ -186,6 +184,66 @@ def _load_mask(
         binarised = True
     mask = np.asarray(_resize_and_crop(gray, resize, crop, resize_mode)) == 255
     return mask, binarised, max_value == 0 or (binarised and max_value < threshold)
+
+
+def decode_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file at full resolution as ``load_image`` decodes it: [H, W, 3] uint8 RGB."""
+    with _open(path) as image:
+        try:
+            return np.asarray(_to_8bit(image, path).convert("RGB"), dtype=np.uint8)
+        except ImageLoadError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable".
+            raise ImageLoadError(path, f"{type(error).__name__}: {error}") from error
+
+
+def decode_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask file at full resolution as ``load_mask`` decodes it: [H, W] uint8 grayscale."""
+    with _open(path) as image:
+        try:
+            gray = _to_8bit(image, path)
+            return np.asarray(gray if gray.mode == "L" else gray.convert("L"), dtype=np.uint8)
+        except ImageLoadError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable".
+            raise ImageLoadError(path, f"{type(error).__name__}: {error}") from error
+
+
+def image_from_array(
+    pixels: np.ndarray, resize: int = 256, crop: Size = 224, *, resize_mode: str = "shorter-side"
+) -> np.ndarray:
+    """``load_image`` for decoded pixels: uint8 [H, W, 3] (or [H, W], [H, W, 1]) -> uint8
+    [height, width, 3] of ``crop``, resized and cropped exactly as from a file."""
+    _check_sizes(resize, crop, resize_mode)
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
+        raise ValueError(f"image pixels must be uint8 [H, W, 3], got {pixels.dtype} {pixels.shape}")
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    rgb = Image.fromarray(pixels).convert("RGB")
+    return np.asarray(_resize_and_crop(rgb, resize, crop, resize_mode), dtype=np.uint8)
+
+
+def mask_from_array(
+    values: np.ndarray,
+    resize: int = 256,
+    crop: Size = 224,
+    *,
+    resize_mode: str = "shorter-side",
+    threshold: int = DEFAULT_MASK_THRESHOLD,
+) -> np.ndarray:
+    """``load_mask`` for decoded 8-bit values [H, W] (or [H, W, 1]) -> [height, width] bool.
+
+    The same rule: 0/1 masks read as 0/255, other values binarised at ``threshold``, only 255
+    after resizing is a defect; no warnings (the caller knows its masks).
+    """
+    _check_sizes(resize, crop, resize_mode)
+    values = np.asarray(values)
+    if values.ndim == 3 and values.shape[2] == 1:
+        values = values[:, :, 0]
+    if values.dtype != np.uint8 or values.ndim != 2:
+        raise ValueError(f"mask values must be uint8 [H, W], got {values.dtype} {values.shape}")
+    return _mask_from_values(values, resize, crop, resize_mode, threshold)[0]
 
 
 def load_images(

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import BOTTLE
 
@@ -421,3 +422,105 @@ def test_evaluate_reads_every_mask_before_scoring_any_image(model_dir, subset, t
     assert result.returncode == 2 and str(damaged / original.name) in result.stderr
     assert "scoring" not in result.stderr  # no image was scored
     assert not (tmp_path / "e").exists()
+def test_predict_writes_normalised_scores_decisions_masks_and_a_summary(
+    subset, model_dir, tmp_path
+):
+    from PIL import Image
+
+    from patchcore_jax import PatchCore
+    from patchcore_jax.preprocess import load_images
+
+    out = tmp_path / "pred"
+    result = run_cli(
+        "predict", model_dir, subset / "test", "--recursive", "--masks", "--no-heatmaps",
+        "--out", out, "--quiet",
+    )  # fmt: skip
+    with open(out / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    model = PatchCore.load(model_dir)
+    calibration = model.calibration
+    assert calibration.method == "self-excluded" and len(calibration.image_scores) == 10
+    scores, maps = model.predict(load_images([r["image"] for r in rows]))
+    expected_normalised = np.clip(
+        (scores - calibration.image_threshold) / (calibration.image_max - calibration.image_min)
+        + 0.5,
+        0,
+        1,
+    )
+    for row, score, normalised, anomaly_map in zip(
+        rows, scores, expected_normalised, maps, strict=True
+    ):
+        assert float(row["score"]) == pytest.approx(score, rel=1e-5)
+        assert float(row["normalized_score"]) == pytest.approx(normalised, rel=1e-5, abs=1e-6)
+        assert row["anomalous"] == str(int(score >= calibration.image_threshold))
+        mask = np.asarray(Image.open(out / row["mask"]))
+        np.testing.assert_array_equal(mask, (anomaly_map >= calibration.pixel_threshold) * 255)
+    num_anomalous = sum(int(r["anomalous"]) for r in rows)
+    assert f"{num_anomalous} of 6 images anomalous" in result.stderr
+    assert num_anomalous >= 3  # every defect image is flagged at the nominal 99.5% quantile
+
+
+def test_evaluate_reports_confusion_counts_at_the_calibrated_and_f1_thresholds(
+    subset, model_dir, tmp_path
+):
+    from patchcore_jax.checkpoint import read_record
+
+    result = run_cli("evaluate", model_dir, subset, "--out", tmp_path / "eval", "--quiet")
+    results = json.loads((tmp_path / "eval/metrics.json").read_text())
+    with open(tmp_path / "eval/per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    labels = np.array([int(r["label"]) for r in rows])
+    scores = np.array([float(r["score"]) for r in rows])
+    threshold = read_record(model_dir)["calibration"]["image_threshold"]
+    expected = {"calibrated": threshold, "f1_optimal": results["f1_threshold"]}
+    for name, value in expected.items():
+        counts = results["confusion"][name]
+        assert counts["threshold"] == value
+        predicted = scores >= value * (1 - 1e-6)  # the CSV rounds scores to 6 digits
+        assert counts["true_positives"] == np.sum(predicted & (labels == 1))
+        assert counts["false_positives"] == np.sum(predicted & (labels == 0))
+        assert counts["false_negatives"] == np.sum(~predicted & (labels == 1))
+        assert counts["true_negatives"] == np.sum(~predicted & (labels == 0))
+        assert f"{name} threshold" in result.stdout
+    assert [int(r["anomalous"]) for r in rows] == list((scores >= threshold * (1 - 1e-6)) * 1)
+
+
+def test_uncalibrated_models_say_so_instead_of_deciding(tmp_path):
+    plain = tmp_path / "good_images"
+    plain.mkdir()
+    for image in sorted((BOTTLE / "train/good").glob("*.png"))[:2]:
+        (plain / image.name).symlink_to(image)
+    model = tmp_path / "m"
+    args = ["--backbone", "mobilenet_v2", "--quiet", "--sampler", "identity"]
+    run_cli("fit", plain, "--out", model, "--calibration", "none", *args)
+    result = run_cli("predict", model, plain, "--out", tmp_path / "p", "--no-heatmaps")
+    assert "has no calibration" in result.stderr
+    with open(tmp_path / "p/scores.csv") as f:
+        assert {r["anomalous"] for r in csv.DictReader(f)} == {""}
+    masks = run_cli("predict", model, plain, "--out", tmp_path / "q", "--masks", check=False)
+    assert masks.returncode == 2 and len(masks.stderr.strip().splitlines()) == 1
+    assert "--masks needs a calibrated model" in masks.stderr
+    # A held-out fraction that leaves no training image is refused before any work.
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "000.png").symlink_to(sorted((BOTTLE / "train/good").glob("*.png"))[0])
+    held = run_cli(
+        "fit", one, "--out", tmp_path / "h", "--held-out-fraction", "0.5", *args, check=False
+    )
+    assert held.returncode == 2 and len(held.stderr.strip().splitlines()) == 1
+    assert "--held-out-fraction" in held.stderr and "no training images" in held.stderr
+
+
+def test_fit_with_a_labelled_validation_folder_stores_the_f1_optimal_threshold(subset, tmp_path):
+    model = tmp_path / "m"
+    args = ["--backbone", "mobilenet_v2", "--coreset-fraction", "0.05", "--quiet"]
+    result = run_cli("fit", subset, "--out", model, "--validation", subset, *args)
+    assert "F1-optimal on 6 validation images" in result.stderr
+    run_cli("evaluate", model, subset, "--out", tmp_path / "eval", "--no-heatmaps", "--quiet")
+    results = json.loads((tmp_path / "eval/metrics.json").read_text())
+    calibrated = results["confusion"]["calibrated"]
+    assert calibrated["threshold"] == pytest.approx(results["f1_threshold"], rel=1e-6)
+    assert (
+        calibrated["false_positives"] + calibrated["false_negatives"]
+        == (results["num_misclassified"])
+    )

@@ -1,0 +1,149 @@
+"""Serialises a fitted, calibrated model's whole inference with ``jax.export`` (StableHLO).
+
+The exported program maps preprocessed uint8 crops ``[B, H, W, 3]`` (B symbolic) to image
+scores, normalised scores, decisions and anomaly maps; the backbone weights and the memory bank
+are constants inside it. ``patchcore_jax.exported.load`` runs it with jax and numpy only.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from patchcore_jax import exported, scoring
+from patchcore_jax.files import atomic_path
+from patchcore_jax.version import package_version
+
+if TYPE_CHECKING:
+    from patchcore_jax.model import PatchCore
+
+PLATFORMS: tuple[str, ...] = ("cpu", "cuda", "tpu")
+
+
+def inference_function(model: PatchCore):
+    """The pure inference of ``model``: uint8 ``[B, H, W, 3]`` -> (image_scores [B],
+    normalized_scores [B], decisions [B] bool, anomaly_maps [B, H, W]).
+
+    Images run one at a time (``lax.map``), so the program is the same for any batch size and
+    each image's result equals ``model.predict``'s to float32 rounding.
+    """
+    from patchcore_jax.model import embed_images
+
+    if model.memory_bank is None:
+        raise ValueError("cannot export an unfitted model: call fit() first")
+    calibration = model.calibration
+    if calibration is None:
+        raise ValueError(
+            "cannot export a model without calibration (fitted with calibration 'none' or by an "
+            "older version): its decisions would have no threshold; refit it"
+        )
+    config = model.config
+    module, variables = model.backbone.module, model.backbone.variables
+    memory_bank = jnp.asarray(np.asarray(model.memory_bank))
+    embed = functools.partial(
+        embed_images,
+        module,
+        pretrain_embed_dimension=config.pretrain_embed_dimension,
+        target_embed_dimension=config.target_embed_dimension,
+        patch_size=config.patch_size,
+    )
+    score = functools.partial(
+        scoring.score_patch_features,
+        grid_shape=model.grid_shape,
+        out_shape=model.image_shape,
+        num_neighbors=config.num_neighbors,
+        distance=config.distance,
+        reweight=config.reweight,
+        reweight_neighbors=config.reweight_neighbors,
+        sigma=config.anomaly_map_sigma,
+        bank_block_size=config.bank_block_size,
+        query_block_size=config.query_block_size,
+    )
+
+    def one_image(image: jax.Array) -> tuple[jax.Array, jax.Array]:
+        result = score(embed(variables, image[None]), memory_bank)
+        return result.image_scores[0], result.anomaly_maps[0]
+
+    def infer(images: jax.Array):
+        image_scores, anomaly_maps = jax.lax.map(one_image, images)
+        return (
+            image_scores,
+            calibration.normalize_image_scores(image_scores),
+            image_scores >= calibration.image_threshold,
+            anomaly_maps,
+        )
+
+    return infer
+
+
+def export_model(
+    model: PatchCore,
+    path: str | os.PathLike,
+    *,
+    platforms: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Writes ``model``'s inference to the file ``path`` (atomically); returns its header.
+
+    Args:
+      platforms: lowering targets; default: cpu plus each of cuda and tpu that lowers on this
+        machine without the hardware.
+    Raises:
+      ValueError: unfitted or uncalibrated model, or a requested platform that fails to lower.
+    """
+    infer = jax.jit(inference_function(model))
+    height, width = model.image_shape
+    (batch,) = jax.export.symbolic_shape("batch")
+    spec = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8)
+    if platforms is None:
+        lowered = []
+        for platform in PLATFORMS:  # one failed platform must not cost the others
+            try:
+                jax.export.export(infer, platforms=(platform,))(spec)
+            except Exception:  # lowering rules missing for this platform here
+                if platform == "cpu":
+                    raise
+                continue
+            lowered.append(platform)
+        platforms = lowered
+    try:
+        program = jax.export.export(infer, platforms=tuple(platforms))(spec)
+    except Exception as error:
+        raise ValueError(
+            f"cannot export for {list(platforms)}: {type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200] if str(error) else ''}"
+        ) from error
+    calibration = model.calibration
+    metadata = {
+        "package_version": package_version(),
+        "platforms": list(program.platforms),
+        "image_shape": [height, width],
+        "outputs": list(exported.OUTPUTS),
+        "config": model.config.to_dict(),
+        "calibration": {
+            "method": calibration.method,
+            "rule": calibration.rule,
+            "quantile": calibration.quantile,
+            "image_threshold": calibration.image_threshold,
+            "image_min": calibration.image_min,
+            "image_max": calibration.image_max,
+            "pixel_threshold": calibration.pixel_threshold,
+            "pixel_min": calibration.pixel_min,
+            "pixel_max": calibration.pixel_max,
+        },
+        "preprocessing": {
+            "resize_mode": model.config.resize_mode,
+            "resize": model.config.resize,
+            "image_shape": [height, width],
+        },
+    }
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        exported.write(tmp, metadata, program.serialize())
+    return metadata
