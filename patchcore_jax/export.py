@@ -54,18 +54,7 @@ def inference_function(model: PatchCore):
         target_embed_dimension=config.target_embed_dimension,
         patch_size=config.patch_size,
     )
-    score = functools.partial(
-        scoring.score_patch_features,
-        grid_shape=model.grid_shape,
-        out_shape=model.image_shape,
-        num_neighbors=config.num_neighbors,
-        distance=config.distance,
-        reweight=config.reweight,
-        reweight_neighbors=config.reweight_neighbors,
-        sigma=config.anomaly_map_sigma,
-        bank_block_size=config.bank_block_size,
-        query_block_size=config.query_block_size,
-    )
+    score = functools.partial(scoring.score_patch_features, **model.scoring_options())
 
     def one_image(image: jax.Array) -> tuple[jax.Array, jax.Array]:
         result = score(embed(variables, image[None]), memory_bank)

@@ -189,17 +189,7 @@ class PatchCore:
         # Results come back split like the images, so each process reads its own rows.
         self._score = jax.jit(
             functools.partial(
-                scoring.score_patch_features,
-                grid_shape=self.grid_shape,
-                out_shape=self.image_shape,
-                num_neighbors=config.num_neighbors,
-                distance=config.distance,
-                reweight=config.reweight,
-                reweight_neighbors=config.reweight_neighbors,
-                sigma=config.anomaly_map_sigma,
-                bank_block_size=config.bank_block_size,
-                query_block_size=config.query_block_size,
-                mesh=self.mesh,
+                scoring.score_patch_features, **self.scoring_options(), mesh=self.mesh
             ),
             out_shardings=batch_sharding,
         )
@@ -210,6 +200,22 @@ class PatchCore:
         self.bank_source_images: np.ndarray | None = None
         if memory_bank is not None:
             self._set_memory_bank(memory_bank)
+
+    def scoring_options(self) -> dict[str, Any]:
+        """The keyword arguments (all but ``mesh``) of ``scoring.score_patch_features`` with
+        which this model scores: one place for the scoring, calibration and export programs."""
+        config = self.config
+        return {
+            "grid_shape": self.grid_shape,
+            "out_shape": self.image_shape,
+            "num_neighbors": config.num_neighbors,
+            "distance": config.distance,
+            "reweight": config.reweight,
+            "reweight_neighbors": config.reweight_neighbors,
+            "sigma": config.anomaly_map_sigma,
+            "bank_block_size": config.bank_block_size,
+            "query_block_size": config.query_block_size,
+        }
 
     # ------------------------------------------------------------------ embedding
 
@@ -407,21 +413,10 @@ class PatchCore:
         ``self_excluded``: image ``i`` of ``per_image`` is training image ``i``, and its k-NN
         skips the bank rows taken from it (``calibration.self_excluded_scores``).
         """
-        config = self.config
         if self_excluded:
             sources = sharding.replicate(self.bank_source_images, self.mesh)
             score = functools.partial(
-                calibration.self_excluded_scores,
-                grid_shape=self.grid_shape,
-                out_shape=self.image_shape,
-                num_neighbors=config.num_neighbors,
-                distance=config.distance,
-                reweight=config.reweight,
-                reweight_neighbors=config.reweight_neighbors,
-                sigma=config.anomaly_map_sigma,
-                bank_block_size=config.bank_block_size,
-                query_block_size=config.query_block_size,
-                mesh=self.mesh,
+                calibration.self_excluded_scores, **self.scoring_options(), mesh=self.mesh
             )
         scores, maps = [], []
         for start in range(0, len(per_image), self._batch_size):

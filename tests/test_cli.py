@@ -422,6 +422,8 @@ def test_evaluate_reads_every_mask_before_scoring_any_image(model_dir, subset, t
     assert result.returncode == 2 and str(damaged / original.name) in result.stderr
     assert "scoring" not in result.stderr  # no image was scored
     assert not (tmp_path / "e").exists()
+
+
 def test_predict_writes_normalised_scores_decisions_masks_and_a_summary(
     subset, model_dir, tmp_path
 ):
