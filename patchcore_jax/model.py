@@ -288,6 +288,8 @@ class PatchCore:
         patch's nearest neighbour (or nobody's) and silently change every later score.
         """
         config = self.config
+        _check_finite_rows(bank_features, "patch features")
+        config.check_bank_size(self._bank_rows(bank_features.shape[0]))  # before any work
         if config.calibration == "none":
             self._set_memory_bank(self._subsample(bank_features, log)[0])
             self.calibration = self.bank_source_images = None
@@ -376,8 +378,7 @@ class PatchCore:
         source is known (rows None for ``learned_proxies``)."""
         config = self.config
         num_rows = bank_features.shape[0]
-        _check_finite_rows(bank_features, "patch features")
-        config.check_bank_size(self._bank_rows(num_rows))  # before the coreset's work
+        config.check_bank_size(self._bank_rows(num_rows))  # held-out images leave fewer rows
         if log is not None:
             log(
                 f"memory bank: subsampling {num_rows} patches ({config.sampler}, fraction "

@@ -107,7 +107,8 @@ def test_bottle_real_data_reference_coreset(bottle):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    """MobileNetV2 on 64-pixel crops (an 8 x 8 grid), unfitted; cheap to compile."""
+    """MobileNetV2 on 64-pixel crops (an 8 x 8 grid), unfitted; cheap to compile. Without
+    calibration, so that ``fit_features`` takes any rows, not only whole images'."""
     config = PatchCoreConfig(
         backbone="mobilenet_v2",
         resize=64,
@@ -116,6 +117,7 @@ def tiny_model():
         target_embed_dimension=32,
         sampler="identity",
         batch_size=4,
+        calibration="none",
     )
     return PatchCore(config, mesh=sharding.single_device_mesh())
 
