@@ -10,19 +10,29 @@ projection and start points, the selected indices equal the reference's (the fix
 random projection and start points drawn from a ``key`` differ from the reference's RNG, as
 any two seeds do.
 
-The whole selection is one ``lax.fori_loop`` inside one compiled program: memory is O(N) (the
-bank, its projected rows and one distance per row, updated in place), there is never an N x N
-matrix and no host round-trip per step; each step streams the projected rows once, close to
-the memory-bandwidth floor (benchmarks/results/coreset.md). Because the loop runs on the
-device there is no progress callback; ``jax.block_until_ready`` on the result marks its end.
-Each device's rows are padded to a multiple of 256 (see ``_CHUNK_ROWS``); padded rows start
-at distance -inf and are never selected.
+The selection runs on the device as one compiled program per chunk of steps (a
+``lax.fori_loop``, about a second of work; the loop state stays on the devices between
+chunks, donated and updated in place): memory is O(N), there is never an N x N matrix, and the
+host only waits once per chunk, to report ``progress`` and to let Ctrl-C through. Each device's
+rows are padded to a multiple of 256 (see ``_CHUNK_ROWS``); padded rows start at distance -inf
+and are never selected.
 
-Rows are split over every device of the mesh (``sharding.ALL_AXES``). Each step every device
-updates its own rows and proposes its farthest row; one all-gather of the proposals lets every
-device pick the same global winner (largest distance, then lowest global index, exactly the
-single-device choice) together with its projected row. Selected indices are therefore identical
-on 1, 8 or 512 devices, on one host or many.
+Two exact algorithms select the same indices (``method``):
+
+* ``full``: each step streams every projected row once, fusing the distance update with the
+  search for the next farthest row; close to the memory-bandwidth floor.
+* ``pruned``: rows are grouped once into blocks of about ``_BLOCK_ROWS`` nearby rows (a
+  principal-direction tree) and permuted so each block is contiguous. Triangle-inequality lower
+  bounds on the new centre's distance (per block, then per row) skip the rows whose minimum
+  cannot change, with a margin that covers float32 rounding of the computed distance; the rest
+  are gathered and updated with the full pass's formula, so every distance is bit-identical.
+  Late steps read a few percent of the rows (benchmarks/results/coreset.md).
+
+Rows are split over every device of the mesh (``sharding.ALL_AXES``); each device prunes its
+own rows. Each step every device proposes its farthest row; one all-gather of the proposals
+(row, norm, distance and index) lets every device pick the same global winner (largest
+distance, then lowest global index, exactly the single-device choice). Selected indices are
+therefore identical on 1, 8 or 512 devices, on one host or many, with either method.
 """
 
 from __future__ import annotations
@@ -224,35 +234,46 @@ def _block_order(rows: jax.Array, is_valid: jax.Array, block_rows: int, levels: 
     """Local row ids grouped into ``2**levels`` blocks of nearby rows: -> [blocks, block_rows].
 
     A balanced principal-direction tree: each level splits every group at the median of its
-    rows' projections on the group's top principal direction (a few power iterations). Ids at
-    or past ``len(rows)`` are padding; padding and invalid rows sort last in their groups.
-    Within a block ids are ascending, so a block's first farthest row has its lowest index.
-    The grouping only decides what can be skipped, never the result.
+    rows' projections on the group's top principal direction (a few power iterations). Groups
+    are contiguous runs of whole blocks, so every level has the same shapes (one ``fori_loop``).
+    Ids at or past ``len(rows)`` are padding; padding and invalid rows sort last in their
+    groups. Within a block ids are ascending, so a block's first farthest row has its lowest
+    index. The grouping only decides what can be skipped, never the result.
     """
-    num_tree = block_rows << levels
+    num_blocks = 1 << levels
+    num_tree = block_rows * num_blocks
+    num_features = rows.shape[1]
     points = jnp.pad(rows, ((0, num_tree - rows.shape[0]), (0, 0)))
     valid = jnp.pad(is_valid, (0, num_tree - rows.shape[0]))
-    ids = jnp.arange(num_tree, dtype=jnp.int32)
-    for level in range(levels):
-        groups = ids.reshape(1 << level, -1)
-        group_points = points[groups]  # [g, s, p]
-        group_valid = valid[groups][..., None]
-        count = jnp.maximum(jnp.sum(group_valid, axis=1), 1)
-        mean = jnp.sum(jnp.where(group_valid, group_points, 0.0), axis=1) / count
-        centred = jnp.where(group_valid, group_points - mean[:, None], 0.0)
-        farthest = jnp.argmax(jnp.sum(centred**2, axis=2), axis=1)
-        direction = jnp.take_along_axis(centred, farthest[:, None, None], axis=1)[:, 0]
+    start = jnp.cos(1.0 + 2.3 * jnp.arange(num_features, dtype=jnp.float32))
+
+    def split(level, ids):
+        # Blocks of ``ids`` in their current order; block b belongs to group b >> (levels - l).
+        group = jnp.arange(num_blocks) >> (levels - level)
+        x = points[ids].reshape(num_blocks, block_rows, num_features)
+        ok = valid[ids].reshape(num_blocks, block_rows, 1)
+
+        def group_sum(per_block):
+            total = jax.ops.segment_sum(per_block, group, num_segments=num_blocks)
+            return total[group]
+
+        count = jnp.maximum(group_sum(jnp.sum(ok, axis=1).astype(jnp.float32)), 1.0)
+        mean = group_sum(jnp.sum(jnp.where(ok, x, 0.0), axis=1)) / count
+        centred = jnp.where(ok, x - mean[:, None], 0.0)
+        direction = jnp.broadcast_to(start, (num_blocks, num_features))
         for _ in range(_POWER_ITERATIONS):
-            along = jnp.einsum("gsp,gp->gs", centred, direction)
-            direction = jnp.einsum("gsp,gs->gp", centred, along)
+            along = jnp.einsum("kbp,kp->kb", centred, direction)
+            direction = group_sum(jnp.einsum("kbp,kb->kp", centred, along))
             direction = direction / jnp.maximum(
                 jnp.linalg.norm(direction, axis=1, keepdims=True), 1e-30
             )
-        along = jnp.where(
-            group_valid[..., 0], jnp.einsum("gsp,gp->gs", centred, direction), jnp.inf
-        )
-        ids = jnp.take_along_axis(groups, jnp.argsort(along, axis=1), axis=1).reshape(-1)
-    return jnp.sort(ids.reshape(1 << levels, block_rows), axis=1)
+        along = jnp.where(ok[..., 0], jnp.einsum("kbp,kp->kb", centred, direction), jnp.inf)
+        row_group = jnp.broadcast_to(group[:, None], along.shape).reshape(-1)
+        _, _, ids = jax.lax.sort((row_group, along.reshape(-1), ids), num_keys=2)
+        return ids
+
+    ids = jax.lax.fori_loop(0, levels, split, jnp.arange(num_tree, dtype=jnp.int32))
+    return jnp.sort(ids.reshape(num_blocks, block_rows), axis=1)
 
 
 def _pruned_init_on_shard(features, projection, start_indices, *, num_valid):
@@ -304,9 +325,11 @@ def _pruned_init_on_shard(features, projection, start_indices, *, num_valid):
     return constants, carry
 
 
-def _capacities(total: int, factor: int, count: int) -> tuple[int, ...]:
-    """Static sizes a step may gather: ``total`` divided by ``factor**k``, k < ``count``."""
-    return tuple(sorted({-(-total // factor**k) for k in range(count)}))
+def _capacities(total: int, factor: int, count: int, smallest: int) -> tuple[int, ...]:
+    """Static sizes a step may gather: ``total`` divided by ``factor**k``, k < ``count``, and
+    not below ``smallest`` (smaller ones save less than their compiled branch costs)."""
+    sizes = {-(-total // factor**k) for k in range(count)}
+    return tuple(sorted({total} | {size for size in sizes if size >= smallest}))
 
 
 def _pruned_steps_on_shard(constants, carry, selected, start, stop):
@@ -325,9 +348,9 @@ def _pruned_steps_on_shard(constants, carry, selected, start, stop):
     num_blocks, num_features = centres.shape
     num_rows = sq_norms.shape[0]
     block_rows = num_rows // num_blocks
-    block_caps = _capacities(num_blocks, 4, 5)
+    block_caps = _capacities(num_blocks, 4, 4, 32)
     row_limit = -(-num_rows // 8)  # more rows than this: stream them all
-    row_caps = (*_capacities(row_limit, 2, 10), num_rows)
+    row_caps = (*_capacities(row_limit, 2, 8, 512), num_rows)
     # Rounding: the computed squared distance (-2 a.b + |a|^2) + |b|^2 (p-term dot products)
     # is within (p + 2) u (|a| + |b|)^2 of the exact one (u = 2**-24); doubled, gamma also
     # covers the rounding of the bounds themselves (direct distances: relative error < p u).
@@ -367,6 +390,7 @@ def _pruned_steps_on_shard(constants, carry, selected, start, stop):
     def update_rows(capacity, row_ids, min_distances, row, row_sq_norm):
         if capacity == num_rows:
             return jnp.minimum(min_distances, _distances_to(columns, sq_norms, row, row_sq_norm))
+        # No loop over chunks here: a loop would copy the loop-invariant rows every step.
         ids = row_ids[:capacity]
         safe = jnp.minimum(ids, num_rows - 1)
         new = jnp.minimum(
@@ -417,7 +441,8 @@ def _pruned_steps_on_shard(constants, carry, selected, start, stop):
         block_max, block_pos = jax.lax.switch(
             block_tier, rescan_branches, block_ids, min_distances, block_max, block_pos
         )
-        fraction_read = fraction_read + jnp.asarray(row_caps, jnp.float32)[row_tier] / num_rows
+        rows_read = jnp.asarray(row_caps, jnp.float32)[row_tier]  # the rows gathered
+        fraction_read = fraction_read + rows_read / num_rows
         return (min_distances, block_max, block_pos, fraction_read), selected
 
     return jax.lax.fori_loop(start, stop, select, (carry, selected))
@@ -809,6 +834,8 @@ def build_memory_bank(
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    if coreset_method not in GREEDY_METHODS:
+        raise ValueError(f"coreset_method must be one of {GREEDY_METHODS}, got {coreset_method!r}")
     num_rows, _ = _check_features(features)
     num_samples = max(1, int(num_rows * fraction))
     if sampler == "identity":

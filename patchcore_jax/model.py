@@ -205,8 +205,12 @@ class PatchCore:
         bank_features: np.ndarray | jax.Array,
         *,
         log: Callable[[str], None] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> PatchCore:
-        """Subsamples patch features [N, D] into the memory bank (``config.sampler``)."""
+        """Subsamples patch features [N, D] into the memory bank (``config.sampler``).
+
+        ``progress`` is called with the number of greedy coreset steps done after each chunk.
+        """
         config = self.config
         num_rows = bank_features.shape[0]
         if log is not None:
@@ -223,6 +227,8 @@ class PatchCore:
             projection_dim=config.projection_dim,
             num_start_points=config.num_start_points,
             mesh=self.mesh,
+            coreset_method=config.coreset_method,
+            progress=progress,
         )
         memory_bank = jax.block_until_ready(memory_bank)
         if log is not None:
