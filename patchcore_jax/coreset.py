@@ -65,9 +65,10 @@ _CHUNK_ROWS = 256
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 GREEDY_METHODS = ("auto", "pruned", "full")
-# "auto" prunes from this many rows on (benchmarks/results/coreset.md): below it the one-off
-# grouping of rows into blocks costs more than the skipped rows save.
-_PRUNED_MIN_ROWS = 20_000
+# "auto" prunes when the full pass would visit at least this many rows (steps x N, about 25 s
+# of full-pass steps on a 2-core CPU; benchmarks/results/coreset.md): below it the pruned
+# path's one-off costs (compiling more code, grouping rows into blocks) exceed what it saves.
+_PRUNED_MIN_ROW_VISITS = 10**9
 # Pruned path: rows per block (the tree halves groups down to 2**levels blocks of 1x..2x this),
 # and power iterations per principal direction.
 _BLOCK_ROWS = 32
@@ -645,7 +646,7 @@ def approximate_greedy_coreset(
       mesh: the rows are split over all its devices; default ``single_device_mesh()``.
       method: "pruned" skips, per step, the blocks of rows the new centre cannot change;
         "full" reads every row every step; both select the same indices. "auto": "pruned"
-        from ``_PRUNED_MIN_ROWS`` rows on, where it is faster.
+        when num_samples x N is at least ``_PRUNED_MIN_ROW_VISITS``, where it is faster.
       progress: called with the number of steps done after each chunk of steps (about a
         second of work); an exception it raises (e.g. KeyboardInterrupt) stops the selection.
 
@@ -659,7 +660,7 @@ def approximate_greedy_coreset(
     if method not in GREEDY_METHODS:
         raise ValueError(f"method must be one of {GREEDY_METHODS}, got {method!r}")
     if method == "auto":
-        method = "pruned" if num_rows >= _PRUNED_MIN_ROWS else "full"
+        method = "pruned" if num_samples * num_rows >= _PRUNED_MIN_ROW_VISITS else "full"
     mesh = single_device_mesh() if mesh is None else mesh
     need_projection = projection is None and dim != projection_dim
     if key is None and (need_projection or start_indices is None):

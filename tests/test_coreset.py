@@ -387,9 +387,9 @@ def test_pruned_identical_to_full_on_real_bottle_features_10_percent_8_devices(
     )
 
 
-def test_auto_method_picks_pruned_for_large_banks(monkeypatch):
+def test_auto_method_picks_pruned_for_large_selections(monkeypatch):
     calls = []
-    monkeypatch.setattr(coreset, "_PRUNED_MIN_ROWS", 500)
+    monkeypatch.setattr(coreset, "_PRUNED_MIN_ROW_VISITS", 500 * 5)
     original = coreset._greedy_selection
     monkeypatch.setattr(
         coreset,
