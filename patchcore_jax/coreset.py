@@ -19,8 +19,9 @@ and are never selected.
 
 Two exact algorithms select the same indices (``method``):
 
-* ``full``: each step streams every projected row once, fusing the distance update with the
-  search for the next farthest row; close to the memory-bandwidth floor.
+* ``full``: each step streams every projected row once to lower the distances, then finds the
+  next farthest row from the new distances alone (4 bytes a row) and sends one all-gather;
+  close to the memory-bandwidth floor.
 * ``pruned``: rows are grouped once into blocks of about ``_BLOCK_ROWS`` nearby rows (a
   principal-direction tree) and permuted so each block is contiguous. Triangle-inequality lower
   bounds on the new centre's distance (per block, then per row) skip the rows whose minimum
@@ -201,8 +202,9 @@ def _full_init_on_shard(features, projection, start_indices, *, num_valid):
 def _full_steps_on_shard(constants, carry, selected, start, stop):
     """Greedy steps ``start .. stop``, each reading every row once.
 
-    One pass per step lowers the distances and finds this device's next proposal (first
-    maximum: lowest index); one all-gather per step picks the winner.
+    Each step lowers the distances (the one pass over the rows) and at once finds this
+    device's next proposal from the new distances (first maximum: lowest index), so a step
+    starts with its proposal ready and needs one all-gather to pick the winner.
     """
     columns, sq_norms = constants
     offset = jax.lax.axis_index(ALL_AXES) * sq_norms.shape[0]
@@ -376,9 +378,9 @@ def _pruned_steps_on_shard(constants, carry, selected, start, stop):
         active = ~can_skip(lower, distances, error[safe][:, None])
         active = active & (block_ids[:capacity] < num_blocks)[:, None]
         listed = capacity * block_rows
-        position = jnp.nonzero(active.reshape(-1), size=min(listed, row_limit), fill_value=listed)[
-            0
-        ]
+        (position,) = jnp.nonzero(
+            active.reshape(-1), size=min(listed, row_limit), fill_value=listed
+        )
         row_ids = jnp.where(
             position < listed,
             safe[jnp.minimum(position // block_rows, capacity - 1)] * block_rows
