@@ -25,6 +25,7 @@ import numpy as np
 
 from patchcore_jax.config import (
     CALIBRATIONS,
+    CORESET_METHODS,
     DISTANCES,
     NON_SPATIAL_STAGES,
     RESIZE_MODES,
@@ -246,6 +247,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         type=_fraction,
         default=defaults.coreset_fraction,
         help="fraction of patches kept in the memory bank (default: %(default)s)",
+    )
+    group.add_argument(
+        "--coreset-method",
+        choices=CORESET_METHODS,
+        default=defaults.coreset_method,
+        help="greedy coreset algorithm; all select the same rows (default: %(default)s, "
+        "the faster for the bank size)",
     )
     group.add_argument(
         "--k",
@@ -549,10 +557,10 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _progress(total: int, description: str, quiet: bool):
+def _progress(total: int, description: str, quiet: bool, unit: str = "img"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=description, unit="img", disable=quiet, file=sys.stderr)
+    return tqdm(total=total, desc=description, unit=unit, disable=quiet, file=sys.stderr)
 
 
 def _mesh(bank_shards: int):
@@ -765,6 +773,7 @@ def _fit(args: argparse.Namespace) -> int:
         target_embed_dimension=args.target_dim,
         sampler=args.sampler,
         coreset_fraction=args.coreset_fraction,
+        coreset_method=args.coreset_method,
         num_neighbors=args.k,
         distance=args.distance,
         reweight=args.reweight,
@@ -792,7 +801,10 @@ def _fit(args: argparse.Namespace) -> int:
     with _progress(len(paths), "features", args.quiet) as bar:
         batches = preprocess.iter_image_batches(paths, config.batch_size, **_image_options(config))
         bank_features = model.patch_features(batches, progress=bar.update)
-    model.fit_features(bank_features, log=_say)
+    steps = max(1, int(len(bank_features) * config.coreset_fraction))
+    quiet = args.quiet or config.sampler != "approx_greedy_coreset"
+    with _progress(steps, "coreset", quiet, unit="step") as bar:
+        model.fit_features(bank_features, log=_say, progress=bar.update)
     if validation is not None:
         val_paths, labels, masks = validation
         with _progress(len(val_paths), "validation", args.quiet) as bar:

@@ -18,6 +18,8 @@ ResizeMode = Literal["shorter-side", "stretch"]
 Calibration = Literal["self-excluded", "held-out", "none"]
 
 SAMPLERS: tuple[str, ...] = ("approx_greedy_coreset", "random", "identity", "learned_proxies")
+CoresetMethod = Literal["auto", "pruned", "full"]
+CORESET_METHODS: tuple[str, ...] = ("auto", "pruned", "full")
 DISTANCES: tuple[str, ...] = ("squared_l2", "l2")
 RESIZE_MODES: tuple[str, ...] = ("shorter-side", "stretch")
 # Backbone outputs without a spatial grid, so no patch features.
@@ -56,6 +58,8 @@ class PatchCoreConfig:
         ``learned_proxies``.
       projection_dim: random-projection size used to pick the greedy coreset.
       num_start_points: random starting points of the approximate greedy coreset.
+      coreset_method: greedy coreset algorithm, ``pruned`` (skips rows a step cannot change),
+        ``full`` or ``auto`` (the faster for the bank size); all select the same rows.
       num_neighbors: k of the k-NN; a patch score is the mean of its k distances.
       distance: ``squared_l2`` (the reference's faiss output) or ``l2`` (Euclidean).
       reweight: apply the paper's Eq. 7 image-score reweighting.
@@ -88,6 +92,7 @@ class PatchCoreConfig:
     coreset_fraction: float = 0.1
     projection_dim: int = 128
     num_start_points: int = 10
+    coreset_method: CoresetMethod = "auto"
     num_neighbors: int = 1
     distance: Distance = "squared_l2"
     reweight: bool = False
@@ -168,6 +173,11 @@ class PatchCoreConfig:
         if self.sampler not in SAMPLERS:
             raise ValueError(
                 f"PatchCoreConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}"
+            )
+        if self.coreset_method not in CORESET_METHODS:
+            raise ValueError(
+                f"PatchCoreConfig.coreset_method must be one of {CORESET_METHODS}, "
+                f"got {self.coreset_method!r}"
             )
         if self.distance not in DISTANCES:
             raise ValueError(

@@ -10,24 +10,36 @@ projection and start points, the selected indices equal the reference's (the fix
 random projection and start points drawn from a ``key`` differ from the reference's RNG, as
 any two seeds do.
 
-The whole selection is one ``lax.fori_loop`` inside one compiled program: memory is O(N) (the
-bank, its projected rows and one distance per row, updated in place), there is never an N x N
-matrix and no host round-trip per step; each step streams the projected rows once, close to
-the memory-bandwidth floor (benchmarks/results/coreset.md). Because the loop runs on the
-device there is no progress callback; ``jax.block_until_ready`` on the result marks its end.
-Each device's rows are padded to a multiple of 256 (see ``_CHUNK_ROWS``); padded rows start
-at distance -inf and are never selected.
+The selection runs on the device as one compiled program per chunk of steps (a
+``lax.fori_loop``, about a second of work; the loop state stays on the devices between
+chunks, donated and updated in place): memory is O(N), there is never an N x N matrix, and the
+host only waits once per chunk, to report ``progress`` and to let Ctrl-C through. Each device's
+rows are padded to a multiple of 256 (see ``_CHUNK_ROWS``); padded rows start at distance -inf
+and are never selected.
 
-Rows are split over every device of the mesh (``sharding.ALL_AXES``). Each step every device
-updates its own rows and proposes its farthest row; one all-gather of the proposals lets every
-device pick the same global winner (largest distance, then lowest global index, exactly the
-single-device choice) together with its projected row. Selected indices are therefore identical
-on 1, 8 or 512 devices, on one host or many.
+Two exact algorithms select the same indices (``method``):
+
+* ``full``: each step streams every projected row once to lower the distances, then finds the
+  next farthest row from the new distances alone (4 bytes a row) and sends one all-gather;
+  close to the memory-bandwidth floor.
+* ``pruned``: rows are grouped once into blocks of about ``_BLOCK_ROWS`` nearby rows (a
+  principal-direction tree) and permuted so each block is contiguous. Triangle-inequality lower
+  bounds on the new centre's distance (per block, then per row) skip the rows whose minimum
+  cannot change, with a margin that covers float32 rounding of the computed distance; the rest
+  are gathered and updated with the full pass's formula, so every distance is bit-identical.
+  Late steps read a few percent of the rows (benchmarks/results/coreset.md).
+
+Rows are split over every device of the mesh (``sharding.ALL_AXES``); each device prunes its
+own rows. Each step every device proposes its farthest row; one all-gather of the proposals
+(row, norm, distance and index) lets every device pick the same global winner (largest
+distance, then lowest global index, exactly the single-device choice). Selected indices are
+therefore identical on 1, 8 or 512 devices, on one host or many, with either method.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +64,18 @@ SAMPLERS = ("approx_greedy_coreset", "random", "identity", "learned_proxies")
 # rounding depends on its shape: XLA and cuBLAS pick kernels per shape).
 _CHUNK_ROWS = 256
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+GREEDY_METHODS = ("auto", "pruned", "full")
+# "auto" prunes when the full pass would visit at least this many rows (steps x N, about 25 s
+# of full-pass steps on a 2-core CPU; benchmarks/results/coreset.md): below it the pruned
+# path's one-off costs (compiling more code, grouping rows into blocks) exceed what it saves.
+_PRUNED_MIN_ROW_VISITS = 10**9
+# Pruned path: rows per block (the tree halves groups down to 2**levels blocks of 1x..2x this),
+# and power iterations per principal direction.
+_BLOCK_ROWS = 32
+_POWER_ITERATIONS = 3
+# Row visits per compiled chunk of steps: 2**25 is about a second of full-pass steps on a CPU.
+_ROW_VISITS_PER_CHUNK = 2**25
 
 
 # --------------------------------------------------------------------------- greedy coreset
@@ -95,50 +119,37 @@ def _start_order(num_start_points: int) -> tuple[int, ...]:
     return tuple(range(num_start_points))
 
 
-def _greedy_on_shard(
-    features: jax.Array,
-    projection: jax.Array | None,
-    start_indices: jax.Array,
-    *,
-    num_samples: int,
-    num_valid: int,
-) -> jax.Array:
-    """Greedy selection seen from one device (inside ``shard_map``).
-
-    Args:
-      features: [n, D] this device's rows (global rows ``offset .. offset + n``).
-      projection: [p, D] replicated, or None to use the rows as they are.
-      start_indices: [s] int32 global indices of the start points.
-      num_samples: selection steps.
-      num_valid: global number of real rows; rows at or past it are padding.
-
-    Returns:
-      [num_samples] int32 global indices in selection order, identical on every device.
-    """
-    num_local = features.shape[0]
-    offset = jax.lax.axis_index(ALL_AXES) * num_local
+def _project_rows(features: jax.Array, projection: jax.Array | None) -> jax.Array:
+    """This device's rows projected in ``_CHUNK_ROWS`` chunks: [n, D] -> [n, p] float32."""
     if projection is None:
-        rows = features.astype(jnp.float32)
-    else:
-        chunks = features.reshape(-1, _CHUNK_ROWS, features.shape[1])
-        rows = jax.lax.map(
-            lambda chunk: jnp.dot(chunk.astype(jnp.float32), projection.T, precision=_HIGHEST),
-            chunks,
-        ).reshape(num_local, projection.shape[0])
-    # Feature-major [p, n] layout: each step streams p contiguous rows of n values.
-    columns = rows.T
-    sq_norms = _column_dots(columns, columns)
-    is_valid = offset + jnp.arange(num_local) < num_valid
+        return features.astype(jnp.float32)
+    chunks = features.reshape(-1, _CHUNK_ROWS, features.shape[1])
+    return jax.lax.map(
+        lambda chunk: jnp.dot(chunk.astype(jnp.float32), projection.T, precision=_HIGHEST),
+        chunks,
+    ).reshape(features.shape[0], projection.shape[0])
 
-    # Start rows: the owner contributes its row, every other device zeros; the sum is exact.
+
+def _start_distances(
+    rows: jax.Array,
+    start_indices: jax.Array,
+    offset: jax.Array,
+    columns: jax.Array,
+    sq_norms: jax.Array,
+) -> jax.Array:
+    """Mean distance of every row of ``columns`` to the start rows, in torch's summation order.
+
+    ``rows`` [n, p] are this device's rows in global order (global rows ``offset ..``);
+    ``columns`` [p, ...] and ``sq_norms`` [...] are the same rows in any layout.
+    """
+    # The owner contributes each start row, every other device zeros; the sum is exact.
     local_start = start_indices - offset
-    owns_start = (local_start >= 0) & (local_start < num_local)
-    local_start = jnp.clip(local_start, 0, num_local - 1)
-    start_rows = jax.lax.psum(
-        jnp.where(owns_start[:, None], columns[:, local_start].T, 0.0), ALL_AXES
+    owns_start = (local_start >= 0) & (local_start < rows.shape[0])
+    local_start = jnp.clip(local_start, 0, rows.shape[0] - 1)
+    start_rows = jax.lax.psum(jnp.where(owns_start[:, None], rows[local_start], 0.0), ALL_AXES)
+    start_sq_norms = jax.lax.psum(
+        jnp.where(owns_start, _column_dots(start_rows.T, start_rows.T), 0.0), ALL_AXES
     )
-    start_sq_norms = jax.lax.psum(jnp.where(owns_start, sq_norms[local_start], 0.0), ALL_AXES)
-
     order = jnp.asarray(_start_order(start_indices.shape[0]), jnp.int32)
 
     def add_start_distance(j, total):
@@ -146,26 +157,317 @@ def _greedy_on_shard(
         return total + _distances_to(columns, sq_norms, start_rows[k], start_sq_norms[k])
 
     total = jax.lax.fori_loop(0, order.shape[0], add_start_distance, jnp.zeros_like(sq_norms))
-    min_distances = jnp.where(is_valid, total / jnp.float32(order.shape[0]), -jnp.inf)
+    return total / jnp.float32(order.shape[0])
 
-    def select(step, carry):
-        min_distances, selected = carry
-        local_best = jnp.argmax(min_distances)  # first maximum: lowest local index
-        proposal = jnp.concatenate(
-            [columns[:, local_best], sq_norms[local_best][None], min_distances[local_best][None]]
+
+def _choose_winner(
+    row: jax.Array, sq_norm: jax.Array, distance: jax.Array, index: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Global winner among every device's proposal, with one all-gather.
+
+    Each device proposes its farthest row (``row`` [p], its squared norm, its distance and its
+    global index, the lowest among its tied rows). The index travels as two float32 halves
+    (exact below 2**24 each). Every device picks the same winner: the largest distance, then
+    the lowest global index. Returns ``(row [p], sq_norm [], index [] int32)``.
+    """
+    index = index.astype(jnp.int32)
+    halves = jnp.stack([index // 65536, index % 65536]).astype(jnp.float32)
+    proposal = jnp.concatenate([row, sq_norm[None], distance[None], halves])
+    proposals = jax.lax.all_gather(proposal, ALL_AXES)  # [devices, p + 4]
+    indices = proposals[:, -2].astype(jnp.int32) * 65536 + proposals[:, -1].astype(jnp.int32)
+    largest = jnp.max(proposals[:, -3])
+    winner = jnp.argmin(jnp.where(proposals[:, -3] == largest, indices, jnp.iinfo(jnp.int32).max))
+    return proposals[winner, :-4], proposals[winner, -4], indices[winner]
+
+
+# ------------------------------------------------------------------ full pass per step
+
+
+def _full_init_on_shard(features, projection, start_indices, *, num_valid):
+    """Projected columns [p, n], squared norms [n], start distances [n], farthest row [1]."""
+    num_local = features.shape[0]
+    offset = jax.lax.axis_index(ALL_AXES) * num_local
+    rows = _project_rows(features, projection)
+    # Feature-major [p, n] layout: each step streams p contiguous rows of n values.
+    columns = rows.T
+    sq_norms = _column_dots(columns, columns)
+    is_valid = offset + jnp.arange(num_local) < num_valid
+    min_distances = jnp.where(
+        is_valid, _start_distances(rows, start_indices, offset, columns, sq_norms), -jnp.inf
+    )
+    best = jnp.argmax(min_distances)[None].astype(jnp.int32)
+    return (columns, sq_norms), (min_distances, best)
+
+
+def _full_steps_on_shard(constants, carry, selected, start, stop):
+    """Greedy steps ``start .. stop``, each reading every row once.
+
+    Each step lowers the distances (the one pass over the rows) and at once finds this
+    device's next proposal from the new distances (first maximum: lowest index), so a step
+    starts with its proposal ready and needs one all-gather to pick the winner.
+    """
+    columns, sq_norms = constants
+    offset = jax.lax.axis_index(ALL_AXES) * sq_norms.shape[0]
+
+    def select(step, state):
+        (min_distances, best), selected = state
+        local = best[0]
+        row, row_sq_norm, index = _choose_winner(
+            columns[:, local], sq_norms[local], min_distances[local], offset + local
         )
-        proposals = jax.lax.all_gather(proposal, ALL_AXES)  # [devices, p + 2]
-        proposal_indices = jax.lax.all_gather(offset + local_best, ALL_AXES)  # [devices]
-        # Devices hold consecutive row ranges in mesh order, so the first device with the
-        # largest distance holds the lowest global index among the tied maxima.
-        winner = jnp.argmax(proposals[:, -1])
-        selected = selected.at[step].set(proposal_indices[winner].astype(jnp.int32))
-        distances = _distances_to(columns, sq_norms, proposals[winner, :-2], proposals[winner, -2])
-        return jnp.minimum(min_distances, distances), selected
+        selected = selected.at[step].set(index)
+        distances = _distances_to(columns, sq_norms, row, row_sq_norm)
+        min_distances = jnp.minimum(min_distances, distances)
+        best = jnp.argmax(min_distances)[None].astype(jnp.int32)
+        return (min_distances, best), selected
 
-    selected = jnp.zeros((num_samples,), jnp.int32)
-    _, selected = jax.lax.fori_loop(0, num_samples, select, (min_distances, selected))
-    return selected  # the same on every device: each picks the winner from the same gather
+    return jax.lax.fori_loop(start, stop, select, (carry, selected))
+
+
+# ------------------------------------------------------------------ pruned: skip far blocks
+
+
+def _block_layout(num_local: int) -> tuple[int, int]:
+    """(rows per block, tree levels): ``2**levels`` blocks of about ``_BLOCK_ROWS`` rows."""
+    levels = max(0, int(np.floor(np.log2(num_local / _BLOCK_ROWS)))) if num_local else 0
+    return -(-num_local // 2**levels), levels
+
+
+def _block_order(rows: jax.Array, is_valid: jax.Array, block_rows: int, levels: int) -> jax.Array:
+    """Local row ids grouped into ``2**levels`` blocks of nearby rows: -> [blocks, block_rows].
+
+    A balanced principal-direction tree: each level splits every group at the median of its
+    rows' projections on the group's top principal direction (a few power iterations). Groups
+    are contiguous runs of whole blocks, so every level has the same shapes (one ``fori_loop``).
+    Ids at or past ``len(rows)`` are padding; padding and invalid rows sort last in their
+    groups. Within a block ids are ascending, so a block's first farthest row has its lowest
+    index. The grouping only decides what can be skipped, never the result.
+    """
+    num_blocks = 1 << levels
+    num_tree = block_rows * num_blocks
+    num_features = rows.shape[1]
+    points = jnp.pad(rows, ((0, num_tree - rows.shape[0]), (0, 0)))
+    valid = jnp.pad(is_valid, (0, num_tree - rows.shape[0]))
+    start = jnp.cos(1.0 + 2.3 * jnp.arange(num_features, dtype=jnp.float32))
+
+    def split(level, ids):
+        # Blocks of ``ids`` in their current order; block b belongs to group b >> (levels - l).
+        group = jnp.arange(num_blocks) >> (levels - level)
+        x = points[ids].reshape(num_blocks, block_rows, num_features)
+        ok = valid[ids].reshape(num_blocks, block_rows, 1)
+
+        def group_sum(per_block):
+            total = jax.ops.segment_sum(per_block, group, num_segments=num_blocks)
+            return total[group]
+
+        count = jnp.maximum(group_sum(jnp.sum(ok, axis=1).astype(jnp.float32)), 1.0)
+        mean = group_sum(jnp.sum(jnp.where(ok, x, 0.0), axis=1)) / count
+        centred = jnp.where(ok, x - mean[:, None], 0.0)
+        direction = jnp.broadcast_to(start, (num_blocks, num_features))
+        for _ in range(_POWER_ITERATIONS):
+            along = jnp.einsum("kbp,kp->kb", centred, direction)
+            direction = group_sum(jnp.einsum("kbp,kb->kp", centred, along))
+            direction = direction / jnp.maximum(
+                jnp.linalg.norm(direction, axis=1, keepdims=True), 1e-30
+            )
+        along = jnp.where(ok[..., 0], jnp.einsum("kbp,kp->kb", centred, direction), jnp.inf)
+        row_group = jnp.broadcast_to(group[:, None], along.shape).reshape(-1)
+        _, _, ids = jax.lax.sort((row_group, along.reshape(-1), ids), num_keys=2)
+        return ids
+
+    ids = jax.lax.fori_loop(0, levels, split, jnp.arange(num_tree, dtype=jnp.int32))
+    return jnp.sort(ids.reshape(num_blocks, block_rows), axis=1)
+
+
+def _pruned_init_on_shard(features, projection, start_indices, *, num_valid):
+    """Rows permuted into contiguous blocks of nearby rows, with each block's geometry.
+
+    Constants (n = blocks x B rows, in block order): rows [n, p] (to gather) and the same as
+    columns [p, n] (to stream), squared norms [n], global indices [n], each row's distance to
+    its block centre [n], block centres [blocks, p], radii [blocks] and largest row norms
+    [blocks]. Carry: distances [n] (-inf for padding), each block's largest distance [blocks]
+    and its first position [blocks], and the fraction of rows read so far [1].
+    """
+    num_local = features.shape[0]
+    offset = jax.lax.axis_index(ALL_AXES) * num_local
+    rows = _project_rows(features, projection)
+    is_valid = offset + jnp.arange(num_local) < num_valid
+    block_rows, levels = _block_layout(num_local)
+    order = _block_order(rows, is_valid, block_rows, levels)  # [blocks, B]
+    in_rows = order < num_local
+    safe = jnp.minimum(order, num_local - 1)
+    block_valid = in_rows & is_valid[safe]
+    points = jnp.where(in_rows[..., None], rows[safe], 0.0)  # [blocks, B, p]
+    columns = jnp.moveaxis(points, 2, 0)  # [p, blocks, B]
+    sq_norms = _column_dots(columns, columns)
+    min_distances = jnp.where(
+        block_valid, _start_distances(rows, start_indices, offset, columns, sq_norms), -jnp.inf
+    )
+    count = jnp.maximum(jnp.sum(block_valid, axis=1), 1)
+    centres = jnp.sum(jnp.where(block_valid[..., None], points, 0.0), axis=1) / count[:, None]
+    to_centre = jnp.sqrt(jnp.sum((points - centres[:, None]) ** 2, axis=2))  # [blocks, B]
+    radii = jnp.max(jnp.where(block_valid, to_centre, 0.0), axis=1)
+    norms = jnp.sqrt(jnp.max(jnp.where(block_valid, sq_norms, 0.0), axis=1))
+    num_tree = points.shape[0] * points.shape[1]
+    constants = (
+        points.reshape(num_tree, -1),
+        columns.reshape(columns.shape[0], num_tree),
+        sq_norms.reshape(-1),
+        (offset + order).astype(jnp.int32).reshape(-1),
+        to_centre.reshape(-1),
+        centres,
+        radii,
+        norms,
+    )
+    carry = (
+        min_distances.reshape(-1),
+        jnp.max(min_distances, axis=1),
+        jnp.argmax(min_distances, axis=1).astype(jnp.int32),
+        jnp.zeros((1,), jnp.float32),
+    )
+    return constants, carry
+
+
+def _capacities(total: int, factor: int, count: int, smallest: int) -> tuple[int, ...]:
+    """Static sizes a step may gather: ``total`` divided by ``factor**k``, k < ``count``, and
+    not below ``smallest`` (smaller ones save less than their compiled branch costs)."""
+    sizes = {-(-total // factor**k) for k in range(count)}
+    return tuple(sorted({total} | {size for size in sizes if size >= smallest}))
+
+
+def _pruned_steps_on_shard(constants, carry, selected, start, stop):
+    """Greedy steps ``start .. stop`` that read only the rows the new centre may change.
+
+    Lower bounds on the new centre's distance to a row, by the triangle inequality: per block,
+    the distance to the block centre minus the radius; per row, the difference of the distance
+    to its block centre and its own. A row is skipped when its bound clears its current
+    distance (a block's when it clears the block's largest) by a margin covering float32
+    rounding of the computed distance, so its minimum could not change. The rows left are
+    gathered into the smallest static capacity that holds them and updated with exactly the
+    full pass's formula, so distances and selected indices are bit-identical to it; when too
+    many are left the step streams every row instead.
+    """
+    points, columns, sq_norms, indices, offsets, centres, radii, norms = constants
+    num_blocks, num_features = centres.shape
+    num_rows = sq_norms.shape[0]
+    block_rows = num_rows // num_blocks
+    block_caps = _capacities(num_blocks, 4, 4, 32)
+    row_limit = -(-num_rows // 8)  # more rows than this: stream them all
+    row_caps = (*_capacities(row_limit, 2, 8, 512), num_rows)
+    # Rounding: the computed squared distance (-2 a.b + |a|^2) + |b|^2 (p-term dot products)
+    # is within (p + 2) u (|a| + |b|)^2 of the exact one (u = 2**-24); doubled, gamma also
+    # covers the rounding of the bounds themselves (direct distances: relative error < p u).
+    gamma = jnp.float32(2 * (num_features + 8) * 2.0**-24)
+    block_range = jnp.arange(num_blocks)
+
+    def can_skip(lower, largest, error):
+        return (largest < 0) | (
+            (lower > 0) & (lower * lower * (1 - gamma) >= (error + largest * largest) * (1 + gamma))
+        )
+
+    def find_rows(capacity, block_ids, min_distances, to_centre, error):
+        """Rows of the first ``capacity`` listed blocks whose own bound does not clear."""
+        safe = jnp.minimum(block_ids[:capacity], num_blocks - 1)
+        block_offsets = offsets.reshape(num_blocks, block_rows)[safe]
+        distances = min_distances.reshape(num_blocks, block_rows)[safe]
+        centre = to_centre[safe][:, None]
+        lower = jnp.maximum(
+            centre * (1 - gamma) - block_offsets * (1 + gamma),
+            block_offsets * (1 - gamma) - centre * (1 + gamma),
+        )
+        active = ~can_skip(lower, distances, error[safe][:, None])
+        active = active & (block_ids[:capacity] < num_blocks)[:, None]
+        listed = capacity * block_rows
+        (position,) = jnp.nonzero(
+            active.reshape(-1), size=min(listed, row_limit), fill_value=listed
+        )
+        row_ids = jnp.where(
+            position < listed,
+            safe[jnp.minimum(position // block_rows, capacity - 1)] * block_rows
+            + position % block_rows,
+            num_rows,
+        )
+        row_ids = jnp.pad(row_ids, (0, row_limit - row_ids.shape[0]), constant_values=num_rows)
+        return row_ids, jnp.sum(active)
+
+    def update_rows(capacity, row_ids, min_distances, row, row_sq_norm):
+        if capacity == num_rows:
+            return jnp.minimum(min_distances, _distances_to(columns, sq_norms, row, row_sq_norm))
+        # No loop over chunks here: a loop would copy the loop-invariant rows every step.
+        ids = row_ids[:capacity]
+        safe = jnp.minimum(ids, num_rows - 1)
+        new = jnp.minimum(
+            min_distances[safe],
+            _distances_to(points[safe].T, sq_norms[safe], row, row_sq_norm),
+        )
+        return min_distances.at[ids].set(new, mode="drop")
+
+    def rescan_blocks(capacity, block_ids, min_distances, block_max, block_pos):
+        blocks = min_distances.reshape(num_blocks, block_rows)
+        if capacity == num_blocks:
+            return jnp.max(blocks, axis=1), jnp.argmax(blocks, axis=1).astype(jnp.int32)
+        ids = block_ids[:capacity]
+        distances = blocks[jnp.minimum(ids, num_blocks - 1)]
+        return (
+            block_max.at[ids].set(jnp.max(distances, axis=1), mode="drop"),
+            block_pos.at[ids].set(jnp.argmax(distances, axis=1).astype(jnp.int32), mode="drop"),
+        )
+
+    find_branches = [functools.partial(find_rows, c) for c in block_caps]
+    update_branches = [functools.partial(update_rows, c) for c in row_caps]
+    rescan_branches = [functools.partial(rescan_blocks, c) for c in block_caps]
+
+    def select(step, state):
+        (min_distances, block_max, block_pos, fraction_read), selected = state
+        # This device's farthest row: largest distance, then lowest global index.
+        firsts = indices.reshape(num_blocks, block_rows)[block_range, block_pos]
+        largest = jnp.max(block_max)
+        block = jnp.argmin(jnp.where(block_max == largest, firsts, jnp.iinfo(jnp.int32).max))
+        local = block * block_rows + block_pos[block]
+        row, row_sq_norm, index = _choose_winner(
+            points[local], sq_norms[local], largest, firsts[block]
+        )
+        selected = selected.at[step].set(index)
+
+        to_centre = jnp.sqrt(jnp.sum((centres - row) ** 2, axis=1))
+        error = gamma * ((norms + jnp.sqrt(row_sq_norm)) * (1 + gamma)) ** 2
+        block_active = ~can_skip(to_centre * (1 - gamma) - radii * (1 + gamma), block_max, error)
+        block_ids = jnp.nonzero(block_active, size=num_blocks, fill_value=num_blocks)[0]
+        block_tier = jnp.sum(jnp.sum(block_active) > jnp.asarray(block_caps[:-1]))
+        row_ids, num_active = jax.lax.switch(
+            block_tier, find_branches, block_ids, min_distances, to_centre, error
+        )
+        row_tier = jnp.sum(num_active > jnp.asarray(row_caps[:-1]))
+        min_distances = jax.lax.switch(
+            row_tier, update_branches, row_ids, min_distances, row, row_sq_norm
+        )
+        block_max, block_pos = jax.lax.switch(
+            block_tier, rescan_branches, block_ids, min_distances, block_max, block_pos
+        )
+        rows_read = jnp.asarray(row_caps, jnp.float32)[row_tier]  # the rows gathered
+        fraction_read = fraction_read + rows_read / num_rows
+        return (min_distances, block_max, block_pos, fraction_read), selected
+
+    return jax.lax.fori_loop(start, stop, select, (carry, selected))
+
+
+# ------------------------------------------------------------------ compiled programs
+
+_METHODS = {
+    "full": (_full_init_on_shard, _full_steps_on_shard),
+    "pruned": (_pruned_init_on_shard, _pruned_steps_on_shard),
+}
+
+
+def _state_specs(method: str) -> tuple[tuple[P, ...], tuple[P, ...]]:
+    """PartitionSpecs of (constants, carry): every array is split by rows over the mesh."""
+    rows = P(ALL_AXES)
+    if method == "full":
+        return (P(None, ALL_AXES), rows), (rows, rows)
+    return (
+        (rows, P(None, ALL_AXES), rows, rows, rows, rows, rows, rows),
+        (rows, rows, rows, rows),
+    )
 
 
 def _padded_rows(num_rows: int, mesh: Mesh) -> int:
@@ -173,7 +475,69 @@ def _padded_rows(num_rows: int, mesh: Mesh) -> int:
     return -(-num_rows // multiple) * multiple
 
 
-@functools.partial(jax.jit, static_argnames=("num_samples", "num_valid", "mesh"))
+@functools.partial(jax.jit, static_argnames=("method", "num_valid", "mesh"))
+def _greedy_init(
+    features: jax.Array,
+    projection: jax.Array | None,
+    start_indices: jax.Array,
+    *,
+    method: str,
+    num_valid: int,
+    mesh: Mesh,
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """Projection, layout and start distances: the loop state ``(constants, carry)``.
+
+    Each device's rows are global rows ``offset .. offset + n``; rows at or past ``num_valid``
+    are padding (distance -inf, never selected).
+    """
+    padding = _padded_rows(features.shape[0], mesh) - features.shape[0]
+    if padding:
+        features = jnp.pad(features, ((0, padding), (0, 0)))
+    init_on_shard = functools.partial(_METHODS[method][0], num_valid=num_valid)
+    return jax.shard_map(
+        init_on_shard,
+        mesh=mesh,
+        in_specs=(P(ALL_AXES, None), None if projection is None else P(), P()),
+        out_specs=_state_specs(method),
+        check_vma=False,
+    )(features, projection, start_indices)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "mesh"), donate_argnums=(1, 2))
+def _greedy_steps(
+    constants: tuple[jax.Array, ...],
+    carry: tuple[jax.Array, ...],
+    selected: jax.Array,
+    start: jax.Array,
+    stop: jax.Array,
+    *,
+    method: str,
+    mesh: Mesh,
+) -> tuple[tuple[jax.Array, ...], jax.Array, jax.Array]:
+    """Selection steps ``start .. stop`` (dynamic: one compilation for every chunk).
+
+    Returns the new carry and ``selected`` (donated buffers, updated in place) and the last
+    selected index, a small array the host waits on without touching the donated state.
+    """
+    constants_spec, carry_spec = _state_specs(method)
+    carry, selected = jax.shard_map(
+        _METHODS[method][1],
+        mesh=mesh,
+        in_specs=(constants_spec, carry_spec, P(), P(), P()),
+        out_specs=(carry_spec, P()),
+        # Every device derives the selection from the same all-gathered proposals, so it is
+        # replicated; the replication checker cannot infer that through all_gather.
+        check_vma=False,
+    )(constants, carry, selected, start, stop)
+    return carry, selected, selected[jnp.maximum(stop - 1, 0)]
+
+
+def _steps_per_chunk(num_rows: int, method: str) -> int:
+    """Steps per compiled chunk: about a second of work on a CPU, the same on every process."""
+    work = _ROW_VISITS_PER_CHUNK * (4 if method == "pruned" else 1)
+    return max(1, work // num_rows)
+
+
 def _greedy_selection(
     features: jax.Array,
     projection: jax.Array | None,
@@ -181,28 +545,45 @@ def _greedy_selection(
     *,
     num_samples: int,
     num_valid: int,
+    method: str,
     mesh: Mesh,
+    progress: Callable[[int], None] | None = None,
 ) -> jax.Array:
-    """Compiled once per (shapes, num_samples, num_valid, mesh); see ``_greedy_on_shard``."""
-    padding = _padded_rows(features.shape[0], mesh) - features.shape[0]
-    if padding:
-        features = jnp.pad(features, ((0, padding), (0, 0)))
+    """Runs the selection in chunks of steps; the loop state stays on the devices.
 
-    def on_shard(features, projection, start_indices):
-        return _greedy_on_shard(
-            features, projection, start_indices, num_samples=num_samples, num_valid=num_valid
+    The host waits for chunk k only after chunk k + 1 is queued, so the devices never idle,
+    ``progress`` (steps done) is called once per chunk, and a KeyboardInterrupt (or an
+    exception from ``progress``) stops the selection after at most one more chunk.
+    """
+    constants, carry = _greedy_init(
+        features, projection, start_indices, method=method, num_valid=num_valid, mesh=mesh
+    )
+    selected = replicate(np.zeros((num_samples,), np.int32), mesh)
+    chunk = _steps_per_chunk(features.shape[0], method)
+    pending: tuple[jax.Array, int] | None = None
+    for start in range(0, num_samples, chunk):
+        stop = min(start + chunk, num_samples)
+        carry, selected, done = _greedy_steps(
+            constants,
+            carry,
+            selected,
+            replicate(np.int32(start), mesh),
+            replicate(np.int32(stop), mesh),
+            method=method,
+            mesh=mesh,
         )
+        if pending is not None:
+            _report(pending, progress)
+        pending = (done, stop - start)
+    _report(pending, progress)
+    return selected
 
-    projection_spec = None if projection is None else P()
-    return jax.shard_map(
-        on_shard,
-        mesh=mesh,
-        in_specs=(P(ALL_AXES, None), projection_spec, P()),
-        out_specs=P(),
-        # Every device derives the selection from the same all-gathered proposals, so the
-        # output is replicated; the replication checker cannot infer that through all_gather.
-        check_vma=False,
-    )(features, projection, start_indices)
+
+def _report(pending: tuple[jax.Array, int], progress: Callable[[int], None] | None) -> None:
+    done, steps = pending
+    jax.block_until_ready(done)
+    if progress is not None:
+        progress(steps)
 
 
 def _rows_on_mesh(features: np.ndarray | jax.Array, mesh: Mesh) -> jax.Array:
@@ -246,6 +627,8 @@ def approximate_greedy_coreset(
     projection_dim: int = 128,
     num_start_points: int = 10,
     mesh: Mesh | None = None,
+    method: str = "auto",
+    progress: Callable[[int], None] | None = None,
 ) -> jax.Array:
     """Indices of the approximate greedy coreset, in selection order (SPEC section 4).
 
@@ -263,6 +646,11 @@ def approximate_greedy_coreset(
       projection_dim: dimension of the default projection.
       num_start_points: number of default start points.
       mesh: the rows are split over all its devices; default ``single_device_mesh()``.
+      method: "pruned" skips, per step, the blocks of rows the new centre cannot change;
+        "full" reads every row every step; both select the same indices. "auto": "pruned"
+        when num_samples x N is at least ``_PRUNED_MIN_ROW_VISITS``, where it is faster.
+      progress: called with the number of steps done after each chunk of steps (about a
+        second of work); an exception it raises (e.g. KeyboardInterrupt) stops the selection.
 
     Returns:
       [num_samples] int32 indices into ``features``, replicated over ``mesh`` (every process
@@ -271,6 +659,10 @@ def approximate_greedy_coreset(
     num_rows, dim = _check_features(features)
     if not 1 <= num_samples <= num_rows:
         raise ValueError(f"num_samples must be in [1, N={num_rows}], got {num_samples}")
+    if method not in GREEDY_METHODS:
+        raise ValueError(f"method must be one of {GREEDY_METHODS}, got {method!r}")
+    if method == "auto":
+        method = "pruned" if num_samples * num_rows >= _PRUNED_MIN_ROW_VISITS else "full"
     mesh = single_device_mesh() if mesh is None else mesh
     need_projection = projection is None and dim != projection_dim
     if key is None and (need_projection or start_indices is None):
@@ -313,7 +705,9 @@ def approximate_greedy_coreset(
         replicate(start_indices.astype(np.int32), mesh),
         num_samples=int(num_samples),
         num_valid=num_rows,
+        method=method,
         mesh=mesh,
+        progress=progress,
     )
 
 
@@ -422,6 +816,8 @@ def build_memory_bank(
     projection_dim: int = 128,
     num_start_points: int = 10,
     mesh: Mesh | None = None,
+    coreset_method: str = "auto",
+    progress: Callable[[int], None] | None = None,
 ) -> jax.Array:
     """Subsamples all patch features into the memory bank: [N, D] -> [M, D] float32.
 
@@ -434,11 +830,15 @@ def build_memory_bank(
       key: seeds the sampler.
       projection_dim, num_start_points: greedy coreset settings.
       mesh: devices the greedy coreset runs on; default ``single_device_mesh()``.
+      coreset_method, progress: greedy coreset ``method`` and ``progress`` (see
+        ``approximate_greedy_coreset``).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    if coreset_method not in GREEDY_METHODS:
+        raise ValueError(f"coreset_method must be one of {GREEDY_METHODS}, got {coreset_method!r}")
     num_rows, _ = _check_features(features)
     num_samples = max(1, int(num_rows * fraction))
     if sampler == "identity":
@@ -455,6 +855,8 @@ def build_memory_bank(
             projection_dim=projection_dim,
             num_start_points=num_start_points,
             mesh=mesh,
+            method=coreset_method,
+            progress=progress,
         )
     if isinstance(features, jax.Array) and not features.is_fully_addressable:
         mesh = single_device_mesh() if mesh is None else mesh

@@ -276,6 +276,7 @@ class PatchCore:
         bank_features: np.ndarray | jax.Array,
         *,
         log: Callable[[str], None] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> PatchCore:
         """Subsamples patch features [N, D] into the memory bank (``config.sampler``), then
         calibrates the thresholds (``config.calibration``).
@@ -286,12 +287,13 @@ class PatchCore:
         ``held-out`` keeps a seeded ``calibration_fraction`` of the images out of the bank.
         Raises ValueError if any row is NaN or infinite: one such row would be every test
         patch's nearest neighbour (or nobody's) and silently change every later score.
+        ``progress`` is called with the number of greedy coreset steps done after each chunk.
         """
         config = self.config
         _check_finite_rows(bank_features, "patch features")
         config.check_bank_size(self._bank_rows(bank_features.shape[0]))  # before any work
         if config.calibration == "none":
-            self._set_memory_bank(self._subsample(bank_features, log)[0])
+            self._set_memory_bank(self._subsample(bank_features, log, progress)[0])
             self.calibration = self.bank_source_images = None
             return self
         num_patches = math.prod(self.grid_shape)
@@ -317,7 +319,7 @@ class PatchCore:
             )
         else:
             bank_images = np.arange(num_images)
-        memory_bank, rows = self._subsample(features, log, with_rows=True)
+        memory_bank, rows = self._subsample(features, log, progress, with_rows=True)
         self._set_memory_bank(memory_bank)
         # None for learned proxies: they are no image's rows (only held-out calibrates them).
         self.bank_source_images = (
@@ -342,7 +344,9 @@ class PatchCore:
             )
         return self
 
-    def _selected_rows(self, features: np.ndarray) -> np.ndarray | None:
+    def _selected_rows(
+        self, features: np.ndarray, progress: Callable[[int], None] | None
+    ) -> np.ndarray | None:
         """Indices of the rows ``coreset.build_memory_bank`` keeps for ``config`` (the same
         calls with the same key), or None for ``learned_proxies`` (no row is kept as is)."""
         config = self.config
@@ -362,6 +366,8 @@ class PatchCore:
                     projection_dim=config.projection_dim,
                     num_start_points=config.num_start_points,
                     mesh=self.mesh,
+                    method=config.coreset_method,
+                    progress=progress,
                 )
             )
         return None
@@ -370,6 +376,7 @@ class PatchCore:
         self,
         bank_features: np.ndarray | jax.Array,
         log: Callable[[str], None] | None,
+        progress: Callable[[int], None] | None = None,
         *,
         with_rows: bool = False,
     ) -> tuple[jax.Array, np.ndarray | None]:
@@ -385,7 +392,7 @@ class PatchCore:
                 f"{config.coreset_fraction}) on {self._num_shards} device(s)"
             )
         start = time.perf_counter()
-        rows = self._selected_rows(bank_features) if with_rows else None
+        rows = self._selected_rows(bank_features, progress) if with_rows else None
         if rows is not None:
             memory_bank = jnp.asarray(np.asarray(bank_features)[rows], jnp.float32)
         else:
@@ -397,6 +404,8 @@ class PatchCore:
                 projection_dim=config.projection_dim,
                 num_start_points=config.num_start_points,
                 mesh=self.mesh,
+                coreset_method=config.coreset_method,
+                progress=progress,
             )
         memory_bank = jax.block_until_ready(memory_bank)
         if log is not None:

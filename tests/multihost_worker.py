@@ -5,7 +5,8 @@ and query rows. Together they run the sharded device stages over all global devi
 0 writes what every process read back to ``--out/results.npz``:
 
 * ``coreset_given``: greedy coreset of the ``coreset_d1024`` fixture with its projection and
-  start points; ``coreset_keyed``: the same bank with projection and starts drawn from a key;
+  start points; ``coreset_keyed``: the same bank with projection and starts drawn from a key, by
+  the pruned path;
 * ``memory_bank``: ``build_memory_bank`` rows of the keyed coreset;
 * ``nn_distances`` / ``nn_indices``: ``scoring.nearest_neighbors`` of query rows against that
   memory bank;
@@ -109,7 +110,11 @@ def main() -> None:
             mesh=coreset_mesh,
         ),
         "coreset_keyed": coreset.approximate_greedy_coreset(
-            global_bank, num_samples, key=jax.random.key(WORKER_SEED), mesh=coreset_mesh
+            global_bank,
+            num_samples,
+            key=jax.random.key(WORKER_SEED),
+            mesh=coreset_mesh,
+            method="pruned",  # the single-process check uses the full pass
         ),
     }
     memory_bank = coreset.build_memory_bank(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from jax.extend.core import Jaxpr
 from patchcore_jax import coreset, sharding
 
 FIXTURE_GROUPS = ("coreset_d1024", "coreset_d128")
+METHODS = ("full", "pruned")
 
 
 def numpy_greedy(features, num_samples, start_indices, projection=None):
@@ -36,7 +39,7 @@ def mesh_of(num_devices: int):
     return sharding.make_mesh(devices=jax.devices()[:num_devices])
 
 
-def fixture_coreset(group: str, mesh) -> tuple[np.ndarray, np.ndarray]:
+def fixture_coreset(group: str, mesh, method: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     case = load_fixture("reference_parity", group)
     selected = coreset.approximate_greedy_coreset(
         case["features"],
@@ -44,6 +47,7 @@ def fixture_coreset(group: str, mesh) -> tuple[np.ndarray, np.ndarray]:
         projection=case.get("projection"),
         start_indices=case["start_points"],
         mesh=mesh,
+        method=method,
     )
     return np.asarray(selected), case["indices"]
 
@@ -55,11 +59,12 @@ def test_conftest_gives_eight_devices():
 # ------------------------------------------------------------------ reference parity
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("num_devices", [1, 2, 3, 8])
 @pytest.mark.parametrize("group", FIXTURE_GROUPS)
-def test_fixture_indices_identical_to_reference(group, num_devices):
+def test_fixture_indices_identical_to_reference(group, num_devices, method):
     """Same indices in the same order as the authors' code, on 1, 2, 3 and 8 devices."""
-    selected, expected = fixture_coreset(group, mesh_of(num_devices))
+    selected, expected = fixture_coreset(group, mesh_of(num_devices), method)
     assert selected.dtype == np.int32
     np.testing.assert_array_equal(selected, expected)
 
@@ -106,7 +111,7 @@ def test_equals_numpy_greedy(seed, num_rows, dim, projection_dim, num_samples):
     )
     starts = rng.choice(num_rows, min(10, num_rows), replace=False)
     expected = numpy_greedy(features, num_samples, starts, projection)
-    for num_devices in (1, 8):
+    for num_devices, method in itertools.product((1, 8), METHODS):
         selected = coreset.approximate_greedy_coreset(
             features,
             num_samples,
@@ -114,8 +119,9 @@ def test_equals_numpy_greedy(seed, num_rows, dim, projection_dim, num_samples):
             start_indices=starts,
             projection_dim=dim,  # without a projection: D == projection_dim skips it
             mesh=mesh_of(num_devices),
+            method=method,
         )
-        np.testing.assert_array_equal(np.asarray(selected), expected)
+        np.testing.assert_array_equal(np.asarray(selected), expected, err_msg=method)
     if num_samples == num_rows:
         assert sorted(expected) == list(range(num_rows))
 
@@ -144,7 +150,8 @@ def test_greedy_invariant_on_high_dimensional_bank():
 # ------------------------------------------------------------------ sharding
 
 
-def test_sharded_identical_on_uneven_bank():
+@pytest.mark.parametrize("method", METHODS)
+def test_sharded_identical_on_uneven_bank(method):
     rng = np.random.default_rng(5)
     features = rng.normal(size=(1001, 96)).astype(np.float32)
     projection = rng.uniform(-0.1, 0.1, size=(24, 96)).astype(np.float32)
@@ -152,7 +159,12 @@ def test_sharded_identical_on_uneven_bank():
     results = {
         n: np.asarray(
             coreset.approximate_greedy_coreset(
-                features, 150, projection=projection, start_indices=starts, mesh=mesh_of(n)
+                features,
+                150,
+                projection=projection,
+                start_indices=starts,
+                mesh=mesh_of(n),
+                method=method,
             )
         )
         for n in (1, 2, 3, 8)
@@ -162,9 +174,10 @@ def test_sharded_identical_on_uneven_bank():
     np.testing.assert_array_equal(results[1], numpy_greedy(features, 150, starts, projection))
 
 
-def test_exact_ties_go_to_lowest_global_index():
+@pytest.mark.parametrize("method", METHODS)
+def test_exact_ties_go_to_lowest_global_index(method):
     """Row i duplicates base row i % 37, so every distance is tied across all copies, which
-    sit on different devices; the first copy must always win, as on one device."""
+    sit on different devices (and blocks); the first copy must always win, as on one device."""
     rng = np.random.default_rng(6)
     base = rng.normal(size=(37, 20)).astype(np.float32)
     features = base[np.arange(1001) % 37]
@@ -178,6 +191,7 @@ def test_exact_ties_go_to_lowest_global_index():
             start_indices=starts,
             projection=np.eye(20, dtype=np.float32),
             mesh=mesh_of(n),
+            method=method,
         )
         np.testing.assert_array_equal(np.asarray(selected), expected, err_msg=f"{n} devices")
 
@@ -223,7 +237,8 @@ def _all_avals(jaxpr):
                     yield from _all_avals(inner)
 
 
-def test_no_n_by_n_intermediate():
+@pytest.mark.parametrize("method", METHODS)
+def test_no_n_by_n_intermediate(method):
     num_rows, dim = 4096, 256
     mesh = sharding.single_device_mesh()
     args = (
@@ -231,27 +246,197 @@ def test_no_n_by_n_intermediate():
         jnp.zeros((128, dim), jnp.float32),
         jnp.arange(10, dtype=jnp.int32),
     )
-    static = {"num_samples": 64, "num_valid": num_rows, "mesh": mesh}
-    jaxpr = jax.make_jaxpr(lambda f, p, s: coreset._greedy_selection(f, p, s, **static))(
-        *args
-    ).jaxpr
-    largest = max(int(np.prod(aval.shape)) for aval in _all_avals(jaxpr) if hasattr(aval, "shape"))
-    assert largest <= num_rows * dim  # the input itself; an N x N matrix would be 4x larger
-    memory = coreset._greedy_selection.lower(*args, **static).compile().memory_analysis()
-    if memory is not None:
-        assert memory.temp_size_in_bytes < num_rows * num_rows * 4 // 4
+    static = {"method": method, "mesh": mesh}
+    init = jax.make_jaxpr(
+        lambda f, p, s: coreset._greedy_init(f, p, s, num_valid=num_rows, **static)
+    )
+    state = jax.eval_shape(
+        lambda f, p, s: coreset._greedy_init(f, p, s, num_valid=num_rows, **static), *args
+    )
+    selected = jax.ShapeDtypeStruct((64,), jnp.int32)
+    step = jnp.int32(0)
+    steps = jax.make_jaxpr(lambda c, r, s: coreset._greedy_steps(c, r, s, step, step, **static))
+    for jaxpr in (init(*args).jaxpr, steps(*state, selected).jaxpr):
+        largest = max(
+            int(np.prod(aval.shape)) for aval in _all_avals(jaxpr) if hasattr(aval, "shape")
+        )
+        assert largest <= num_rows * dim  # the input itself; an N x N matrix would be 4x larger
+    memory = coreset._greedy_init.lower(*args, num_valid=num_rows, **static).compile()
+    analysis = memory.memory_analysis()
+    if analysis is not None:
+        assert analysis.temp_size_in_bytes < num_rows * num_rows * 4 // 4
 
 
-def test_compiles_once_per_shape():
+@pytest.mark.parametrize("method", METHODS)
+def test_compiles_once_per_shape(method, monkeypatch):
+    """One program for the set-up and one for every chunk of steps, whatever the chunk."""
+    monkeypatch.setattr(coreset, "_ROW_VISITS_PER_CHUNK", 300 * 3)  # 3 or 12 steps per chunk
     rng = np.random.default_rng(8)
     features = rng.normal(size=(300, 16)).astype(np.float32)
     starts = np.arange(10)
     kwargs = {"projection": np.eye(16, dtype=np.float32), "start_indices": starts}
-    coreset.approximate_greedy_coreset(features, 20, **kwargs)
-    before = coreset._greedy_selection._cache_size()
+    coreset.approximate_greedy_coreset(features, 20, method=method, **kwargs)
+    before = coreset._greedy_init._cache_size(), coreset._greedy_steps._cache_size()
     for _ in range(3):
-        coreset.approximate_greedy_coreset(features + 1.0, 20, **kwargs)
-    assert coreset._greedy_selection._cache_size() == before
+        coreset.approximate_greedy_coreset(features + 1.0, 20, method=method, **kwargs)
+    after = coreset._greedy_init._cache_size(), coreset._greedy_steps._cache_size()
+    assert after == before
+
+
+# ------------------------------------------------------------------ pruned path: exactness
+
+
+def _both_methods(features, num_samples, num_devices=1, **kwargs) -> np.ndarray:
+    """The pruned path's indices, after checking them against the full pass's."""
+    results = {
+        method: np.asarray(
+            coreset.approximate_greedy_coreset(
+                features, num_samples, mesh=mesh_of(num_devices), method=method, **kwargs
+            )
+        )
+        for method in METHODS
+    }
+    np.testing.assert_array_equal(results["pruned"], results["full"])
+    return results["pruned"]
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+@pytest.mark.parametrize(
+    "case", ["duplicates", "all_equal", "far_outlier", "far_from_origin", "clustered"]
+)
+def test_pruned_identical_to_full_on_adversarial_banks(case, num_devices):
+    """Ties, zero distances, one huge distance, large norms (the distance formula's rounding
+    is largest there, so the skip margin matters); N = 3000 is not a multiple of the blocks.
+    One shape for all cases, so the programs compile once."""
+    rng = np.random.default_rng(10)
+    if case == "duplicates":
+        features = rng.normal(size=(40, 24))[rng.integers(0, 40, 3000)]
+    elif case == "all_equal":
+        features = np.full((3000, 24), 0.5)
+    elif case == "far_outlier":
+        features = rng.normal(size=(3000, 24))
+        features[1234] = 1e4
+    elif case == "far_from_origin":
+        features = 300.0 + rng.normal(scale=0.05, size=(3000, 24))
+    else:
+        centres = rng.normal(scale=5.0, size=(30, 24))
+        features = centres[rng.integers(0, 30, 3000)] + rng.normal(size=(3000, 24))
+    features = features.astype(np.float32)
+    num_samples = 700
+    selected = _both_methods(
+        features, num_samples, num_devices, projection_dim=24, key=jax.random.key(3)
+    )
+    if case == "far_outlier":
+        assert 1234 in selected[:1]
+    if case in ("far_outlier", "clustered"):  # elsewhere float32 rounding makes ties
+        assert len(set(selected.tolist())) == num_samples
+
+
+def test_pruned_reads_few_rows_on_clustered_bank():
+    """The bound works: late steps on a clustered bank read a small part of the rows."""
+    rng = np.random.default_rng(11)
+    centres = rng.normal(scale=6.0, size=(64, 16))
+    features = (centres[rng.integers(0, 64, 20000)] + rng.normal(size=(20000, 16))).astype(
+        np.float32
+    )
+    mesh = sharding.single_device_mesh()
+    args = (
+        coreset._rows_on_mesh(features, mesh),
+        None,
+        sharding.replicate(np.arange(10, dtype=np.int32), mesh),
+    )
+    constants, carry = coreset._greedy_init(*args, method="pruned", num_valid=20000, mesh=mesh)
+    selected = sharding.replicate(np.zeros(2000, np.int32), mesh)
+    carry, selected, _ = coreset._greedy_steps(
+        constants, carry, selected, 0, 1000, method="pruned", mesh=mesh
+    )
+    read_early = float(carry[-1][0])
+    carry, selected, _ = coreset._greedy_steps(
+        constants, carry, selected, 1000, 2000, method="pruned", mesh=mesh
+    )
+    assert (float(carry[-1][0]) - read_early) / 1000 < 0.1  # fraction of rows read per step
+    expected = coreset.approximate_greedy_coreset(
+        features, 2000, start_indices=np.arange(10), projection_dim=16, method="full"
+    )
+    np.testing.assert_array_equal(np.asarray(selected), np.asarray(expected))
+
+
+@pytest.fixture(scope="module")
+def bottle_features(bottle_dir) -> np.ndarray:
+    """Real bank: MobileNetV2 patch features of the 209 bottle training images [163856, 1024]."""
+    from patchcore_jax import PatchCore, PatchCoreConfig, data, preprocess
+
+    model = PatchCore(PatchCoreConfig(backbone="mobilenet_v2"), mesh=mesh_of(1))
+    paths = data.load_dataset(bottle_dir).train_paths
+    return model.patch_features(preprocess.iter_image_batches(paths, 8, 256, 224))
+
+
+def test_pruned_identical_to_full_on_real_bottle_features(bottle_features):
+    selected = _both_methods(
+        bottle_features, int(len(bottle_features) * 0.01), key=jax.random.key(0)
+    )
+    assert len(set(selected.tolist())) == len(selected)
+
+
+@pytest.mark.slow
+def test_pruned_identical_to_full_on_real_bottle_features_10_percent_8_devices(
+    bottle_features,
+):
+    _both_methods(
+        bottle_features, int(len(bottle_features) * 0.1), num_devices=8, key=jax.random.key(1)
+    )
+
+
+def test_auto_method_picks_pruned_for_large_selections(monkeypatch):
+    calls = []
+    monkeypatch.setattr(coreset, "_PRUNED_MIN_ROW_VISITS", 500 * 5)
+    original = coreset._greedy_selection
+    monkeypatch.setattr(
+        coreset,
+        "_greedy_selection",
+        lambda *args, **kwargs: calls.append(kwargs["method"]) or original(*args, **kwargs),
+    )
+    for num_rows in (499, 500):
+        features = np.random.default_rng(0).normal(size=(num_rows, 8)).astype(np.float32)
+        coreset.approximate_greedy_coreset(features, 5, key=jax.random.key(0), projection_dim=8)
+    assert calls == ["full", "pruned"]
+
+
+# ------------------------------------------------------------------ chunks, progress, Ctrl-C
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_chunks_keep_indices_and_report_progress(method, monkeypatch):
+    rng = np.random.default_rng(12)
+    features = rng.normal(size=(3000, 32)).astype(np.float32)
+    kwargs = {"key": jax.random.key(5), "mesh": mesh_of(8), "method": method}
+    one_chunk = np.asarray(coreset.approximate_greedy_coreset(features, 333, **kwargs))
+    monkeypatch.setattr(coreset, "_ROW_VISITS_PER_CHUNK", 3072 * 10)  # 10 or 40 steps each
+    done = []
+    chunked = coreset.approximate_greedy_coreset(features, 333, progress=done.append, **kwargs)
+    np.testing.assert_array_equal(np.asarray(chunked), one_chunk)
+    assert sum(done) == 333 and len(done) > 5
+
+
+def test_keyboard_interrupt_from_progress_stops_after_one_chunk(monkeypatch):
+    monkeypatch.setattr(coreset, "_ROW_VISITS_PER_CHUNK", 1024)  # one step per chunk
+    dispatched = []
+    original = coreset._greedy_steps
+
+    def counting(*args, **kwargs):
+        dispatched.append(1)
+        return original(*args, **kwargs)
+
+    def interrupt(steps):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(coreset, "_greedy_steps", counting)
+    features = np.random.default_rng(13).normal(size=(1000, 8)).astype(np.float32)
+    with pytest.raises(KeyboardInterrupt):
+        coreset.approximate_greedy_coreset(
+            features, 500, key=jax.random.key(0), projection_dim=8, progress=interrupt
+        )
+    assert len(dispatched) <= 2  # the reported chunk and the one queued behind it
 
 
 @pytest.mark.parametrize(
@@ -263,6 +448,7 @@ def test_compiles_once_per_shape():
         ({"start_indices": np.array([], np.int64)}, "start_indices"),
         ({"projection": np.ones((8, 5), np.float32)}, "projection"),
         ({"key": None}, "key"),
+        ({"method": "fast"}, "method"),
     ],
 )
 def test_greedy_rejects_bad_arguments(kwargs, message):
