@@ -17,7 +17,8 @@ Timings are ``time.perf_counter`` wall times around each phase, which end with r
 host (device work finished): ``features`` decodes the training images and embeds them,
 ``coreset`` subsamples the bank, ``predict_per_image`` decodes, embeds and scores the test set
 (divided by its size); ``compile`` is the XLA compilation time inside those phases (JAX's
-compile events), already included in them.
+compile events), already included in them; programs found in a persistent compilation cache
+(the CLI's ``--compile-cache``) are not compiled again and do not count.
 """
 
 from __future__ import annotations

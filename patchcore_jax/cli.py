@@ -835,7 +835,8 @@ def _benchmark(args: argparse.Namespace) -> int:
     )
     failed = [r.name for r in results if r.error]
     _say(
-        f"wrote {Path(args.out) / 'results.csv'}: {len(results) - len(failed)} categories ok"
+        f"wrote {Path(args.out) / 'results.csv'}: {len(results) - len(failed)} of "
+        f"{len(results)} categories ok"
         + (f", {len(failed)} failed ({', '.join(failed)})" if failed else "")
     )
     return 1 if failed else 0

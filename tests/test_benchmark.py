@@ -57,7 +57,7 @@ def test_benchmark_rows_equal_separate_fit_and_evaluate_runs_and_resume_reuses_t
     assert result.returncode == 1, result.stderr
     assert f"skipping {benchmark_root / 'notes'}" in result.stderr
     assert "[3/3] no_test: failed:" in result.stderr and "test folder" in result.stderr
-    assert "2 categories ok, 1 failed (no_test)" in result.stderr
+    assert "2 of 3 categories ok, 1 failed (no_test)" in result.stderr
     rows = _rows(out / "results.csv")
     assert list(rows) == ["bottle", "bottle_copy", "no_test", "Mean"]
     assert list(rows["bottle"])[:6] == ["Row Names", *benchmark.COLUMNS]
