@@ -4,6 +4,7 @@ patchcore-jax fit DATA --out MODEL [options]
 patchcore-jax predict MODEL IMAGE_OR_FOLDER... --out DIR [--masks]
 patchcore-jax evaluate MODEL DATA [--out DIR]
 patchcore-jax export MODEL --out FILE [--platforms cpu,cuda,tpu]
+patchcore-jax benchmark ROOT --out DIR [model options] [--categories a,b] [--train-images N]
 patchcore-jax split --good DIR --defect [NAME=]DIR ... --out ROOT
 patchcore-jax data fetch mvtec-ad [--categories a,b] [--out DIR]
 patchcore-jax weights convert FILE --arch NAME | weights fetch NAME | weights list
@@ -32,6 +33,7 @@ from patchcore_jax.config import (
     SAMPLERS,
     SEED_LIMIT,
     PatchCoreConfig,
+    preset_values,
 )
 
 PROG = "patchcore-jax"
@@ -131,6 +133,44 @@ def _layers(text: str) -> tuple[str, ...]:
     return layers
 
 
+def _member_layers(text: str) -> tuple[tuple[str, ...], ...]:
+    """``a,b`` (every member) or ``a,b;c,d`` (one group per ensemble member)."""
+    return tuple(_layers(group) for group in text.split(";"))
+
+
+def _preset(text: str) -> str:
+    try:
+        preset_values(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+# Config fields that presets set, and the command-line option (dest) that carries each.
+_PRESET_DESTS = {
+    "backbone": "backbone",
+    "layers": "layers",
+    "resize": "resize",
+    "crop": "crop",
+    "coreset_fraction": "coreset_fraction",
+    "reweight": "reweight",
+    "reweight_neighbors": "reweight_neighbors",
+    "target_embed_dimension": "target_dim",
+    "pretrain_embed_dimension": "pretrain_dim",
+    "num_neighbors": "k",
+}
+
+
+def _preset_defaults(names: str) -> dict[str, object]:
+    """The presets' values as option defaults (explicit options still override them)."""
+    defaults: dict[str, object] = {}
+    for name, value in preset_values(names).items():
+        if name == "layers":
+            value = (tuple(value),)
+        defaults[_PRESET_DESTS[name]] = value
+    return defaults
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -163,21 +203,33 @@ def _format_score(score: float) -> str:
     return f"{float(score) + 0.0:.6g}"
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_options(
+    parser: argparse.ArgumentParser, presets: dict[str, object] | None = None
+) -> None:
     defaults = PatchCoreConfig()
     group = parser.add_argument_group("model (defaults: the authors' reference settings)")
+    group.add_argument(
+        "--preset",
+        type=_preset,
+        default=None,
+        metavar="NAME[,NAME]",
+        help="the paper's other settings (README): im320, layers123, wrn101, coreset-25, "
+        "coreset-10, coreset-1, reweight, ensemble-d384; comma-separated presets combine, "
+        "options given explicitly override them",
+    )
     group.add_argument(
         "--backbone",
         default=defaults.backbone,
         help="backbone: wide_resnet50_2 (paper; needs `weights fetch`), resnet18, "
-        "resnet50, wide_resnet101_2, or mobilenet_v2 (bundled, offline) "
-        "(default: %(default)s)",
+        "resnet50, wide_resnet101_2, or mobilenet_v2 (bundled, offline); several "
+        "comma-separated backbones make an ensemble (default: %(default)s)",
     )
     group.add_argument(
         "--layers",
-        type=_layers,
+        type=_member_layers,
         default=None,
-        help="comma-separated backbone stages to aggregate "
+        help="comma-separated backbone stages to aggregate, for every ensemble member or one "
+        "';'-separated group per member, e.g. 'layer2,layer3;stride8,stride16' "
         "(default: the backbone's stride-8 and stride-16 stages)",
     )
     group.add_argument(
@@ -290,6 +342,26 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         default=defaults.batch_size,
         help="images per backbone batch (default: %(default)s)",
     )
+    if presets:
+        parser.set_defaults(**presets)
+
+
+def _add_few_shot_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--train-images",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="few-shot protocol: fit on N training images drawn with numpy "
+        "default_rng(--train-seed) from the sorted training list (the same subset for every "
+        "backbone and run) (default: all)",
+    )
+    parser.add_argument(
+        "--train-seed",
+        type=_seed,
+        default=0,
+        help="seed of the --train-images draw (default: %(default)s)",
+    )
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -327,7 +399,8 @@ def _enable_compile_cache(folder: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(presets: dict[str, object] | None = None) -> argparse.ArgumentParser:
+    """The command's parser; ``presets`` (``_preset_defaults``) become model option defaults."""
     from patchcore_jax.version import package_version
 
     parser = _Parser(prog=PROG, description="PatchCore anomaly detection in JAX.")
@@ -346,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="dataset folder (MVTec AD layout: only train/ is read) or a folder of good images",
     )
     fit.add_argument("--out", required=True, help="checkpoint folder to write")
-    _add_model_options(fit)
+    _add_model_options(fit, presets)
+    _add_few_shot_options(fit)
     defaults = PatchCoreConfig()
     calibration = fit.add_argument_group(
         "calibration (decision thresholds without defect images; see README)"
@@ -459,6 +533,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated among cpu,cuda,tpu (default: cpu and each other platform that "
         "lowers on this machine)",
     )
+
+    benchmark = commands.add_parser(
+        "benchmark",
+        help="fit and evaluate every category of an MVTec AD root",
+        description="Fit and evaluate every category folder of ROOT; write results.csv (the "
+        "authors' columns), results.md and timings.csv into --out, and each category's "
+        "result.json in --out/<category>/. A rerun reuses finished categories.",
+    )
+    benchmark.add_argument("root", type=_existing_dir, help="folder of category folders")
+    benchmark.add_argument(
+        "--out", required=True, type=_output_dir, help="results folder (created if missing)"
+    )
+    benchmark.add_argument(
+        "--categories",
+        type=_layers,
+        default=None,
+        metavar="a,b",
+        help="comma-separated categories to run (default: every category folder of ROOT)",
+    )
+    benchmark.add_argument(
+        "--recompute", action="store_true", help="recompute categories finished before"
+    )
+    _add_model_options(benchmark, presets)
+    _add_few_shot_options(benchmark)
+    _add_run_options(benchmark)
 
     split = commands.add_parser(
         "split",
@@ -601,6 +700,15 @@ def _score_paths(model, paths: Sequence[Path], quiet: bool, keep_images: bool):
                 images.append(batch)
             yield batch
 
+    if hasattr(model, "members"):  # an ensemble scores the whole set at once (normalisation)
+        batches = list(
+            remembered(
+                preprocess.iter_image_batches(paths, config.batch_size, **_image_options(config))
+            )
+        )
+        with _progress(len(paths) * len(model.members), "scoring", quiet) as bar:
+            scores, maps = model.predict(batches, progress=bar.update)
+        return scores, maps, (np.concatenate(images) if keep_images else None)
     with _progress(len(paths), "scoring", quiet) as bar:
         batches = preprocess.iter_image_batches(paths, config.batch_size, **_image_options(config))
         for result in model.score(remembered(batches)):
@@ -748,11 +856,19 @@ def _counted(batches, bar):
         bar.update(len(batch))
 
 
-def _fit(args: argparse.Namespace) -> int:
-    from patchcore_jax import calibration, checkpoint, data, preprocess
-    from patchcore_jax.model import PatchCore
-
-    checkpoint.check_destination(args.out)  # a bad --out fails now, not after the work
+def _configs(args: argparse.Namespace) -> list[PatchCoreConfig]:
+    """One config per backbone of ``--backbone a,b`` (more than one: an ensemble)."""
+    backbones = [name.strip() for name in args.backbone.split(",") if name.strip()]
+    if not backbones:
+        raise ValueError("--backbone: expected one or more comma-separated backbone names")
+    layers = args.layers or (None,)
+    if len(layers) == 1:
+        layers = layers * len(backbones)
+    elif len(layers) != len(backbones):
+        raise ValueError(
+            f"--layers gives {len(layers)} ';'-separated groups for {len(backbones)} backbones; "
+            "give one group per backbone, or one for all"
+        )
     image_size = args.image_size or args.crop or PatchCoreConfig.crop
     if args.resize_mode == "shorter-side" and np.max(image_size) > args.resize:
         option = "--image-size" if args.image_size else "--crop"
@@ -761,9 +877,7 @@ def _fit(args: argparse.Namespace) -> int:
             "shorter-side (the crop is cut from the resized image); use --resize-mode stretch "
             "to resize whole images to --image-size"
         )
-    config = PatchCoreConfig(
-        backbone=args.backbone,
-        layers=args.layers,
+    common = dict(
         resize_mode=args.resize_mode,
         resize=args.resize,
         crop=image_size,
@@ -788,23 +902,63 @@ def _fit(args: argparse.Namespace) -> int:
             else {"calibration_fraction": args.held_out_fraction}
         ),
     )
+    return [
+        PatchCoreConfig(backbone=backbone, layers=member_layers, **common)
+        for backbone, member_layers in zip(backbones, layers, strict=True)
+    ]
+
+
+def _train_paths(args: argparse.Namespace) -> list[Path]:
+    from patchcore_jax import data
+
     paths = data.load_train_paths(args.data)
+    if args.train_images is not None:
+        paths = data.few_shot_subset(paths, args.train_images, args.train_seed)
+    return paths
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from patchcore_jax import calibration, checkpoint, ensemble, preprocess
+    from patchcore_jax.model import PatchCore
+
+    checkpoint.check_destination(args.out)  # a bad --out fails now, not after the work
+    configs = _configs(args)
+    config = configs[0]
+    paths = _train_paths(args)
     if config.calibration == "held-out":
         try:
             calibration.held_out_images(len(paths), config.calibration_fraction, config.seed)
         except ValueError as error:
             raise ValueError(f"--held-out-fraction: {error}") from None
+    if len(configs) > 1 and args.validation is not None:
+        raise ValueError("--validation calibrates one model, not an ensemble of several")
     validation = _validation_set(args.validation, config) if args.validation else None
-    model = PatchCore(config, mesh=_mesh(args.bank_shards))
-    config.check_bank_size(model.bank_size(len(paths)))  # before any work
-    _say(f"fitting {config.backbone} on {len(paths)} images of {args.data}")
-    with _progress(len(paths), "features", args.quiet) as bar:
-        batches = preprocess.iter_image_batches(paths, config.batch_size, **_image_options(config))
-        bank_features = model.patch_features(batches, progress=bar.update)
-    steps = max(1, int(len(bank_features) * config.coreset_fraction))
-    quiet = args.quiet or config.sampler != "approx_greedy_coreset"
-    with _progress(steps, "coreset", quiet, unit="step") as bar:
-        model.fit_features(bank_features, log=_say, progress=bar.update)
+    if len(configs) > 1:
+        model = ensemble.Ensemble.from_configs(configs, mesh=_mesh(args.bank_shards))
+        members = model.members
+    else:
+        model = PatchCore(config, mesh=_mesh(args.bank_shards))
+        members = [model]
+    for member in members:
+        member.config.check_bank_size(member.bank_size(len(paths)))  # before any work
+    names = ",".join(c.backbone for c in configs)
+    _say(f"fitting {names} on {len(paths)} images of {args.data}")
+    if len(configs) > 1:  # the decoded images are kept for every member
+        batches = list(
+            preprocess.iter_image_batches(paths, config.batch_size, **_image_options(config))
+        )
+        with _progress(len(paths) * len(members), "features", args.quiet) as bar:
+            model.fit(batches, progress=bar.update, log=_say)
+    else:
+        with _progress(len(paths), "features", args.quiet) as bar:
+            batches = preprocess.iter_image_batches(
+                paths, config.batch_size, **_image_options(config)
+            )
+            bank_features = model.patch_features(batches, progress=bar.update)
+        steps = max(1, int(len(bank_features) * config.coreset_fraction))
+        quiet = args.quiet or config.sampler != "approx_greedy_coreset"
+        with _progress(steps, "coreset", quiet, unit="step") as bar:
+            model.fit_features(bank_features, log=_say, progress=bar.update)
     if validation is not None:
         val_paths, labels, masks = validation
         with _progress(len(val_paths), "validation", args.quiet) as bar:
@@ -817,16 +971,41 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict(args: argparse.Namespace) -> int:
-    from patchcore_jax.files import output_folder
-    from patchcore_jax.model import PatchCore
+def _benchmark(args: argparse.Namespace) -> int:
+    from patchcore_jax import benchmark
 
-    model = PatchCore.load(args.model, mesh=_mesh(args.bank_shards))  # checked first
-    calibration = model.calibration
+    configs = _configs(args)
+    results = benchmark.run_benchmark(
+        args.root,
+        args.out,
+        configs,
+        categories=args.categories,
+        train_images=args.train_images,
+        train_seed=args.train_seed,
+        recompute=args.recompute,
+        mesh=_mesh(args.bank_shards),
+        log=_say,
+        progress=lambda total, description: _progress(total, description, args.quiet),
+    )
+    failed = [r.name for r in results if r.error]
+    _say(
+        f"wrote {Path(args.out) / 'results.csv'}: {len(results) - len(failed)} of "
+        f"{len(results)} categories ok"
+        + (f", {len(failed)} failed ({', '.join(failed)})" if failed else "")
+    )
+    return 1 if failed else 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from patchcore_jax.ensemble import load_model
+    from patchcore_jax.files import output_folder
+
+    model = load_model(args.model, mesh=_mesh(args.bank_shards))  # checked first
+    calibration = getattr(model, "calibration", None)  # ensembles have none
     if args.masks and calibration is None:
         raise ValueError(
-            f"--masks needs a calibrated model; {args.model} has no calibration (fitted with "
-            "--calibration none or by an older version): refit it"
+            f"--masks needs a calibrated single model; {args.model} has no calibration (an "
+            "ensemble, or fitted with --calibration none or by an older version)"
         )
     paths, names = _output_names(args.images, args.recursive)
     with output_folder(args.out, overwrite=args.overwrite) as out_dir:
@@ -890,14 +1069,14 @@ def _save_masks(out_dir: Path, names: Sequence[str], masks: np.ndarray) -> list[
 
 def _evaluate(args: argparse.Namespace) -> int:
     from patchcore_jax import data, metrics, preprocess
+    from patchcore_jax.ensemble import load_model
     from patchcore_jax.files import atomic_write_text, output_folder
-    from patchcore_jax.model import PatchCore
 
     model_path = Path(args.model).absolute()
     out_dir = Path(args.out) if args.out else model_path.with_name(f"{model_path.name}_evaluation")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} is a file; expected an output folder (--out)")
-    model = PatchCore.load(args.model, mesh=_mesh(args.bank_shards))  # checked first
+    model = load_model(args.model, mesh=_mesh(args.bank_shards))  # checked first
     dataset = data.load_dataset(
         args.data, allow_missing_masks=args.allow_missing_masks, train=False
     )
@@ -933,7 +1112,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             )
         f1_threshold = results["f1_threshold"]
         notes = metrics.missing_metric_reasons(results)
-        calibration = model.calibration
+        calibration = getattr(model, "calibration", None)  # ensembles have none
         thresholds = {
             "calibrated": None if calibration is None else calibration.image_threshold,
             "f1_optimal": f1_threshold,
@@ -956,6 +1135,11 @@ def _evaluate(args: argparse.Namespace) -> int:
             "per_defect_type": per_type,
             "notes": notes,
             "config": config.to_dict(),
+            **(
+                {"members": [member.config.to_dict() for member in model.members]}
+                if hasattr(model, "members")
+                else {}
+            ),
         }
         atomic_write_text(out_dir / "metrics.json", json.dumps(results, indent=2) + "\n")
         heatmaps = [""] * len(paths)
@@ -1088,11 +1272,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input)."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "preset", None):  # presets become defaults; explicit options still win
+        args = build_parser(_preset_defaults(args.preset)).parse_args(argv)
     handlers = {
         "fit": _fit,
         "predict": _predict,
         "evaluate": _evaluate,
         "export": _export,
+        "benchmark": _benchmark,
         "split": _split,
         "data": _data,
         "weights": _weights,

@@ -211,6 +211,32 @@ def load_train_paths(root: str | os.PathLike) -> list[Path]:
     return _train_paths(root)
 
 
+def few_shot_subset(
+    train_paths: Sequence[str | os.PathLike], num_images: int, seed: int = 0
+) -> list[Path]:
+    """The few-shot protocol's training subset: ``num_images`` of ``train_paths``.
+
+    The paths are sorted by name, then ``numpy.random.default_rng(seed).choice`` draws
+    ``num_images`` distinct positions; the subset comes back in sorted order. It depends only on
+    the file names, ``num_images`` and ``seed`` (not on the backbone or anything else), so every
+    backbone, ensemble member and rerun sees the same images.
+
+    Raises:
+      ValueError: ``num_images`` < 1 or more than there are training images.
+    """
+    paths = sorted((Path(p) for p in train_paths), key=lambda p: p.name)
+    if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
+        raise ValueError(f"the number of training images must be >= 1, got {num_images!r}")
+    if num_images > len(paths):
+        where = f" in {paths[0].parent}" if paths else ""
+        raise ValueError(
+            f"{num_images} training images requested (--train-images), but only {len(paths)} "
+            f"exist{where}"
+        )
+    chosen = np.random.default_rng(seed).choice(len(paths), size=num_images, replace=False)
+    return [paths[i] for i in sorted(chosen.tolist())]
+
+
 def load_dataset(
     root: str | os.PathLike, *, allow_missing_masks: bool = False, train: bool = True
 ) -> Dataset:

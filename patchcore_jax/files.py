@@ -123,3 +123,34 @@ def download_file(url: str, destination: Path, name: str) -> str:
                 digest.update(chunk)
                 bar.update(len(chunk))
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def resumable_output_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Like ``output_folder``, but keeps what an earlier run wrote, so a run can resume.
+
+    The folder is created if missing, marked and locked (a second run into it fails at once);
+    a non-empty folder must carry ``OUTPUT_MARKER`` (patchcore-jax wrote it), so a folder of
+    other files is never written into. Nothing is deleted.
+    """
+    import fcntl
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file; expected an output folder (--out)")
+    folder.mkdir(parents=True, exist_ok=True)
+    previous = [p for p in folder.iterdir() if p.name not in (_LOCK_NAME, OUTPUT_MARKER)]
+    if previous and not (folder / OUTPUT_MARKER).exists():
+        raise FileExistsError(
+            f"output folder {folder} holds files that patchcore-jax did not write (e.g. "
+            f"{previous[0].name}); choose a new folder"
+        )
+    with open(folder / _LOCK_NAME, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(
+                f"output folder {folder} is in use by another patchcore-jax run"
+            ) from None
+        (folder / OUTPUT_MARKER).touch()
+        yield folder

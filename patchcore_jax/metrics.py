@@ -132,6 +132,16 @@ def pro_score(
     return float(area / fpr_limit)
 
 
+def anomaly_pro_score(
+    masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3, connectivity: int = 8
+) -> float:
+    """AU-PRO over the images that have at least one defect pixel (the reference's
+    ``anomaly_pro``; ``pro_score`` over all images is its ``full_pro``)."""
+    masks, maps = _masks_and_maps(masks, maps)
+    selected = masks.reshape(len(masks), -1).any(axis=1)
+    return pro_score(masks[selected], maps[selected], fpr_limit, connectivity)
+
+
 def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float, int]:
     """The image-score threshold with the best F1, and the errors made at it (paper Table 1).
 
@@ -201,8 +211,10 @@ def evaluate(
         False for defect images without a mask, whose pixels are unknown).
     Returns:
       {num_images, num_defective, image_auroc, f1_threshold, f1, num_misclassified,
-       pixel_auroc, anomaly_pixel_auroc, pro}; the pixel metrics are None without masks or
-      without defect pixels, the image metrics None when only one class is present.
+       pixel_auroc, anomaly_pixel_auroc, pro, anomaly_pro}: ``pro`` over all images (the
+      reference's full_pro), ``anomaly_pro`` over the images with defects; the pixel metrics
+      are None without masks or without defect pixels, the image metrics None when only one
+      class is present.
     """
     labels = _binary(labels, "labels", ndim=1)
     image_scores = _real(image_scores, "image_scores", labels.shape)
@@ -218,6 +230,7 @@ def evaluate(
         "pixel_auroc": None,
         "anomaly_pixel_auroc": None,
         "pro": None,
+        "anomaly_pro": None,
     }
     if num_defective:
         threshold, f1, errors = f1_optimal_threshold(labels, image_scores)
@@ -241,6 +254,7 @@ def evaluate(
                 pixel_auroc=pixel_auroc(masks, maps),
                 anomaly_pixel_auroc=anomaly_pixel_auroc(masks, maps),
                 pro=pro_score(masks, maps, fpr_limit, connectivity),
+                anomaly_pro=anomaly_pro_score(masks, maps, fpr_limit, connectivity),
             )
     return results
 

@@ -526,3 +526,94 @@ def test_fit_with_a_labelled_validation_folder_stores_the_f1_optimal_threshold(s
         calibrated["false_positives"] + calibrated["false_negatives"]
         == (results["num_misclassified"])
     )
+
+
+def test_presets_set_defaults_that_explicit_options_override():
+    from patchcore_jax.cli import _configs, _preset_defaults
+
+    def configs(*argv):
+        args = build_parser().parse_args(["fit", ".", "--out", "m", *argv])
+        if args.preset:
+            args = build_parser(_preset_defaults(args.preset)).parse_args(
+                ["fit", ".", "--out", "m", *argv]
+            )
+        return _configs(args)
+
+    (config,) = configs("--preset", "im320,layers123,reweight")
+    assert (config.resize, config.crop, config.reweight) == (366, 320, True)
+    assert config.layers == ("layer1", "layer2", "layer3")
+    (config,) = configs("--preset", "im320,wrn101", "--crop", "288", "--backbone", "resnet18")
+    assert (config.resize, config.crop, config.backbone) == (366, 288, "resnet18")
+    members = configs("--backbone", "mobilenet_v2,resnet18", "--layers", "stride16;layer2")
+    assert [(c.backbone, c.layers) for c in members] == [
+        ("mobilenet_v2", ("stride16",)),
+        ("resnet18", ("layer2",)),
+    ]
+
+
+def test_mismatched_ensemble_options_are_one_line_errors(subset, tmp_path):
+    result = run_cli(
+        "fit",
+        subset,
+        "--out",
+        tmp_path / "m",
+        "--backbone",
+        "mobilenet_v2,mobilenet_v2",
+        "--layers",
+        "stride8;stride16;stride8",
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "patchcore-jax: error: --layers gives 3 ';'-separated groups for 2 backbones; give one "
+        "group per backbone, or one for all"
+    ]
+    result = run_cli("fit", subset, "--out", tmp_path / "m", "--preset", "im999", check=False)
+    assert result.returncode == 2 and "unknown preset 'im999'" in result.stderr
+    result = run_cli(
+        "fit",
+        subset,
+        "--out",
+        tmp_path / "m",
+        "--backbone",
+        "mobilenet_v2",
+        "--train-images",
+        "11",
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "11 training images requested (--train-images), but only 10 exist" in result.stderr
+
+
+def test_fit_of_several_backbones_saves_an_ensemble_that_evaluate_and_predict_load(
+    subset, tmp_path
+):
+    from patchcore_jax import ensemble
+
+    model = tmp_path / "ensemble"
+    run_cli(
+        "fit",
+        subset,
+        "--out",
+        model,
+        "--backbone",
+        "mobilenet_v2,mobilenet_v2",
+        "--layers",
+        "stride8,stride16;stride16",
+        "--sampler",
+        "random",
+        "--coreset-fraction",
+        "0.05",
+        "--train-images",
+        "5",
+        "--quiet",
+    )
+    loaded = ensemble.load_model(model)
+    assert isinstance(loaded, ensemble.Ensemble)
+    assert [m.config.layers for m in loaded.members] == [("stride8", "stride16"), ("stride16",)]
+    run_cli("evaluate", model, subset, "--out", tmp_path / "eval", "--no-heatmaps", "--quiet")
+    metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
+    assert len(metrics["members"]) == 2 and metrics["num_images"] == 6
+    with open(tmp_path / "eval/per_image.csv") as f:
+        scores = [float(r["score"]) for r in csv.DictReader(f)]
+    assert all(0.0 <= s <= 1.0 for s in scores)  # normalised over the set, then averaged

@@ -108,3 +108,21 @@ def test_image_shape_is_height_width_and_stretch_ignores_resize():
     assert config.image_shape == (96, 512)
     assert PatchCoreConfig.from_dict(config.to_dict()) == config
     assert config.to_dict()["crop"] == [96, 512]
+
+
+def test_presets_hold_the_papers_settings_and_combine_in_order():
+    from patchcore_jax.config import PRESETS, preset_values
+
+    assert preset_values("im320") == {"resize": 366, "crop": 320}
+    assert preset_values("layers123")["layers"] == ("layer1", "layer2", "layer3")
+    assert preset_values("im320,wrn101,coreset-1") == {
+        "resize": 366,
+        "crop": 320,
+        "backbone": "wide_resnet101_2",
+        "coreset_fraction": 0.01,
+    }
+    assert preset_values(["coreset-25", "coreset-1"])["coreset_fraction"] == 0.01
+    for values in PRESETS.values():  # every preset makes a valid config
+        PatchCoreConfig(**values)
+    with pytest.raises(ValueError, match="unknown preset 'im999'; known presets: im320"):
+        preset_values("im999")

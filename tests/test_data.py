@@ -316,3 +316,20 @@ def test_repository_fixtures_are_the_shared_ones():
             for d in (FIXTURES, SHARED / "fixtures")
         ]
         assert digest[0] == digest[1], name
+
+
+def test_few_shot_subset_is_seeded_sorted_and_independent_of_input_order(tmp_path):
+    from patchcore_jax.data import few_shot_subset
+
+    paths = [tmp_path / f"{i:03d}.png" for i in range(20)]
+    chosen = few_shot_subset(paths, 5, seed=7)
+    assert chosen == few_shot_subset(list(reversed(paths)), 5, seed=7)  # same subset every run
+    assert chosen == sorted(chosen) and len(set(chosen)) == 5
+    positions = sorted(np.random.default_rng(7).choice(20, size=5, replace=False).tolist())
+    assert chosen == [paths[i] for i in positions]  # the documented draw
+    assert few_shot_subset(paths, 5, seed=8) != chosen
+    assert few_shot_subset(paths, 20, seed=0) == paths
+    with pytest.raises(ValueError, match="21 training images requested .* only 20 exist"):
+        few_shot_subset(paths, 21)
+    with pytest.raises(ValueError, match=">= 1"):
+        few_shot_subset(paths, 0)

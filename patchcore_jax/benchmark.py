@@ -1,0 +1,414 @@
+"""The whole-benchmark runner: fit and evaluate every category of an MVTec AD root.
+
+It calls the library (``data``, ``preprocess``, ``PatchCore``, ``ensemble``, ``metrics``) exactly
+as a user would, so a category's row equals a separate ``fit`` + ``evaluate`` of it. Output::
+
+    OUT/results.csv         the authors' layout: Row Names, instance_auroc, full_pixel_auroc,
+                            full_pro, anomaly_pixel_auroc, anomaly_pro (+ error), then Mean
+    OUT/results.md          the same as a Markdown table, with timings and the device
+    OUT/timings.csv         per category: features, coreset, predict per image, compile (seconds)
+    OUT/<category>/result.json   everything about one category (metrics, timings, settings)
+
+A category whose ``result.json`` exists with the same settings is not computed again (resume);
+``recompute=True`` redoes it. A failing category (bad data, too few images, ...) is recorded
+with its error and the others still run.
+
+Timings are ``time.perf_counter`` wall times around each phase, which end with results on the
+host (device work finished): ``features`` decodes the training images and embeds them,
+``coreset`` subsamples the bank, ``predict_per_image`` decodes, embeds and scores the test set
+(divided by its size); ``compile`` is the XLA compilation time inside those phases (JAX's
+compile events), already included in them; programs found in a persistent compilation cache
+(the CLI's ``--compile-cache``) are not compiled again and do not count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from patchcore_jax import data, metrics, preprocess
+from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax.files import atomic_write_text, resumable_output_folder
+
+# The authors' results.csv columns, and where each comes from in ``metrics.evaluate``.
+COLUMNS: dict[str, str] = {
+    "instance_auroc": "image_auroc",
+    "full_pixel_auroc": "pixel_auroc",
+    "full_pro": "pro",
+    "anomaly_pixel_auroc": "anomaly_pixel_auroc",
+    "anomaly_pro": "anomaly_pro",
+}
+RESULT_FILE = "result.json"
+PHASES = ("features", "coreset", "predict_per_image", "compile")
+
+
+@dataclass
+class CategoryResult:
+    """One category's outcome: ``metrics`` (``metrics.evaluate`` plus anomaly_pro) or ``error``."""
+
+    name: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    reused: bool = False
+
+    @property
+    def row(self) -> list[float | None]:
+        """The authors' five numbers (None where undefined or failed)."""
+        return [self.metrics.get(source) for source in COLUMNS.values()]
+
+
+def find_categories(
+    root: str | os.PathLike, names: Sequence[str] | None = None
+) -> tuple[list[Path], list[str]]:
+    """The category folders of ``root`` (sorted) and one note per folder that was skipped.
+
+    A category folder holds ``train/`` or ``test/`` (one missing is reported when it runs);
+    other folders, hidden ones and patchcore-jax output folders are skipped with a note.
+
+    Raises:
+      ValueError: ``root`` holds no category folder, or a name in ``names`` is not one.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"benchmark root {root} does not exist")
+    categories, notes = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if data.is_tool_output(folder):
+            continue
+        if (folder / "train").is_dir() or (folder / "test").is_dir():
+            categories.append(folder)
+        else:
+            notes.append(f"skipping {folder}: not a category folder (no train/ or test/)")
+    if names is not None:
+        by_name = {folder.name: folder for folder in categories}
+        unknown = [name for name in names if name not in by_name]
+        if unknown:
+            raise ValueError(
+                f"--categories: {', '.join(unknown)} not found in {root} "
+                f"(categories there: {', '.join(by_name) or 'none'})"
+            )
+        categories = [by_name[name] for name in names]
+    if not categories:
+        raise ValueError(
+            f"{root} holds no category folders (expected <category>/train and <category>/test, "
+            "the MVTec AD layout)"
+        )
+    return categories, notes
+
+
+@contextlib.contextmanager
+def compile_time() -> Iterator[list[float]]:
+    """Collects the seconds JAX spends compiling inside the block (``[total]``)."""
+    from jax import monitoring
+
+    total = [0.0]
+
+    def listener(event: str, duration: float, **kwargs: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            total[0] += duration
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield total
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+
+
+def device_description() -> str:
+    """E.g. ``8 x cpu (cpu)`` or ``1 x NVIDIA H200 (gpu)``."""
+    import jax
+
+    devices = jax.devices()
+    return f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"
+
+
+def evaluate_category(
+    category: str | os.PathLike,
+    configs: Sequence[PatchCoreConfig],
+    *,
+    train_images: int | None = None,
+    train_seed: int = 0,
+    backbones: Sequence[Any] | None = None,
+    mesh: Any = None,
+    progress: Callable[[int, str], Any] | None = None,
+) -> CategoryResult:
+    """Fits ``configs`` (one model, or the members of an ensemble) on a category's training
+    images (``train_images`` of them, drawn by ``data.few_shot_subset``) and evaluates them on
+    its test set, timing each phase.
+
+    Args:
+      progress: ``progress(total, description)`` returns a progress bar (``update``, context
+        manager); default none.
+    Raises:
+      ValueError / OSError for bad data (before any fitting) or an unfit configuration.
+    """
+    from patchcore_jax import ensemble
+    from patchcore_jax.model import PatchCore
+
+    category = Path(category)
+    bar = progress or (lambda total, description: _NoBar())
+    first = configs[0]
+    ensemble.check_members(configs)
+    dataset = data.load_dataset(category)
+    data.validate_masks(dataset)
+    train_paths = list(dataset.train_paths)
+    if train_images is not None:
+        train_paths = data.few_shot_subset(train_paths, train_images, train_seed)
+    test_paths = dataset.test_image_paths
+    image_options = {"resize": first.resize, "crop": first.crop, "resize_mode": first.resize_mode}
+    masks = preprocess.load_masks(
+        dataset.test_mask_paths,
+        **image_options,
+        image_paths=test_paths,
+        threshold=first.mask_threshold,
+    )
+    members = [
+        PatchCore(config, backbone=None if backbones is None else backbones[i], mesh=mesh)
+        for i, config in enumerate(configs)
+    ]
+    for member in members:  # k and b against the bank, before any work
+        member.config.check_bank_size(member.bank_size(len(train_paths)))
+    timings = dict.fromkeys(PHASES, 0.0)
+    member_scores, member_maps = [], []
+    with compile_time() as compiled:
+        for member in members:
+            batch_size = member.config.batch_size
+            with bar(len(train_paths), f"{category.name} features") as features_bar:
+                start = time.perf_counter()
+                batches = preprocess.iter_image_batches(train_paths, batch_size, **image_options)
+                bank_features = member.patch_features(batches, progress=features_bar.update)
+                timings["features"] += time.perf_counter() - start
+            start = time.perf_counter()
+            member.fit_features(bank_features)  # returns once the bank is on the device
+            timings["coreset"] += time.perf_counter() - start
+            del bank_features
+            with bar(len(test_paths), f"{category.name} scoring") as scoring_bar:
+                start = time.perf_counter()
+                scores, maps = [], []
+                batches = preprocess.iter_image_batches(test_paths, batch_size, **image_options)
+                for result in member.score(batches):
+                    scores.append(result.image_scores)
+                    maps.append(result.anomaly_maps)
+                    scoring_bar.update(len(result.image_scores))
+                timings["predict_per_image"] += (time.perf_counter() - start) / len(test_paths)
+            member_scores.append(np.concatenate(scores))
+            member_maps.append(np.concatenate(maps))
+    timings["compile"] = compiled[0]
+    if len(members) == 1:
+        image_scores, anomaly_maps = member_scores[0], member_maps[0]
+    else:
+        image_scores, anomaly_maps = ensemble.combine(member_scores, member_maps)
+    results = metrics.evaluate(
+        dataset.test_labels,
+        image_scores,
+        masks,
+        anomaly_maps,
+        pixel_images=dataset.has_pixel_labels,
+    )
+    results["num_train"] = len(train_paths)
+    results["train_images"] = [path.name for path in train_paths]
+    return CategoryResult(category.name, metrics=results, timings=timings)
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, count: int) -> None:
+        return None
+
+
+def settings_record(
+    configs: Sequence[PatchCoreConfig], train_images: int | None, train_seed: int
+) -> dict[str, Any]:
+    """What decides a category's numbers; a stored result is reused only if it matches."""
+    return {
+        "configs": [config.to_dict() for config in configs],
+        "train_images": train_images,
+        "train_seed": train_seed if train_images is not None else None,
+    }
+
+
+def run_benchmark(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    configs: Sequence[PatchCoreConfig],
+    *,
+    categories: Sequence[str] | None = None,
+    train_images: int | None = None,
+    train_seed: int = 0,
+    recompute: bool = False,
+    backbones: Sequence[Any] | None = None,
+    mesh: Any = None,
+    log: Callable[[str], None] = lambda message: None,
+    progress: Callable[[int, str], Any] | None = None,
+) -> list[CategoryResult]:
+    """Runs ``evaluate_category`` on every category of ``root`` and writes ``out`` (module
+    docstring). Returns the results in category order; failed ones carry ``error``.
+
+    Raises:
+      ValueError / OSError before any work: no categories, an unknown category, ``out`` not
+      usable, or a stored result computed with other settings (without ``recompute``).
+    """
+    folders, notes = find_categories(root, categories)
+    for note in notes:
+        log(note)
+    settings = settings_record(configs, train_images, train_seed)
+    device = device_description()
+    results: list[CategoryResult] = []
+    with resumable_output_folder(out) as out_dir:
+        stored = {
+            folder.name: _stored_result(out_dir / folder.name, settings) for folder in folders
+        }
+        for position, folder in enumerate(folders, start=1):
+            prefix = f"[{position}/{len(folders)}] {folder.name}"
+            previous = stored[folder.name]
+            if previous is not None and not recompute:
+                results.append(previous)
+                log(f"{prefix}: done before, reused (pass --recompute to redo)")
+                continue
+            start = time.perf_counter()
+            try:
+                result = evaluate_category(
+                    folder,
+                    configs,
+                    train_images=train_images,
+                    train_seed=train_seed,
+                    backbones=backbones,
+                    mesh=mesh,
+                    progress=progress,
+                )
+            except (ValueError, OSError) as error:
+                message = str(error).splitlines()[0] if str(error) else type(error).__name__
+                result = CategoryResult(folder.name, error=message)
+            category_dir = out_dir / folder.name
+            category_dir.mkdir(exist_ok=True)
+            record = {
+                "category": folder.name,
+                "dataset": str(folder),
+                "status": "failed" if result.error else "ok",
+                "error": result.error,
+                "settings": settings,
+                "device": device,
+                "timings_s": result.timings,
+                "metrics": result.metrics,
+            }
+            atomic_write_text(category_dir / RESULT_FILE, json.dumps(record, indent=2) + "\n")
+            results.append(result)
+            if result.error:
+                log(f"{prefix}: failed: {result.error}")
+            else:
+                numbers = " ".join(
+                    f"{name} {_number(value)}"
+                    for name, value in zip(COLUMNS, result.row, strict=True)
+                )
+                log(f"{prefix}: {numbers} ({time.perf_counter() - start:.1f} s)")
+        write_tables(out_dir, results, device)
+    return results
+
+
+def _stored_result(category_dir: Path, settings: dict[str, Any]) -> CategoryResult | None:
+    """The finished result in ``category_dir`` (None if absent or failed); ValueError if it was
+    computed with other settings."""
+    path = category_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        status, stored_settings = record["status"], record["settings"]
+    except (ValueError, KeyError, TypeError):
+        return None  # damaged: computed again
+    if status != "ok":
+        return None
+    if stored_settings != settings:
+        raise ValueError(
+            f"{path} was computed with other settings; pass --recompute to replace it, or "
+            "choose another --out"
+        )
+    return CategoryResult(
+        record["category"], metrics=record["metrics"], timings=record["timings_s"], reused=True
+    )
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(present)) if present else None
+
+
+def write_tables(out_dir: Path, results: Sequence[CategoryResult], device: str) -> None:
+    """results.csv (the authors' layout + error), results.md and timings.csv.
+
+    The mean row averages the categories that have the value (failed ones are left out).
+    """
+    names = list(COLUMNS)
+    rows = [[r.name, *r.row, r.error or ""] for r in results]
+    means = [_mean([r.row[i] for r in results if not r.error]) for i in range(len(names))]
+    failed = sum(1 for r in results if r.error)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["Row Names", *names, "error"])
+    for row in rows:
+        writer.writerow(
+            ["" if v is None else (repr(v) if isinstance(v, float) else v) for v in row]
+        )
+    writer.writerow(
+        [
+            "Mean",
+            *("" if v is None else repr(v) for v in means),
+            f"{failed} failed" if failed else "",
+        ]
+    )
+    atomic_write_text(out_dir / "results.csv", buffer.getvalue())
+
+    timing_buffer = io.StringIO()
+    writer = csv.writer(timing_buffer)
+    writer.writerow(["category", *(f"{phase}_s" for phase in PHASES), "num_train", "num_test"])
+    for r in results:
+        if not r.error:
+            writer.writerow(
+                [
+                    r.name,
+                    *(f"{r.timings.get(phase, 0.0):.6g}" for phase in PHASES),
+                    r.metrics.get("num_train", ""),
+                    r.metrics.get("num_images", ""),
+                ]
+            )
+    atomic_write_text(out_dir / "timings.csv", timing_buffer.getvalue())
+
+    lines = [
+        "| Category | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for r in results:
+        cells = ["failed"] * len(names) if r.error else [_number(v) for v in r.row]
+        lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    lines.append("| **Mean** | " + " | ".join(_number(v) for v in means) + " |")
+    lines += ["", f"Device: {device}", "", "| Category | " + " | ".join(PHASES) + " (s) |"]
+    lines.append("|---|" + "---:|" * len(PHASES))
+    for r in results:
+        if not r.error:
+            cells = [f"{r.timings.get(phase, 0.0):.4g}" for phase in PHASES]
+            lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    for r in results:
+        if r.error:
+            lines.append(f"\n{r.name} failed: {r.error}")
+    atomic_write_text(out_dir / "results.md", "\n".join(lines) + "\n")

@@ -1,0 +1,106 @@
+"""ensemble.py: the reference's combination, and an Ensemble of MobileNetV2 + a random-init
+ResNet-18 against its members fitted and combined by hand."""
+
+import numpy as np
+import pytest
+from conftest import BOTTLE
+
+from patchcore_jax import PatchCore, PatchCoreConfig, checkpoint, ensemble, sharding
+from patchcore_jax.backbones import init_backbone
+from patchcore_jax.data import load_dataset
+from patchcore_jax.preprocess import load_images
+
+
+def _by_hand(values: np.ndarray) -> np.ndarray:
+    return (values - values.min()) / (values.max() - values.min())
+
+
+def test_combine_min_max_normalises_each_member_over_the_set_then_averages():
+    scores = [np.array([1.0, 3.0, 5.0]), np.array([10.0, 30.0, 20.0])]
+    maps = [np.arange(12.0).reshape(3, 2, 2), np.arange(12.0)[::-1].reshape(3, 2, 2) * 7]
+    combined_scores, combined_maps = ensemble.combine(scores, maps)
+    np.testing.assert_allclose(combined_scores, [0.0, 0.75, 0.75])
+    np.testing.assert_allclose(combined_maps, np.full((3, 2, 2), 0.5), atol=1e-7)
+    # a constant member adds zeros (no division by zero); a NaN image stays NaN alone
+    constant, _ = ensemble.combine([np.ones(3), np.array([0.0, np.nan, 2.0])], maps)
+    np.testing.assert_allclose(constant, [0.0, np.nan, 0.5])
+    with pytest.raises(ValueError, match="different image sets"):
+        ensemble.combine([np.ones(3), np.ones(4)], maps)
+
+
+def test_members_must_share_the_image_frame():
+    configs = [PatchCoreConfig(backbone="mobilenet_v2"), PatchCoreConfig(crop=192)]
+    with pytest.raises(ValueError, match="must share crop: member 0 .* 224, member 1 .* 192"):
+        ensemble.check_members(configs)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    dataset = load_dataset(BOTTLE)
+    train = load_images(dataset.train_paths[:4])
+    samples = [s for s in dataset.test_samples if s.label == 0][:2]
+    samples += [s for s in dataset.test_samples if s.label == 1][:2]
+    test = load_images([s.image_path for s in samples])
+    mesh = sharding.make_mesh()
+    resnet = init_backbone("resnet18")
+    configs = [
+        PatchCoreConfig(backbone="mobilenet_v2", sampler="random", coreset_fraction=0.05),
+        PatchCoreConfig(backbone="resnet18", sampler="random", coreset_fraction=0.05, seed=1),
+    ]
+    model = ensemble.Ensemble.from_configs(configs, backbones=[None, resnet], mesh=mesh)
+    model.fit(iter([train[:3], train[3:]]))  # an iterator is read once for both members
+    members = [
+        PatchCore(configs[0], mesh=mesh).fit(train),
+        PatchCore(configs[1], backbone=resnet, mesh=mesh).fit(train),
+    ]
+    return model, members, test, resnet, mesh
+
+
+def test_ensemble_scores_like_its_members_combined_by_hand(fitted):
+    model, members, test, _, _ = fitted
+    predictions = [member.predict(test) for member in members]
+    expected_scores = np.mean([_by_hand(s) for s, _ in predictions], axis=0)
+    expected_maps = np.mean([_by_hand(m) for _, m in predictions], axis=0)
+    scores, maps = model.predict(test)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(maps, expected_maps, rtol=1e-6, atol=1e-7)
+    assert maps.shape == (4, 224, 224)
+
+
+def test_ensemble_saves_and_loads_as_one_checkpoint(fitted, tmp_path):
+    model, members, test, resnet, mesh = fitted
+    path = tmp_path / "model"
+    members[0].save(path)  # replaces a single model in place, as checkpoint.save does
+    assert isinstance(ensemble.load_model(path, mesh=mesh), PatchCore)
+    assert model.save(path) == path
+    assert (path / "CURRENT").read_text().strip() == "v000002"
+    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "v000002"]
+    loaded = ensemble.Ensemble.load(path, backbones=[None, resnet], mesh=mesh)
+    for restored, member in zip(loaded.members, model.members, strict=True):
+        np.testing.assert_array_equal(np.asarray(restored.memory_bank), member.memory_bank)
+        assert restored.config == member.config
+    expected = model.predict(test)
+    for actual, wanted in zip(loaded.predict(test), expected, strict=True):
+        np.testing.assert_array_equal(actual, wanted)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be read"):
+        PatchCore.load(path)  # a single-model loader refuses it clearly
+
+
+def test_an_interrupted_ensemble_save_keeps_the_previous_model(fitted, tmp_path, monkeypatch):
+    model, members, _, _, mesh = fitted
+    path = tmp_path / "model"
+    members[0].save(path)
+    original = checkpoint.save
+    calls = []
+
+    def fail_on_second_member(member, target, **kwargs):
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return original(member, target, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", fail_on_second_member)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(path)
+    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "v000001"]
+    assert isinstance(ensemble.load_model(path, mesh=mesh), PatchCore)
