@@ -364,6 +364,37 @@ def _add_few_shot_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_calibration_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Options that choose how decision thresholds are calibrated (fit and benchmark)."""
+    defaults = PatchCoreConfig()
+    calibration = parser.add_argument_group(
+        "calibration (decision thresholds without defect images; see README)"
+    )
+    calibration.add_argument(
+        "--calibration",
+        choices=CALIBRATIONS,
+        default=None,
+        help="self-excluded: score each training image against the bank without its own rows "
+        "(bank unchanged; the default); held-out: keep --held-out-fraction of the training "
+        "images out of the bank and score them; none: no thresholds",
+    )
+    calibration.add_argument(
+        "--held-out-fraction",
+        type=_fraction,
+        default=None,
+        help="fraction of the training images held out (implies --calibration held-out; "
+        f"default {defaults.calibration_fraction})",
+    )
+    calibration.add_argument(
+        "--threshold-quantile",
+        type=_quantile,
+        default=defaults.threshold_quantile,
+        help="thresholds are this quantile of the nominal calibration scores "
+        "(default: %(default)s)",
+    )
+    return calibration
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bank-shards",
@@ -421,32 +452,7 @@ def build_parser(presets: dict[str, object] | None = None) -> argparse.ArgumentP
     fit.add_argument("--out", required=True, help="checkpoint folder to write")
     _add_model_options(fit, presets)
     _add_few_shot_options(fit)
-    defaults = PatchCoreConfig()
-    calibration = fit.add_argument_group(
-        "calibration (decision thresholds without defect images; see README)"
-    )
-    calibration.add_argument(
-        "--calibration",
-        choices=CALIBRATIONS,
-        default=None,
-        help="self-excluded: score each training image against the bank without its own rows "
-        "(bank unchanged; the default); held-out: keep --held-out-fraction of the training "
-        "images out of the bank and score them; none: no thresholds",
-    )
-    calibration.add_argument(
-        "--held-out-fraction",
-        type=_fraction,
-        default=None,
-        help="fraction of the training images held out (implies --calibration held-out; "
-        f"default {defaults.calibration_fraction})",
-    )
-    calibration.add_argument(
-        "--threshold-quantile",
-        type=_quantile,
-        default=defaults.threshold_quantile,
-        help="thresholds are this quantile of the nominal calibration scores "
-        "(default: %(default)s)",
-    )
+    calibration = _add_calibration_options(fit)
     calibration.add_argument(
         "--validation",
         type=_existing_dir,
@@ -557,6 +563,7 @@ def build_parser(presets: dict[str, object] | None = None) -> argparse.ArgumentP
     )
     _add_model_options(benchmark, presets)
     _add_few_shot_options(benchmark)
+    _add_calibration_options(benchmark)
     _add_run_options(benchmark)
 
     split = commands.add_parser(
@@ -817,7 +824,7 @@ def _contour_mask(path: Path, config: PatchCoreConfig) -> np.ndarray | None:
 
 def _calibration_choice(args: argparse.Namespace) -> str:
     """--calibration, --held-out-fraction and --validation as one config value."""
-    if args.validation is not None:
+    if getattr(args, "validation", None) is not None:  # benchmark has no --validation
         if args.calibration not in (None, "none") or args.held_out_fraction is not None:
             raise ValueError(
                 "--validation calibrates on its own folder; drop --calibration/--held-out-fraction"
@@ -1004,8 +1011,8 @@ def _predict(args: argparse.Namespace) -> int:
     calibration = getattr(model, "calibration", None)  # ensembles have none
     if args.masks and calibration is None:
         raise ValueError(
-            f"--masks needs a calibrated single model; {args.model} has no calibration (an "
-            "ensemble, or fitted with --calibration none or by an older version)"
+            f"--masks needs a calibrated model; {args.model} has no calibration (fitted with "
+            "--calibration none or by an older version, or an ensemble)"
         )
     paths, names = _output_names(args.images, args.recursive)
     with output_folder(args.out, overwrite=args.overwrite) as out_dir:
