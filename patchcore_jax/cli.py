@@ -449,7 +449,17 @@ def build_parser(presets: dict[str, object] | None = None) -> argparse.ArgumentP
         type=_existing_dir,
         help="dataset folder (MVTec AD layout: only train/ is read) or a folder of good images",
     )
-    fit.add_argument("--out", required=True, help="checkpoint folder to write")
+    fit.add_argument(
+        "--out", default=None, help="checkpoint folder to write (required without --resume)"
+    )
+    fit.add_argument(
+        "--resume",
+        default=None,
+        metavar="MODEL",
+        help="add DATA's training images to this fitted model instead of fitting anew: the "
+        "coreset selection continues from its bank (model options come from MODEL); --out "
+        "defaults to MODEL, replaced atomically",
+    )
     _add_model_options(fit, presets)
     _add_few_shot_options(fit)
     calibration = _add_calibration_options(fit)
@@ -924,10 +934,36 @@ def _train_paths(args: argparse.Namespace) -> list[Path]:
     return paths
 
 
+def _extend(args: argparse.Namespace) -> int:
+    """``fit --resume MODEL``: DATA's training images join MODEL's bank (``PatchCore.extend``)."""
+    from patchcore_jax import checkpoint, preprocess
+    from patchcore_jax.model import PatchCore
+
+    out = args.out or args.resume
+    checkpoint.check_destination(out)  # a bad --out fails now, not after the work
+    model = PatchCore.load(args.resume, mesh=_mesh(args.bank_shards))
+    config = model.config
+    paths = _train_paths(args)
+    _say(f"adding {len(paths)} images of {args.data} to {args.resume} ({config.backbone})")
+    with _progress(len(paths), "features", args.quiet) as bar:
+        batches = preprocess.iter_image_batches(paths, config.batch_size, **_image_options(config))
+        new_features = model.patch_features(batches, progress=bar.update)
+    steps = max(1, int(len(new_features) * config.coreset_fraction))
+    quiet = args.quiet or config.sampler != "approx_greedy_coreset"
+    with _progress(steps, "coreset", quiet, unit="step") as bar:
+        model.extend_features(new_features, log=_say, progress=bar.update)
+    _say(f"saved model to {model.save(out)}")
+    return 0
+
+
 def _fit(args: argparse.Namespace) -> int:
     from patchcore_jax import calibration, checkpoint, ensemble, preprocess
     from patchcore_jax.model import PatchCore
 
+    if args.resume is not None:
+        return _extend(args)
+    if args.out is None:
+        raise ValueError("fit needs --out (the checkpoint folder to write)")
     checkpoint.check_destination(args.out)  # a bad --out fails now, not after the work
     configs = _configs(args)
     config = configs[0]

@@ -160,6 +160,32 @@ def _start_distances(
     return total / jnp.float32(order.shape[0])
 
 
+def _initial_distances(
+    rows: jax.Array,
+    start_indices: jax.Array,
+    anchors: jax.Array | None,
+    projection: jax.Array | None,
+    offset: jax.Array,
+    columns: jax.Array,
+    sq_norms: jax.Array,
+) -> jax.Array:
+    """Every row's distance before the first step: the mean distance to the start rows, or,
+    with ``anchors`` ([m, D] rows already in the coreset, replicated), the distance to the
+    nearest anchor, computed as the steps' own min-update applied once per anchor (so the
+    selection continues exactly as if the anchors had been selected)."""
+    if anchors is None:
+        return _start_distances(rows, start_indices, offset, columns, sq_norms)
+    points = _project_rows(anchors, projection)  # [m, p]
+    point_sq_norms = _column_dots(points.T, points.T)
+
+    def lower(j, distances):
+        return jnp.minimum(
+            distances, _distances_to(columns, sq_norms, points[j], point_sq_norms[j])
+        )
+
+    return jax.lax.fori_loop(0, points.shape[0], lower, jnp.full_like(sq_norms, jnp.inf))
+
+
 def _choose_winner(
     row: jax.Array, sq_norm: jax.Array, distance: jax.Array, index: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -183,7 +209,7 @@ def _choose_winner(
 # ------------------------------------------------------------------ full pass per step
 
 
-def _full_init_on_shard(features, projection, start_indices, *, num_valid):
+def _full_init_on_shard(features, projection, start_indices, anchors, *, num_valid):
     """Projected columns [p, n], squared norms [n], start distances [n], farthest row [1]."""
     num_local = features.shape[0]
     offset = jax.lax.axis_index(ALL_AXES) * num_local
@@ -193,7 +219,9 @@ def _full_init_on_shard(features, projection, start_indices, *, num_valid):
     sq_norms = _column_dots(columns, columns)
     is_valid = offset + jnp.arange(num_local) < num_valid
     min_distances = jnp.where(
-        is_valid, _start_distances(rows, start_indices, offset, columns, sq_norms), -jnp.inf
+        is_valid,
+        _initial_distances(rows, start_indices, anchors, projection, offset, columns, sq_norms),
+        -jnp.inf,
     )
     best = jnp.argmax(min_distances)[None].astype(jnp.int32)
     return (columns, sq_norms), (min_distances, best)
@@ -279,7 +307,7 @@ def _block_order(rows: jax.Array, is_valid: jax.Array, block_rows: int, levels: 
     return jnp.sort(ids.reshape(num_blocks, block_rows), axis=1)
 
 
-def _pruned_init_on_shard(features, projection, start_indices, *, num_valid):
+def _pruned_init_on_shard(features, projection, start_indices, anchors, *, num_valid):
     """Rows permuted into contiguous blocks of nearby rows, with each block's geometry.
 
     Constants (n = blocks x B rows, in block order): rows [n, p] (to gather) and the same as
@@ -301,7 +329,9 @@ def _pruned_init_on_shard(features, projection, start_indices, *, num_valid):
     columns = jnp.moveaxis(points, 2, 0)  # [p, blocks, B]
     sq_norms = _column_dots(columns, columns)
     min_distances = jnp.where(
-        block_valid, _start_distances(rows, start_indices, offset, columns, sq_norms), -jnp.inf
+        block_valid,
+        _initial_distances(rows, start_indices, anchors, projection, offset, columns, sq_norms),
+        -jnp.inf,
     )
     count = jnp.maximum(jnp.sum(block_valid, axis=1), 1)
     centres = jnp.sum(jnp.where(block_valid[..., None], points, 0.0), axis=1) / count[:, None]
@@ -480,6 +510,7 @@ def _greedy_init(
     features: jax.Array,
     projection: jax.Array | None,
     start_indices: jax.Array,
+    anchors: jax.Array | None,
     *,
     method: str,
     num_valid: int,
@@ -497,10 +528,15 @@ def _greedy_init(
     return jax.shard_map(
         init_on_shard,
         mesh=mesh,
-        in_specs=(P(ALL_AXES, None), None if projection is None else P(), P()),
+        in_specs=(
+            P(ALL_AXES, None),
+            None if projection is None else P(),
+            P(),
+            None if anchors is None else P(),
+        ),
         out_specs=_state_specs(method),
         check_vma=False,
-    )(features, projection, start_indices)
+    )(features, projection, start_indices, anchors)
 
 
 @functools.partial(jax.jit, static_argnames=("method", "mesh"), donate_argnums=(1, 2))
@@ -548,6 +584,7 @@ def _greedy_selection(
     method: str,
     mesh: Mesh,
     progress: Callable[[int], None] | None = None,
+    anchors: jax.Array | None = None,
 ) -> jax.Array:
     """Runs the selection in chunks of steps; the loop state stays on the devices.
 
@@ -556,7 +593,13 @@ def _greedy_selection(
     exception from ``progress``) stops the selection after at most one more chunk.
     """
     constants, carry = _greedy_init(
-        features, projection, start_indices, method=method, num_valid=num_valid, mesh=mesh
+        features,
+        projection,
+        start_indices,
+        anchors,
+        method=method,
+        num_valid=num_valid,
+        mesh=mesh,
     )
     selected = replicate(np.zeros((num_samples,), np.int32), mesh)
     chunk = _steps_per_chunk(features.shape[0], method)
@@ -629,6 +672,7 @@ def approximate_greedy_coreset(
     mesh: Mesh | None = None,
     method: str = "auto",
     progress: Callable[[int], None] | None = None,
+    selected_rows: np.ndarray | jax.Array | None = None,
 ) -> jax.Array:
     """Indices of the approximate greedy coreset, in selection order (SPEC section 4).
 
@@ -651,6 +695,10 @@ def approximate_greedy_coreset(
         when num_samples x N is at least ``_PRUNED_MIN_ROW_VISITS``, where it is faster.
       progress: called with the number of steps done after each chunk of steps (about a
         second of work); an exception it raises (e.g. KeyboardInterrupt) stops the selection.
+      selected_rows: [m, D] rows already in the coreset (e.g. a fitted memory bank), to continue
+        a selection: every row starts at its distance to the nearest of them (after the same
+        projection) instead of the start points' mean, as if they had been selected before the
+        first step; ``start_indices`` and ``num_start_points`` are then unused.
 
     Returns:
       [num_samples] int32 indices into ``features``, replicated over ``mesh`` (every process
@@ -665,7 +713,7 @@ def approximate_greedy_coreset(
         method = "pruned" if num_samples * num_rows >= _PRUNED_MIN_ROW_VISITS else "full"
     mesh = single_device_mesh() if mesh is None else mesh
     need_projection = projection is None and dim != projection_dim
-    if key is None and (need_projection or start_indices is None):
+    if key is None and (need_projection or (start_indices is None and selected_rows is None)):
         raise ValueError(
             "approximate_greedy_coreset needs `key` unless projection and "
             "start_indices are both given"
@@ -683,6 +731,18 @@ def approximate_greedy_coreset(
         projection = np.asarray(
             jax.random.uniform(projection_key, (projection_dim, dim), jnp.float32, -bound, bound)
         )
+    anchors = None
+    if selected_rows is not None:
+        anchors = np.asarray(selected_rows, np.float32)
+        if anchors.ndim != 2 or anchors.shape[0] < 1 or anchors.shape[1] != dim:
+            raise ValueError(
+                f"selected_rows must be a non-empty [m, D={dim}] array, got shape {anchors.shape}"
+            )
+        # Padded to whole projection chunks with copies of its first row (a copy changes no
+        # nearest distance).
+        padding = -anchors.shape[0] % _CHUNK_ROWS
+        anchors = np.concatenate([anchors, np.repeat(anchors[:1], padding, axis=0)])
+        start_indices = np.zeros((1,), np.int32)  # unused with anchors
     if start_indices is None:
         if num_start_points < 1:
             raise ValueError(f"num_start_points must be >= 1, got {num_start_points}")
@@ -708,6 +768,7 @@ def approximate_greedy_coreset(
         method=method,
         mesh=mesh,
         progress=progress,
+        anchors=None if anchors is None else replicate(anchors, mesh),
     )
 
 

@@ -482,6 +482,86 @@ class PatchCore:
             return num_patches
         return max(1, int(num_patches * self.config.coreset_fraction))
 
+    # ------------------------------------------------------------------ incremental fit
+
+    def extend(
+        self,
+        images: ImageBatches,
+        *,
+        progress: Callable[[int], None] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> PatchCore:
+        """Adds nominal images to a fitted model without a refit: ``patch_features`` then
+        ``extend_features``."""
+        return self.extend_features(self.patch_features(images, progress=progress), log=log)
+
+    def extend_features(
+        self,
+        new_features: np.ndarray | jax.Array,
+        *,
+        log: Callable[[str], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> PatchCore:
+        """Grows the memory bank by ``coreset_fraction`` of ``new_features`` [N_new, D].
+
+        The greedy selection continues from the current bank: its rows count as already
+        selected, every new row starts at its distance to the nearest of them (after the fit's
+        projection, same seed), and ``int(N_new * coreset_fraction)`` new rows are chosen
+        (``random``: that many at random; ``identity``: all). The old rows stay, first.
+
+        Unlike a refit on all images, the old selection is not revisited (rows the new images
+        make redundant stay) and the start points play no part; the bank grows by the same
+        count as a refit's would. Thresholds stay calibrated on the original training images
+        (a warning says so): recalibrate with ``calibrate`` on held-out images if they shift.
+        ``progress`` counts greedy steps.
+        """
+        if self.memory_bank is None:
+            raise RuntimeError("PatchCore.extend called before fit() or load()")
+        config = self.config
+        if config.sampler == "learned_proxies":
+            raise ValueError(
+                "extend continues a selection of bank rows; the learned_proxies sampler has "
+                "none: refit instead"
+            )
+        _check_finite_rows(new_features, "patch features")
+        num_rows = new_features.shape[0]
+        num_new = max(1, int(num_rows * config.coreset_fraction))
+        old_bank = np.asarray(self.memory_bank)
+        start = time.perf_counter()
+        if config.sampler == "identity":
+            rows = np.arange(num_rows)
+        elif config.sampler == "random":
+            key = jax.random.fold_in(jax.random.key(config.seed), old_bank.shape[0])
+            rows = np.asarray(coreset.random_subsample(num_rows, num_new, key))
+        else:
+            rows = np.asarray(
+                coreset.approximate_greedy_coreset(
+                    new_features,
+                    num_new,
+                    key=jax.random.key(config.seed),  # the fit's projection
+                    projection_dim=config.projection_dim,
+                    mesh=self.mesh,
+                    method=config.coreset_method,
+                    progress=progress,
+                    selected_rows=old_bank,
+                )
+            )
+        added = np.asarray(new_features)[rows].astype(np.float32)
+        self._set_memory_bank(np.concatenate([old_bank, added]))
+        self.bank_source_images = None  # the old images' rows are not numbered any more
+        if log is not None:
+            log(
+                f"memory bank: {old_bank.shape[0]} + {len(rows)} of {num_rows} new patches -> "
+                f"{self.memory_bank.shape[0]} in {time.perf_counter() - start:.1f} s"
+            )
+        if self.calibration is not None:
+            warnings.warn(
+                "the decision thresholds stay calibrated on the original training images; "
+                "refit, or recalibrate on held-out good images, to include the new ones",
+                stacklevel=2,
+            )
+        return self
+
     def _set_memory_bank(self, memory_bank: jax.Array | np.ndarray) -> None:
         dim = self.config.target_embed_dimension
         if memory_bank.ndim != 2 or memory_bank.shape[1] != dim or memory_bank.shape[0] < 1:

@@ -617,3 +617,27 @@ def test_fit_of_several_backbones_saves_an_ensemble_that_evaluate_and_predict_lo
     with open(tmp_path / "eval/per_image.csv") as f:
         scores = [float(r["score"]) for r in csv.DictReader(f)]
     assert all(0.0 <= s <= 1.0 for s in scores)  # normalised over the set, then averaged
+
+
+def test_fit_resume_adds_nominal_images_to_a_fitted_model(subset, tmp_path):
+    from patchcore_jax import checkpoint
+
+    halves = [tmp_path / "first", tmp_path / "second"]
+    images = sorted((subset / "train/good").glob("*.png"))
+    for folder, part in zip(halves, (images[:5], images[5:]), strict=True):
+        folder.mkdir()
+        for image in part:
+            (folder / image.name).symlink_to(image)
+    model = tmp_path / "model"
+    args = ["--backbone", "mobilenet_v2", "--quiet", "--coreset-fraction", "0.05"]
+    run_cli("fit", halves[0], "--out", model, *args)
+    assert checkpoint.read_record(model)["memory_bank"]["shape"] == [196, 1024]  # 5 x 784 x 5%
+    result = run_cli("fit", halves[1], "--resume", model, "--quiet")
+    assert "memory bank: 196 + 196 of 3920 new patches -> 392" in result.stderr
+    assert "warning: the decision thresholds stay calibrated on the original" in result.stderr
+    assert checkpoint.read_record(model)["memory_bank"]["shape"] == [392, 1024]
+    run_cli("predict", model, subset / "test/good", "--out", tmp_path / "pred", "--quiet")
+    missing = run_cli("fit", halves[1], "--resume", tmp_path / "nothing", check=False)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    no_out = run_cli("fit", halves[1], check=False)
+    assert no_out.returncode == 2 and "fit needs --out" in no_out.stderr

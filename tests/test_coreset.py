@@ -524,3 +524,33 @@ def test_build_memory_bank_rejects_bad_arguments(features, kwargs, message):
     arguments = {"sampler": "random", "fraction": 0.5, "key": jax.random.key(0)} | kwargs
     with pytest.raises(ValueError, match=message):
         coreset.build_memory_bank(features, **arguments)
+
+
+def _numpy_continued_greedy(rows: np.ndarray, anchors: np.ndarray, steps: int) -> list[int]:
+    """The greedy selection in float64, every row starting at its nearest anchor's distance."""
+    rows, anchors = rows.astype(np.float64), anchors.astype(np.float64)
+    distances = np.sqrt(((rows[:, None] - anchors[None]) ** 2).sum(-1)).min(1)
+    selected = []
+    for _ in range(steps):
+        index = int(np.argmax(distances))
+        selected.append(index)
+        distances = np.minimum(distances, np.sqrt(((rows - rows[index]) ** 2).sum(-1)))
+    return selected
+
+
+@pytest.mark.parametrize("method", ["full", "pruned"])
+def test_selection_continues_from_selected_rows_as_if_they_had_been_selected(method):
+    rng = np.random.default_rng(0)
+    anchors = rng.normal(size=(37, 16)).astype(np.float32)
+    rows = rng.normal(size=(1001, 16)).astype(np.float32)
+    expected = _numpy_continued_greedy(rows, anchors, 50)
+    for mesh in (sharding.single_device_mesh(), sharding.make_mesh()):
+        indices = coreset.approximate_greedy_coreset(
+            rows, 50, key=jax.random.key(0), projection_dim=16, selected_rows=anchors,
+            method=method, mesh=mesh,
+        )  # fmt: skip
+        assert np.asarray(indices).tolist() == expected
+    with pytest.raises(ValueError, match=r"selected_rows must be a non-empty \[m, D=16\]"):
+        coreset.approximate_greedy_coreset(
+            rows, 5, key=jax.random.key(0), selected_rows=anchors[:, :8]
+        )

@@ -192,3 +192,30 @@ def test_images_other_than_uint8_pixels_are_refused_naming_dtype_and_range(image
 def test_images_smaller_than_the_deepest_grid_get_a_warning():
     with pytest.warns(UserWarning, match=r"image size 32x32 gives a 2x2 grid at stride16"):
         PatchCore(PatchCoreConfig(backbone="mobilenet_v2", resize=32, crop=32))
+
+
+def test_extend_continues_the_greedy_selection_from_the_fitted_bank(tiny_model):
+    """The old bank stays first; the new rows are the selection continued from it (checked
+    against a float64 numpy greedy whose rows start at their nearest bank row's distance)."""
+    from test_coreset import _numpy_continued_greedy
+
+    rng = np.random.default_rng(3)
+    first = rng.normal(size=(200, 32)).astype(np.float32)
+    second = rng.normal(loc=0.5, size=(300, 32)).astype(np.float32)
+    config = tiny_model.config.replace(
+        sampler="approx_greedy_coreset", coreset_fraction=0.1, projection_dim=32
+    )
+    model = PatchCore(config, backbone=tiny_model.backbone, mesh=tiny_model.mesh)
+    old_bank = np.asarray(model.fit_features(first).memory_bank)
+    assert old_bank.shape == (20, 32)
+    steps = []
+    model.extend_features(second, progress=steps.append)
+    bank = np.asarray(model.memory_bank)
+    assert bank.shape == (50, 32) and sum(steps) == 30
+    np.testing.assert_array_equal(bank[:20], old_bank)
+    expected = _numpy_continued_greedy(second, old_bank, 30)
+    np.testing.assert_array_equal(bank[20:], second[expected])
+    with pytest.raises(RuntimeError, match="before fit"):
+        PatchCore(config, backbone=tiny_model.backbone, mesh=tiny_model.mesh).extend_features(
+            second
+        )
