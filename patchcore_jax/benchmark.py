@@ -39,7 +39,7 @@ import numpy as np
 
 from patchcore_jax import data, metrics, preprocess
 from patchcore_jax.config import PatchCoreConfig
-from patchcore_jax.files import atomic_write_text, resumable_output_folder
+from patchcore_jax.files import atomic_write_text, output_folder
 
 # The authors' results.csv columns, and where each comes from in ``metrics.evaluate``.
 COLUMNS: dict[str, str] = {
@@ -271,7 +271,7 @@ def run_benchmark(
     settings = settings_record(configs, train_images, train_seed)
     device = device_description()
     results: list[CategoryResult] = []
-    with resumable_output_folder(out) as out_dir:
+    with output_folder(out, resume=True) as out_dir:
         stored = {
             folder.name: _stored_result(out_dir / folder.name, settings) for folder in folders
         }

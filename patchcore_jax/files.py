@@ -49,14 +49,17 @@ _LOCK_NAME = ".patchcore-jax.lock"
 
 
 @contextlib.contextmanager
-def output_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def output_folder(
+    path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False
+) -> Iterator[Path]:
     """Holds ``path`` as one run's output folder while the run writes into it.
 
     The folder is created if missing, marked with ``OUTPUT_MARKER`` and locked (an advisory
     ``flock``, released even when the process is killed): a second run into the same folder
     fails at once instead of mixing its files with this run's. It must be empty, so results of
     different runs never mix; with ``overwrite`` a folder that patchcore-jax wrote before is
-    emptied first, but a folder holding anything else is never cleared.
+    emptied first, and with ``resume`` its contents are kept for a run that continues them (the
+    benchmark); a folder holding anything else is never cleared or written into.
 
     Raises:
       FileExistsError / OSError naming the folder: a file in the way, a folder in use by another
@@ -77,7 +80,7 @@ def output_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
                 f"output folder {folder} is in use by another patchcore-jax run"
             ) from None
         previous = [p for p in folder.iterdir() if p.name not in (_LOCK_NAME, OUTPUT_MARKER)]
-        if previous and not overwrite:
+        if previous and not (overwrite or resume):
             raise FileExistsError(
                 f"output folder {folder} is not empty (e.g. {previous[0].name}); choose a new "
                 "folder or pass --overwrite to replace its previous results"
@@ -85,9 +88,9 @@ def output_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
         if previous and not (folder / OUTPUT_MARKER).exists():
             raise FileExistsError(
                 f"output folder {folder} holds files that patchcore-jax did not write (e.g. "
-                f"{previous[0].name}); refusing to clear it"
+                f"{previous[0].name}); refusing to {'write into' if resume else 'clear'} it"
             )
-        for entry in previous:
+        for entry in [] if resume else previous:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
@@ -123,34 +126,3 @@ def download_file(url: str, destination: Path, name: str) -> str:
                 digest.update(chunk)
                 bar.update(len(chunk))
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def resumable_output_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Like ``output_folder``, but keeps what an earlier run wrote, so a run can resume.
-
-    The folder is created if missing, marked and locked (a second run into it fails at once);
-    a non-empty folder must carry ``OUTPUT_MARKER`` (patchcore-jax wrote it), so a folder of
-    other files is never written into. Nothing is deleted.
-    """
-    import fcntl
-
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder} is a file; expected an output folder (--out)")
-    folder.mkdir(parents=True, exist_ok=True)
-    previous = [p for p in folder.iterdir() if p.name not in (_LOCK_NAME, OUTPUT_MARKER)]
-    if previous and not (folder / OUTPUT_MARKER).exists():
-        raise FileExistsError(
-            f"output folder {folder} holds files that patchcore-jax did not write (e.g. "
-            f"{previous[0].name}); choose a new folder"
-        )
-    with open(folder / _LOCK_NAME, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FileExistsError(
-                f"output folder {folder} is in use by another patchcore-jax run"
-            ) from None
-        (folder / OUTPUT_MARKER).touch()
-        yield folder
