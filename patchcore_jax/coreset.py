@@ -510,7 +510,7 @@ def _greedy_init(
     features: jax.Array,
     projection: jax.Array | None,
     start_indices: jax.Array,
-    anchors: jax.Array | None,
+    anchors: jax.Array | None = None,
     *,
     method: str,
     num_valid: int,
