@@ -160,23 +160,20 @@ def self_excluded_scores(
     distances, indices = distances[:num_queries], indices[:num_queries]
     if distance == "l2":
         distances = jnp.sqrt(distances)
-    patch_scores = distances.mean(axis=1).reshape(batch, num_patches)
-    nearest_indices = indices.reshape(batch, num_patches, num_neighbors)
-    if reweight:
-        image_scores = scoring._reweighted_image_scores(
-            patch_features.astype(jnp.float32),
-            memory_bank.astype(jnp.float32),
-            patch_scores,
-            nearest_indices[..., 0],
-            reweight_neighbors,
-            bank_block_size,
-            query_block_size,
-            mesh,
-        )
-    else:
-        image_scores = patch_scores.max(axis=1)
-    maps = scoring.anomaly_maps(patch_scores.reshape(batch, *grid_shape), out_shape, sigma)
-    return scoring.ScoreResult(image_scores, maps, patch_scores, nearest_indices)
+    return scoring.scores_from_neighbors(
+        patch_features,
+        memory_bank,
+        distances,
+        indices,
+        grid_shape=grid_shape,
+        out_shape=out_shape,
+        reweight=reweight,
+        reweight_neighbors=reweight_neighbors,
+        sigma=sigma,
+        bank_block_size=bank_block_size,
+        query_block_size=query_block_size,
+        mesh=mesh,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -403,12 +403,48 @@ def _score_patch_features(
         query_block_size,
         mesh,
     )
+    return scores_from_neighbors(
+        patch_features,
+        memory_bank,
+        distances,
+        indices,
+        grid_shape=grid_shape,
+        out_shape=out_shape,
+        reweight=reweight,
+        reweight_neighbors=reweight_neighbors,
+        sigma=sigma,
+        bank_block_size=bank_block_size,
+        query_block_size=query_block_size,
+        mesh=mesh,
+    )
+
+
+def scores_from_neighbors(
+    patch_features: jax.Array,
+    memory_bank: jax.Array,
+    distances: jax.Array,
+    indices: jax.Array,
+    *,
+    grid_shape: tuple[int, int],
+    out_shape: tuple[int, int],
+    reweight: bool,
+    reweight_neighbors: int,
+    sigma: float,
+    bank_block_size: int,
+    query_block_size: int,
+    mesh: Mesh,
+) -> ScoreResult:
+    """Patch scores, image scores (Eq. 7 with ``reweight``) and anomaly maps from the k nearest
+    neighbours of every patch: ``distances``/``indices`` ``[B * P, k]`` of ``patch_features``
+    ``[B, P, D]`` in ``memory_bank`` (the one place both scoring and calibration finish in)."""
+    batch, num_patches, _ = patch_features.shape
+    num_neighbors = distances.shape[-1]
     patch_scores = distances.mean(axis=1).reshape(batch, num_patches)
     nearest_indices = indices.reshape(batch, num_patches, num_neighbors)
     if reweight:
         image_scores = _reweighted_image_scores(
-            patch_features,
-            memory_bank,
+            patch_features.astype(jnp.float32),
+            memory_bank.astype(jnp.float32),
             patch_scores,
             nearest_indices[..., 0],
             reweight_neighbors,
