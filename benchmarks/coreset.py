@@ -58,7 +58,9 @@ def bytes_per_step(num_rows: int) -> int:
     return num_rows * DIM * 4 + num_rows * 4 * 2
 
 
-def greedy_step_seconds(num_rows: int, steps: tuple[int, int], repeats: int, mesh) -> dict:
+def greedy_step_seconds(
+    num_rows: int, steps: tuple[int, int], repeats: int, mesh, method: str = "full"
+) -> dict:
     """Seconds per greedy step and one-off setup seconds for a random [num_rows, DIM] bank.
 
     The bank is placed on ``mesh`` once, outside the timed calls; each step count is compiled
@@ -73,7 +75,13 @@ def greedy_step_seconds(num_rows: int, steps: tuple[int, int], repeats: int, mes
 
     def run(num_samples: int):
         return coreset._greedy_selection(
-            on_mesh, None, starts, num_samples=num_samples, num_valid=num_rows, mesh=mesh
+            on_mesh,
+            None,
+            starts,
+            num_samples=num_samples,
+            num_valid=num_rows,
+            method=method,
+            mesh=mesh,
         )
 
     best = best_times({num_samples: lambda n=num_samples: run(n) for num_samples in steps}, repeats)

@@ -2,7 +2,7 @@
 # One prepared run for a lent GPU (or TPU) machine that already has jax, flax, optax and orbax:
 # checks the device results against the reference fixtures (the CPU-verified numbers) and times
 # each stage. Installs nothing; the package runs from the source tree.
-# Usage (repo root, with ../shared or $PATCHCORE_SHARED holding the fixtures):
+# Usage (repo root; the fixtures come from tests/fixtures, nothing from ../shared):
 #   OUT=/tmp/out bash benchmarks/gpu.sh        -> $OUT/gpu.md (table) and $OUT/gpu.log
 set -euo pipefail
 cd "$(dirname "$0")/.."

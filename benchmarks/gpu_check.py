@@ -18,8 +18,8 @@ need (safetensors) are imported lazily and their checks are marked skipped when 
     python benchmarks/gpu_check.py [--out PATH] [--parts correctness knn ...] [--small]
 
 ``--small`` shrinks every size so the whole run takes about a minute on a 2-core CPU (a smoke
-test of the script, not a measurement). The fixtures are read from ``$PATCHCORE_SHARED/fixtures``
-(default ``../shared/fixtures`` next to the repository).
+test of the script, not a measurement). The fixtures are read from the repository's
+``tests/fixtures`` (nothing from ``../shared``).
 """
 
 from __future__ import annotations
