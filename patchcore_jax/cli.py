@@ -102,16 +102,6 @@ def _mask_threshold(text: str) -> int:
     return value
 
 
-def _quantile(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a quantile in (0, 1], got {text!r}")
-    return value
-
-
 def _platforms(text: str) -> tuple[str, ...]:
     platforms = tuple(name.strip() for name in text.split(",") if name.strip())
     known = ("cpu", "cuda", "tpu")
@@ -387,7 +377,7 @@ def _add_calibration_options(parser: argparse.ArgumentParser) -> argparse._Argum
     )
     calibration.add_argument(
         "--threshold-quantile",
-        type=_quantile,
+        type=_fraction,
         default=defaults.threshold_quantile,
         help="thresholds are this quantile of the nominal calibration scores "
         "(default: %(default)s)",
