@@ -109,6 +109,80 @@ def _check_finite_rows(rows: np.ndarray | jax.Array, what: str) -> None:
         )
 
 
+def _host_rows(result: scoring.ScoreResult, num_valid: int) -> scoring.ScoreResult:
+    """This process's first ``num_valid`` rows of every field of a batch result, on the host."""
+    return jax.tree.map(lambda x: sharding.process_local_rows(x)[:num_valid], result)
+
+
+# The compiled programs, shared by every model with the same backbone, shapes, options and
+# mesh (arguments are hashable: Flax modules, ints, tuples, meshes), so a second model of the
+# same configuration in one process compiles nothing (and the CLI's persistent compilation
+# cache covers new processes).
+
+
+@functools.lru_cache(maxsize=16)
+def _embed_program(
+    module: Any, pretrain_dim: int, target_dim: int, patch_size: int, mesh: Mesh
+) -> Callable[[Any, jax.Array], jax.Array]:
+    """``(variables, images [B, H, W, 3]) -> patch features [B, P, D]``, split like the images."""
+    batch_sharding = sharding.row_sharding(mesh)
+    return jax.jit(
+        functools.partial(
+            embed_images,
+            module,
+            pretrain_embed_dimension=pretrain_dim,
+            target_embed_dimension=target_dim,
+            patch_size=patch_size,
+        ),
+        in_shardings=(sharding.replicated(mesh), batch_sharding),
+        out_shardings=batch_sharding,
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _score_program(
+    scoring_options: tuple[tuple[str, Any], ...], mesh: Mesh
+) -> Callable[[jax.Array, jax.Array], scoring.ScoreResult]:
+    """``(patch features [B, P, D], memory bank [M, D]) -> ScoreResult`` split like the batch
+    (so each process reads its own rows)."""
+    return jax.jit(
+        functools.partial(scoring.score_patch_features, **dict(scoring_options), mesh=mesh),
+        out_shardings=sharding.row_sharding(mesh),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _predict_program(
+    module: Any,
+    pretrain_dim: int,
+    target_dim: int,
+    patch_size: int,
+    scoring_options: tuple[tuple[str, Any], ...],
+    mesh: Mesh,
+) -> Callable[[Any, jax.Array, jax.Array], scoring.ScoreResult]:
+    """``(variables, images, memory bank) -> ScoreResult``: embedding and scoring fused into
+    one program, so patch features never leave the device and each batch is one dispatch."""
+    options = dict(scoring_options)
+
+    def embed_and_score(variables: Any, images: jax.Array, memory_bank: jax.Array):
+        patch_features = embed_images(
+            module,
+            variables,
+            images,
+            pretrain_embed_dimension=pretrain_dim,
+            target_embed_dimension=target_dim,
+            patch_size=patch_size,
+        )
+        return scoring.score_patch_features(patch_features, memory_bank, **options, mesh=mesh)
+
+    batch_sharding = sharding.row_sharding(mesh)
+    return jax.jit(
+        embed_and_score,
+        in_shardings=(sharding.replicated(mesh), batch_sharding, sharding.replicated(mesh)),
+        out_shardings=batch_sharding,
+    )
+
+
 class PatchCore:
     """A PatchCore anomaly detector.
 
@@ -156,17 +230,13 @@ class PatchCore:
         # in the mesh) so that the embedding compiles exactly once.
         local_devices = max(1, self._num_shards // jax.process_count())
         self._batch_size = -(-config.batch_size // local_devices) * local_devices
-        self._batch_sharding = batch_sharding = sharding.row_sharding(self.mesh)
-        self._embed = jax.jit(
-            functools.partial(
-                embed_images,
-                backbone.module,
-                pretrain_embed_dimension=config.pretrain_embed_dimension,
-                target_embed_dimension=config.target_embed_dimension,
-                patch_size=config.patch_size,
-            ),
-            in_shardings=(sharding.replicated(self.mesh), batch_sharding),
-            out_shardings=batch_sharding,
+        self._batch_sharding = sharding.row_sharding(self.mesh)
+        self._embed = _embed_program(
+            backbone.module,
+            config.pretrain_embed_dimension,
+            config.target_embed_dimension,
+            config.patch_size,
+            self.mesh,
         )
         self._variables = jax.device_put(backbone.variables, sharding.replicated(self.mesh))
         # (h, w) of the patch grid: the finest stage's output for the configured image shape.
@@ -186,12 +256,16 @@ class PatchCore:
                     "are mostly zero padding; use larger images",
                     stacklevel=2,
                 )
-        # Results come back split like the images, so each process reads its own rows.
-        self._score = jax.jit(
-            functools.partial(
-                scoring.score_patch_features, **self.scoring_options(), mesh=self.mesh
-            ),
-            out_shardings=batch_sharding,
+        # Programs are shared by every model of the same shapes and options (compiled once).
+        scoring_options = tuple(sorted(self.scoring_options().items()))
+        self._score = _score_program(scoring_options, self.mesh)
+        self._predict = _predict_program(
+            backbone.module,
+            config.pretrain_embed_dimension,
+            config.target_embed_dimension,
+            config.patch_size,
+            scoring_options,
+            self.mesh,
         )
         self.memory_bank: jax.Array | None = None
         # Thresholds and score distributions (``fit`` with ``config.calibration``, ``calibrate``)
@@ -225,11 +299,16 @@ class PatchCore:
         With several processes, each passes its own images; the yielded array is global and
         ``num_valid_images`` counts this process's images (see ``sharding.process_local_rows``).
         """
+        for global_batch, num_valid in self._device_batches(images):
+            yield self._embed(self._variables, global_batch), num_valid
+
+    def _device_batches(self, images: ImageBatches) -> Iterator[tuple[jax.Array, int]]:
+        """``(uint8 images [batch, H, W, 3] split over the mesh, num_valid_images)`` per batch,
+        each padded to the one batch size the programs are compiled for."""
         for batch in _batches(images, self._batch_size, (*self.image_shape, 3)):
             num_valid = batch.shape[0]
             padded = sharding.pad_rows(batch, self._batch_size)
-            global_batch = jax.make_array_from_process_local_data(self._batch_sharding, padded)
-            yield self._embed(self._variables, global_batch), num_valid
+            yield jax.make_array_from_process_local_data(self._batch_sharding, padded), num_valid
 
     # ------------------------------------------------------------------ fitting
 
@@ -580,13 +659,24 @@ class PatchCore:
     def score(self, images: ImageBatches) -> Iterator[scoring.ScoreResult]:
         """Yields host-side ``ScoreResult`` per batch (image scores, maps, patch scores).
 
+        Each batch runs as one compiled program (backbone, patch features and k-NN scoring
+        fused). The pipeline keeps one batch in flight: batch k + 1 is dispatched, and its
+        results start copying to the host, before batch k's results are handed back, so the
+        devices, the copies and the host's decoding of the next images overlap.
         An image whose patch features are not all finite scores NaN (never a plausible number).
         """
         if self.memory_bank is None:
             raise RuntimeError("PatchCore.score/predict called before fit() or load()")
-        for patch_features, num_valid in self.embed(images):
-            result = self._score(patch_features, self.memory_bank)
-            yield jax.tree.map(lambda x, n=num_valid: sharding.process_local_rows(x)[:n], result)
+        pending: tuple[scoring.ScoreResult, int] | None = None
+        for global_batch, num_valid in self._device_batches(images):
+            result = self._predict(self._variables, global_batch, self.memory_bank)
+            for leaf in jax.tree.leaves(result):
+                leaf.copy_to_host_async()
+            if pending is not None:
+                yield _host_rows(*pending)
+            pending = (result, num_valid)
+        if pending is not None:
+            yield _host_rows(*pending)
 
     def predict(self, images: ImageBatches) -> tuple[np.ndarray, np.ndarray]:
         """Scores images: returns ``(image_scores [N] float32, anomaly_maps [N, H, W])``."""

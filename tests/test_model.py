@@ -54,6 +54,30 @@ def test_predict_compiles_once_and_accepts_batches(small_split):
     np.testing.assert_allclose(scores_split, scores_all, rtol=1e-6)
     np.testing.assert_allclose(maps_split, maps_all, rtol=1e-6, atol=1e-6 * maps_all.max())
     assert model._embed._cache_size() == 1  # every batch padded to one shape
+    assert model._predict._cache_size() == 1
+
+
+def test_fused_predict_equals_embedding_then_scoring_and_is_shared(small_split):
+    """``predict`` runs backbone + features + k-NN as one program per batch: the same results
+    as the two programs one after the other, and a second model of the same configuration
+    reuses the compiled programs instead of compiling its own."""
+    train, test, _ = small_split
+    config = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05, batch_size=4)
+    model = PatchCore(config, mesh=sharding.make_mesh(1, jax.devices()[:2])).fit(train)
+    scores, maps = model.predict(test)
+    two_step = [model._score(features, model.memory_bank) for features, _ in model.embed(test)]
+    np.testing.assert_allclose(
+        scores, np.concatenate([r.image_scores for r in two_step]), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        maps, np.concatenate([r.anomaly_maps for r in two_step]), rtol=1e-6, atol=1e-6 * maps.max()
+    )
+    other = PatchCore(config, backbone=model.backbone, mesh=model.mesh)
+    assert other._predict is model._predict and other._embed is model._embed
+    other.memory_bank = model.memory_bank
+    compiled = model._predict._cache_size()
+    np.testing.assert_array_equal(other.predict(test)[0], scores)
+    assert model._predict._cache_size() == compiled  # nothing compiled for the second model
 
 
 def test_bad_images_are_refused(small_split):
@@ -141,12 +165,12 @@ def test_predict_scores_nan_for_an_image_with_non_finite_features(tiny_model, mo
     model = PatchCore(tiny_model.config, backbone=tiny_model.backbone, mesh=tiny_model.mesh)
     model.fit(train)
     clean_scores, clean_maps = model.predict(test)
-    embed = model._embed
+    embed, score = model._embed, model._score
 
-    def poisoned(variables, images):  # one NaN feature in image 2, patch 5
-        return embed(variables, images).at[2, 5, 0].set(np.nan)
+    def poisoned(variables, images, memory_bank):  # one NaN feature in image 2, patch 5
+        return score(embed(variables, images).at[2, 5, 0].set(np.nan), memory_bank)
 
-    monkeypatch.setattr(model, "_embed", poisoned)
+    monkeypatch.setattr(model, "_predict", poisoned)  # the fused embed + score program
     scores, maps = model.predict(test)
     assert np.isnan(scores[2]) and np.isnan(maps[2]).any()
     assert np.all(np.isfinite(clean_scores)) and clean_scores.min() > 0
