@@ -676,9 +676,7 @@ def projection_matrix(key: jax.Array, dim: int, projection_dim: int = 128) -> np
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",))
-def project_rows(
-    features: jax.Array, projection: jax.Array | None, *, mesh: Mesh
-) -> jax.Array:
+def project_rows(features: jax.Array, projection: jax.Array | None, *, mesh: Mesh) -> jax.Array:
     """Rows projected exactly as the greedy coreset projects them: [G, ..., D] -> [G * ..., p].
 
     ``features`` is split by its first axis over every device of ``mesh`` (e.g. a batch of

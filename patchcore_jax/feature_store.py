@@ -165,7 +165,9 @@ class FeatureStore:
     @property
     def path(self) -> Path | None:
         """The spill file, or None."""
-        return None if self._folder is None else self._folder / f"features_{jax.process_index()}.f32"
+        return (
+            None if self._folder is None else self._folder / f"features_{jax.process_index()}.f32"
+        )
 
     def describe(self) -> str:
         where = {"device": "on the device(s)", "host": "in host memory"}.get(

@@ -356,9 +356,7 @@ class PatchCore:
         greedy = config.sampler == "approx_greedy_coreset"
         key = jax.random.key(config.seed)
         dim = config.target_embed_dimension
-        projection = (
-            coreset.projection_matrix(key, dim, config.projection_dim) if greedy else None
-        )
+        projection = coreset.projection_matrix(key, dim, config.projection_dim) if greedy else None
         if projection is not None:
             projection = sharding.replicate(projection, mesh)
         projected, finite = [], []

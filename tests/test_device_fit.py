@@ -12,9 +12,9 @@ from conftest import BOTTLE
 from patchcore_jax import PatchCore, PatchCoreConfig, coreset, feature_store, sharding
 from patchcore_jax.preprocess import load_images
 
-# A budget in MB that forces the spill (0: nothing resident), and one that keeps the features
-# of 12 images x 784 patches x 1024 floats (37 MB) on the host but not on the device.
-SPILL, HOST = 0.0, 38.0
+# A budget in MB that forces the spill (0: nothing resident). A budget caps the device and the
+# host alike, so the host tier is forced by patching the limits (none on the device).
+SPILL, HOST = 0.0, "host"
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,16 @@ def reference(train):
     model.fit_features(features)
     rows = model._selected_rows(features, None)
     return model, features, rows
+
+
+@pytest.fixture(scope="module")
+def reference_8(train, reference):
+    """The in-memory path on 8 devices: its calibration scores round like the 8-device
+    streaming fit's (the bank is the 1-device one)."""
+    model = PatchCore(
+        reference[0].config, backbone=reference[0].backbone, mesh=sharding.make_mesh(2)
+    )
+    return model.fit_features(model.patch_features(train))
 
 
 def _same_fit(model: PatchCore, reference: PatchCore) -> None:
@@ -57,7 +67,9 @@ def test_batchwise_projection_equals_the_one_shot_projection(reference):
         batch = jax.device_put(
             features.reshape(-1, 784, features.shape[1])[:8], sharding.row_sharding(mesh)
         )
-        mine = np.asarray(coreset.project_rows(batch, sharding.replicate(projection, mesh), mesh=mesh))
+        mine = np.asarray(
+            coreset.project_rows(batch, sharding.replicate(projection, mesh), mesh=mesh)
+        )
         whole = coreset._rows_on_mesh(features[: 8 * 784], mesh)
         constants, _ = coreset._greedy_init(
             whole,
@@ -76,18 +88,22 @@ def test_batchwise_projection_equals_the_one_shot_projection(reference):
             sharding.replicate(projection, mesh),
             mesh=mesh,
         )[: 12 * 784]
-        indices = coreset.greedy_coreset_from_projected(
-            projected, len(rows), key=key, mesh=mesh
-        )
+        indices = coreset.greedy_coreset_from_projected(projected, len(rows), key=key, mesh=mesh)
         np.testing.assert_array_equal(np.asarray(indices), rows)
 
 
 @pytest.mark.parametrize("calibration", ["self-excluded", "held-out", "none"])
 @pytest.mark.parametrize("budget", [None, HOST, SPILL])
 @pytest.mark.parametrize("devices", [1, 8])
-def test_streaming_fit_equals_the_in_memory_fit(train, reference, budget, calibration, devices):
-    ref_model = reference[0]
-    config = ref_model.config.replace(feature_memory_budget=budget, calibration=calibration)
+def test_streaming_fit_equals_the_in_memory_fit(
+    train, reference, reference_8, budget, calibration, devices, monkeypatch
+):
+    ref_model = reference[0] if devices == 1 else reference_8
+    if budget == HOST:
+        monkeypatch.setattr(feature_store, "memory_limits", lambda *_: (0, float("inf")))
+    config = ref_model.config.replace(
+        feature_memory_budget=None if budget == HOST else budget, calibration=calibration
+    )
     if calibration != "self-excluded":
         if devices == 8 or budget == HOST:
             pytest.skip("covered by the other combinations")
@@ -98,6 +114,9 @@ def test_streaming_fit_equals_the_in_memory_fit(train, reference, budget, calibr
     model = PatchCore(config, backbone=ref_model.backbone, mesh=mesh)
     model.fit(train, log=lines.append)
     _same_fit(model, ref_model)
+    np.testing.assert_array_equal(
+        np.asarray(model.memory_bank), np.asarray(reference[0].memory_bank)
+    )
     kept = next(line for line in lines if line.startswith("features:"))
     expected = {None: "on the device", HOST: "in host memory", SPILL: "spilled to"}[budget]
     assert expected in kept, kept
