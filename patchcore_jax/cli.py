@@ -79,6 +79,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of MB >= 0, got {text!r}")
+    return value
+
+
 def _image_size(text: str) -> tuple[int, int]:
     parts = [part.strip() for part in text.replace("x", ",").split(",")]
     try:
@@ -451,6 +461,21 @@ def build_parser(presets: dict[str, object] | None = None) -> argparse.ArgumentP
         "defaults to MODEL, replaced atomically",
     )
     _add_model_options(fit, presets)
+    fit.add_argument(
+        "--feature-memory",
+        type=_megabytes,
+        default=None,
+        metavar="MB",
+        help="patch features kept resident while the coreset is selected: on the device if "
+        "they fit, else on the host, else spilled to a temporary file (the results do not "
+        "change; default: a quarter of the device memory, else of the host memory)",
+    )
+    fit.add_argument(
+        "--spill-dir",
+        default=None,
+        metavar="DIR",
+        help="folder of the temporary spill file (default: the system's temporary folder)",
+    )
     _add_few_shot_options(fit)
     calibration = _add_calibration_options(fit)
     calibration.add_argument(
@@ -903,6 +928,7 @@ def _configs(args: argparse.Namespace) -> list[PatchCoreConfig]:
         batch_size=args.batch_size,
         calibration=_calibration_choice(args),
         threshold_quantile=args.threshold_quantile,
+        feature_memory_budget=getattr(args, "feature_memory", None),
         **(
             {}
             if args.held_out_fraction is None
@@ -983,15 +1009,22 @@ def _fit(args: argparse.Namespace) -> int:
         with _progress(len(paths) * len(members), "features", args.quiet) as bar:
             model.fit(batches, progress=bar.update, log=_say)
     else:
-        with _progress(len(paths), "features", args.quiet) as bar:
+        steps = max(1, model.bank_size(len(paths)))
+        quiet = args.quiet or config.sampler != "approx_greedy_coreset"
+        with (
+            _progress(len(paths), "features", args.quiet) as bar,
+            _progress(steps, "coreset", quiet, unit="step") as coreset_bar,
+        ):
             batches = preprocess.iter_image_batches(
                 paths, config.batch_size, **_image_options(config)
             )
-            bank_features = model.patch_features(batches, progress=bar.update)
-        steps = max(1, int(len(bank_features) * config.coreset_fraction))
-        quiet = args.quiet or config.sampler != "approx_greedy_coreset"
-        with _progress(steps, "coreset", quiet, unit="step") as bar:
-            model.fit_features(bank_features, log=_say, progress=bar.update)
+            model.fit(
+                batches,
+                progress=bar.update,
+                log=_say,
+                coreset_progress=coreset_bar.update,
+                spill_dir=args.spill_dir,
+            )
     if validation is not None:
         val_paths, labels, masks = validation
         with _progress(len(val_paths), "validation", args.quiet) as bar:

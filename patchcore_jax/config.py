@@ -77,6 +77,10 @@ class PatchCoreConfig:
       calibration_fraction: fraction of the training images held out (``held-out`` only).
       threshold_quantile: the thresholds are this quantile of the nominal calibration scores
         (image scores, and each image's maximum pixel score for the masks).
+      feature_memory_budget: MB of full patch features ``fit`` keeps resident while it selects
+        the coreset (``patchcore_jax.feature_store``): on the device if they fit, else on the
+        host, else spilled to a temporary file. ``None``: a quarter of the device memory, else
+        a quarter of the host memory. Changes where features are kept, never the results.
     """
 
     backbone: str = "wide_resnet50_2"
@@ -106,6 +110,7 @@ class PatchCoreConfig:
     calibration: Calibration = "self-excluded"
     calibration_fraction: float = 0.1
     threshold_quantile: float = 0.995
+    feature_memory_budget: float | None = None
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -128,6 +133,17 @@ class PatchCoreConfig:
             "query_block_size",
         ):
             positive_int(name)
+        budget = self.feature_memory_budget
+        if budget is not None and (
+            isinstance(budget, bool)
+            or not isinstance(budget, int | float)
+            or not math.isfinite(budget)
+            or budget < 0
+        ):
+            raise ValueError(
+                "PatchCoreConfig.feature_memory_budget must be None or a number of MB >= 0, "
+                f"got {budget!r}"
+            )
         b = self.reweight_neighbors
         if not isinstance(b, int) or isinstance(b, bool) or b < 2:
             raise ValueError(

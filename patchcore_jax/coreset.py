@@ -660,6 +660,120 @@ def _check_features(features) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
+def projection_matrix(key: jax.Array, dim: int, projection_dim: int = 128) -> np.ndarray | None:
+    """The default projection ``approximate_greedy_coreset`` draws from ``key``: float32
+    uniform(-1/sqrt(D), 1/sqrt(D)) [projection_dim, D] from ``jax.random.split(key)[0]``, or
+    None (no projection) when ``dim == projection_dim``."""
+    if dim == projection_dim:
+        return None
+    if projection_dim < 1:
+        raise ValueError(f"projection_dim must be >= 1, got {projection_dim}")
+    projection_key, _ = jax.random.split(key)
+    bound = 1.0 / np.sqrt(dim)
+    return np.asarray(
+        jax.random.uniform(projection_key, (projection_dim, dim), jnp.float32, -bound, bound)
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def project_rows(features: jax.Array, projection: jax.Array | None, *, mesh: Mesh) -> jax.Array:
+    """Rows projected exactly as the greedy coreset projects them: [G, ..., D] -> [G * ..., p].
+
+    ``features`` is split by its first axis over every device of ``mesh`` (e.g. a batch of
+    patch features ``[B, P, D]`` from ``PatchCore.embed``); each device flattens its rows,
+    pads them to whole ``_CHUNK_ROWS`` chunks and projects them like ``_greedy_init`` does
+    (float32, ``Precision.HIGHEST``, one fixed-shape matmul per chunk). A row's projection
+    depends on that row alone, so projecting batch by batch gives the bit-identical rows the
+    one-shot path computes (tests/test_device_fit.py checks it). ``projection`` [p, D]
+    replicated, or None (float32 rows).
+    """
+
+    def on_shard(rows, projection):
+        rows = rows.reshape(-1, rows.shape[-1])
+        num_local = rows.shape[0]
+        rows = jnp.pad(rows, ((0, -num_local % _CHUNK_ROWS), (0, 0)))
+        return _project_rows(rows, projection)[:num_local]
+
+    return jax.shard_map(
+        on_shard,
+        mesh=mesh,
+        in_specs=(P(ALL_AXES), None if projection is None else P()),
+        out_specs=P(ALL_AXES),
+        check_vma=False,
+    )(features, projection)
+
+
+def greedy_coreset_from_projected(
+    projected: np.ndarray | jax.Array,
+    num_samples: int,
+    *,
+    num_rows: int | None = None,
+    key: jax.Array | None = None,
+    start_indices: np.ndarray | jax.Array | None = None,
+    num_start_points: int = 10,
+    mesh: Mesh | None = None,
+    method: str = "auto",
+    progress: Callable[[int], None] | None = None,
+) -> jax.Array:
+    """``approximate_greedy_coreset`` on rows that are already projected: the same indices.
+
+    Args:
+      projected: [R, p] rows projected with ``project_rows`` and the projection
+        ``projection_matrix(key, D, projection_dim)``; rows at or past ``num_rows`` are padding
+        (e.g. a global array of ``_padded_rows(num_rows, mesh)`` rows split over ``mesh``,
+        which is used as it is). Only these [R, p] rows need to be resident, never [N, D].
+      num_rows: N, the rows that count (default R).
+      key: the same key as for ``approximate_greedy_coreset``: the start points are drawn from
+        its second half, unless ``start_indices`` are given.
+      The other arguments are ``approximate_greedy_coreset``'s.
+    """
+    total, _ = _check_features(projected)
+    num_rows = total if num_rows is None else int(num_rows)
+    if not 1 <= num_rows <= total:
+        raise ValueError(f"num_rows must be in [1, {total}], got {num_rows}")
+    if not 1 <= num_samples <= num_rows:
+        raise ValueError(f"num_samples must be in [1, N={num_rows}], got {num_samples}")
+    if method not in GREEDY_METHODS:
+        raise ValueError(f"method must be one of {GREEDY_METHODS}, got {method!r}")
+    if method == "auto":
+        method = "pruned" if num_samples * num_rows >= _PRUNED_MIN_ROW_VISITS else "full"
+    mesh = single_device_mesh() if mesh is None else mesh
+    if start_indices is None:
+        if key is None:
+            raise ValueError("greedy_coreset_from_projected needs `key` or `start_indices`")
+        if num_start_points < 1:
+            raise ValueError(f"num_start_points must be >= 1, got {num_start_points}")
+        _, start_key = jax.random.split(key)
+        start_indices = random_subsample(num_rows, min(num_start_points, num_rows), start_key)
+    start_indices = np.asarray(start_indices)
+    if (
+        start_indices.ndim != 1
+        or start_indices.size < 1
+        or not np.issubdtype(start_indices.dtype, np.integer)
+        or start_indices.min() < 0
+        or start_indices.max() >= num_rows
+    ):
+        raise ValueError(
+            f"start_indices must be a non-empty 1-D integer array in [0, {num_rows}), "
+            f"got {start_indices!r}"
+        )
+    if total > _padded_rows(num_rows, mesh):
+        raise ValueError(
+            f"projected has {total} rows, more than {num_rows} rows padded for the mesh "
+            f"({_padded_rows(num_rows, mesh)})"
+        )
+    return _greedy_selection(
+        _rows_on_mesh(projected, mesh),
+        None,
+        replicate(start_indices.astype(np.int32), mesh),
+        num_samples=int(num_samples),
+        num_valid=num_rows,
+        method=method,
+        mesh=mesh,
+        progress=progress,
+    )
+
+
 def approximate_greedy_coreset(
     features: np.ndarray | jax.Array,
     num_samples: int,
@@ -725,12 +839,7 @@ def approximate_greedy_coreset(
         if projection.ndim != 2 or projection.shape[1] != dim:
             raise ValueError(f"projection must be [p, D={dim}], got shape {projection.shape}")
     elif need_projection:
-        if projection_dim < 1:
-            raise ValueError(f"projection_dim must be >= 1, got {projection_dim}")
-        bound = 1.0 / np.sqrt(dim)
-        projection = np.asarray(
-            jax.random.uniform(projection_key, (projection_dim, dim), jnp.float32, -bound, bound)
-        )
+        projection = projection_matrix(key, dim, projection_dim)
     anchors = None
     if selected_rows is not None:
         anchors = np.asarray(selected_rows, np.float32)

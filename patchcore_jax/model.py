@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from patchcore_jax import calibration, coreset, features, scoring, sharding
+from patchcore_jax import calibration, coreset, feature_store, features, scoring, sharding
 from patchcore_jax.backbones import Backbone, load_backbone, probe_batch_norm
 from patchcore_jax.config import PatchCoreConfig
 
@@ -103,10 +103,78 @@ def _check_finite_rows(rows: np.ndarray | jax.Array, what: str) -> None:
             for start in range(0, rows.shape[0], 8192)
         )
     if bad:
-        raise ValueError(
-            f"{what}: {bad} of {rows.shape[0]} rows are non-finite (NaN or inf); "
-            "check the input images (non-finite or out-of-range pixels) and the backbone weights"
+        raise ValueError(_non_finite_message(what, bad, rows.shape[0]))
+
+
+def _non_finite_message(what: str, bad: int, num_rows: int) -> str:
+    return (
+        f"{what}: {bad} of {num_rows} rows are non-finite (NaN or inf); "
+        "check the input images (non-finite or out-of-range pixels) and the backbone weights"
+    )
+
+
+@jax.jit
+def _finite_rows(batch: jax.Array) -> jax.Array:
+    """[B, P, D] -> [B, P] bool: the rows without a NaN or infinite value."""
+    return jnp.all(jnp.isfinite(batch), axis=-1)
+
+
+def _gather_counts(local: np.ndarray) -> np.ndarray:
+    """Every process's ``local`` (equal shapes, small): [processes, *local.shape]."""
+    local = np.asarray(local)
+    if jax.process_count() == 1:
+        return local[None]
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(local))
+    return gathered.reshape(jax.process_count(), *local.shape)
+
+
+def _gather_from_processes(rows: np.ndarray) -> np.ndarray:
+    """Every process's host ``rows`` (any count, even 0) concatenated, process 0's first."""
+    if jax.process_count() == 1:
+        return rows
+    from jax.experimental import multihost_utils
+
+    counts = _gather_counts(np.int64(rows.shape[0])).reshape(-1)
+    padded = np.zeros((max(1, int(counts.max())), *rows.shape[1:]), rows.dtype)
+    padded[: rows.shape[0]] = rows
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return np.concatenate([gathered[p, : counts[p]] for p in range(len(counts))])
+
+
+def _megabytes(limit: float) -> str:
+    return "unlimited" if math.isinf(limit) else f"{limit / 2**20:.0f} MB"
+
+
+class _ImageLayout:
+    """Where each training image of a streamed fit is, numbered as ``patch_features``'s rows
+    (process 0's images first): ``process``, ``batch`` (index of the embedded batch),
+    ``within`` (index among that process's images of the batch), ``position`` (row of the
+    concatenated global batch arrays: ``batch * global_batch + row``), and ``first_image``
+    (each process's first image number)."""
+
+    def __init__(self, counts: np.ndarray, batch_sharding, batch_size: int) -> None:
+        num_processes, num_batches = counts.shape
+        self.global_batch = batch_size * num_processes
+        blocks: dict[int, list[tuple[int, int]]] = {}
+        for device, index in batch_sharding.devices_indices_map((self.global_batch,)).items():
+            start, stop, _ = index[0].indices(self.global_batch)
+            blocks.setdefault(device.process_index, []).append((start, stop))
+        process, batch, within, position = [], [], [], []
+        for q in range(num_processes):
+            # This process's rows of a global batch, in the order of its local data.
+            rows = np.concatenate([np.arange(a, b) for a, b in sorted(set(blocks[q]))])
+            for b in range(num_batches):
+                n = int(counts[q, b])
+                process.append(np.full(n, q))
+                batch.append(np.full(n, b))
+                within.append(np.arange(n))
+                position.append(b * self.global_batch + rows[:n])
+        self.process, self.batch, self.within, self.position = (
+            np.concatenate(x).astype(np.int64) for x in (process, batch, within, position)
         )
+        self.first_image = np.concatenate([[0], np.cumsum(counts.sum(axis=1))[:-1]])
 
 
 def _host_rows(result: scoring.ScoreResult, num_valid: int) -> scoring.ScoreResult:
@@ -318,16 +386,259 @@ class PatchCore:
         *,
         progress: Callable[[int], None] | None = None,
         log: Callable[[str], None] | None = None,
+        coreset_progress: Callable[[int], None] | None = None,
+        spill_dir: str | os.PathLike | None = None,
     ) -> PatchCore:
-        """Builds the memory bank from nominal images: ``patch_features`` then ``fit_features``.
+        """Builds the memory bank from nominal images; the same bank, indices and calibration
+        as ``fit_features(patch_features(images))``, without holding every feature on the host.
+
+        With the ``approx_greedy_coreset`` and ``random`` samplers the features of each batch
+        stay on the devices as they are embedded: the greedy coreset's random projection is
+        applied there batch by batch, the selection runs on the projected rows, and only the
+        M selected full rows are gathered into the bank. The full rows (needed again for the
+        bank rows and the calibration, batch by batch) are kept where
+        ``config.feature_memory_budget`` allows (``feature_store``): on the devices, else in
+        host memory, else in a float32 file in ``spill_dir`` (default: the system's temporary
+        folder), deleted afterwards. Host memory is then O(M x D + one batch). With several
+        processes each keeps its own images' rows. Other samplers take the in-memory path.
 
         Args:
-          images: uint8 [N, H, W, 3] (``config.image_shape``), or an iterable of such batches
-            (host memory then grows with the bank, not with the images).
+          images: uint8 [N, H, W, 3] (``config.image_shape``), or an iterable of such batches.
           progress: called with the number of images embedded after each batch.
-          log: called with one-line status messages (coreset size and timing).
+          log: called with one-line status messages (where the features are, coreset size and
+            timing, calibration).
+          coreset_progress: called with the number of greedy coreset steps after each chunk.
+          spill_dir: folder for the spill file.
         """
-        return self.fit_features(self.patch_features(images, progress=progress), log=log)
+        if self.config.sampler not in ("approx_greedy_coreset", "random"):
+            bank_features = self.patch_features(images, progress=progress)
+            return self.fit_features(bank_features, log=log, progress=coreset_progress)
+        device_limit, host_limit = feature_store.memory_limits(
+            self.config.feature_memory_budget, self.mesh
+        )
+        with feature_store.FeatureStore(
+            device_limit=device_limit, host_limit=host_limit, spill_dir=spill_dir
+        ) as store:
+            self._fit_from_store(images, store, progress, log, coreset_progress)
+        return self
+
+    def _fit_from_store(
+        self,
+        images: ImageBatches,
+        store: feature_store.FeatureStore,
+        progress: Callable[[int], None] | None,
+        log: Callable[[str], None] | None,
+        coreset_progress: Callable[[int], None] | None,
+    ) -> None:
+        """``fit``'s streaming path: embed into ``store``, select, gather the bank, calibrate."""
+        config, mesh = self.config, self.mesh
+        greedy = config.sampler == "approx_greedy_coreset"
+        key = jax.random.key(config.seed)
+        dim = config.target_embed_dimension
+        projection = coreset.projection_matrix(key, dim, config.projection_dim) if greedy else None
+        if projection is not None:
+            projection = sharding.replicate(projection, mesh)
+        projected, finite = [], []
+        start = time.perf_counter()
+        for batch, num_valid in self.embed(images):
+            finite.append(_finite_rows(batch))
+            if greedy:  # [G * P, projection_dim], split over the mesh like the batch
+                projected.append(coreset.project_rows(batch, projection, mesh=mesh))
+            store.append(batch, num_valid)
+            if progress is not None:
+                progress(num_valid)
+        store.finish()
+        # Every process's images per batch; images are numbered process 0's first, as the
+        # rows of ``patch_features``.
+        counts = _gather_counts(np.asarray(store.counts, np.int64))
+        per_process = counts.sum(axis=1)
+        if per_process.sum() == 0:
+            raise ValueError("fit() received no images")
+        if (per_process == 0).any():
+            raise ValueError(
+                f"every process must contribute rows; counts per process: {per_process}"
+            )
+        num_patches = math.prod(self.grid_shape)
+        num_images = int(per_process.sum())
+        num_rows = num_images * num_patches
+        bad = sum(
+            int(np.count_nonzero(~sharding.process_local_rows(f)[:n]))
+            for f, n in zip(finite, store.counts, strict=True)
+        )
+        bad = int(_gather_counts(np.int64(bad)).sum())
+        if log is not None:
+            log(
+                f"features: {num_rows} x {dim} float32 ({num_rows * dim * 4 / 2**20:.0f} MB) "
+                f"of {num_images} images in {time.perf_counter() - start:.1f} s; this process's "
+                f"{store.describe()} (budget {_megabytes(store.device_limit)} on the device, "
+                f"{_megabytes(store.host_limit)} on the host)"
+            )
+        if bad:
+            raise ValueError(_non_finite_message("patch features", bad, num_rows))
+        config.check_bank_size(self._bank_rows(num_rows))  # before any work
+        if config.calibration == "held-out":
+            held_out = calibration.held_out_images(
+                num_images, config.calibration_fraction, config.seed
+            )
+            bank_images = np.setdiff1d(np.arange(num_images), held_out)
+        elif config.calibration == "self-excluded" and num_images < 2:
+            raise ValueError(
+                "self-excluded calibration needs at least 2 training images (each is scored "
+                "against the others' bank rows), got 1; use calibration='none'"
+            )
+        else:
+            bank_images = np.arange(num_images)
+
+        # Where each image is: its process, batch, index among that process's images of the
+        # batch (``store``'s order), and row of the global batch array.
+        layout = _ImageLayout(counts, self._batch_sharding, self._batch_size)
+        num_bank_rows = len(bank_images) * num_patches
+        config.check_bank_size(self._bank_rows(num_bank_rows))
+        num_samples = max(1, int(num_bank_rows * config.coreset_fraction))
+        if log is not None:
+            log(
+                f"memory bank: subsampling {num_bank_rows} patches ({config.sampler}, fraction "
+                f"{config.coreset_fraction}) on {self._num_shards} device(s)"
+            )
+        start = time.perf_counter()
+        if greedy:
+            positions = (
+                layout.position[bank_images][:, None] * num_patches + np.arange(num_patches)
+            ).reshape(-1)
+            padded = coreset._padded_rows(num_bank_rows, mesh)
+            beyond = len(projected) * layout.global_batch * num_patches  # zero rows
+            positions = np.pad(positions, (0, padded - num_bank_rows), constant_values=beyond)
+            rows_on_mesh = feature_store.assemble_rows(
+                tuple(projected), sharding.replicate(positions.astype(np.int32), mesh), mesh=mesh
+            )
+            del projected
+            selected = coreset.greedy_coreset_from_projected(
+                rows_on_mesh,
+                num_samples,
+                num_rows=num_bank_rows,
+                key=key,
+                num_start_points=config.num_start_points,
+                mesh=mesh,
+                method=config.coreset_method,
+                progress=coreset_progress,
+            )
+            del rows_on_mesh
+        else:
+            selected = coreset.random_subsample(num_bank_rows, num_samples, key)
+        rows = np.asarray(selected).astype(np.int64)
+        source_images = bank_images[rows // num_patches]
+        patches = rows % num_patches
+        owners = layout.process[source_images]
+        memory_bank = np.zeros((num_samples, dim), np.float32)
+        for index in range(len(store)):
+            mine = np.flatnonzero(
+                (owners == jax.process_index()) & (layout.batch[source_images] == index)
+            )
+            if mine.size:
+                memory_bank[mine] = store.take(
+                    index, layout.within[source_images[mine]], patches[mine]
+                )
+        if jax.process_count() > 1:  # each row from the process that holds it
+            gathered = _gather_counts(memory_bank)
+            memory_bank = gathered[owners, np.arange(num_samples)]
+        self._set_memory_bank(memory_bank)
+        if log is not None:
+            log(
+                f"memory bank: {num_bank_rows} patches -> {num_samples} "
+                f"in {time.perf_counter() - start:.1f} s"
+            )
+        if config.calibration == "none":
+            self.calibration = self.bank_source_images = None
+            return
+        self.bank_source_images = source_images.astype(np.int32)
+        start = time.perf_counter()
+        if config.calibration == "held-out":
+            image_scores, maps = self._held_out_scores_from_store(store, layout, held_out)
+        else:
+            image_scores, maps = self._self_excluded_scores_from_store(store, layout)
+            held_out = None
+        self.calibration = calibration.calibrate(
+            image_scores,
+            maps,
+            method=config.calibration,
+            quantile=config.threshold_quantile,
+            images=held_out,
+        )
+        if log is not None:
+            log(
+                f"calibration: {self.calibration.describe()} in {time.perf_counter() - start:.1f} s"
+            )
+
+    def _self_excluded_scores_from_store(
+        self, store: feature_store.FeatureStore, layout: _ImageLayout
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every training image scored without its own bank rows, read back batch by batch
+        (each process scores its own images): ``([N], [N, H, W])`` in image order."""
+        sources = sharding.replicate(self.bank_source_images, self.mesh)
+        score = functools.partial(
+            calibration.self_excluded_scores, **self.scoring_options(), mesh=self.mesh
+        )
+        first = layout.first_image[jax.process_index()]
+        scores, maps = [], []
+        for index in range(len(store)):
+            num_valid = store.counts[index]
+            batch = store.global_batch(index, self._batch_size, self._batch_sharding)
+            ids = np.full((self._batch_size,), -2, np.int32)  # padding: matches no bank row
+            ids[:num_valid] = np.arange(first, first + num_valid)
+            first += num_valid
+            global_ids = jax.make_array_from_process_local_data(self._batch_sharding, ids)
+            result = score(batch, global_ids, self.memory_bank, sources)
+            scores.append(sharding.process_local_rows(result.image_scores)[:num_valid])
+            maps.append(sharding.process_local_rows(result.anomaly_maps)[:num_valid])
+        return (
+            _gather_from_processes(np.concatenate(scores)),
+            _gather_from_processes(np.concatenate(maps)),
+        )
+
+    def _held_out_scores_from_store(
+        self, store: feature_store.FeatureStore, layout: _ImageLayout, held_out: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The held-out images (sorted) scored against the bank, read back batch by batch and
+        regrouped into full batches; every process makes the same number of calls."""
+        size = self._batch_size
+        mine = held_out[layout.process[held_out] == jax.process_index()]
+        num_calls = max(
+            -(-int(np.count_nonzero(layout.process[held_out] == q)) // size)
+            for q in range(jax.process_count())
+        )
+        scores, maps, pending = [], [], []
+
+        def score_pending() -> None:
+            num_valid = sum(len(p) for p in pending)
+            padded = np.zeros((size, *store.row_shape), np.float32)
+            if pending:
+                padded[:num_valid] = np.concatenate(pending)
+            global_batch = jax.make_array_from_process_local_data(self._batch_sharding, padded)
+            result = self._score(global_batch, self.memory_bank)
+            scores.append(sharding.process_local_rows(result.image_scores)[:num_valid])
+            maps.append(sharding.process_local_rows(result.anomaly_maps)[:num_valid])
+            pending.clear()
+
+        calls = 0
+        for index in range(len(store)):
+            wanted = mine[layout.batch[mine] == index]
+            if not wanted.size:
+                continue
+            rows = store.local_rows(index)[layout.within[wanted]]
+            while rows.shape[0]:
+                room = size - sum(len(p) for p in pending)
+                pending.append(rows[:room])
+                rows = rows[room:]
+                if sum(len(p) for p in pending) == size:
+                    score_pending()
+                    calls += 1
+        while calls < num_calls:
+            score_pending()
+            calls += 1
+        return (
+            _gather_from_processes(np.concatenate(scores)),
+            _gather_from_processes(np.concatenate(maps)),
+        )
 
     def patch_features(
         self, images: ImageBatches, *, progress: Callable[[int], None] | None = None

@@ -143,8 +143,15 @@ def main() -> None:
     # The whole model: each process reads only its share of the images; fit gathers the bank
     # rows from every process, predict returns this process's images' scores and maps.
     train_images, test_images = model_images()
-    model = PatchCore(model_config(), mesh=sharding.make_mesh(bank_shards=2))
-    model.fit(local_rows(train_images, **split))
+    # Process 0 keeps its features on its devices, process 1 spills them to a file (the
+    # streaming fit's tiers are chosen per process; the results do not depend on them).
+    budget = 0.0 if args.process_id == 1 else None
+    config = model_config().replace(feature_memory_budget=budget)
+    model = PatchCore(config, mesh=sharding.make_mesh(bank_shards=2))
+    lines = []
+    model.fit(local_rows(train_images, **split), log=lines.append)
+    print("\n".join(lines), flush=True)
+    assert ("spilled to" if budget == 0.0 else "on the device") in lines[0], lines[0]
     local_scores, local_maps = model.predict(local_rows(test_images, **split))
     model.save(args.out / "model")  # every process takes part; process 0 swaps folders
     np.savez(
