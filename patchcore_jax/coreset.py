@@ -574,6 +574,11 @@ def _steps_per_chunk(num_rows: int, method: str) -> int:
     return max(1, work // num_rows)
 
 
+def _bucket(count: int) -> int:
+    """The smallest power of two >= ``count``: array lengths that share compiled programs."""
+    return 1 << max(0, count - 1).bit_length()
+
+
 def _greedy_selection(
     features: jax.Array,
     projection: jax.Array | None,
@@ -601,7 +606,9 @@ def _greedy_selection(
         num_valid=num_valid,
         mesh=mesh,
     )
-    selected = replicate(np.zeros((num_samples,), np.int32), mesh)
+    # Room for a bucketed number of steps (the next power of two): the step program is
+    # compiled per shape of ``selected``, so nearby coreset sizes share one compilation.
+    selected = replicate(np.zeros((_bucket(num_samples),), np.int32), mesh)
     chunk = _steps_per_chunk(features.shape[0], method)
     pending: tuple[jax.Array, int] | None = None
     for start in range(0, num_samples, chunk):
@@ -619,7 +626,7 @@ def _greedy_selection(
             _report(pending, progress)
         pending = (done, stop - start)
     _report(pending, progress)
-    return selected
+    return selected[:num_samples]
 
 
 def _report(pending: tuple[jax.Array, int], progress: Callable[[int], None] | None) -> None:

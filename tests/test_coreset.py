@@ -281,6 +281,13 @@ def test_compiles_once_per_shape(method, monkeypatch):
         coreset.approximate_greedy_coreset(features + 1.0, 20, method=method, **kwargs)
     after = coreset._greedy_init._cache_size(), coreset._greedy_steps._cache_size()
     assert after == before
+    # Coreset sizes are bucketed (17..32 share the steps' program); a greedy selection is the
+    # prefix of a longer one.
+    longer = coreset.approximate_greedy_coreset(features, 29, method=method, **kwargs)
+    assert coreset._greedy_steps._cache_size() == before[1]
+    shorter = coreset.approximate_greedy_coreset(features, 20, method=method, **kwargs)
+    np.testing.assert_array_equal(np.asarray(longer)[:20], np.asarray(shorter))
+    assert longer.shape == (29,)
 
 
 # ------------------------------------------------------------------ pruned path: exactness
