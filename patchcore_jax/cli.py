@@ -29,6 +29,7 @@ from patchcore_jax.config import (
     CORESET_METHODS,
     DISTANCES,
     NON_SPATIAL_STAGES,
+    PRECISIONS,
     RESIZE_MODES,
     SAMPLERS,
     SEED_LIMIT,
@@ -331,6 +332,14 @@ def _add_model_options(
         type=_positive_int,
         default=defaults.batch_size,
         help="images per backbone batch (default: %(default)s)",
+    )
+    group.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=defaults.precision,
+        help="exact: float32 everywhere (the reference numerics); fast: bfloat16 backbone and "
+        "bfloat16 k-NN candidates re-ranked in float32, for GPUs/TPUs (no faster on CPUs; "
+        "scores agree closely, not bit for bit: README) (default: %(default)s)",
     )
     if presets:
         parser.set_defaults(**presets)
@@ -903,6 +912,7 @@ def _configs(args: argparse.Namespace) -> list[PatchCoreConfig]:
         batch_size=args.batch_size,
         calibration=_calibration_choice(args),
         threshold_quantile=args.threshold_quantile,
+        precision=args.precision,
         **(
             {}
             if args.held_out_fraction is None

@@ -29,6 +29,8 @@ NON_SPATIAL_STAGES: tuple[str, ...] = ("logits",)
 # silently repeat smaller ones, and it overflows past 2**63.
 SEED_LIMIT = 2**32
 CALIBRATIONS: tuple[str, ...] = ("self-excluded", "held-out", "none")
+Precision = Literal["exact", "fast"]
+PRECISIONS: tuple[str, ...] = ("exact", "fast")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,13 @@ class PatchCoreConfig:
       calibration_fraction: fraction of the training images held out (``held-out`` only).
       threshold_quantile: the thresholds are this quantile of the nominal calibration scores
         (image scores, and each image's maximum pixel score for the masks).
+      precision: ``exact`` (float32, ``Precision.HIGHEST`` everywhere: the reference numerics)
+        or ``fast`` for accelerators: the backbone runs in bfloat16 (its stage outputs are cast
+        back to float32 before the patch features), and the k-NN finds candidates with bfloat16
+        distance matmuls (float32 accumulation) then re-ranks them with exact float32
+        distances; the coreset, Eq. 7 and the maps stay float32. Scores then agree with
+        ``exact`` closely but not bit for bit (README "Precision"); it does not speed up CPUs.
+        Checkpoints written before this field load as ``exact``.
     """
 
     backbone: str = "wide_resnet50_2"
@@ -106,6 +115,7 @@ class PatchCoreConfig:
     calibration: Calibration = "self-excluded"
     calibration_fraction: float = 0.1
     threshold_quantile: float = 0.995
+    precision: Precision = "exact"
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -220,6 +230,10 @@ class PatchCoreConfig:
             raise ValueError(
                 "PatchCoreConfig.threshold_quantile must be in (0, 1], "
                 f"got {self.threshold_quantile!r}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"PatchCoreConfig.precision must be one of {PRECISIONS}, got {self.precision!r}"
             )
         if self.layers is not None:
             if isinstance(self.layers, str):

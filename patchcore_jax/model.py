@@ -37,6 +37,7 @@ def embed_images(
     pretrain_embed_dimension: int,
     target_embed_dimension: int,
     patch_size: int,
+    precision: str = "exact",
 ) -> jax.Array:
     """Backbone + locally aware patch features, one pure function.
 
@@ -44,16 +45,42 @@ def embed_images(
       module: the backbone's Flax module (returns a dict of stage outputs, first = finest grid).
       variables: its variables.
       images: [B, H, W, 3] uint8 (or float 0..255) RGB.
+      precision: ``exact`` (float32) or ``fast``: the backbone runs in bfloat16 (variables cast
+        by ``backbone_variables``, here if not yet, and the normalised input), and its stage
+        outputs are cast back to float32; the patch features are float32 either way.
     Returns:
       [B, h * w, target_embed_dimension] float32 patch features on the finest stage's grid.
     """
-    stage_outputs = module.apply(variables, images)
+    if precision == "exact":
+        stage_outputs = module.apply(variables, images)
+    elif precision == "fast":
+        normalized = module.apply({}, images, method="normalize_input")
+        stage_outputs = module.apply(
+            backbone_variables(variables, precision),
+            normalized.astype(jnp.bfloat16),
+            method="forward_normalized",
+        )
+        stage_outputs = {name: x.astype(jnp.float32) for name, x in stage_outputs.items()}
+    else:
+        raise ValueError(f"precision must be 'exact' or 'fast', got {precision!r}")
     return features.patch_features(
         list(stage_outputs.values()),
         pretrain_embed_dimension=pretrain_embed_dimension,
         target_embed_dimension=target_embed_dimension,
         patch_size=patch_size,
     )
+
+
+def backbone_variables(variables: Any, precision: str) -> Any:
+    """The backbone variables ``embed_images`` runs with: unchanged for ``exact``, floating
+    leaves cast to bfloat16 for ``fast``."""
+    if precision == "exact":
+        return variables
+
+    def cast(leaf: Any) -> Any:
+        return leaf.astype(jnp.bfloat16) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+    return jax.tree.map(cast, variables)
 
 
 def _not_uint8_message(batch: np.ndarray) -> str:
@@ -164,11 +191,15 @@ class PatchCore:
                 pretrain_embed_dimension=config.pretrain_embed_dimension,
                 target_embed_dimension=config.target_embed_dimension,
                 patch_size=config.patch_size,
+                precision=config.precision,
             ),
             in_shardings=(sharding.replicated(self.mesh), batch_sharding),
             out_shardings=batch_sharding,
         )
-        self._variables = jax.device_put(backbone.variables, sharding.replicated(self.mesh))
+        self._variables = jax.device_put(
+            backbone_variables(backbone.variables, config.precision),
+            sharding.replicated(self.mesh),
+        )
         # (h, w) of the patch grid: the finest stage's output for the configured image shape.
         stage_shapes = jax.eval_shape(
             backbone.module.apply,
@@ -215,6 +246,7 @@ class PatchCore:
             "sigma": config.anomaly_map_sigma,
             "bank_block_size": config.bank_block_size,
             "query_block_size": config.query_block_size,
+            "precision": config.precision,
         }
 
     # ------------------------------------------------------------------ embedding
