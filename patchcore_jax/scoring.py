@@ -209,9 +209,11 @@ def _local_top_k_fast(
     bank_tile: int,
     query_tile: int,
     num_candidates: int,
+    rerank: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """``_local_top_k`` of the ``fast`` precision: a running top-``num_candidates`` over
-    bfloat16 distance tiles, then ``_rerank`` with exact float32 distances."""
+    bfloat16 distance tiles, then ``_rerank`` with exact float32 distances (``rerank`` False:
+    the ``[q, num_candidates]`` candidates themselves, with their approximate distances)."""
     num_queries, dim = queries.shape
     num_tiles = bank.shape[0] // bank_tile
     global_rows = row_offset + jnp.arange(bank.shape[0], dtype=jnp.int32)
@@ -236,21 +238,39 @@ def _local_top_k_fast(
             jnp.full((query_tile, num_candidates), jnp.inf, jnp.float32),
             jnp.full((query_tile, num_candidates), _NO_INDEX, jnp.int32),
         )
-        (candidate_distances, candidate_indices), _ = lax.scan(bank_step, init, tiles)
-        return _rerank(
-            block,
-            query_norms,
-            bank,
-            bank_norms,
-            candidate_distances,
-            candidate_indices,
-            row_offset,
-            k,
-        )
+        candidates, _ = lax.scan(bank_step, init, tiles)
+        if not rerank:
+            return candidates
+        return _rerank(block, query_norms, bank, bank_norms, *candidates, row_offset, k)
 
+    width = k if rerank else num_candidates
     blocks = queries.reshape(num_queries // query_tile, query_tile, dim)
     distances, indices = lax.map(query_block, blocks)
-    return distances.reshape(num_queries, k), indices.reshape(num_queries, k)
+    return distances.reshape(num_queries, width), indices.reshape(num_queries, width)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("num_candidates", "bank_block_size", "query_block_size")
+)
+def fast_candidates(
+    queries: jax.Array,
+    memory_bank: jax.Array,
+    num_candidates: int,
+    bank_block_size: int = 4096,
+    query_block_size: int = 1024,
+) -> tuple[jax.Array, jax.Array]:
+    """The candidates the ``fast`` k-NN re-ranks (one device): ``([Q, C] approximate squared
+    distances, [Q, C] int32 indices)``, sorted by approximate distance. For tests and
+    benchmarks (is the exact neighbour among them?)."""
+    num_queries, num_bank = queries.shape[0], memory_bank.shape[0]
+    query_tile, query_rows = _tiling(num_queries, 1, query_block_size)
+    bank_tile, bank_rows = _tiling(num_bank, 1, bank_block_size)
+    queries = jnp.pad(jnp.asarray(queries, jnp.float32), ((0, query_rows - num_queries), (0, 0)))
+    bank = jnp.pad(jnp.asarray(memory_bank, jnp.float32), ((0, bank_rows - num_bank), (0, 0)))
+    distances, indices = _local_top_k_fast(
+        queries, bank, 0, num_bank, 1, bank_tile, query_tile, num_candidates, rerank=False
+    )
+    return distances[:num_queries], indices[:num_queries]
 
 
 def _nearest_neighbors(
