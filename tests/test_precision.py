@@ -194,3 +194,21 @@ def test_fast_backbone_computes_in_bfloat16_and_returns_float32(name):
         for conv in convs:
             assert all(v.aval.dtype == dtype for v in (*conv.invars, *conv.outvars))
         assert jaxpr.out_avals[0].dtype == jnp.float32
+
+
+def test_fast_model_calibrates_and_exports_in_its_precision(bottle_images):
+    """Self-excluded calibration and the exported inference follow ``config.precision``."""
+    from patchcore_jax import export
+
+    train, test, _ = bottle_images
+    config = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05, precision="fast")
+    model = PatchCore(config, mesh=sharding.single_device_mesh()).fit(train[:6])
+    assert model.calibration is not None and model.calibration.method == "self-excluded"
+    infer = export.inference_function(model)
+    text = str(jax.make_jaxpr(infer)(test[:2]))  # the backbone sits inside lax.map's scan
+    convs = [line.split("=")[0] for line in text.splitlines() if "conv_general_dilated[" in line]
+    assert convs and all("bf16[" in out for out in convs)
+    scores, _, _, maps = jax.jit(infer)(test[:2])
+    expected_scores, expected_maps = model.predict(test[:2])
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-2)
+    np.testing.assert_allclose(maps, expected_maps, rtol=1e-2, atol=1e-2 * expected_maps.max())
