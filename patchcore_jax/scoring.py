@@ -12,6 +12,11 @@ never anyone's nearest neighbour), and a query with a NaN or infinite component 
 distances (index ``_NO_INDEX``), so its patch and image scores are NaN rather than a plausible
 number.
 
+The ``fast`` precision (``precision="fast"``) keeps a running top-C instead (C candidates per
+query, default ``max(4 k, 16)``) by bfloat16 distance matmuls accumulated in float32, and
+re-ranks the C candidates with the exact float32 distances; the result is exact mode's whenever
+the true neighbours are candidates. Everything after the k-NN is float32 in both precisions.
+
 Anomaly maps are linear and separable: upsampling then Gaussian blurring one axis is a single
 static ``[out, grid]`` matrix, so a map is ``A_rows @ scores @ A_cols^T``.
 """
