@@ -47,40 +47,55 @@ def _masked_local_top_k(
     k: int,
     bank_tile: int,
     query_tile: int,
+    num_candidates: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """k smallest squared distances of ``queries: [q, D]`` to rows of ``bank: [r, D]`` whose
     source image differs from the query's (``query_images: [q]``, ``bank_images: [r]`` int32).
 
     Excluded and padded (``bank_images < 0``) rows get an infinite distance. ``q``, ``r`` are
-    multiples of the tiles. Returns ``([q, k] float32, [q, k] int32)`` sorted by (distance, index).
+    multiples of the tiles. ``num_candidates`` None is exact; an int is the ``fast`` precision
+    (that many candidates by bfloat16 distances, re-ranked exactly: ``scoring._rerank``).
+    Returns ``([q, k] float32, [q, k] int32)`` sorted by (distance, index).
     """
     num_queries, dim = queries.shape
     num_tiles = bank.shape[0] // bank_tile
     rows = jnp.arange(bank.shape[0], dtype=jnp.int32)
     bank_norms = jnp.where(bank_images >= 0, jnp.sum(bank * bank, axis=1), jnp.inf)
+    fast = num_candidates is not None
+    tile_bank = bank.astype(jnp.bfloat16) if fast else bank
     tiles = tuple(
-        x.reshape(num_tiles, bank_tile, *x.shape[1:]) for x in (bank, bank_norms, bank_images, rows)
+        x.reshape(num_tiles, bank_tile, *x.shape[1:])
+        for x in (tile_bank, bank_norms, bank_images, rows)
     )
+    width = num_candidates if fast else k
 
     def query_block(block: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         block_queries, block_images = block
         query_norms = jnp.sum(block_queries * block_queries, axis=1)
+        block_bf16 = block_queries.astype(jnp.bfloat16) if fast else None
 
         def bank_step(carry, tile):
             tile_rows, tile_norms, tile_images, tile_indices = tile
-            products = jnp.dot(block_queries, tile_rows.T, precision=scoring.HIGHEST)
-            distances = (query_norms[:, None] + tile_norms[None, :]) - 2.0 * products
-            distances = jnp.maximum(distances, 0.0)
+            if fast:
+                distances = scoring._approximate_distances(
+                    block_bf16, query_norms, tile_rows, tile_norms
+                )
+            else:
+                products = jnp.dot(block_queries, tile_rows.T, precision=scoring.HIGHEST)
+                distances = (query_norms[:, None] + tile_norms[None, :]) - 2.0 * products
+                distances = jnp.maximum(distances, 0.0)
             distances = jnp.where(block_images[:, None] == tile_images[None, :], jnp.inf, distances)
             indices = jnp.broadcast_to(tile_indices[None, :], distances.shape)
             return scoring._merge_top_k(*carry, distances, indices), None
 
         init = (
-            jnp.full((query_tile, k), jnp.inf, jnp.float32),
-            jnp.full((query_tile, k), scoring._NO_INDEX, jnp.int32),
+            jnp.full((query_tile, width), jnp.inf, jnp.float32),
+            jnp.full((query_tile, width), scoring._NO_INDEX, jnp.int32),
         )
         best, _ = lax.scan(bank_step, init, tiles)
-        return best
+        if not fast:
+            return best
+        return scoring._rerank(block_queries, query_norms, bank, bank_norms, *best, 0, k)
 
     blocks = (
         queries.reshape(num_queries // query_tile, query_tile, dim),
@@ -103,6 +118,8 @@ def _masked_local_top_k(
         "bank_block_size",
         "query_block_size",
         "mesh",
+        "precision",
+        "num_candidates",
     ),
 )
 def self_excluded_scores(
@@ -121,6 +138,8 @@ def self_excluded_scores(
     bank_block_size: int,
     query_block_size: int,
     mesh: Mesh,
+    precision: str = "exact",
+    num_candidates: int | None = None,
 ) -> scoring.ScoreResult:
     """``scoring.score_patch_features`` with each image's own bank rows left out of its k-NN.
 
@@ -150,7 +169,11 @@ def self_excluded_scores(
     )
     distances, indices = jax.shard_map(
         functools.partial(
-            _masked_local_top_k, k=num_neighbors, bank_tile=bank_tile, query_tile=query_tile
+            _masked_local_top_k,
+            k=num_neighbors,
+            bank_tile=bank_tile,
+            query_tile=query_tile,
+            num_candidates=scoring.candidates_for(precision, num_neighbors, num_candidates),
         ),
         mesh=mesh,
         in_specs=(P(ALL_AXES), P(ALL_AXES), P(), P()),

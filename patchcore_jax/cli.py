@@ -29,6 +29,7 @@ from patchcore_jax.config import (
     CORESET_METHODS,
     DISTANCES,
     NON_SPATIAL_STAGES,
+    PRECISIONS,
     RESIZE_MODES,
     SAMPLERS,
     SEED_LIMIT,
@@ -341,6 +342,14 @@ def _add_model_options(
         type=_positive_int,
         default=defaults.batch_size,
         help="images per backbone batch (default: %(default)s)",
+    )
+    group.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=defaults.precision,
+        help="exact: float32 everywhere (the reference numerics); fast: bfloat16 backbone and "
+        "bfloat16 k-NN candidates re-ranked in float32, for GPUs/TPUs (no faster on CPUs; "
+        "scores agree closely, not bit for bit: README) (default: %(default)s)",
     )
     if presets:
         parser.set_defaults(**presets)
@@ -929,6 +938,7 @@ def _configs(args: argparse.Namespace) -> list[PatchCoreConfig]:
         calibration=_calibration_choice(args),
         threshold_quantile=args.threshold_quantile,
         feature_memory_budget=getattr(args, "feature_memory", None),
+        precision=args.precision,
         **(
             {}
             if args.held_out_fraction is None

@@ -29,6 +29,8 @@ NON_SPATIAL_STAGES: tuple[str, ...] = ("logits",)
 # silently repeat smaller ones, and it overflows past 2**63.
 SEED_LIMIT = 2**32
 CALIBRATIONS: tuple[str, ...] = ("self-excluded", "held-out", "none")
+Precision = Literal["exact", "fast"]
+PRECISIONS: tuple[str, ...] = ("exact", "fast")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,13 @@ class PatchCoreConfig:
         the coreset (``patchcore_jax.feature_store``): on the device if they fit, else on the
         host, else spilled to a temporary file. ``None``: a quarter of the device memory, else
         a quarter of the host memory. Changes where features are kept, never the results.
+      precision: ``exact`` (float32, ``Precision.HIGHEST`` everywhere: the reference numerics)
+        or ``fast`` for accelerators: the backbone runs in bfloat16 (its stage outputs are cast
+        back to float32 before the patch features), and the k-NN finds candidates with bfloat16
+        distance matmuls (float32 accumulation) then re-ranks them with exact float32
+        distances; the coreset, Eq. 7 and the maps stay float32. Scores then agree with
+        ``exact`` closely but not bit for bit (README "Precision"); it does not speed up CPUs.
+        Checkpoints written before this field load as ``exact``.
     """
 
     backbone: str = "wide_resnet50_2"
@@ -111,6 +120,7 @@ class PatchCoreConfig:
     calibration_fraction: float = 0.1
     threshold_quantile: float = 0.995
     feature_memory_budget: float | None = None
+    precision: Precision = "exact"
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -236,6 +246,10 @@ class PatchCoreConfig:
             raise ValueError(
                 "PatchCoreConfig.threshold_quantile must be in (0, 1], "
                 f"got {self.threshold_quantile!r}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"PatchCoreConfig.precision must be one of {PRECISIONS}, got {self.precision!r}"
             )
         if self.layers is not None:
             if isinstance(self.layers, str):

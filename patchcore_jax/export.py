@@ -34,7 +34,7 @@ def inference_function(model: PatchCore):
     Images run one at a time (``lax.map``), so the program is the same for any batch size and
     each image's result equals ``model.predict``'s to float32 rounding.
     """
-    from patchcore_jax.model import embed_images
+    from patchcore_jax.model import backbone_variables, embed_images
 
     if model.memory_bank is None:
         raise ValueError("cannot export an unfitted model: call fit() first")
@@ -45,7 +45,8 @@ def inference_function(model: PatchCore):
             "older version): its decisions would have no threshold; refit it"
         )
     config = model.config
-    module, variables = model.backbone.module, model.backbone.variables
+    module = model.backbone.module
+    variables = backbone_variables(model.backbone.variables, config.precision)
     memory_bank = jnp.asarray(np.asarray(model.memory_bank))
     embed = functools.partial(
         embed_images,
@@ -53,6 +54,7 @@ def inference_function(model: PatchCore):
         pretrain_embed_dimension=config.pretrain_embed_dimension,
         target_embed_dimension=config.target_embed_dimension,
         patch_size=config.patch_size,
+        precision=config.precision,
     )
     score = functools.partial(scoring.score_patch_features, **model.scoring_options())
 

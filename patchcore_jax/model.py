@@ -37,6 +37,7 @@ def embed_images(
     pretrain_embed_dimension: int,
     target_embed_dimension: int,
     patch_size: int,
+    precision: str = "exact",
 ) -> jax.Array:
     """Backbone + locally aware patch features, one pure function.
 
@@ -44,16 +45,42 @@ def embed_images(
       module: the backbone's Flax module (returns a dict of stage outputs, first = finest grid).
       variables: its variables.
       images: [B, H, W, 3] uint8 (or float 0..255) RGB.
+      precision: ``exact`` (float32) or ``fast``: the backbone runs in bfloat16 (variables cast
+        by ``backbone_variables``, here if not yet, and the normalised input), and its stage
+        outputs are cast back to float32; the patch features are float32 either way.
     Returns:
       [B, h * w, target_embed_dimension] float32 patch features on the finest stage's grid.
     """
-    stage_outputs = module.apply(variables, images)
+    if precision == "exact":
+        stage_outputs = module.apply(variables, images)
+    elif precision == "fast":
+        normalized = module.apply({}, images, method="normalize_input")
+        stage_outputs = module.apply(
+            backbone_variables(variables, precision),
+            normalized.astype(jnp.bfloat16),
+            method="forward_normalized",
+        )
+        stage_outputs = {name: x.astype(jnp.float32) for name, x in stage_outputs.items()}
+    else:
+        raise ValueError(f"precision must be 'exact' or 'fast', got {precision!r}")
     return features.patch_features(
         list(stage_outputs.values()),
         pretrain_embed_dimension=pretrain_embed_dimension,
         target_embed_dimension=target_embed_dimension,
         patch_size=patch_size,
     )
+
+
+def backbone_variables(variables: Any, precision: str) -> Any:
+    """The backbone variables ``embed_images`` runs with: unchanged for ``exact``, floating
+    leaves cast to bfloat16 for ``fast``."""
+    if precision == "exact":
+        return variables
+
+    def cast(leaf: Any) -> Any:
+        return leaf.astype(jnp.bfloat16) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+    return jax.tree.map(cast, variables)
 
 
 def _not_uint8_message(batch: np.ndarray) -> str:
@@ -190,7 +217,7 @@ def _host_rows(result: scoring.ScoreResult, num_valid: int) -> scoring.ScoreResu
 
 @functools.lru_cache(maxsize=16)
 def _embed_program(
-    module: Any, pretrain_dim: int, target_dim: int, patch_size: int, mesh: Mesh
+    module: Any, pretrain_dim: int, target_dim: int, patch_size: int, precision: str, mesh: Mesh
 ) -> Callable[[Any, jax.Array], jax.Array]:
     """``(variables, images [B, H, W, 3]) -> patch features [B, P, D]``, split like the images."""
     batch_sharding = sharding.row_sharding(mesh)
@@ -201,6 +228,7 @@ def _embed_program(
             pretrain_embed_dimension=pretrain_dim,
             target_embed_dimension=target_dim,
             patch_size=patch_size,
+            precision=precision,
         ),
         in_shardings=(sharding.replicated(mesh), batch_sharding),
         out_shardings=batch_sharding,
@@ -225,6 +253,7 @@ def _predict_program(
     pretrain_dim: int,
     target_dim: int,
     patch_size: int,
+    precision: str,
     scoring_options: tuple[tuple[str, Any], ...],
     mesh: Mesh,
 ) -> Callable[[Any, jax.Array, jax.Array], scoring.ScoreResult]:
@@ -240,6 +269,7 @@ def _predict_program(
             pretrain_embed_dimension=pretrain_dim,
             target_embed_dimension=target_dim,
             patch_size=patch_size,
+            precision=precision,
         )
         return scoring.score_patch_features(patch_features, memory_bank, **options, mesh=mesh)
 
@@ -304,9 +334,13 @@ class PatchCore:
             config.pretrain_embed_dimension,
             config.target_embed_dimension,
             config.patch_size,
+            config.precision,
             self.mesh,
         )
-        self._variables = jax.device_put(backbone.variables, sharding.replicated(self.mesh))
+        self._variables = jax.device_put(
+            backbone_variables(backbone.variables, config.precision),
+            sharding.replicated(self.mesh),
+        )
         # (h, w) of the patch grid: the finest stage's output for the configured image shape.
         stage_shapes = jax.eval_shape(
             backbone.module.apply,
@@ -332,6 +366,7 @@ class PatchCore:
             config.pretrain_embed_dimension,
             config.target_embed_dimension,
             config.patch_size,
+            config.precision,
             scoring_options,
             self.mesh,
         )
@@ -357,6 +392,7 @@ class PatchCore:
             "sigma": config.anomaly_map_sigma,
             "bank_block_size": config.bank_block_size,
             "query_block_size": config.query_block_size,
+            "precision": config.precision,
         }
 
     # ------------------------------------------------------------------ embedding

@@ -12,6 +12,11 @@ never anyone's nearest neighbour), and a query with a NaN or infinite component 
 distances (index ``_NO_INDEX``), so its patch and image scores are NaN rather than a plausible
 number.
 
+The ``fast`` precision (``precision="fast"``) keeps a running top-C instead (C candidates per
+query, default ``max(4 k, 16)``) by bfloat16 distance matmuls accumulated in float32, and
+re-ranks the C candidates with the exact float32 distances; the result is exact mode's whenever
+the true neighbours are candidates. Everything after the k-NN is float32 in both precisions.
+
 Anomaly maps are linear and separable: upsampling then Gaussian blurring one axis is a single
 static ``[out, grid]`` matrix, so a map is ``A_rows @ scores @ A_cols^T``.
 """
@@ -34,6 +39,7 @@ from patchcore_jax.sharding import BANK_AXIS, DATA_AXIS, single_device_mesh
 
 HIGHEST = lax.Precision.HIGHEST
 DISTANCES = ("squared_l2", "l2")
+PRECISIONS = ("exact", "fast")
 _NO_INDEX = np.iinfo(np.int32).max  # index of "no neighbour yet"; never survives a valid bank
 
 
@@ -103,13 +109,20 @@ def _local_top_k(
     k: int,
     bank_tile: int,
     query_tile: int,
+    num_candidates: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """k smallest squared distances of ``queries: [q, D]`` to ``bank: [r, D]`` (one shard).
 
     ``q`` and ``r`` are multiples of ``query_tile`` and ``bank_tile``. Bank row ``j`` has global
     index ``row_offset + j``; rows at or past ``num_valid`` are padding (infinite distance).
+    ``num_candidates`` None is exact; an int C > k is the ``fast`` precision: the C best rows by
+    bfloat16 distances are re-ranked with exact ones (``_rerank``).
     Returns ``([q, k] float32, [q, k] int32)`` sorted by (distance, index).
     """
+    if num_candidates is not None:
+        return _local_top_k_fast(
+            queries, bank, row_offset, num_valid, k, bank_tile, query_tile, num_candidates
+        )
     num_queries, dim = queries.shape
     num_tiles = bank.shape[0] // bank_tile
     global_rows = row_offset + jnp.arange(bank.shape[0], dtype=jnp.int32)
@@ -147,6 +160,124 @@ def _local_top_k(
     return distances.reshape(num_queries, k), indices.reshape(num_queries, k)
 
 
+def _clamp(distances: jax.Array) -> jax.Array:
+    """Rounding can make a distance slightly negative (or -0.0): clamp to +0; NaN -> +inf."""
+    return jnp.where(distances > 0.0, distances, jnp.where(jnp.isnan(distances), jnp.inf, 0.0))
+
+
+def default_num_candidates(k: int) -> int:
+    """Candidates per query of the ``fast`` k-NN when none are given: ``max(4 k, 16)``."""
+    return max(4 * k, 16)
+
+
+def _approximate_distances(
+    queries_bf16: jax.Array, query_norms: jax.Array, rows_bf16: jax.Array, row_norms: jax.Array
+) -> jax.Array:
+    """``[q, r]`` squared distances from a bfloat16 matmul accumulated in float32 and the
+    exact float32 norms (candidate search of the ``fast`` precision; clamped as exact ones)."""
+    products = jnp.dot(queries_bf16, rows_bf16.T, preferred_element_type=jnp.float32)
+    return _clamp((query_norms[:, None] + row_norms[None, :]) - 2.0 * products)
+
+
+def _rerank(
+    queries: jax.Array,
+    query_norms: jax.Array,
+    bank: jax.Array,
+    bank_norms: jax.Array,
+    candidate_distances: jax.Array,
+    candidate_indices: jax.Array,
+    row_offset: jax.Array | int,
+    k: int,
+) -> tuple[jax.Array, jax.Array]:
+    """The k best of ``[q, C]`` candidates by exact float32 distances, sorted (distance, index).
+
+    Each candidate's distance is recomputed in exact mode's formula, ``(|q|^2 + |b|^2) - 2 q.b``
+    at HIGHEST precision, clamped. A candidate whose approximate distance is infinite (padding,
+    an excluded row, an unfilled slot) stays infinite. ``candidate_indices`` are global; bank
+    row ``j`` is global index ``row_offset + j``.
+    """
+    local = jnp.clip(candidate_indices - row_offset, 0, bank.shape[0] - 1)
+    rows = jnp.take(bank, local, axis=0)  # [q, C, D]
+    products = jnp.einsum("qd,qcd->qc", queries, rows, precision=HIGHEST)
+    distances = _clamp((query_norms[:, None] + jnp.take(bank_norms, local)) - 2.0 * products)
+    distances = jnp.where(jnp.isinf(candidate_distances), jnp.inf, distances)
+    distances, indices = lax.sort((distances, candidate_indices), dimension=1, num_keys=2)
+    return distances[:, :k], indices[:, :k]
+
+
+def _local_top_k_fast(
+    queries: jax.Array,
+    bank: jax.Array,
+    row_offset: jax.Array,
+    num_valid: int,
+    k: int,
+    bank_tile: int,
+    query_tile: int,
+    num_candidates: int,
+    rerank: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """``_local_top_k`` of the ``fast`` precision: a running top-``num_candidates`` over
+    bfloat16 distance tiles, then ``_rerank`` with exact float32 distances (``rerank`` False:
+    the ``[q, num_candidates]`` candidates themselves, with their approximate distances)."""
+    num_queries, dim = queries.shape
+    num_tiles = bank.shape[0] // bank_tile
+    global_rows = row_offset + jnp.arange(bank.shape[0], dtype=jnp.int32)
+    bank_norms = jnp.where(global_rows < num_valid, jnp.sum(bank * bank, axis=1), jnp.inf)
+    tiles = (
+        bank.astype(jnp.bfloat16).reshape(num_tiles, bank_tile, dim),
+        bank_norms.reshape(num_tiles, bank_tile),
+        global_rows.reshape(num_tiles, bank_tile),
+    )
+
+    def query_block(block: jax.Array) -> tuple[jax.Array, jax.Array]:
+        query_norms = jnp.sum(block * block, axis=1)
+        block_bf16 = block.astype(jnp.bfloat16)
+
+        def bank_step(carry, tile):
+            tile_rows, tile_norms, tile_indices = tile
+            distances = _approximate_distances(block_bf16, query_norms, tile_rows, tile_norms)
+            indices = jnp.broadcast_to(tile_indices[None, :], distances.shape)
+            return _merge_top_k(*carry, distances, indices), None
+
+        init = (
+            jnp.full((query_tile, num_candidates), jnp.inf, jnp.float32),
+            jnp.full((query_tile, num_candidates), _NO_INDEX, jnp.int32),
+        )
+        candidates, _ = lax.scan(bank_step, init, tiles)
+        if not rerank:
+            return candidates
+        return _rerank(block, query_norms, bank, bank_norms, *candidates, row_offset, k)
+
+    width = k if rerank else num_candidates
+    blocks = queries.reshape(num_queries // query_tile, query_tile, dim)
+    distances, indices = lax.map(query_block, blocks)
+    return distances.reshape(num_queries, width), indices.reshape(num_queries, width)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("num_candidates", "bank_block_size", "query_block_size")
+)
+def fast_candidates(
+    queries: jax.Array,
+    memory_bank: jax.Array,
+    num_candidates: int,
+    bank_block_size: int = 4096,
+    query_block_size: int = 1024,
+) -> tuple[jax.Array, jax.Array]:
+    """The candidates the ``fast`` k-NN re-ranks (one device): ``([Q, C] approximate squared
+    distances, [Q, C] int32 indices)``, sorted by approximate distance. For tests and
+    benchmarks (is the exact neighbour among them?)."""
+    num_queries, num_bank = queries.shape[0], memory_bank.shape[0]
+    query_tile, query_rows = _tiling(num_queries, 1, query_block_size)
+    bank_tile, bank_rows = _tiling(num_bank, 1, bank_block_size)
+    queries = jnp.pad(jnp.asarray(queries, jnp.float32), ((0, query_rows - num_queries), (0, 0)))
+    bank = jnp.pad(jnp.asarray(memory_bank, jnp.float32), ((0, bank_rows - num_bank), (0, 0)))
+    distances, indices = _local_top_k_fast(
+        queries, bank, 0, num_bank, 1, bank_tile, query_tile, num_candidates, rerank=False
+    )
+    return distances[:num_queries], indices[:num_queries]
+
+
 def _nearest_neighbors(
     queries: jax.Array,
     memory_bank: jax.Array,
@@ -155,8 +286,10 @@ def _nearest_neighbors(
     bank_block_size: int,
     query_block_size: int,
     mesh: Mesh,
+    num_candidates: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Traceable body of ``nearest_neighbors`` (arguments already validated)."""
+    """Traceable body of ``nearest_neighbors`` (arguments already validated); ``num_candidates``
+    None is the exact k-NN, an int the ``fast`` one with that many candidates per query."""
     num_queries, num_bank = queries.shape[0], memory_bank.shape[0]
     data_shards, bank_shards = mesh.shape[DATA_AXIS], mesh.shape[BANK_AXIS]
     query_tile, queries_per_shard = _tiling(num_queries, data_shards, query_block_size)
@@ -167,7 +300,14 @@ def _nearest_neighbors(
     def shard_top_k(local_queries: jax.Array, local_bank: jax.Array):
         row_offset = lax.axis_index(BANK_AXIS).astype(jnp.int32) * rows_per_shard
         distances, indices = _local_top_k(
-            local_queries, local_bank, row_offset, num_bank, k, bank_tile, query_tile
+            local_queries,
+            local_bank,
+            row_offset,
+            num_bank,
+            k,
+            bank_tile,
+            query_tile,
+            num_candidates,
         )
         # Shards are gathered in order, so lower positions hold lower global indices.
         distances = lax.all_gather(distances, BANK_AXIS, axis=1, tiled=True)
@@ -198,7 +338,14 @@ def _nearest_neighbors(
 
 _nearest_neighbors_jit = jax.jit(
     _nearest_neighbors,
-    static_argnames=("k", "squared", "bank_block_size", "query_block_size", "mesh"),
+    static_argnames=(
+        "k",
+        "squared",
+        "bank_block_size",
+        "query_block_size",
+        "mesh",
+        "num_candidates",
+    ),
 )
 
 
@@ -214,6 +361,19 @@ def _check_rows(name: str, array: jax.Array, dim: int | None = None) -> None:
         raise ValueError(f"{name} must be {expected}, got shape {array.shape}")
 
 
+def candidates_for(precision: str, k: int, num_candidates: int | None = None) -> int | None:
+    """The static candidate count of the k-NN: None for ``exact``, for ``fast``
+    ``num_candidates`` (an integer >= k) or ``default_num_candidates(k)``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    integer = isinstance(num_candidates, int) and not isinstance(num_candidates, bool)
+    if num_candidates is not None and (not integer or num_candidates < k):
+        raise ValueError(f"num_candidates must be an integer >= k = {k}, got {num_candidates!r}")
+    if precision == "exact":
+        return None
+    return default_num_candidates(k) if num_candidates is None else num_candidates
+
+
 def nearest_neighbors(
     queries: jax.Array,
     memory_bank: jax.Array,
@@ -223,12 +383,20 @@ def nearest_neighbors(
     bank_block_size: int = 4096,
     query_block_size: int = 1024,
     mesh: Mesh | None = None,
+    precision: str = "exact",
+    num_candidates: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact k nearest memory-bank rows of each query, in bounded memory, sharded over ``mesh``.
 
     Distances are ``max(|q|^2 + |b|^2 - 2 q.b, 0)`` in float32 (HIGHEST precision), square-rooted
     when ``squared`` is False. Ties go to the lowest bank index. NaN distances rank last; a query
     with a non-finite component gets NaN distances and index ``2**31 - 1``.
+
+    With ``precision="fast"`` each query's ``num_candidates`` (default ``max(4 k, 16)``) best
+    rows are found with bfloat16 distance matmuls (float32 accumulation), then re-ranked with
+    the exact float32 distances above: whenever the true neighbours are among the candidates
+    the result is exact mode's (distances to float32 rounding); otherwise a near neighbour
+    with its exact distance.
 
     Args:
       queries: ``[Q, D] float32``.
@@ -257,6 +425,7 @@ def nearest_neighbors(
         bank_block_size=bank_block_size,
         query_block_size=query_block_size,
         mesh=single_device_mesh() if mesh is None else mesh,
+        num_candidates=candidates_for(precision, k, num_candidates),
     )
 
 
@@ -377,6 +546,7 @@ def anomaly_maps(patch_scores: jax.Array, out_shape: tuple[int, int], sigma: flo
         "bank_block_size",
         "query_block_size",
         "mesh",
+        "num_candidates",
     ),
 )
 def _score_patch_features(
@@ -392,6 +562,7 @@ def _score_patch_features(
     bank_block_size: int,
     query_block_size: int,
     mesh: Mesh,
+    num_candidates: int | None = None,
 ) -> ScoreResult:
     batch, num_patches, dim = patch_features.shape
     distances, indices = _nearest_neighbors(
@@ -402,6 +573,7 @@ def _score_patch_features(
         bank_block_size,
         query_block_size,
         mesh,
+        num_candidates,
     )
     return scores_from_neighbors(
         patch_features,
@@ -472,6 +644,8 @@ def score_patch_features(
     bank_block_size: int = 4096,
     query_block_size: int = 1024,
     mesh: Mesh | None = None,
+    precision: str = "exact",
+    num_candidates: int | None = None,
 ) -> ScoreResult:
     """Patch scores, image scores and anomaly maps of a batch against a memory bank.
 
@@ -488,6 +662,9 @@ def score_patch_features(
       sigma: Gaussian blur of the maps in pixels (0: none).
       bank_block_size, query_block_size: k-NN tile sizes per device.
       mesh: ``(data, bank)`` mesh; None means one device.
+      precision: ``exact`` or ``fast`` (bfloat16 k-NN candidates re-ranked in float32, see
+        ``nearest_neighbors``); Eq. 7 and the maps are float32 either way.
+      num_candidates: candidates per query of the ``fast`` k-NN (default ``max(4 k, 16)``).
 
     Returns:
       ``ScoreResult`` (compiled once per shape and option set).
@@ -536,4 +713,5 @@ def score_patch_features(
         bank_block_size=bank_block_size,
         query_block_size=query_block_size,
         mesh=single_device_mesh() if mesh is None else mesh,
+        num_candidates=candidates_for(precision, num_neighbors, num_candidates),
     )

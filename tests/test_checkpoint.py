@@ -441,3 +441,19 @@ def test_checkpoints_from_before_the_probe_load_with_pristine_statistics(fitted,
     del record["config"]["batch_norm_probe"]
     record_path.write_text(json.dumps(record))
     assert PatchCore.load(path).config.batch_norm_probe is False
+
+
+def test_precision_is_kept_and_checkpoints_without_it_load_exact(fitted, tmp_path):
+    fast = PatchCore(
+        fitted.config.replace(precision="fast", calibration="none"),
+        backbone=fitted.backbone,
+        mesh=sharding.single_device_mesh(),
+        memory_bank=fitted.memory_bank,
+    )
+    assert PatchCore.load(fast.save(tmp_path / "fast")).config.precision == "fast"
+    path = fitted.save(tmp_path / "old")
+    (record_path,) = path.rglob("record/metadata")
+    record = json.loads(record_path.read_text())
+    del record["config"]["precision"]  # as written before the field existed
+    record_path.write_text(json.dumps(record))
+    assert PatchCore.load(path).config.precision == "exact"

@@ -551,6 +551,23 @@ def test_presets_set_defaults_that_explicit_options_override():
     ]
 
 
+def test_precision_option_reaches_every_config_and_defaults_to_exact(capsys, tmp_path):
+    from patchcore_jax.cli import _configs
+
+    def configs(*argv):
+        return _configs(build_parser().parse_args(["fit", ".", "--out", "m", *argv]))
+
+    assert [c.precision for c in configs()] == ["exact"]
+    members = configs("--backbone", "mobilenet_v2,resnet18", "--precision", "fast")
+    assert [c.precision for c in members] == ["fast", "fast"]
+    argv = ["benchmark", str(tmp_path), "--out", str(tmp_path / "out"), "--precision", "fast"]
+    args = build_parser().parse_args(argv)
+    assert args.precision == "fast"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", ".", "--out", "m", "--precision", "half"])
+    assert "--precision: invalid choice: 'half'" in capsys.readouterr().err
+
+
 def test_mismatched_ensemble_options_are_one_line_errors(subset, tmp_path):
     result = run_cli(
         "fit",

@@ -14,6 +14,7 @@ def test_defaults_are_the_reference_settings():
     assert (config.projection_dim, config.num_start_points) == (128, 10)
     assert (config.num_neighbors, config.distance, config.reweight) == (1, "squared_l2", False)
     assert config.anomaly_map_sigma == 4.0
+    assert config.precision == "exact"
 
 
 def test_dict_round_trip_is_lossless():
@@ -21,6 +22,8 @@ def test_dict_round_trip_is_lossless():
     assert config.layers == ("stride8", "stride16")
     assert PatchCoreConfig.from_dict(config.to_dict()) == config
     assert config.replace(seed=4).seed == 4
+    fast = config.replace(precision="fast")
+    assert PatchCoreConfig.from_dict(fast.to_dict()) == fast
 
 
 @pytest.mark.parametrize(
@@ -37,6 +40,10 @@ def test_dict_round_trip_is_lossless():
         ({"layers": ()}, "layers"),
         ({"reweight_neighbors": 1}, r"reweight_neighbors \(b of Eq. 7\) must be an integer >= 2"),
         ({"reweight_neighbors": 2.0}, r"reweight_neighbors \(b of Eq. 7\) must be an integer >= 2"),
+        (
+            {"precision": "bfloat16"},
+            r"PatchCoreConfig.precision must be one of \('exact', 'fast'\)",
+        ),
     ],
 )
 def test_invalid_values_name_the_field(changes, message):

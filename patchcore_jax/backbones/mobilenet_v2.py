@@ -253,9 +253,13 @@ class MobileNetV2(nn.Module):
 
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
         """images: [B, H, W, 3] uint8/float RGB 0..255 -> {stage: [B, h, w, C] float32}."""
+        return self.forward_normalized(self.normalize_input(images))
+
+    def normalize_input(self, images: jax.Array) -> jax.Array:
+        """Pixels 0..255 -> the float32 input of ``forward_normalized`` (about [-1, 1])."""
         scale = jnp.float32(self.layout.input_scale)
         zero_point = jnp.float32(self.layout.input_zero_point)
-        return self.forward_normalized(scale * (images.astype(jnp.float32) - zero_point))
+        return scale * (images.astype(jnp.float32) - zero_point)
 
     @nn.compact
     def forward_normalized(self, x: jax.Array) -> dict[str, jax.Array]:

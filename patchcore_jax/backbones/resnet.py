@@ -193,7 +193,11 @@ class ResNet(nn.Module):
 
     def __call__(self, images: jax.Array, train_batch_norm: bool = False) -> dict[str, jax.Array]:
         """images: [B, H, W, 3] uint8/float RGB 0..255 -> {stage: [B, h, w, C] float32}."""
-        return self.forward_normalized(normalize_imagenet(images), train_batch_norm)
+        return self.forward_normalized(self.normalize_input(images), train_batch_norm)
+
+    def normalize_input(self, images: jax.Array) -> jax.Array:
+        """Pixels 0..255 -> the float32 input of ``forward_normalized`` (ImageNet-normalised)."""
+        return normalize_imagenet(images)
 
     @nn.compact
     def forward_normalized(

@@ -1,0 +1,214 @@
+"""The ``fast`` precision: bfloat16 backbone, bfloat16 k-NN candidates re-ranked in float32.
+
+``exact`` (the default) is covered bit for bit by the other tests; here ``fast`` is checked
+against it: the re-ranked k-NN returns exact mode's neighbours and float32 distances whenever
+the true neighbour is a candidate (nearly always), and on real bottle images the scores agree
+within measured bounds.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import BOTTLE
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
+
+from patchcore_jax import PatchCore, PatchCoreConfig, calibration, scoring, sharding
+from patchcore_jax.backbones import init_backbone, load_backbone
+from patchcore_jax.data import load_dataset
+from patchcore_jax.model import backbone_variables, embed_images
+from patchcore_jax.preprocess import load_images
+
+
+def _check_reranked(queries, bank, k, min_recall):
+    """fast vs exact k-NN: identical wherever the exact neighbours are candidates; returns the
+    fraction of such queries (asserted >= ``min_recall``)."""
+    options = {"bank_block_size": 512, "query_block_size": 256}
+    exact_d, exact_i = map(np.asarray, scoring.nearest_neighbors(queries, bank, k, **options))
+    fast_d, fast_i = map(
+        np.asarray, scoring.nearest_neighbors(queries, bank, k, precision="fast", **options)
+    )
+    count = scoring.default_num_candidates(k)
+    _, candidates = scoring.fast_candidates(queries, bank, count, **options)
+    candidates = np.asarray(candidates)
+    finite = np.all(np.isfinite(np.asarray(queries)), axis=1)
+    found = finite & np.all(np.any(exact_i[:, :, None] == candidates[:, None, :], axis=2), axis=1)
+    np.testing.assert_array_equal(fast_i[found], exact_i[found])
+    # |q|^2 + |b|^2 - 2 q.b cancels for close pairs: a float32 dot summed in another order
+    # may move a distance by some float32 ulps of |q|^2 + |b|^2 (exact mode's own rounding).
+    bank_norms = np.sum(np.square(bank), axis=1)[exact_i[found]]
+    norms = np.sum(np.square(queries[found]), axis=1)[:, None] + bank_norms
+    error = np.abs(fast_d[found] - exact_d[found]) - 1e-5 * exact_d[found]
+    ulps = np.max(error / (np.finfo(np.float32).eps * norms))
+    print(f"largest distance difference: {ulps:.2f} float32 ulps of |q|^2 + |b|^2")
+    assert ulps <= 16
+    # Elsewhere a near neighbour, at its exact distance: never closer than the true one.
+    missed = finite & ~found
+    assert np.all(fast_d[missed][:, 0] >= exact_d[missed][:, 0] * (1 - 1e-5))
+    recall = found[finite].mean()
+    print(f"k={k}: exact neighbours among the {count} candidates for {recall:.5f} of queries")
+    assert recall >= min_recall
+    return fast_d, fast_i
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_reranked_knn_on_random_data_is_exact_where_the_neighbour_is_a_candidate(k):
+    rng = np.random.default_rng(k)
+    bank = rng.standard_normal((1500, 96)).astype(np.float32)
+    queries = rng.standard_normal((700, 96)).astype(np.float32)
+    queries[:50] = bank[:50] + 1e-3 * queries[:50]  # some near duplicates of bank rows
+    queries[70, 5] = np.nan
+    fast_d, fast_i = _check_reranked(queries, bank, k, min_recall=0.999)
+    assert np.all(np.isnan(fast_d[70]))  # exact mode's NaN semantics
+    assert np.all(fast_i[:50, 0] == np.arange(50))
+    # Bank-sharded over 2 devices (and data-parallel over the rest): the same answer.
+    sharded = scoring.nearest_neighbors(
+        queries,
+        bank,
+        k,
+        precision="fast",
+        bank_block_size=512,
+        query_block_size=256,
+        mesh=sharding.make_mesh(2),
+    )
+    np.testing.assert_array_equal(np.asarray(sharded[1]), fast_i)
+    np.testing.assert_allclose(np.asarray(sharded[0]), fast_d, rtol=1e-6)
+
+
+def test_ties_go_to_the_lowest_index_and_num_candidates_is_validated():
+    bank = np.repeat(np.eye(8, 16, dtype=np.float32), 3, axis=0)  # each row three times
+    distances, indices = scoring.nearest_neighbors(bank[::3], bank, 2, precision="fast")
+    np.testing.assert_array_equal(np.asarray(indices), np.arange(0, 24, 3)[:, None] + [0, 1])
+    np.testing.assert_array_equal(np.asarray(distances), 0.0)
+    with pytest.raises(ValueError, match="num_candidates must be an integer >= k = 2"):
+        scoring.nearest_neighbors(bank, bank, 2, precision="fast", num_candidates=1)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        scoring.nearest_neighbors(bank, bank, 2, precision="half")
+
+
+@pytest.fixture(scope="module")
+def bottle_images():
+    """40 train images and 24 test images (12 good, 12 defective), evenly spaced."""
+    dataset = load_dataset(BOTTLE)
+    good = [s for s in dataset.test_samples if s.label == 0]
+    bad = [s for s in dataset.test_samples if s.label == 1]
+    samples = good[:: max(1, len(good) // 12)][:12] + bad[:: max(1, len(bad) // 12)][:12]
+    train = dataset.train_paths[:: max(1, len(dataset.train_paths) // 40)][:40]
+    return (
+        load_images(train),
+        load_images([s.image_path for s in samples]),
+        np.array([s.label for s in samples]),
+    )
+
+
+@pytest.fixture(scope="module")
+def bottle_models(bottle_images):
+    """The same 10%-coreset MobileNetV2 model fitted in exact and in fast precision."""
+    train, test, _ = bottle_images
+    backbone = load_backbone("mobilenet_v2")
+    mesh = sharding.single_device_mesh()
+    models, results = {}, {}
+    for precision in ("exact", "fast"):
+        config = PatchCoreConfig(
+            backbone="mobilenet_v2", calibration="none", precision=precision, batch_size=8
+        )
+        models[precision] = PatchCore(config, backbone=backbone, mesh=mesh).fit(train)
+        results[precision] = models[precision].predict(test)
+    return models, results
+
+
+def test_reranked_knn_on_real_bottle_features(bottle_models, bottle_images):
+    models, _ = bottle_models
+    model = models["exact"]
+    queries = np.concatenate([np.asarray(f)[:n] for f, n in model.embed(bottle_images[1][::3])])
+    bank = np.asarray(model.memory_bank)
+    _check_reranked(queries.reshape(-1, queries.shape[-1]), bank, 1, 0.995)
+
+
+def test_fast_scores_agree_with_exact_on_bottle(bottle_models, bottle_images):
+    _, results = bottle_models
+    labels = bottle_images[2]
+    (exact_scores, exact_maps), (fast_scores, fast_maps) = results["exact"], results["fast"]
+    image_rho = spearmanr(exact_scores, fast_scores).statistic
+    pixels = np.random.default_rng(0).choice(exact_maps.size, 100_000, replace=False)
+    pixel_rho = spearmanr(exact_maps.ravel()[pixels], fast_maps.ravel()[pixels]).statistic
+    aurocs = [roc_auc_score(labels, s) for s in (exact_scores, fast_scores)]
+    print(f"image Spearman {image_rho:.5f}, pixel Spearman {pixel_rho:.5f}, AUROCs {aurocs}")
+    assert image_rho >= 0.95  # measured 0.979 (40 train, 24 test images)
+    assert pixel_rho >= 0.90  # measured 0.942
+    assert abs(aurocs[1] - aurocs[0]) <= 0.02
+
+
+def test_fast_self_excluded_calibration_matches_exact_on_random_features():
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((6, 16, 64)).astype(np.float32)
+    rows = rng.choice(96, 40, replace=False)
+    bank = features.reshape(96, 64)[rows]
+    options = dict(
+        grid_shape=(4, 4),
+        out_shape=(8, 8),
+        num_neighbors=2,
+        distance="squared_l2",
+        reweight=True,
+        reweight_neighbors=3,
+        sigma=1.0,
+        bank_block_size=16,
+        query_block_size=32,
+        mesh=sharding.single_device_mesh(),
+    )
+    ids = np.arange(6, dtype=np.int32)
+    sources = (rows // 16).astype(np.int32)
+    exact = calibration.self_excluded_scores(features, ids, bank, sources, **options)
+    fast = calibration.self_excluded_scores(
+        features, ids, bank, sources, precision="fast", **options
+    )
+    np.testing.assert_array_equal(np.asarray(fast.nearest_indices), exact.nearest_indices)
+    assert not np.any(sources[np.asarray(fast.nearest_indices)] == ids[:, None, None])
+    np.testing.assert_allclose(fast.image_scores, exact.image_scores, rtol=1e-5)
+    np.testing.assert_allclose(fast.anomaly_maps, exact.anomaly_maps, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18"])
+def test_fast_backbone_computes_in_bfloat16_and_returns_float32(name):
+    backbone = load_backbone(name) if name == "mobilenet_v2" else init_backbone(name)
+    images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.uint8)
+    for precision in ("exact", "fast"):
+        variables = backbone_variables(backbone.variables, precision)
+
+        def embed(v, x, precision=precision):
+            return embed_images(
+                backbone.module,
+                v,
+                x,
+                pretrain_embed_dimension=32,
+                target_embed_dimension=32,
+                patch_size=3,
+                precision=precision,
+            )
+
+        jaxpr = jax.make_jaxpr(embed)(variables, images)
+        convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+        assert convs
+        dtype = jnp.bfloat16 if precision == "fast" else jnp.float32
+        for conv in convs:
+            assert all(v.aval.dtype == dtype for v in (*conv.invars, *conv.outvars))
+        assert jaxpr.out_avals[0].dtype == jnp.float32
+
+
+def test_fast_model_calibrates_and_exports_in_its_precision(bottle_images):
+    """Self-excluded calibration and the exported inference follow ``config.precision``."""
+    from patchcore_jax import export
+
+    train, test, _ = bottle_images
+    config = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05, precision="fast")
+    model = PatchCore(config, mesh=sharding.single_device_mesh()).fit(train[:6])
+    assert model.calibration is not None and model.calibration.method == "self-excluded"
+    infer = export.inference_function(model)
+    text = str(jax.make_jaxpr(infer)(test[:2]))  # the backbone sits inside lax.map's scan
+    convs = [line.split("=")[0] for line in text.splitlines() if "conv_general_dilated[" in line]
+    assert convs and all("bf16[" in out for out in convs)
+    scores, _, _, maps = jax.jit(infer)(test[:2])
+    expected_scores, expected_maps = model.predict(test[:2])
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-2)
+    np.testing.assert_allclose(maps, expected_maps, rtol=1e-2, atol=1e-2 * expected_maps.max())
