@@ -238,13 +238,17 @@ def _embed_program(
 @functools.lru_cache(maxsize=16)
 def _score_program(
     scoring_options: tuple[tuple[str, Any], ...], mesh: Mesh
-) -> Callable[[jax.Array, jax.Array], scoring.ScoreResult]:
-    """``(patch features [B, P, D], memory bank [M, D]) -> ScoreResult`` split like the batch
-    (so each process reads its own rows)."""
-    return jax.jit(
-        functools.partial(scoring.score_patch_features, **dict(scoring_options), mesh=mesh),
-        out_shardings=sharding.row_sharding(mesh),
-    )
+) -> Callable[[jax.Array, jax.Array, jax.Array], scoring.ScoreResult]:
+    """``(patch features [B, P, D], bank [bucket, D], rows in use []) -> ScoreResult`` split
+    like the batch (so each process reads its own rows); see ``bank_bucket``."""
+    options = dict(scoring_options)
+
+    def score(patch_features: jax.Array, memory_bank: jax.Array, num_valid: jax.Array):
+        return scoring.score_patch_features(
+            patch_features, memory_bank, **options, mesh=mesh, num_valid=num_valid
+        )
+
+    return jax.jit(score, out_shardings=sharding.row_sharding(mesh))
 
 
 @functools.lru_cache(maxsize=16)
@@ -257,11 +261,14 @@ def _predict_program(
     scoring_options: tuple[tuple[str, Any], ...],
     mesh: Mesh,
 ) -> Callable[[Any, jax.Array, jax.Array], scoring.ScoreResult]:
-    """``(variables, images, memory bank) -> ScoreResult``: embedding and scoring fused into
-    one program, so patch features never leave the device and each batch is one dispatch."""
+    """``(variables, images, bank [bucket, D], rows in use []) -> ScoreResult``: embedding and
+    scoring fused into one program, so patch features never leave the device and each batch is
+    one dispatch."""
     options = dict(scoring_options)
 
-    def embed_and_score(variables: Any, images: jax.Array, memory_bank: jax.Array):
+    def embed_and_score(
+        variables: Any, images: jax.Array, memory_bank: jax.Array, num_valid: jax.Array
+    ):
         patch_features = embed_images(
             module,
             variables,
@@ -271,14 +278,27 @@ def _predict_program(
             patch_size=patch_size,
             precision=precision,
         )
-        return scoring.score_patch_features(patch_features, memory_bank, **options, mesh=mesh)
+        return scoring.score_patch_features(
+            patch_features, memory_bank, **options, mesh=mesh, num_valid=num_valid
+        )
 
     batch_sharding = sharding.row_sharding(mesh)
+    replicated = sharding.replicated(mesh)
     return jax.jit(
         embed_and_score,
-        in_shardings=(sharding.replicated(mesh), batch_sharding, sharding.replicated(mesh)),
+        in_shardings=(replicated, batch_sharding, replicated, replicated),
         out_shardings=batch_sharding,
     )
+
+
+def bank_bucket(num_rows: int) -> int:
+    """Rows a memory bank of ``num_rows`` is padded to for scoring: the next multiple of
+    ``2**(floor(log2 num_rows) - 5)`` (at most 1/32 more k-NN work; 32 sizes per doubling), so
+    that banks of nearby sizes (categories, ``extend``) share one compiled scoring program."""
+    if num_rows < 64:
+        return num_rows
+    granularity = 1 << (num_rows.bit_length() - 1 - 5)
+    return -(-num_rows // granularity) * granularity
 
 
 class PatchCore:
@@ -370,7 +390,10 @@ class PatchCore:
             scoring_options,
             self.mesh,
         )
-        self.memory_bank: jax.Array | None = None
+        self._memory_bank: jax.Array | None = None
+        # The bank padded to ``bank_bucket`` rows and its row count: what the scoring programs
+        # take (padding rows are never a neighbour).
+        self._scoring_bank: tuple[jax.Array, jax.Array] | None = None
         # Thresholds and score distributions (``fit`` with ``config.calibration``, ``calibrate``)
         # and the training image each bank row was taken from (known after a calibrated fit).
         self.calibration: calibration.Calibration | None = None
@@ -650,7 +673,7 @@ class PatchCore:
             if pending:
                 padded[:num_valid] = np.concatenate(pending)
             global_batch = jax.make_array_from_process_local_data(self._batch_sharding, padded)
-            result = self._score(global_batch, self.memory_bank)
+            result = self._score(global_batch, *self._scoring_bank)
             scores.append(sharding.process_local_rows(result.image_scores)[:num_valid])
             maps.append(sharding.process_local_rows(result.anomaly_maps)[:num_valid])
             pending.clear()
@@ -867,7 +890,7 @@ class PatchCore:
                 global_ids = jax.make_array_from_process_local_data(self._batch_sharding, ids)
                 result = score(global_batch, global_ids, self.memory_bank, sources)
             else:
-                result = self._score(global_batch, self.memory_bank)
+                result = self._score(global_batch, *self._scoring_bank)
             scores.append(sharding.process_local_rows(result.image_scores)[:num_valid])
             maps.append(sharding.process_local_rows(result.anomaly_maps)[:num_valid])
         return np.concatenate(scores), np.concatenate(maps)
@@ -988,6 +1011,19 @@ class PatchCore:
             )
         return self
 
+    @property
+    def memory_bank(self) -> jax.Array | None:
+        """The memory bank [M, D] float32, replicated over the mesh (None before ``fit``).
+        Assigning one validates it (shape, k and b, finite rows) like ``fit`` does."""
+        return self._memory_bank
+
+    @memory_bank.setter
+    def memory_bank(self, memory_bank: jax.Array | np.ndarray | None) -> None:
+        if memory_bank is None:
+            self._memory_bank = self._scoring_bank = None
+        else:
+            self._set_memory_bank(memory_bank)
+
     def _set_memory_bank(self, memory_bank: jax.Array | np.ndarray) -> None:
         dim = self.config.target_embed_dimension
         if memory_bank.ndim != 2 or memory_bank.shape[1] != dim or memory_bank.shape[0] < 1:
@@ -999,7 +1035,13 @@ class PatchCore:
         memory_bank = np.asarray(memory_bank, np.float32)
         _check_finite_rows(memory_bank, "memory bank")
         # Placed once, so scoring calls do not copy the bank from the host again.
-        self.memory_bank = sharding.replicate(memory_bank, self.mesh)
+        self._memory_bank = sharding.replicate(memory_bank, self.mesh)
+        num_rows = memory_bank.shape[0]
+        padded = sharding.pad_rows(memory_bank, bank_bucket(num_rows))
+        self._scoring_bank = (
+            sharding.replicate(padded, self.mesh),
+            sharding.replicate(np.int32(num_rows), self.mesh),
+        )
 
     # ------------------------------------------------------------------ inference
 
@@ -1016,7 +1058,7 @@ class PatchCore:
             raise RuntimeError("PatchCore.score/predict called before fit() or load()")
         pending: tuple[scoring.ScoreResult, int] | None = None
         for global_batch, num_valid in self._device_batches(images):
-            result = self._predict(self._variables, global_batch, self.memory_bank)
+            result = self._predict(self._variables, global_batch, *self._scoring_bank)
             for leaf in jax.tree.leaves(result):
                 leaf.copy_to_host_async()
             if pending is not None:

@@ -287,10 +287,14 @@ def _nearest_neighbors(
     query_block_size: int,
     mesh: Mesh,
     num_candidates: int | None = None,
+    num_valid: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Traceable body of ``nearest_neighbors`` (arguments already validated); ``num_candidates``
-    None is the exact k-NN, an int the ``fast`` one with that many candidates per query."""
+    None is the exact k-NN, an int the ``fast`` one with that many candidates per query.
+    ``num_valid`` (a scalar, traced): bank rows at or past it are padding (a bank padded to a
+    bucketed size, so that banks of nearby sizes share one compiled program); default all."""
     num_queries, num_bank = queries.shape[0], memory_bank.shape[0]
+    valid_rows = num_bank if num_valid is None else num_valid
     data_shards, bank_shards = mesh.shape[DATA_AXIS], mesh.shape[BANK_AXIS]
     query_tile, queries_per_shard = _tiling(num_queries, data_shards, query_block_size)
     bank_tile, rows_per_shard = _tiling(num_bank, bank_shards, bank_block_size)
@@ -303,7 +307,7 @@ def _nearest_neighbors(
             local_queries,
             local_bank,
             row_offset,
-            num_bank,
+            valid_rows,
             k,
             bank_tile,
             query_tile,
@@ -447,6 +451,7 @@ def _reweighted_image_scores(
     bank_block_size: int,
     query_block_size: int,
     mesh: Mesh,
+    num_valid: jax.Array | None = None,
 ) -> jax.Array:
     """Eq. 7: ``s = (1 - exp d(m_test*, m*) / sum_{m in N_b(m*)} exp d(m_test*, m)) * s*``.
 
@@ -467,7 +472,14 @@ def _reweighted_image_scores(
     star_features = memory_bank[star_index]
     support_size = reweight_neighbors  # 2 <= b <= M (checked by score_patch_features)
     _, support = _nearest_neighbors(
-        star_features, memory_bank, support_size, True, bank_block_size, query_block_size, mesh
+        star_features,
+        memory_bank,
+        support_size,
+        True,
+        bank_block_size,
+        query_block_size,
+        mesh,
+        num_valid=num_valid,
     )  # [B, b], m* first unless it has exact duplicates of lower index
     is_star = support == star_index[:, None]
     # Keep b - 1 others: drop m* itself, or the farthest one if m* was displaced by duplicates.
@@ -563,6 +575,7 @@ def _score_patch_features(
     query_block_size: int,
     mesh: Mesh,
     num_candidates: int | None = None,
+    num_valid: jax.Array | None = None,
 ) -> ScoreResult:
     batch, num_patches, dim = patch_features.shape
     distances, indices = _nearest_neighbors(
@@ -574,6 +587,7 @@ def _score_patch_features(
         query_block_size,
         mesh,
         num_candidates,
+        num_valid,
     )
     return scores_from_neighbors(
         patch_features,
@@ -588,6 +602,7 @@ def _score_patch_features(
         bank_block_size=bank_block_size,
         query_block_size=query_block_size,
         mesh=mesh,
+        num_valid=num_valid,
     )
 
 
@@ -605,10 +620,12 @@ def scores_from_neighbors(
     bank_block_size: int,
     query_block_size: int,
     mesh: Mesh,
+    num_valid: jax.Array | None = None,
 ) -> ScoreResult:
     """Patch scores, image scores (Eq. 7 with ``reweight``) and anomaly maps from the k nearest
     neighbours of every patch: ``distances``/``indices`` ``[B * P, k]`` of ``patch_features``
-    ``[B, P, D]`` in ``memory_bank`` (the one place both scoring and calibration finish in)."""
+    ``[B, P, D]`` in ``memory_bank`` (the one place both scoring and calibration finish in);
+    bank rows at or past ``num_valid`` are padding."""
     batch, num_patches, _ = patch_features.shape
     num_neighbors = distances.shape[-1]
     patch_scores = distances.mean(axis=1).reshape(batch, num_patches)
@@ -623,6 +640,7 @@ def scores_from_neighbors(
             bank_block_size,
             query_block_size,
             mesh,
+            num_valid,
         )
     else:
         image_scores = patch_scores.max(axis=1)
@@ -646,6 +664,7 @@ def score_patch_features(
     mesh: Mesh | None = None,
     precision: str = "exact",
     num_candidates: int | None = None,
+    num_valid: int | jax.Array | None = None,
 ) -> ScoreResult:
     """Patch scores, image scores and anomaly maps of a batch against a memory bank.
 
@@ -665,6 +684,9 @@ def score_patch_features(
       precision: ``exact`` or ``fast`` (bfloat16 k-NN candidates re-ranked in float32, see
         ``nearest_neighbors``); Eq. 7 and the maps are float32 either way.
       num_candidates: candidates per query of the ``fast`` k-NN (default ``max(4 k, 16)``).
+      num_valid: the bank's first ``num_valid`` rows are used, the rest is padding (never a
+        neighbour): an int, or a traced int32 scalar so that banks padded to one bucketed size
+        share a compiled program (``PatchCore`` does this). Default: every row.
 
     Returns:
       ``ScoreResult`` (compiled once per shape and option set).
@@ -689,14 +711,17 @@ def score_patch_features(
         bank_block_size=bank_block_size,
         query_block_size=query_block_size,
     )
-    if num_neighbors > memory_bank.shape[0]:
-        raise ValueError(
-            f"num_neighbors={num_neighbors} exceeds the memory bank size {memory_bank.shape[0]}"
-        )
-    if reweight and not 2 <= reweight_neighbors <= memory_bank.shape[0]:
+    bank_size = memory_bank.shape[0]
+    if isinstance(num_valid, int | np.integer):
+        if not 1 <= num_valid <= bank_size:
+            raise ValueError(f"num_valid must be in [1, {bank_size}], got {num_valid}")
+        bank_size = int(num_valid)
+    if num_neighbors > bank_size:
+        raise ValueError(f"num_neighbors={num_neighbors} exceeds the memory bank size {bank_size}")
+    if reweight and not 2 <= reweight_neighbors <= bank_size:
         raise ValueError(
             f"reweight_neighbors={reweight_neighbors} (b of Eq. 7) must be in "
-            f"[2, memory bank size {memory_bank.shape[0]}]: N_b(m*) holds m* and b - 1 others"
+            f"[2, memory bank size {bank_size}]: N_b(m*) holds m* and b - 1 others"
         )
     if not sigma >= 0:
         raise ValueError(f"sigma must be non-negative, got {sigma!r}")
@@ -714,4 +739,5 @@ def score_patch_features(
         query_block_size=query_block_size,
         mesh=single_device_mesh() if mesh is None else mesh,
         num_candidates=candidates_for(precision, num_neighbors, num_candidates),
+        num_valid=None if num_valid is None else jnp.asarray(num_valid, jnp.int32),
     )

@@ -65,7 +65,7 @@ def test_fused_predict_equals_embedding_then_scoring_and_is_shared(small_split):
     config = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05, batch_size=4)
     model = PatchCore(config, mesh=sharding.make_mesh(1, jax.devices()[:2])).fit(train)
     scores, maps = model.predict(test)
-    two_step = [model._score(features, model.memory_bank) for features, _ in model.embed(test)]
+    two_step = [model._score(features, *model._scoring_bank) for features, _ in model.embed(test)]
     np.testing.assert_allclose(
         scores, np.concatenate([r.image_scores for r in two_step]), rtol=1e-6
     )
@@ -78,6 +78,35 @@ def test_fused_predict_equals_embedding_then_scoring_and_is_shared(small_split):
     compiled = model._predict._cache_size()
     np.testing.assert_array_equal(other.predict(test)[0], scores)
     assert model._predict._cache_size() == compiled  # nothing compiled for the second model
+
+
+def test_banks_of_nearby_sizes_share_the_scoring_program(small_split):
+    """The bank is padded to ``bank_bucket`` rows for scoring: a bank a few rows smaller (e.g.
+    after fewer training images) reuses the compiled program, and the padding changes nothing:
+    scores equal ``score_patch_features`` on the unpadded bank, neighbours are real rows."""
+    from patchcore_jax import scoring
+    from patchcore_jax.model import bank_bucket
+
+    assert [bank_bucket(n) for n in (1, 63, 64, 65, 16385, 16896, 16897)] == [
+        1, 63, 64, 66, 16896, 16896, 17408,
+    ]  # fmt: skip
+    train, test, _ = small_split
+    config = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05, batch_size=4)
+    model = PatchCore(config, mesh=sharding.make_mesh(1, jax.devices()[:1])).fit(train)
+    bank = np.asarray(model.memory_bank)
+    num_rows = bank.shape[0]
+    assert model._scoring_bank[0].shape[0] == bank_bucket(num_rows) > num_rows
+    scores, maps = model.predict(test)
+    compiled = model._predict._cache_size()
+    features = np.concatenate([np.asarray(f)[:n] for f, n in model.embed(test)])
+    direct = scoring.score_patch_features(features, bank, **model.scoring_options())
+    np.testing.assert_allclose(scores, np.asarray(direct.image_scores), rtol=1e-6)
+    np.testing.assert_allclose(maps, np.asarray(direct.anomaly_maps), rtol=1e-6, atol=1e-6)
+    assert bank_bucket(num_rows - 1) == bank_bucket(num_rows)
+    smaller = PatchCore(config, backbone=model.backbone, mesh=model.mesh, memory_bank=bank[:-1])
+    smaller_scores, _ = smaller.predict(test)
+    assert model._predict._cache_size() == compiled  # one row fewer: same bucket, no compile
+    assert np.all(smaller_scores >= scores * (1 - 1e-6))  # fewer rows: never nearer
 
 
 def test_bad_images_are_refused(small_split):
@@ -167,8 +196,8 @@ def test_predict_scores_nan_for_an_image_with_non_finite_features(tiny_model, mo
     clean_scores, clean_maps = model.predict(test)
     embed, score = model._embed, model._score
 
-    def poisoned(variables, images, memory_bank):  # one NaN feature in image 2, patch 5
-        return score(embed(variables, images).at[2, 5, 0].set(np.nan), memory_bank)
+    def poisoned(variables, images, *bank):  # one NaN feature in image 2, patch 5
+        return score(embed(variables, images).at[2, 5, 0].set(np.nan), *bank)
 
     monkeypatch.setattr(model, "_predict", poisoned)  # the fused embed + score program
     scores, maps = model.predict(test)
