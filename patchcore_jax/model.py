@@ -238,13 +238,18 @@ def _embed_program(
 @functools.lru_cache(maxsize=16)
 def _score_program(
     scoring_options: tuple[tuple[str, Any], ...], mesh: Mesh
-) -> Callable[[jax.Array, jax.Array], scoring.ScoreResult]:
-    """``(patch features [B, P, D], memory bank [M, D]) -> ScoreResult`` split like the batch
-    (so each process reads its own rows)."""
-    return jax.jit(
-        functools.partial(scoring.score_patch_features, **dict(scoring_options), mesh=mesh),
-        out_shardings=sharding.row_sharding(mesh),
-    )
+) -> Callable[..., scoring.ScoreResult]:
+    """``(patch features [B, P, D], memory bank [M, D], search=None) -> ScoreResult`` split like
+    the batch (so each process reads its own rows); ``search``: the bank's candidate-search
+    arrays (``scoring.search_arrays``), None for exact or bfloat16 candidates."""
+    options = dict(scoring_options)
+
+    def score(patch_features: jax.Array, memory_bank: jax.Array, search=None):
+        return scoring.score_patch_features(
+            patch_features, memory_bank, **options, mesh=mesh, search=search
+        )
+
+    return jax.jit(score, out_shardings=sharding.row_sharding(mesh))
 
 
 @functools.lru_cache(maxsize=16)
@@ -257,11 +262,13 @@ def _predict_program(
     scoring_options: tuple[tuple[str, Any], ...],
     mesh: Mesh,
 ) -> Callable[[Any, jax.Array, jax.Array], scoring.ScoreResult]:
-    """``(variables, images, memory bank) -> ScoreResult``: embedding and scoring fused into
-    one program, so patch features never leave the device and each batch is one dispatch."""
+    """``(variables, images, memory bank, search) -> ScoreResult``: embedding and scoring fused
+    into one program, so patch features never leave the device and each batch is one dispatch.
+    ``precision`` is the backbone's (``exact``: float32, ``fast``: bfloat16); ``search`` the
+    bank's candidate-search arrays (None unless low-rank)."""
     options = dict(scoring_options)
 
-    def embed_and_score(variables: Any, images: jax.Array, memory_bank: jax.Array):
+    def embed_and_score(variables: Any, images: jax.Array, memory_bank: jax.Array, search):
         patch_features = embed_images(
             module,
             variables,
@@ -271,12 +278,15 @@ def _predict_program(
             patch_size=patch_size,
             precision=precision,
         )
-        return scoring.score_patch_features(patch_features, memory_bank, **options, mesh=mesh)
+        return scoring.score_patch_features(
+            patch_features, memory_bank, **options, mesh=mesh, search=search
+        )
 
     batch_sharding = sharding.row_sharding(mesh)
+    replicated = sharding.replicated(mesh)
     return jax.jit(
         embed_and_score,
-        in_shardings=(sharding.replicated(mesh), batch_sharding, sharding.replicated(mesh)),
+        in_shardings=(replicated, batch_sharding, replicated, replicated),
         out_shardings=batch_sharding,
     )
 
@@ -329,16 +339,26 @@ class PatchCore:
         local_devices = max(1, self._num_shards // jax.process_count())
         self._batch_size = -(-config.batch_size // local_devices) * local_devices
         self._batch_sharding = sharding.row_sharding(self.mesh)
+        # What ``precision`` means on this mesh's platform, fixed when the programs are built:
+        # ``fast`` takes the fastest approximation the backend has (see ``describe``).
+        self.platform: str = self.mesh.devices.flat[0].platform
+        fast = config.precision == "fast"
+        self.backbone_dtype: str = "bfloat16" if fast and self.platform != "cpu" else "float32"
+        self.candidate_search: str | None = (
+            scoring.default_candidate_search(self.platform) if fast else None
+        )
+        backbone_precision = "fast" if self.backbone_dtype == "bfloat16" else "exact"
+        self._backbone_precision = backbone_precision
         self._embed = _embed_program(
             backbone.module,
             config.pretrain_embed_dimension,
             config.target_embed_dimension,
             config.patch_size,
-            config.precision,
+            backbone_precision,
             self.mesh,
         )
         self._variables = jax.device_put(
-            backbone_variables(backbone.variables, config.precision),
+            backbone_variables(backbone.variables, backbone_precision),
             sharding.replicated(self.mesh),
         )
         # (h, w) of the patch grid: the finest stage's output for the configured image shape.
@@ -366,11 +386,13 @@ class PatchCore:
             config.pretrain_embed_dimension,
             config.target_embed_dimension,
             config.patch_size,
-            config.precision,
+            backbone_precision,
             scoring_options,
             self.mesh,
         )
         self.memory_bank: jax.Array | None = None
+        self._search: tuple[jax.Array, jax.Array] | None = None
+        self._search_bank: jax.Array | None = None  # the bank ``_search`` was computed for
         # Thresholds and score distributions (``fit`` with ``config.calibration``, ``calibrate``)
         # and the training image each bank row was taken from (known after a calibrated fit).
         self.calibration: calibration.Calibration | None = None
@@ -393,7 +415,37 @@ class PatchCore:
             "bank_block_size": config.bank_block_size,
             "query_block_size": config.query_block_size,
             "precision": config.precision,
+            "candidate_search": self.candidate_search or "bfloat16",
         }
+
+    def describe(self) -> str:
+        """What the numerics are on this platform, e.g. ``precision fast on cpu: float32
+        backbone, low-rank k-NN candidates (r <= 128, C = 16) re-ranked in float32``."""
+        config = self.config
+        if config.precision == "exact":
+            return f"precision exact on {self.platform}: float32 backbone and k-NN"
+        count = scoring.default_num_candidates(config.num_neighbors)
+        search = (
+            f"low-rank (r <= {scoring.LOW_RANK_DIMS})"
+            if self.candidate_search == "low-rank"
+            else "bfloat16"
+        )
+        return (
+            f"precision fast on {self.platform}: {self.backbone_dtype} backbone, {search} k-NN "
+            f"candidates (C = {count}) re-ranked in float32"
+        )
+
+    def search_arrays(self) -> tuple[jax.Array, jax.Array] | None:
+        """The memory bank's candidate-search arrays (``(basis, projected bank)`` for the
+        low-rank search, else None), computed once per bank."""
+        if self.candidate_search != "low-rank" or self.memory_bank is None:
+            return None
+        if self._search_bank is not self.memory_bank:  # a bank assigned directly
+            basis, projected = scoring.low_rank_search(np.asarray(self.memory_bank))
+            replicated = sharding.replicated(self.mesh)
+            self._search = tuple(jax.device_put(x, replicated) for x in (basis, projected))
+            self._search_bank = self.memory_bank
+        return self._search
 
     # ------------------------------------------------------------------ embedding
 
@@ -442,10 +494,12 @@ class PatchCore:
           images: uint8 [N, H, W, 3] (``config.image_shape``), or an iterable of such batches.
           progress: called with the number of images embedded after each batch.
           log: called with one-line status messages (where the features are, coreset size and
-            timing, calibration).
+            timing, calibration), first ``describe()`` (the numerics on this platform).
           coreset_progress: called with the number of greedy coreset steps after each chunk.
           spill_dir: folder for the spill file.
         """
+        if log is not None:
+            log(self.describe())
         if self.config.sampler not in ("approx_greedy_coreset", "random"):
             bank_features = self.patch_features(images, progress=progress)
             return self.fit_features(bank_features, log=log, progress=coreset_progress)
@@ -623,7 +677,7 @@ class PatchCore:
             ids[:num_valid] = np.arange(first, first + num_valid)
             first += num_valid
             global_ids = jax.make_array_from_process_local_data(self._batch_sharding, ids)
-            result = score(batch, global_ids, self.memory_bank, sources)
+            result = score(batch, global_ids, self.memory_bank, sources, self.search_arrays())
             scores.append(sharding.process_local_rows(result.image_scores)[:num_valid])
             maps.append(sharding.process_local_rows(result.anomaly_maps)[:num_valid])
         return (
@@ -650,7 +704,7 @@ class PatchCore:
             if pending:
                 padded[:num_valid] = np.concatenate(pending)
             global_batch = jax.make_array_from_process_local_data(self._batch_sharding, padded)
-            result = self._score(global_batch, self.memory_bank)
+            result = self._score(global_batch, self.memory_bank, self.search_arrays())
             scores.append(sharding.process_local_rows(result.image_scores)[:num_valid])
             maps.append(sharding.process_local_rows(result.anomaly_maps)[:num_valid])
             pending.clear()
@@ -865,9 +919,11 @@ class PatchCore:
                 ids[num_valid:] = -2  # padding: matches no bank row's image
                 # Split like the batch (every process passes the same rows; each reads its own).
                 global_ids = jax.make_array_from_process_local_data(self._batch_sharding, ids)
-                result = score(global_batch, global_ids, self.memory_bank, sources)
+                result = score(
+                    global_batch, global_ids, self.memory_bank, sources, self.search_arrays()
+                )
             else:
-                result = self._score(global_batch, self.memory_bank)
+                result = self._score(global_batch, self.memory_bank, self.search_arrays())
             scores.append(sharding.process_local_rows(result.image_scores)[:num_valid])
             maps.append(sharding.process_local_rows(result.anomaly_maps)[:num_valid])
         return np.concatenate(scores), np.concatenate(maps)
@@ -1000,6 +1056,7 @@ class PatchCore:
         _check_finite_rows(memory_bank, "memory bank")
         # Placed once, so scoring calls do not copy the bank from the host again.
         self.memory_bank = sharding.replicate(memory_bank, self.mesh)
+        self.search_arrays()  # the low-rank basis and projected bank, once per bank
 
     # ------------------------------------------------------------------ inference
 
@@ -1016,7 +1073,9 @@ class PatchCore:
             raise RuntimeError("PatchCore.score/predict called before fit() or load()")
         pending: tuple[scoring.ScoreResult, int] | None = None
         for global_batch, num_valid in self._device_batches(images):
-            result = self._predict(self._variables, global_batch, self.memory_bank)
+            result = self._predict(
+                self._variables, global_batch, self.memory_bank, self.search_arrays()
+            )
             for leaf in jax.tree.leaves(result):
                 leaf.copy_to_host_async()
             if pending is not None:
