@@ -83,6 +83,23 @@ def backbone_variables(variables: Any, precision: str) -> Any:
     return jax.tree.map(cast, variables)
 
 
+def backend_numerics(precision: str, platform: str) -> tuple[str, str | None]:
+    """``(backbone dtype, k-NN candidate search)`` of ``precision`` on ``platform`` (a jax
+    device platform: ``cpu``, ``gpu``, ``tpu``...).
+
+    ``exact``: ``("float32", None)`` (exact k-NN) everywhere. ``fast`` takes the fastest
+    approximation the backend has: on ``cpu``, where XLA runs bfloat16 no faster than float32,
+    ``("float32", "low-rank")``; elsewhere ``("bfloat16", "bfloat16")``.
+    """
+    if precision == "exact":
+        return "float32", None
+    if precision != "fast":
+        raise ValueError(f"precision must be 'exact' or 'fast', got {precision!r}")
+    return ("float32" if platform == "cpu" else "bfloat16"), scoring.default_candidate_search(
+        platform
+    )
+
+
 def _not_uint8_message(batch: np.ndarray) -> str:
     """Why a non-uint8 image batch is refused, with its dtype and value range."""
     described = f"dtype {batch.dtype}"
@@ -342,10 +359,8 @@ class PatchCore:
         # What ``precision`` means on this mesh's platform, fixed when the programs are built:
         # ``fast`` takes the fastest approximation the backend has (see ``describe``).
         self.platform: str = self.mesh.devices.flat[0].platform
-        fast = config.precision == "fast"
-        self.backbone_dtype: str = "bfloat16" if fast and self.platform != "cpu" else "float32"
-        self.candidate_search: str | None = (
-            scoring.default_candidate_search(self.platform) if fast else None
+        self.backbone_dtype, self.candidate_search = backend_numerics(
+            config.precision, self.platform
         )
         backbone_precision = "fast" if self.backbone_dtype == "bfloat16" else "exact"
         self._backbone_precision = backbone_precision
