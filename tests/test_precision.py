@@ -188,9 +188,11 @@ def test_fast_scores_agree_with_exact_on_bottle(bottle_models, bottle_images):
     pixel_rho = spearmanr(exact_maps.ravel()[pixels], fast_maps.ravel()[pixels]).statistic
     aurocs = [roc_auc_score(labels, s) for s in (exact_scores, fast_scores)]
     print(f"image Spearman {image_rho:.5f}, pixel Spearman {pixel_rho:.5f}, AUROCs {aurocs}")
-    assert image_rho >= 0.95  # measured 0.979 (40 train, 24 test images)
-    assert pixel_rho >= 0.90  # measured 0.942
-    assert abs(aurocs[1] - aurocs[0]) <= 0.02
+    # On CPU fast keeps the float32 backbone (the bfloat16 one measured 0.979 / 0.942 here):
+    # measured 1.00000 / 1.00000 with the low-rank candidates (40 train, 24 test images).
+    assert image_rho >= 0.999
+    assert pixel_rho >= 0.999
+    assert abs(aurocs[1] - aurocs[0]) <= 0.005
 
 
 @pytest.mark.parametrize("candidate_search", ["bfloat16", "low-rank"])
