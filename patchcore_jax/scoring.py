@@ -13,9 +13,14 @@ distances (index ``_NO_INDEX``), so its patch and image scores are NaN rather th
 number.
 
 The ``fast`` precision (``precision="fast"``) keeps a running top-C instead (C candidates per
-query, default ``max(4 k, 16)``) by bfloat16 distance matmuls accumulated in float32, and
-re-ranks the C candidates with the exact float32 distances; the result is exact mode's whenever
-the true neighbours are candidates. Everything after the k-NN is float32 in both precisions.
+query, default ``max(4 k, 16)``) by approximate distances, and re-ranks the C candidates with
+the exact float32 distances; the result is exact mode's whenever the true neighbours are
+candidates. The approximate distances are either bfloat16 distance matmuls accumulated in
+float32 (``candidate_search="bfloat16"``, for GPUs/TPUs) or low-rank ones
+(``candidate_search="low-rank"``, for CPUs): ``|V^T q - V^T b|^2`` in float32 with ``V`` the
+bank's top ``LOW_RANK_DIMS`` principal directions (``low_rank_search``, once per bank), a lower
+bound of the true distance at ``r / D`` of the FLOPs. Everything after the k-NN is float32 in
+both precisions.
 
 Anomaly maps are linear and separable: upsampling then Gaussian blurring one axis is a single
 static ``[out, grid]`` matrix, so a map is ``A_rows @ scores @ A_cols^T``.
