@@ -150,7 +150,7 @@ def main() -> None:
     load_after = os.getloadavg()
 
     body = [
-        f"`fast` on this CPU: {rows[0]['describe']}. Coreset 10%, k = 1, squared L2, no "
+        f"`PatchCore.describe()`: {rows[0]['describe']}. Coreset 10%, k = 1, squared L2, no "
         "reweighting, calibration `none`, batch size 8. Images: train / test (the bank is "
         "fitted once, by the exact model; the fast model is given the same bank, which is what "
         "its own fit selects on CPU, where its backbone is float32). WideResNet-50-2 has "
