@@ -1,20 +1,22 @@
-"""``--precision fast`` against ``exact`` on real MVTec AD bottle images: agreement and CPU time.
+"""``--precision fast`` against ``exact`` on real MVTec AD bottle images: predict speed and
+agreement, side by side in one process.
 
 For each backbone (MobileNetV2 with its bundled weights; WideResNet-50-2 with random weights,
-``init_backbone``, since its ImageNet weights are a download) a model is fitted and evaluated in
-``exact`` and in ``fast`` precision (10% coreset, the defaults otherwise; calibration ``none``
-so that only the fit's embedding + coreset and the test scoring are timed). Reported:
+``init_backbone``, since its ImageNet weights are a download) an ``exact`` model is fitted on the
+bottle training images (10% coreset, calibration ``none``), and a ``fast`` model gets the same
+memory bank (on CPU ``fast`` keeps the float32 backbone, so its fit would select the same bank;
+its low-rank basis is computed from the bank when it is set). Both then ``predict`` the 83 test
+images (preloaded uint8 arrays) after a compile call, alternating exact / fast twice; the best
+time of each is reported. Reported too:
 
-  * image-score and pixel-score Spearman correlation, fast vs exact (pixels: a seeded sample);
-  * image AUROC, pixel AUROC and PRO of each mode (``patchcore_jax.metrics``);
-  * recall of the bfloat16 candidate search: the fraction of test patches whose exact nearest
-    bank row is among the fast candidates (k = 1), for the default count and others;
-  * CPU seconds per phase: embedding (train + test images), coreset, k-NN scoring of the test
-    patches.
+  * image-score Spearman correlation fast vs exact, image and pixel AUROC of each mode;
+  * recall of the low-rank candidate search: the fraction of test patches whose exact nearest
+    bank row is among the C = 16 low-rank candidates, for r = 64 / 128 / 256 (and the bfloat16
+    search's, for comparison).
 
 Usage:
-  python benchmarks/precision.py                    # writes benchmarks/results/precision.md
-  python benchmarks/precision.py --wrn-train 60 --wrn-test 40   # WRN on evenly spaced subsets
+  python benchmarks/precision.py                       # writes benchmarks/results/precision.md
+  python benchmarks/precision.py --wrn-train 60         # WRN bank from evenly spaced images
 """
 
 from __future__ import annotations
@@ -28,88 +30,77 @@ import numpy as np
 from common import REPO_ROOT, RESULTS, machine, write_results
 from scipy.stats import spearmanr
 
-
-def _timed(function):
-    import jax
-
-    start = time.perf_counter()
-    value = jax.block_until_ready(function())
-    return value, time.perf_counter() - start
+COUNT = 16  # candidates per patch (the default for k = 1)
+RANKS = (64, 128, 256)
 
 
-def run_mode(config, backbone, train, test):
-    """Fits and scores in one precision: (image scores, maps, test features, bank, seconds)."""
-    import jax
-
-    from patchcore_jax import PatchCore
-
-    model = PatchCore(config, backbone=backbone)
-    warm = np.repeat(train[:1], config.batch_size, axis=0)
-    jax.block_until_ready(next(model.embed(warm))[0])  # compile outside the timings
-    bank_features, embed_train = _timed(lambda: model.patch_features(train))
-    _, coreset_s = _timed(lambda: model.fit_features(bank_features).memory_bank)
-    test_batches, embed_test = _timed(lambda: [f for f, _ in model.embed(test)])
-    num_valid = [
-        len(test[i : i + model._batch_size]) for i in range(0, len(test), model._batch_size)
-    ]
-    jax.block_until_ready(model._score(test_batches[0], model.memory_bank))  # compile
-    results, score_s = _timed(lambda: [model._score(f, model.memory_bank) for f in test_batches])
-    scores = np.concatenate(
-        [np.asarray(r.image_scores)[:n] for r, n in zip(results, num_valid, strict=True)]
-    )
-    maps = np.concatenate(
-        [np.asarray(r.anomaly_maps)[:n] for r, n in zip(results, num_valid, strict=True)]
-    )
-    features = np.concatenate(
-        [np.asarray(f)[:n] for f, n in zip(test_batches, num_valid, strict=True)]
-    )
-    seconds = {
-        "embed": embed_train + embed_test,
-        "coreset": coreset_s,
-        "score": score_s,
-    }
-    return scores, maps, features.reshape(-1, features.shape[-1]), model.memory_bank, seconds
-
-
-def candidate_recall(queries, bank, counts):
-    """{C: fraction of queries whose exact nearest bank row is among the fast candidates}."""
+def candidate_recall(queries, bank):
+    """{search: fraction of queries whose exact nearest bank row is among the candidates}."""
     from patchcore_jax import scoring
 
     _, exact = scoring.nearest_neighbors(queries, bank, 1)
     exact = np.asarray(exact)[:, 0]
+    searches = {"bfloat16": None}
+    searches.update({f"low-rank r={r}": scoring.low_rank_search(bank, r) for r in RANKS})
     recall = {}
-    for count in counts:
-        _, candidates = scoring.fast_candidates(queries, bank, count)
-        recall[count] = float(np.mean(np.any(np.asarray(candidates) == exact[:, None], axis=1)))
+    for name, search in searches.items():
+        _, candidates = scoring.fast_candidates(queries, bank, COUNT, search=search)
+        recall[name] = float(np.mean(np.any(np.asarray(candidates) == exact[:, None], axis=1)))
     return recall
 
 
-def evaluate(name, backbone, train, test, labels, masks, rng):
-    from patchcore_jax import metrics
+def timed_predict(model, images):
+    start = time.perf_counter()
+    result = model.predict(images)
+    return result, time.perf_counter() - start
+
+
+def evaluate(name, backbone, train, test, labels, masks, rounds=2):
+    from patchcore_jax import PatchCore, metrics
     from patchcore_jax.config import PatchCoreConfig
 
-    runs = {}
-    for precision in ("exact", "fast"):
-        config = PatchCoreConfig(
-            backbone=backbone.name, calibration="none", precision=precision, batch_size=8
-        )
-        runs[precision] = run_mode(config, backbone, train, test)
-        print(name, precision, runs[precision][4], flush=True)
-    exact, fast = runs["exact"], runs["fast"]
-    pixels = rng.choice(exact[1].size, size=min(200_000, exact[1].size), replace=False)
+    configs = {
+        p: PatchCoreConfig(backbone=backbone.name, calibration="none", precision=p, batch_size=8)
+        for p in ("exact", "fast")
+    }
+    exact = PatchCore(configs["exact"], backbone=backbone)
+    start = time.perf_counter()
+    exact.fit(train)
+    fit_s = time.perf_counter() - start
+    start = time.perf_counter()
+    fast = PatchCore(configs["fast"], backbone=backbone, memory_bank=exact.memory_bank)
+    basis_s = time.perf_counter() - start
+    models = {"exact": exact, "fast": fast}
+    for model in models.values():  # compile outside the timings
+        model.predict(test[:8])
+    best = dict.fromkeys(models, float("inf"))
+    results = {}
+    for _ in range(rounds):
+        for precision, model in models.items():
+            results[precision], seconds = timed_predict(model, test)
+            best[precision] = min(best[precision], seconds)
+    print(name, fast.describe(), best, flush=True)
+    queries = np.concatenate([np.asarray(f)[:n] for f, n in exact.embed(test)])
+    recall = candidate_recall(queries.reshape(-1, queries.shape[-1]), exact.memory_bank)
     row = {
         "name": name,
         "images": f"{len(train)} / {len(test)}",
-        "image_spearman": spearmanr(exact[0], fast[0]).statistic,
-        "pixel_spearman": spearmanr(exact[1].ravel()[pixels], fast[1].ravel()[pixels]).statistic,
-        "recall": candidate_recall(fast[2], fast[3], (4, 8, 16, 32)),
+        "bank": int(exact.memory_bank.shape[0]),
+        "fit_s": fit_s,
+        "basis_s": basis_s,
+        "describe": fast.describe(),
+        "image_spearman": spearmanr(results["exact"][0], results["fast"][0]).statistic,
+        "max_rel": float(
+            np.max(np.abs(results["fast"][0] - results["exact"][0]) / np.abs(results["exact"][0]))
+        ),
+        "recall": recall,
     }
-    for precision, (scores, maps, _, _, seconds) in runs.items():
+    for precision, (scores, maps) in results.items():
         row[precision] = {
             "image_auroc": metrics.image_auroc(labels, scores),
             "pixel_auroc": metrics.pixel_auroc(masks, maps),
-            "pro": metrics.pro_score(masks, maps),
-            **seconds,
+            "images_per_s": len(test) / best[precision],
+            "seconds": best[precision],
         }
     return row
 
@@ -117,10 +108,9 @@ def evaluate(name, backbone, train, test, labels, masks, rng):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wrn-train", type=int, default=0, help="WRN train images (0: all)")
-    parser.add_argument("--wrn-test", type=int, default=0, help="WRN test images (0: all)")
     parser.add_argument("--skip-wrn", action="store_true")
     args = parser.parse_args()
-    load = os.getloadavg()[0]
+    load_before = os.getloadavg()
 
     from patchcore_jax.backbones import init_backbone, load_backbone
     from patchcore_jax.data import load_dataset
@@ -135,7 +125,6 @@ def main() -> None:
     test = load_images([s.image_path for s in samples])
     labels = np.array([s.label for s in samples])
     masks = np.stack([load_mask(s.mask_path) for s in samples])
-    rng = np.random.default_rng(0)
     rows = [
         evaluate(
             "MobileNetV2 (bundled weights)",
@@ -144,76 +133,83 @@ def main() -> None:
             test,
             labels,
             masks,
-            rng,
         )
     ]
     if not args.skip_wrn:
-        # Evenly spaced subsets keep both classes of the (label-sorted) test list.
         train_rows = np.linspace(0, len(train) - 1, args.wrn_train or len(train)).astype(int)
-        test_rows = np.linspace(0, len(test) - 1, args.wrn_test or len(test)).astype(int)
         rows.append(
             evaluate(
                 "WideResNet-50-2 (random init)",
                 init_backbone("wide_resnet50_2"),
                 train[train_rows],
-                test[test_rows],
-                labels[test_rows],
-                masks[test_rows],
-                rng,
+                test,
+                labels,
+                masks,
             )
         )
+    load_after = os.getloadavg()
 
     body = [
-        "`--precision fast` vs `exact` (bfloat16 backbone; bfloat16 k-NN candidates, default "
-        "max(4k, 16) = 16 for k = 1, re-ranked with exact float32 distances). Coreset 10%, "
-        "k = 1, squared L2, no reweighting, calibration `none` (so the timings hold only the "
-        "fit's embedding + coreset and the test scoring). Images: train / test"
-        + (
-            "; WideResNet uses evenly spaced subsets of bottle to bound its CPU time"
-            if args.wrn_train or args.wrn_test
-            else ""
-        )
-        + ". WideResNet-50-2 has random weights (its ImageNet weights are a download), so its "
-        "AUROCs say nothing about PatchCore, only about fast/exact agreement.",
+        f"`PatchCore.describe()`: {rows[0]['describe']}. Coreset 10%, k = 1, squared L2, no "
+        "reweighting, calibration `none`, batch size 8. Images: train / test (the bank is "
+        "fitted once, by the exact model; the fast model is given the same bank, which is what "
+        "its own fit selects on CPU, where its backbone is float32). WideResNet-50-2 has "
+        "random weights (its ImageNet weights are a download), so its AUROCs say nothing about "
+        "PatchCore, only about fast/exact agreement.",
         "",
-        "| backbone | images | image Spearman | pixel Spearman (200k px) | candidate recall "
-        "C=4 / 8 / 16 / 32 |",
-        "|---|---|---:|---:|---|",
+        "| backbone | images | bank rows | exact img/s | fast img/s | speedup | "
+        "image Spearman | max rel. image-score diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        recall = " / ".join(f"{row['recall'][c]:.4f}" for c in (4, 8, 16, 32))
+        e, f = row["exact"], row["fast"]
         body.append(
-            f"| {row['name']} | {row['images']} | {row['image_spearman']:.4f} | "
-            f"{row['pixel_spearman']:.4f} | {recall} |"
+            f"| {row['name']} | {row['images']} | {row['bank']} | {e['images_per_s']:.2f} | "
+            f"{f['images_per_s']:.2f} | {e['seconds'] / f['seconds']:.2f}x | "
+            f"{row['image_spearman']:.4f} | {row['max_rel']:.1e} |"
         )
     body += [
         "",
-        "| backbone | precision | image AUROC | pixel AUROC | PRO | embedding s | coreset s | "
-        "k-NN scoring s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| backbone | precision | image AUROC | pixel AUROC | predict s (83 images, best of 2) |",
+        "|---|---|---:|---:|---:|",
     ]
     for row in rows:
         for precision in ("exact", "fast"):
             r = row[precision]
             body.append(
                 f"| {row['name']} | {precision} | {r['image_auroc']:.4f} | "
-                f"{r['pixel_auroc']:.4f} | {r['pro']:.4f} | {r['embed']:.1f} | "
-                f"{r['coreset']:.1f} | {r['score']:.1f} |"
+                f"{r['pixel_auroc']:.4f} | {r['seconds']:.2f} |"
             )
+    names = list(rows[0]["recall"])
     body += [
         "",
-        "Times are wall seconds on this CPU after a compile call (embedding: train + test "
-        "images; k-NN scoring: all test images incl. maps). XLA CPU has no faster bfloat16 "
-        "path (a bfloat16 matmul runs at the float32 rate here, and the bfloat16 backbone is "
-        "slightly slower), and the fast k-NN keeps a top-16 instead of a running minimum, so "
-        "`fast` is not faster on this machine: it is meant for GPUs/TPUs, whose bfloat16 "
-        "matmul throughput is several times their float32 one.",
+        f"Candidate recall (C = {COUNT}): the fraction of the test patches whose exact nearest "
+        "bank row is a candidate (where it is, the re-ranked result is exact mode's).",
+        "",
+        "| backbone | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for row in rows:
+        body.append(
+            f"| {row['name']} | " + " | ".join(f"{row['recall'][n]:.4f}" for n in names) + " |"
+        )
+    body += [
+        "",
+        "Fit (exact model, embedding + coreset): "
+        + ", ".join(f"{row['name']} {row['fit_s']:.1f} s" for row in rows)
+        + "; low-rank basis + projected bank (host float64 eigh + device projection): "
+        + ", ".join(f"{row['basis_s']:.2f} s" for row in rows)
+        + ".",
     ]
     text = write_results(
         RESULTS / "precision.md",
-        "Precision policy: fast (bfloat16) vs exact (float32)",
+        "Precision policy: fast vs exact predict on CPU",
         machine(),
-        [f"Load average before the run: {load:.1f} (2 shared cores; times are noisy)"],
+        [
+            f"Load average (1/5/15 min) before: {load_before[0]:.1f} / {load_before[1]:.1f} / "
+            f"{load_before[2]:.1f}, after: {load_after[0]:.1f} / {load_after[1]:.1f} / "
+            f"{load_after[2]:.1f} (2 cores shared with other jobs; times are noisy)",
+        ],
         body,
     )
     print(text)

@@ -44,6 +44,7 @@ def _masked_local_top_k(
     query_images: jax.Array,
     bank: jax.Array,
     bank_images: jax.Array,
+    search: tuple[jax.Array, jax.Array] | None,
     k: int,
     bank_tile: int,
     query_tile: int,
@@ -54,7 +55,8 @@ def _masked_local_top_k(
 
     Excluded and padded (``bank_images < 0``) rows get an infinite distance. ``q``, ``r`` are
     multiples of the tiles. ``num_candidates`` None is exact; an int is the ``fast`` precision
-    (that many candidates by bfloat16 distances, re-ranked exactly: ``scoring._rerank``).
+    (that many candidates by bfloat16 distances, or by low-rank ones with ``search`` = ``(basis,
+    projected bank)``, re-ranked exactly: ``scoring._rerank``).
     Returns ``([q, k] float32, [q, k] int32)`` sorted by (distance, index).
     """
     num_queries, dim = queries.shape
@@ -62,23 +64,30 @@ def _masked_local_top_k(
     rows = jnp.arange(bank.shape[0], dtype=jnp.int32)
     bank_norms = jnp.where(bank_images >= 0, jnp.sum(bank * bank, axis=1), jnp.inf)
     fast = num_candidates is not None
-    tile_bank = bank.astype(jnp.bfloat16) if fast else bank
+    low_rank = fast and search is not None
+    tile_bank, tile_norms = (bank.astype(jnp.bfloat16) if fast else bank), bank_norms
+    if low_rank:
+        basis, tile_bank = search[0], search[1].astype(jnp.float32)
+        tile_norms = jnp.where(bank_images >= 0, jnp.sum(tile_bank * tile_bank, axis=1), jnp.inf)
     tiles = tuple(
         x.reshape(num_tiles, bank_tile, *x.shape[1:])
-        for x in (tile_bank, bank_norms, bank_images, rows)
+        for x in (tile_bank, tile_norms, bank_images, rows)
     )
     width = num_candidates if fast else k
 
     def query_block(block: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         block_queries, block_images = block
         query_norms = jnp.sum(block_queries * block_queries, axis=1)
-        block_bf16 = block_queries.astype(jnp.bfloat16) if fast else None
+        block_search, search_norms = block_queries.astype(jnp.bfloat16), query_norms
+        if low_rank:
+            block_search = jnp.dot(block_queries, basis, precision=scoring.HIGHEST)
+            search_norms = jnp.sum(block_search * block_search, axis=1)
 
         def bank_step(carry, tile):
             tile_rows, tile_norms, tile_images, tile_indices = tile
             if fast:
                 distances = scoring._approximate_distances(
-                    block_bf16, query_norms, tile_rows, tile_norms
+                    block_search, search_norms, tile_rows, tile_norms
                 )
             else:
                 products = jnp.dot(block_queries, tile_rows.T, precision=scoring.HIGHEST)
@@ -120,6 +129,7 @@ def _masked_local_top_k(
         "mesh",
         "precision",
         "num_candidates",
+        "candidate_search",
     ),
 )
 def self_excluded_scores(
@@ -127,6 +137,7 @@ def self_excluded_scores(
     image_ids: jax.Array,
     memory_bank: jax.Array,
     bank_source_images: jax.Array,
+    search: tuple[jax.Array, jax.Array] | None = None,
     *,
     grid_shape: tuple[int, int],
     out_shape: tuple[int, int],
@@ -140,6 +151,7 @@ def self_excluded_scores(
     mesh: Mesh,
     precision: str = "exact",
     num_candidates: int | None = None,
+    candidate_search: str = "bfloat16",
 ) -> scoring.ScoreResult:
     """``scoring.score_patch_features`` with each image's own bank rows left out of its k-NN.
 
@@ -148,6 +160,8 @@ def self_excluded_scores(
       image_ids: ``[B] int32``, the training-image index of each image (negative: padding).
       memory_bank: ``[M, D] float32``.
       bank_source_images: ``[M] int32``, the training image each bank row was taken from.
+      search: ``scoring.low_rank_search(memory_bank)`` for ``candidate_search="low-rank"``
+        (required there: this function is traced), else None.
       mesh: queries are split over all its devices, the bank is replicated.
       Other arguments as ``scoring.score_patch_features``.
     Returns:
@@ -167,19 +181,31 @@ def self_excluded_scores(
     bank_images = jnp.pad(
         bank_source_images.astype(jnp.int32), (0, bank_rows - num_bank), constant_values=_PADDING
     )
+    num_candidates = scoring.candidates_for(precision, num_neighbors, num_candidates)
+    if candidate_search not in scoring.CANDIDATE_SEARCHES:
+        raise ValueError(
+            f"candidate_search must be one of {scoring.CANDIDATE_SEARCHES}, "
+            f"got {candidate_search!r}"
+        )
+    if num_candidates is None or candidate_search == "bfloat16":
+        search = None
+    elif search is None:
+        raise ValueError("candidate_search='low-rank' needs search=scoring.low_rank_search(bank)")
+    else:
+        search = (search[0], jnp.pad(search[1], ((0, bank_rows - num_bank), (0, 0))))
     distances, indices = jax.shard_map(
         functools.partial(
             _masked_local_top_k,
             k=num_neighbors,
             bank_tile=bank_tile,
             query_tile=query_tile,
-            num_candidates=scoring.candidates_for(precision, num_neighbors, num_candidates),
+            num_candidates=num_candidates,
         ),
         mesh=mesh,
-        in_specs=(P(ALL_AXES), P(ALL_AXES), P(), P()),
+        in_specs=(P(ALL_AXES), P(ALL_AXES), P(), P(), None if search is None else (P(), P())),
         out_specs=(P(ALL_AXES), P(ALL_AXES)),
         check_vma=False,  # the scan's initial carry is unvarying, its body's output varying
-    )(queries, query_images, bank, bank_images)
+    )(queries, query_images, bank, bank_images, search)
     distances, indices = distances[:num_queries], indices[:num_queries]
     if distance == "l2":
         distances = jnp.sqrt(distances)

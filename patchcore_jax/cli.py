@@ -347,9 +347,10 @@ def _add_model_options(
         "--precision",
         choices=PRECISIONS,
         default=defaults.precision,
-        help="exact: float32 everywhere (the reference numerics); fast: bfloat16 backbone and "
-        "bfloat16 k-NN candidates re-ranked in float32, for GPUs/TPUs (no faster on CPUs; "
-        "scores agree closely, not bit for bit: README) (default: %(default)s)",
+        help="exact: float32 everywhere (the reference numerics); fast: the backend's fastest "
+        "approximation, k-NN candidates re-ranked in float32 (GPU/TPU: bfloat16 backbone and "
+        "candidates; CPU: float32 backbone, low-rank candidates; scores agree closely, not bit "
+        "for bit: README) (default: %(default)s)",
     )
     if presets:
         parser.set_defaults(**presets)

@@ -84,11 +84,17 @@ class PatchCoreConfig:
         host, else spilled to a temporary file. ``None``: a quarter of the device memory, else
         a quarter of the host memory. Changes where features are kept, never the results.
       precision: ``exact`` (float32, ``Precision.HIGHEST`` everywhere: the reference numerics)
-        or ``fast`` for accelerators: the backbone runs in bfloat16 (its stage outputs are cast
-        back to float32 before the patch features), and the k-NN finds candidates with bfloat16
-        distance matmuls (float32 accumulation) then re-ranks them with exact float32
-        distances; the coreset, Eq. 7 and the maps stay float32. Scores then agree with
-        ``exact`` closely but not bit for bit (README "Precision"); it does not speed up CPUs.
+        or ``fast``: the fastest approximation of the backend, chosen statically from the
+        platform of the model's mesh devices (``PatchCore.describe()`` says which, and ``fit``
+        logs it). On GPUs/TPUs the backbone runs in bfloat16 (its stage outputs are cast back
+        to float32 before the patch features) and the k-NN finds candidates with bfloat16
+        distance matmuls (float32 accumulation). On CPUs, where XLA runs bfloat16 no faster
+        than float32, the backbone stays float32 and the k-NN finds candidates by low-rank
+        distances: float32 distances in the memory bank's top ``scoring.LOW_RANK_DIMS`` (128)
+        principal directions, computed once per bank (a lower bound of the true distance at
+        r / D of the FLOPs). Either way the ``max(4 k, 16)`` candidates are re-ranked with exact
+        float32 distances; the coreset, Eq. 7 and the maps stay float32. Scores then agree with
+        ``exact`` closely but not bit for bit (README "Precision").
         Checkpoints written before this field load as ``exact``.
     """
 

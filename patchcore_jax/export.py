@@ -46,17 +46,25 @@ def inference_function(model: PatchCore):
         )
     config = model.config
     module = model.backbone.module
-    variables = backbone_variables(model.backbone.variables, config.precision)
+    # The numerics the model chose for its platform (``PatchCore.describe``): the backbone's
+    # dtype and the k-NN's candidate search (the low-rank arrays become constants too).
+    backbone_precision = model._backbone_precision
+    variables = backbone_variables(model.backbone.variables, backbone_precision)
     memory_bank = jnp.asarray(np.asarray(model.memory_bank))
+    search = model.search_arrays()
+    if search is not None:
+        search = tuple(jnp.asarray(np.asarray(x)) for x in search)
     embed = functools.partial(
         embed_images,
         module,
         pretrain_embed_dimension=config.pretrain_embed_dimension,
         target_embed_dimension=config.target_embed_dimension,
         patch_size=config.patch_size,
-        precision=config.precision,
+        precision=backbone_precision,
     )
-    score = functools.partial(scoring.score_patch_features, **model.scoring_options())
+    score = functools.partial(
+        scoring.score_patch_features, **model.scoring_options(), search=search
+    )
 
     def one_image(image: jax.Array) -> tuple[jax.Array, jax.Array]:
         result = score(embed(variables, image[None]), memory_bank)

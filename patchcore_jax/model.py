@@ -83,6 +83,23 @@ def backbone_variables(variables: Any, precision: str) -> Any:
     return jax.tree.map(cast, variables)
 
 
+def backend_numerics(precision: str, platform: str) -> tuple[str, str | None]:
+    """``(backbone dtype, k-NN candidate search)`` of ``precision`` on ``platform`` (a jax
+    device platform: ``cpu``, ``gpu``, ``tpu``...).
+
+    ``exact``: ``("float32", None)`` (exact k-NN) everywhere. ``fast`` takes the fastest
+    approximation the backend has: on ``cpu``, where XLA runs bfloat16 no faster than float32,
+    ``("float32", "low-rank")``; elsewhere ``("bfloat16", "bfloat16")``.
+    """
+    if precision == "exact":
+        return "float32", None
+    if precision != "fast":
+        raise ValueError(f"precision must be 'exact' or 'fast', got {precision!r}")
+    return ("float32" if platform == "cpu" else "bfloat16"), scoring.default_candidate_search(
+        platform
+    )
+
+
 def _not_uint8_message(batch: np.ndarray) -> str:
     """Why a non-uint8 image batch is refused, with its dtype and value range."""
     described = f"dtype {batch.dtype}"
@@ -238,14 +255,16 @@ def _embed_program(
 @functools.lru_cache(maxsize=16)
 def _score_program(
     scoring_options: tuple[tuple[str, Any], ...], mesh: Mesh
-) -> Callable[[jax.Array, jax.Array, jax.Array], scoring.ScoreResult]:
-    """``(patch features [B, P, D], bank [bucket, D], rows in use []) -> ScoreResult`` split
-    like the batch (so each process reads its own rows); see ``bank_bucket``."""
+) -> Callable[..., scoring.ScoreResult]:
+    """``(patch features [B, P, D], bank [bucket, D], rows in use [], search=None) ->
+    ScoreResult`` split like the batch (so each process reads its own rows); see
+    ``bank_bucket``; ``search``: the bank's candidate-search arrays (``PatchCore.search_arrays``),
+    None for exact or bfloat16 candidates."""
     options = dict(scoring_options)
 
-    def score(patch_features: jax.Array, memory_bank: jax.Array, num_valid: jax.Array):
+    def score(patch_features: jax.Array, memory_bank: jax.Array, num_valid: jax.Array, search=None):
         return scoring.score_patch_features(
-            patch_features, memory_bank, **options, mesh=mesh, num_valid=num_valid
+            patch_features, memory_bank, **options, mesh=mesh, num_valid=num_valid, search=search
         )
 
     return jax.jit(score, out_shardings=sharding.row_sharding(mesh))
@@ -261,13 +280,14 @@ def _predict_program(
     scoring_options: tuple[tuple[str, Any], ...],
     mesh: Mesh,
 ) -> Callable[[Any, jax.Array, jax.Array], scoring.ScoreResult]:
-    """``(variables, images, bank [bucket, D], rows in use []) -> ScoreResult``: embedding and
-    scoring fused into one program, so patch features never leave the device and each batch is
-    one dispatch."""
+    """``(variables, images, bank [bucket, D], rows in use [], search) -> ScoreResult``:
+    embedding and scoring fused into one program, so patch features never leave the device and
+    each batch is one dispatch. ``precision`` is the backbone's (``exact``: float32, ``fast``:
+    bfloat16); ``search`` the bank's candidate-search arrays (None unless low-rank)."""
     options = dict(scoring_options)
 
     def embed_and_score(
-        variables: Any, images: jax.Array, memory_bank: jax.Array, num_valid: jax.Array
+        variables: Any, images: jax.Array, memory_bank: jax.Array, num_valid: jax.Array, search
     ):
         patch_features = embed_images(
             module,
@@ -279,14 +299,14 @@ def _predict_program(
             precision=precision,
         )
         return scoring.score_patch_features(
-            patch_features, memory_bank, **options, mesh=mesh, num_valid=num_valid
+            patch_features, memory_bank, **options, mesh=mesh, num_valid=num_valid, search=search
         )
 
     batch_sharding = sharding.row_sharding(mesh)
     replicated = sharding.replicated(mesh)
     return jax.jit(
         embed_and_score,
-        in_shardings=(replicated, batch_sharding, replicated, replicated),
+        in_shardings=(replicated, batch_sharding, replicated, replicated, replicated),
         out_shardings=batch_sharding,
     )
 
@@ -349,16 +369,24 @@ class PatchCore:
         local_devices = max(1, self._num_shards // jax.process_count())
         self._batch_size = -(-config.batch_size // local_devices) * local_devices
         self._batch_sharding = sharding.row_sharding(self.mesh)
+        # What ``precision`` means on this mesh's platform, fixed when the programs are built:
+        # ``fast`` takes the fastest approximation the backend has (see ``describe``).
+        self.platform: str = self.mesh.devices.flat[0].platform
+        self.backbone_dtype, self.candidate_search = backend_numerics(
+            config.precision, self.platform
+        )
+        backbone_precision = "fast" if self.backbone_dtype == "bfloat16" else "exact"
+        self._backbone_precision = backbone_precision
         self._embed = _embed_program(
             backbone.module,
             config.pretrain_embed_dimension,
             config.target_embed_dimension,
             config.patch_size,
-            config.precision,
+            backbone_precision,
             self.mesh,
         )
         self._variables = jax.device_put(
-            backbone_variables(backbone.variables, config.precision),
+            backbone_variables(backbone.variables, backbone_precision),
             sharding.replicated(self.mesh),
         )
         # (h, w) of the patch grid: the finest stage's output for the configured image shape.
@@ -386,14 +414,15 @@ class PatchCore:
             config.pretrain_embed_dimension,
             config.target_embed_dimension,
             config.patch_size,
-            config.precision,
+            backbone_precision,
             scoring_options,
             self.mesh,
         )
         self._memory_bank: jax.Array | None = None
         # The bank padded to ``bank_bucket`` rows and its row count: what the scoring programs
-        # take (padding rows are never a neighbour).
+        # take (padding rows are never a neighbour); and its candidate-search arrays.
         self._scoring_bank: tuple[jax.Array, jax.Array] | None = None
+        self._search: tuple[jax.Array, jax.Array] | None = None
         # Thresholds and score distributions (``fit`` with ``config.calibration``, ``calibrate``)
         # and the training image each bank row was taken from (known after a calibrated fit).
         self.calibration: calibration.Calibration | None = None
@@ -416,7 +445,33 @@ class PatchCore:
             "bank_block_size": config.bank_block_size,
             "query_block_size": config.query_block_size,
             "precision": config.precision,
+            "candidate_search": self.candidate_search or "bfloat16",
         }
+
+    def describe(self) -> str:
+        """What the numerics are on this platform, e.g. ``precision fast on cpu: float32
+        backbone, low-rank k-NN candidates (r <= 128, C = 16) re-ranked in float32``."""
+        config = self.config
+        if config.precision == "exact":
+            return f"precision exact on {self.platform}: float32 backbone and k-NN"
+        count = scoring.default_num_candidates(config.num_neighbors)
+        search = (
+            f"low-rank (r <= {scoring.LOW_RANK_DIMS})"
+            if self.candidate_search == "low-rank"
+            else "bfloat16"
+        )
+        return (
+            f"precision fast on {self.platform}: {self.backbone_dtype} backbone, {search} k-NN "
+            f"candidates (C = {count}) re-ranked in float32"
+        )
+
+    def search_arrays(self) -> tuple[jax.Array, jax.Array] | None:
+        """The memory bank's candidate-search arrays, ``(basis [D, r], projected bank [M, r])``
+        for the low-rank search (computed once per bank, in ``_set_memory_bank``), else None."""
+        if self._search is None:
+            return None
+        basis, projected = self._search  # projected: padded to the scoring bank's bucket
+        return basis, projected[: self._memory_bank.shape[0]]
 
     # ------------------------------------------------------------------ embedding
 
@@ -465,10 +520,12 @@ class PatchCore:
           images: uint8 [N, H, W, 3] (``config.image_shape``), or an iterable of such batches.
           progress: called with the number of images embedded after each batch.
           log: called with one-line status messages (where the features are, coreset size and
-            timing, calibration).
+            timing, calibration), first ``describe()`` (the numerics on this platform).
           coreset_progress: called with the number of greedy coreset steps after each chunk.
           spill_dir: folder for the spill file.
         """
+        if log is not None:
+            log(self.describe())
         if self.config.sampler not in ("approx_greedy_coreset", "random"):
             bank_features = self.patch_features(images, progress=progress)
             return self.fit_features(bank_features, log=log, progress=coreset_progress)
@@ -646,7 +703,7 @@ class PatchCore:
             ids[:num_valid] = np.arange(first, first + num_valid)
             first += num_valid
             global_ids = jax.make_array_from_process_local_data(self._batch_sharding, ids)
-            result = score(batch, global_ids, self.memory_bank, sources)
+            result = score(batch, global_ids, self.memory_bank, sources, self.search_arrays())
             scores.append(sharding.process_local_rows(result.image_scores)[:num_valid])
             maps.append(sharding.process_local_rows(result.anomaly_maps)[:num_valid])
         return (
@@ -673,7 +730,7 @@ class PatchCore:
             if pending:
                 padded[:num_valid] = np.concatenate(pending)
             global_batch = jax.make_array_from_process_local_data(self._batch_sharding, padded)
-            result = self._score(global_batch, *self._scoring_bank)
+            result = self._score(global_batch, *self._scoring_bank, self._search)
             scores.append(sharding.process_local_rows(result.image_scores)[:num_valid])
             maps.append(sharding.process_local_rows(result.anomaly_maps)[:num_valid])
             pending.clear()
@@ -888,9 +945,11 @@ class PatchCore:
                 ids[num_valid:] = -2  # padding: matches no bank row's image
                 # Split like the batch (every process passes the same rows; each reads its own).
                 global_ids = jax.make_array_from_process_local_data(self._batch_sharding, ids)
-                result = score(global_batch, global_ids, self.memory_bank, sources)
+                result = score(
+                    global_batch, global_ids, self.memory_bank, sources, self.search_arrays()
+                )
             else:
-                result = self._score(global_batch, *self._scoring_bank)
+                result = self._score(global_batch, *self._scoring_bank, self._search)
             scores.append(sharding.process_local_rows(result.image_scores)[:num_valid])
             maps.append(sharding.process_local_rows(result.anomaly_maps)[:num_valid])
         return np.concatenate(scores), np.concatenate(maps)
@@ -1037,11 +1096,19 @@ class PatchCore:
         # Placed once, so scoring calls do not copy the bank from the host again.
         self._memory_bank = sharding.replicate(memory_bank, self.mesh)
         num_rows = memory_bank.shape[0]
-        padded = sharding.pad_rows(memory_bank, bank_bucket(num_rows))
+        bucket = bank_bucket(num_rows)
         self._scoring_bank = (
-            sharding.replicate(padded, self.mesh),
+            sharding.replicate(sharding.pad_rows(memory_bank, bucket), self.mesh),
             sharding.replicate(np.int32(num_rows), self.mesh),
         )
+        self._search = None
+        if self.candidate_search == "low-rank":  # the basis and projected bank, once per bank
+            basis, projected = scoring.low_rank_search(memory_bank)
+            projected = sharding.pad_rows(np.asarray(projected), bucket)
+            self._search = (
+                sharding.replicate(np.asarray(basis), self.mesh),
+                sharding.replicate(projected, self.mesh),
+            )
 
     # ------------------------------------------------------------------ inference
 
@@ -1058,7 +1125,7 @@ class PatchCore:
             raise RuntimeError("PatchCore.score/predict called before fit() or load()")
         pending: tuple[scoring.ScoreResult, int] | None = None
         for global_batch, num_valid in self._device_batches(images):
-            result = self._predict(self._variables, global_batch, *self._scoring_bank)
+            result = self._predict(self._variables, global_batch, *self._scoring_bank, self._search)
             for leaf in jax.tree.leaves(result):
                 leaf.copy_to_host_async()
             if pending is not None:

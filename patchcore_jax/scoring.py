@@ -13,9 +13,14 @@ distances (index ``_NO_INDEX``), so its patch and image scores are NaN rather th
 number.
 
 The ``fast`` precision (``precision="fast"``) keeps a running top-C instead (C candidates per
-query, default ``max(4 k, 16)``) by bfloat16 distance matmuls accumulated in float32, and
-re-ranks the C candidates with the exact float32 distances; the result is exact mode's whenever
-the true neighbours are candidates. Everything after the k-NN is float32 in both precisions.
+query, default ``max(4 k, 16)``) by approximate distances, and re-ranks the C candidates with
+the exact float32 distances; the result is exact mode's whenever the true neighbours are
+candidates. The approximate distances are either bfloat16 distance matmuls accumulated in
+float32 (``candidate_search="bfloat16"``, for GPUs/TPUs) or low-rank ones
+(``candidate_search="low-rank"``, for CPUs): ``|V^T q - V^T b|^2`` in float32 with ``V`` the
+bank's top ``LOW_RANK_DIMS`` principal directions (``low_rank_search``, once per bank), a lower
+bound of the true distance at ``r / D`` of the FLOPs. Everything after the k-NN is float32 in
+both precisions.
 
 Anomaly maps are linear and separable: upsampling then Gaussian blurring one axis is a single
 static ``[out, grid]`` matrix, so a map is ``A_rows @ scores @ A_cols^T``.
@@ -40,6 +45,8 @@ from patchcore_jax.sharding import BANK_AXIS, DATA_AXIS, single_device_mesh
 HIGHEST = lax.Precision.HIGHEST
 DISTANCES = ("squared_l2", "l2")
 PRECISIONS = ("exact", "fast")
+CANDIDATE_SEARCHES = ("bfloat16", "low-rank")
+LOW_RANK_DIMS = 128  # r of the low-rank candidate search (benchmarks/results/precision.md)
 _NO_INDEX = np.iinfo(np.int32).max  # index of "no neighbour yet"; never survives a valid bank
 
 
@@ -110,18 +117,28 @@ def _local_top_k(
     bank_tile: int,
     query_tile: int,
     num_candidates: int | None = None,
+    search: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """k smallest squared distances of ``queries: [q, D]`` to ``bank: [r, D]`` (one shard).
 
     ``q`` and ``r`` are multiples of ``query_tile`` and ``bank_tile``. Bank row ``j`` has global
     index ``row_offset + j``; rows at or past ``num_valid`` are padding (infinite distance).
     ``num_candidates`` None is exact; an int C > k is the ``fast`` precision: the C best rows by
-    bfloat16 distances are re-ranked with exact ones (``_rerank``).
-    Returns ``([q, k] float32, [q, k] int32)`` sorted by (distance, index).
+    bfloat16 distances (``search`` None) or by low-rank distances (``search`` = ``(basis [D, r],
+    projected bank [r_rows, r])``, ``low_rank_search``) are re-ranked with exact ones
+    (``_rerank``). Returns ``([q, k] float32, [q, k] int32)`` sorted by (distance, index).
     """
     if num_candidates is not None:
         return _local_top_k_fast(
-            queries, bank, row_offset, num_valid, k, bank_tile, query_tile, num_candidates
+            queries,
+            bank,
+            row_offset,
+            num_valid,
+            k,
+            bank_tile,
+            query_tile,
+            num_candidates,
+            search=search,
         )
     num_queries, dim = queries.shape
     num_tiles = bank.shape[0] // bank_tile
@@ -175,7 +192,10 @@ def _approximate_distances(
 ) -> jax.Array:
     """``[q, r]`` squared distances from a bfloat16 matmul accumulated in float32 and the
     exact float32 norms (candidate search of the ``fast`` precision; clamped as exact ones)."""
-    products = jnp.dot(queries_bf16, rows_bf16.T, preferred_element_type=jnp.float32)
+    precision = HIGHEST if rows_bf16.dtype == jnp.float32 else None  # low-rank: float32
+    products = jnp.dot(
+        queries_bf16, rows_bf16.T, precision=precision, preferred_element_type=jnp.float32
+    )
     return _clamp((query_norms[:, None] + row_norms[None, :]) - 2.0 * products)
 
 
@@ -215,27 +235,44 @@ def _local_top_k_fast(
     query_tile: int,
     num_candidates: int,
     rerank: bool = True,
+    search: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``_local_top_k`` of the ``fast`` precision: a running top-``num_candidates`` over
-    bfloat16 distance tiles, then ``_rerank`` with exact float32 distances (``rerank`` False:
-    the ``[q, num_candidates]`` candidates themselves, with their approximate distances)."""
+    approximate distance tiles, then ``_rerank`` with exact float32 distances (``rerank`` False:
+    the ``[q, num_candidates]`` candidates themselves, with their approximate distances).
+
+    ``search`` None: bfloat16 distances (full dimension, float32 accumulation). ``search`` =
+    ``(basis [D, r], projected bank [rows, r])``: the low-rank distances ``|V^T q - V^T b|^2``
+    in float32 (a lower bound of the true ones, ``r / D`` of the FLOPs; ``low_rank_search``).
+    """
     num_queries, dim = queries.shape
     num_tiles = bank.shape[0] // bank_tile
     global_rows = row_offset + jnp.arange(bank.shape[0], dtype=jnp.int32)
-    bank_norms = jnp.where(global_rows < num_valid, jnp.sum(bank * bank, axis=1), jnp.inf)
+    valid = global_rows < num_valid
+    bank_norms = jnp.where(valid, jnp.sum(bank * bank, axis=1), jnp.inf)
+    if search is None:
+        basis, search_rows, search_norms = None, bank.astype(jnp.bfloat16), bank_norms
+    else:
+        basis, search_rows = search
+        search_rows = search_rows.astype(jnp.float32)
+        search_norms = jnp.where(valid, jnp.sum(search_rows * search_rows, axis=1), jnp.inf)
     tiles = (
-        bank.astype(jnp.bfloat16).reshape(num_tiles, bank_tile, dim),
-        bank_norms.reshape(num_tiles, bank_tile),
+        search_rows.reshape(num_tiles, bank_tile, search_rows.shape[1]),
+        search_norms.reshape(num_tiles, bank_tile),
         global_rows.reshape(num_tiles, bank_tile),
     )
 
     def query_block(block: jax.Array) -> tuple[jax.Array, jax.Array]:
         query_norms = jnp.sum(block * block, axis=1)
-        block_bf16 = block.astype(jnp.bfloat16)
+        if basis is None:
+            block_search, block_norms = block.astype(jnp.bfloat16), query_norms
+        else:
+            block_search = jnp.dot(block, basis, precision=HIGHEST)
+            block_norms = jnp.sum(block_search * block_search, axis=1)
 
         def bank_step(carry, tile):
             tile_rows, tile_norms, tile_indices = tile
-            distances = _approximate_distances(block_bf16, query_norms, tile_rows, tile_norms)
+            distances = _approximate_distances(block_search, block_norms, tile_rows, tile_norms)
             indices = jnp.broadcast_to(tile_indices[None, :], distances.shape)
             return _merge_top_k(*carry, distances, indices), None
 
@@ -254,6 +291,46 @@ def _local_top_k_fast(
     return distances.reshape(num_queries, width), indices.reshape(num_queries, width)
 
 
+def low_rank_basis(memory_bank: np.ndarray | jax.Array, dims: int = LOW_RANK_DIMS) -> np.ndarray:
+    """``V: [D, min(dims, D)] float32``, orthonormal: the bank's top principal directions.
+
+    Host numpy float64 and deterministic: eigenvectors of the centred covariance by descending
+    eigenvalue (``eigh``), each signed so that its largest-magnitude component is positive.
+    """
+    bank = np.asarray(memory_bank, np.float64)
+    if bank.ndim != 2 or bank.shape[0] < 1:
+        raise ValueError(f"memory_bank must be [M >= 1, D], got shape {bank.shape}")
+    if not (isinstance(dims, int) and dims >= 1):
+        raise ValueError(f"dims must be a positive integer, got {dims!r}")
+    centred = bank - bank.mean(axis=0)
+    _, vectors = np.linalg.eigh(centred.T @ centred)
+    basis = vectors[:, ::-1][:, : min(dims, bank.shape[1])]
+    pivots = np.argmax(np.abs(basis), axis=0)
+    signs = np.sign(basis[pivots, np.arange(basis.shape[1])])
+    return (basis * np.where(signs == 0, 1.0, signs)).astype(np.float32)
+
+
+@jax.jit
+def project_bank(memory_bank: jax.Array, basis: jax.Array) -> jax.Array:
+    """``[M, r] float32``: the memory bank in the low-rank basis (``memory_bank @ basis``)."""
+    return jnp.dot(memory_bank.astype(jnp.float32), basis, precision=HIGHEST)
+
+
+def low_rank_search(
+    memory_bank: np.ndarray | jax.Array, dims: int = LOW_RANK_DIMS
+) -> tuple[jax.Array, jax.Array]:
+    """``(basis [D, r], projected bank [M, r])``, the per-bank arrays of the low-rank candidate
+    search (``candidate_search="low-rank"``): computed once per memory bank."""
+    basis = jnp.asarray(low_rank_basis(memory_bank, dims))
+    return basis, project_bank(jnp.asarray(memory_bank, jnp.float32), basis)
+
+
+def default_candidate_search(platform: str) -> str:
+    """The ``fast`` k-NN's candidate search on ``platform``: ``low-rank`` on ``cpu`` (where
+    XLA runs bfloat16 matmuls no faster than float32), ``bfloat16`` elsewhere (GPU/TPU)."""
+    return "low-rank" if platform == "cpu" else "bfloat16"
+
+
 @functools.partial(
     jax.jit, static_argnames=("num_candidates", "bank_block_size", "query_block_size")
 )
@@ -263,17 +340,30 @@ def fast_candidates(
     num_candidates: int,
     bank_block_size: int = 4096,
     query_block_size: int = 1024,
+    search: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The candidates the ``fast`` k-NN re-ranks (one device): ``([Q, C] approximate squared
-    distances, [Q, C] int32 indices)``, sorted by approximate distance. For tests and
+    distances, [Q, C] int32 indices)``, sorted by approximate distance; ``search`` None for
+    the bfloat16 search, ``low_rank_search(memory_bank)`` for the low-rank one. For tests and
     benchmarks (is the exact neighbour among them?)."""
     num_queries, num_bank = queries.shape[0], memory_bank.shape[0]
     query_tile, query_rows = _tiling(num_queries, 1, query_block_size)
     bank_tile, bank_rows = _tiling(num_bank, 1, bank_block_size)
     queries = jnp.pad(jnp.asarray(queries, jnp.float32), ((0, query_rows - num_queries), (0, 0)))
     bank = jnp.pad(jnp.asarray(memory_bank, jnp.float32), ((0, bank_rows - num_bank), (0, 0)))
+    if search is not None:
+        search = (search[0], jnp.pad(search[1], ((0, bank_rows - num_bank), (0, 0))))
     distances, indices = _local_top_k_fast(
-        queries, bank, 0, num_bank, 1, bank_tile, query_tile, num_candidates, rerank=False
+        queries,
+        bank,
+        0,
+        num_bank,
+        1,
+        bank_tile,
+        query_tile,
+        num_candidates,
+        rerank=False,
+        search=search,
     )
     return distances[:num_queries], indices[:num_queries]
 
@@ -288,20 +378,28 @@ def _nearest_neighbors(
     mesh: Mesh,
     num_candidates: int | None = None,
     num_valid: jax.Array | None = None,
+    search: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Traceable body of ``nearest_neighbors`` (arguments already validated); ``num_candidates``
-    None is the exact k-NN, an int the ``fast`` one with that many candidates per query.
-    ``num_valid`` (a scalar, traced): bank rows at or past it are padding (a bank padded to a
-    bucketed size, so that banks of nearby sizes share one compiled program); default all."""
+    None is the exact k-NN, an int the ``fast`` one with that many candidates per query, found
+    by bfloat16 distances (``search`` None) or low-rank ones (``search`` = ``(basis [D, r],
+    projected bank [M, r])``, split over ``bank`` like the bank). ``num_valid`` (a scalar,
+    traced): bank rows at or past it are padding (a bank padded to a bucketed size, so that
+    banks of nearby sizes share one compiled program); default all."""
     num_queries, num_bank = queries.shape[0], memory_bank.shape[0]
     valid_rows = num_bank if num_valid is None else num_valid
     data_shards, bank_shards = mesh.shape[DATA_AXIS], mesh.shape[BANK_AXIS]
     query_tile, queries_per_shard = _tiling(num_queries, data_shards, query_block_size)
     bank_tile, rows_per_shard = _tiling(num_bank, bank_shards, bank_block_size)
     queries = jnp.pad(queries, ((0, data_shards * queries_per_shard - num_queries), (0, 0)))
-    memory_bank = jnp.pad(memory_bank, ((0, bank_shards * rows_per_shard - num_bank), (0, 0)))
+    bank_padding = ((0, bank_shards * rows_per_shard - num_bank), (0, 0))
+    memory_bank = jnp.pad(memory_bank, bank_padding)
+    if num_candidates is None:
+        search = None
+    if search is not None:
+        search = (search[0].astype(jnp.float32), jnp.pad(search[1], bank_padding))
 
-    def shard_top_k(local_queries: jax.Array, local_bank: jax.Array):
+    def shard_top_k(local_queries: jax.Array, local_bank: jax.Array, local_search):
         row_offset = lax.axis_index(BANK_AXIS).astype(jnp.int32) * rows_per_shard
         distances, indices = _local_top_k(
             local_queries,
@@ -312,6 +410,7 @@ def _nearest_neighbors(
             bank_tile,
             query_tile,
             num_candidates,
+            local_search,
         )
         # Shards are gathered in order, so lower positions hold lower global indices.
         distances = lax.all_gather(distances, BANK_AXIS, axis=1, tiled=True)
@@ -325,12 +424,12 @@ def _nearest_neighbors(
     distances, indices = jax.shard_map(
         shard_top_k,
         mesh=mesh,
-        in_specs=(P(DATA_AXIS), P(BANK_AXIS)),
+        in_specs=(P(DATA_AXIS), P(BANK_AXIS), None if search is None else (P(), P(BANK_AXIS))),
         out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
         # After the all_gather + top-k every bank shard holds the same result; the replication
         # checker cannot infer that through all_gather, so it is turned off.
         check_vma=False,
-    )(queries, memory_bank)
+    )(queries, memory_bank, search)
     distances, indices = distances[:num_queries], indices[:num_queries]
     # A non-finite query, or a slot no finite distance filled, is NaN (not inf, never 0).
     unknown = (indices == _NO_INDEX) | ~jnp.all(jnp.isfinite(queries[:num_queries]), axis=1)[
@@ -378,6 +477,31 @@ def candidates_for(precision: str, k: int, num_candidates: int | None = None) ->
     return default_num_candidates(k) if num_candidates is None else num_candidates
 
 
+def search_arrays(
+    precision: str,
+    candidate_search: str,
+    memory_bank: jax.Array | np.ndarray,
+    search: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array] | None:
+    """The per-bank arrays of the k-NN's candidate search: None for ``exact`` or the
+    ``bfloat16`` search; for ``low-rank`` ``search`` if given, else ``low_rank_search`` of the
+    (concrete) ``memory_bank``."""
+    if candidate_search not in CANDIDATE_SEARCHES:
+        raise ValueError(
+            f"candidate_search must be one of {CANDIDATE_SEARCHES}, got {candidate_search!r}"
+        )
+    if precision == "exact" or candidate_search == "bfloat16":
+        return None
+    if search is not None:
+        return search
+    if isinstance(memory_bank, jax.core.Tracer):
+        raise ValueError(
+            "candidate_search='low-rank' inside a traced program needs its per-bank arrays: "
+            "pass search=scoring.low_rank_search(memory_bank) computed outside"
+        )
+    return low_rank_search(memory_bank)
+
+
 def nearest_neighbors(
     queries: jax.Array,
     memory_bank: jax.Array,
@@ -389,6 +513,8 @@ def nearest_neighbors(
     mesh: Mesh | None = None,
     precision: str = "exact",
     num_candidates: int | None = None,
+    candidate_search: str = "bfloat16",
+    search: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact k nearest memory-bank rows of each query, in bounded memory, sharded over ``mesh``.
 
@@ -400,7 +526,10 @@ def nearest_neighbors(
     rows are found with bfloat16 distance matmuls (float32 accumulation), then re-ranked with
     the exact float32 distances above: whenever the true neighbours are among the candidates
     the result is exact mode's (distances to float32 rounding); otherwise a near neighbour
-    with its exact distance.
+    with its exact distance. ``candidate_search="low-rank"`` finds the candidates instead by
+    float32 distances in the bank's top ``LOW_RANK_DIMS`` principal directions (a lower bound
+    of the true distance at ``r / D`` of the FLOPs; the CPU choice): ``search`` =
+    ``low_rank_search(memory_bank)``, computed here when not given.
 
     Args:
       queries: ``[Q, D] float32``.
@@ -430,6 +559,7 @@ def nearest_neighbors(
         query_block_size=query_block_size,
         mesh=single_device_mesh() if mesh is None else mesh,
         num_candidates=candidates_for(precision, k, num_candidates),
+        search=search_arrays(precision, candidate_search, memory_bank, search),
     )
 
 
@@ -576,6 +706,7 @@ def _score_patch_features(
     mesh: Mesh,
     num_candidates: int | None = None,
     num_valid: jax.Array | None = None,
+    search: tuple[jax.Array, jax.Array] | None = None,
 ) -> ScoreResult:
     batch, num_patches, dim = patch_features.shape
     distances, indices = _nearest_neighbors(
@@ -588,6 +719,7 @@ def _score_patch_features(
         mesh,
         num_candidates,
         num_valid,
+        search,
     )
     return scores_from_neighbors(
         patch_features,
@@ -665,6 +797,8 @@ def score_patch_features(
     precision: str = "exact",
     num_candidates: int | None = None,
     num_valid: int | jax.Array | None = None,
+    candidate_search: str = "bfloat16",
+    search: tuple[jax.Array, jax.Array] | None = None,
 ) -> ScoreResult:
     """Patch scores, image scores and anomaly maps of a batch against a memory bank.
 
@@ -687,6 +821,10 @@ def score_patch_features(
       num_valid: the bank's first ``num_valid`` rows are used, the rest is padding (never a
         neighbour): an int, or a traced int32 scalar so that banks padded to one bucketed size
         share a compiled program (``PatchCore`` does this). Default: every row.
+      candidate_search: how the ``fast`` k-NN finds its candidates: ``bfloat16`` (full
+        dimension; GPUs/TPUs) or ``low-rank`` (the bank's top principal directions; CPUs).
+      search: the low-rank search's per-bank arrays, ``low_rank_search(memory_bank)``
+        (computed here when not given and the bank is concrete).
 
     Returns:
       ``ScoreResult`` (compiled once per shape and option set).
@@ -740,4 +878,5 @@ def score_patch_features(
         mesh=single_device_mesh() if mesh is None else mesh,
         num_candidates=candidates_for(precision, num_neighbors, num_candidates),
         num_valid=None if num_valid is None else jnp.asarray(num_valid, jnp.int32),
+        search=search_arrays(precision, candidate_search, memory_bank, search),
     )

@@ -196,8 +196,8 @@ def test_predict_scores_nan_for_an_image_with_non_finite_features(tiny_model, mo
     clean_scores, clean_maps = model.predict(test)
     embed, score = model._embed, model._score
 
-    def poisoned(variables, images, *bank):  # one NaN feature in image 2, patch 5
-        return score(embed(variables, images).at[2, 5, 0].set(np.nan), *bank)
+    def poisoned(variables, images, *bank_and_search):  # one NaN in image 2, patch 5
+        return score(embed(variables, images).at[2, 5, 0].set(np.nan), *bank_and_search)
 
     monkeypatch.setattr(model, "_predict", poisoned)  # the fused embed + score program
     scores, maps = model.predict(test)
