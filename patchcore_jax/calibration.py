@@ -95,6 +95,8 @@ def _masked_local_top_k(
                 distances = jnp.maximum(distances, 0.0)
             distances = jnp.where(block_images[:, None] == tile_images[None, :], jnp.inf, distances)
             indices = jnp.broadcast_to(tile_indices[None, :], distances.shape)
+            if fast and k == 1:  # as the fast scoring k-NN: each group proposes its nearest
+                distances, indices = scoring._group_nearest(distances, indices)
             return scoring._merge_top_k(*carry, distances, indices), None
 
         init = (

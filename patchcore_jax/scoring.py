@@ -225,6 +225,31 @@ def _rerank(
     return distances[:, :k], indices[:, :k]
 
 
+CANDIDATE_GROUP = 8  # rows per group of the fast k-NN's candidate search with k = 1
+
+
+def _group_nearest(distances: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The nearest of each ``CANDIDATE_GROUP`` consecutive columns (lowest index on ties):
+    ``[q, n]`` distances and indices -> ``[q, n / CANDIDATE_GROUP]`` each.
+
+    The ``fast`` k-NN with k = 1 keeps its running top-C over these: a top-C over all columns
+    (``lax.top_k``) costs several times the low-rank distances themselves on a CPU. A group
+    drops only rows that are not its own nearest by approximate distance, which cannot be the
+    one neighbour asked for unless the approximation reorders rows inside the group (measured:
+    benchmarks/results/precision.md).
+    """
+    queries, columns = distances.shape
+    shape = (queries, columns // CANDIDATE_GROUP, CANDIDATE_GROUP)
+    grouped = distances.reshape(shape)
+    nearest = jnp.min(grouped, axis=2)
+    # Lowest position at the minimum (two plain reductions: faster than argmin on XLA CPU).
+    lane = jnp.arange(CANDIDATE_GROUP, dtype=jnp.int32)
+    position = jnp.min(jnp.where(grouped == nearest[..., None], lane, CANDIDATE_GROUP), axis=2)
+    position = jnp.minimum(position, CANDIDATE_GROUP - 1)  # all-NaN group: its first row
+    chosen = jnp.take_along_axis(indices.reshape(shape), position[..., None], axis=2)[..., 0]
+    return nearest, chosen
+
+
 def _local_top_k_fast(
     queries: jax.Array,
     bank: jax.Array,
@@ -274,6 +299,8 @@ def _local_top_k_fast(
             tile_rows, tile_norms, tile_indices = tile
             distances = _approximate_distances(block_search, block_norms, tile_rows, tile_norms)
             indices = jnp.broadcast_to(tile_indices[None, :], distances.shape)
+            if k == 1:  # each group of rows proposes its nearest: a top-C over 1/8 the values
+                distances, indices = _group_nearest(distances, indices)
             return _merge_top_k(*carry, distances, indices), None
 
         init = (
@@ -332,7 +359,7 @@ def default_candidate_search(platform: str) -> str:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("num_candidates", "bank_block_size", "query_block_size")
+    jax.jit, static_argnames=("num_candidates", "bank_block_size", "query_block_size", "k")
 )
 def fast_candidates(
     queries: jax.Array,
@@ -341,11 +368,12 @@ def fast_candidates(
     bank_block_size: int = 4096,
     query_block_size: int = 1024,
     search: tuple[jax.Array, jax.Array] | None = None,
+    k: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
-    """The candidates the ``fast`` k-NN re-ranks (one device): ``([Q, C] approximate squared
-    distances, [Q, C] int32 indices)``, sorted by approximate distance; ``search`` None for
-    the bfloat16 search, ``low_rank_search(memory_bank)`` for the low-rank one. For tests and
-    benchmarks (is the exact neighbour among them?)."""
+    """The candidates the ``fast`` k-NN with ``k`` neighbours re-ranks (one device): ``([Q, C]
+    approximate squared distances, [Q, C] int32 indices)``, sorted by approximate distance;
+    ``search`` None for the bfloat16 search, ``low_rank_search(memory_bank)`` for the low-rank
+    one. For tests and benchmarks (is the exact neighbour among them?)."""
     num_queries, num_bank = queries.shape[0], memory_bank.shape[0]
     query_tile, query_rows = _tiling(num_queries, 1, query_block_size)
     bank_tile, bank_rows = _tiling(num_bank, 1, bank_block_size)
@@ -358,7 +386,7 @@ def fast_candidates(
         bank,
         0,
         num_bank,
-        1,
+        k,
         bank_tile,
         query_tile,
         num_candidates,

@@ -41,7 +41,7 @@ def _check_reranked(queries, bank, k, min_recall, candidate_search="bfloat16"):
         ),
     )
     count = scoring.default_num_candidates(k)
-    _, candidates = scoring.fast_candidates(queries, bank, count, search=search, **options)
+    _, candidates = scoring.fast_candidates(queries, bank, count, search=search, k=k, **options)
     candidates = np.asarray(candidates)
     finite = np.all(np.isfinite(np.asarray(queries)), axis=1)
     found = finite & np.all(np.any(exact_i[:, :, None] == candidates[:, None, :], axis=2), axis=1)
