@@ -86,6 +86,12 @@ def assemble_rows(batches: tuple[jax.Array, ...], positions: jax.Array, *, mesh:
     return jax.lax.with_sharding_constraint(out, sharding.row_sharding(mesh))
 
 
+@jax.jit
+def _gather_rows(batch: jax.Array, images: jax.Array, patches: jax.Array) -> jax.Array:
+    """``batch[images, patches]`` on the batch's device: [m, D] of [B, P, D]."""
+    return batch[images, patches]
+
+
 class FeatureStore:
     """This process's full patch features, one entry per embedded batch; see the module doc.
 
@@ -221,8 +227,14 @@ class FeatureStore:
         for k, start in enumerate(starts):
             mine = np.flatnonzero(images // per_shard == k)
             if mine.size:
-                local = images[mine] % per_shard
-                out[mine] = np.asarray(shards[start][local, patches[mine]])
+                # Index arrays padded to a power of two: a few compiled gathers, not one per m.
+                size = 1 << max(0, mine.size - 1).bit_length()
+                local = np.zeros(size, np.int32)
+                local[: mine.size] = images[mine] % per_shard
+                patch = np.zeros(size, np.int32)
+                patch[: mine.size] = patches[mine]
+                rows = _gather_rows(shards[start], local, patch)
+                out[mine] = np.asarray(rows)[: mine.size]
         return out
 
     # ------------------------------------------------------------------ clean-up
