@@ -151,7 +151,8 @@ def main() -> None:
     lines = []
     model.fit(local_rows(train_images, **split), log=lines.append)
     print("\n".join(lines), flush=True)
-    assert ("spilled to" if budget == 0.0 else "on the device") in lines[0], lines[0]
+    features_line = next(line for line in lines if line.startswith("features:"))
+    assert ("spilled to" if budget == 0.0 else "on the device") in features_line, lines
     local_scores, local_maps = model.predict(local_rows(test_images, **split))
     model.save(args.out / "model")  # every process takes part; process 0 swaps folders
     np.savez(
