@@ -710,6 +710,24 @@ def project_rows(features: jax.Array, projection: jax.Array | None, *, mesh: Mes
     )(features, projection)
 
 
+def _checked_start_indices(start_indices: np.ndarray | jax.Array, num_rows: int) -> np.ndarray:
+    """``start_indices`` as a host array, or ValueError unless a non-empty 1-D integer array of
+    rows in [0, num_rows)."""
+    start_indices = np.asarray(start_indices)
+    if (
+        start_indices.ndim != 1
+        or start_indices.size < 1
+        or not np.issubdtype(start_indices.dtype, np.integer)
+        or start_indices.min() < 0
+        or start_indices.max() >= num_rows
+    ):
+        raise ValueError(
+            f"start_indices must be a non-empty 1-D integer array in [0, {num_rows}), "
+            f"got {start_indices!r}"
+        )
+    return start_indices
+
+
 def greedy_coreset_from_projected(
     projected: np.ndarray | jax.Array,
     num_samples: int,
@@ -752,18 +770,7 @@ def greedy_coreset_from_projected(
             raise ValueError(f"num_start_points must be >= 1, got {num_start_points}")
         _, start_key = jax.random.split(key)
         start_indices = random_subsample(num_rows, min(num_start_points, num_rows), start_key)
-    start_indices = np.asarray(start_indices)
-    if (
-        start_indices.ndim != 1
-        or start_indices.size < 1
-        or not np.issubdtype(start_indices.dtype, np.integer)
-        or start_indices.min() < 0
-        or start_indices.max() >= num_rows
-    ):
-        raise ValueError(
-            f"start_indices must be a non-empty 1-D integer array in [0, {num_rows}), "
-            f"got {start_indices!r}"
-        )
+    start_indices = _checked_start_indices(start_indices, num_rows)
     if total > _padded_rows(num_rows, mesh):
         raise ValueError(
             f"projected has {total} rows, more than {num_rows} rows padded for the mesh "
@@ -863,18 +870,7 @@ def approximate_greedy_coreset(
         if num_start_points < 1:
             raise ValueError(f"num_start_points must be >= 1, got {num_start_points}")
         start_indices = random_subsample(num_rows, min(num_start_points, num_rows), start_key)
-    start_indices = np.asarray(start_indices)
-    if (
-        start_indices.ndim != 1
-        or start_indices.size < 1
-        or not np.issubdtype(start_indices.dtype, np.integer)
-        or start_indices.min() < 0
-        or start_indices.max() >= num_rows
-    ):
-        raise ValueError(
-            f"start_indices must be a non-empty 1-D integer array in [0, {num_rows}), "
-            f"got {start_indices!r}"
-        )
+    start_indices = _checked_start_indices(start_indices, num_rows)
     return _greedy_selection(
         _rows_on_mesh(features, mesh),
         None if projection is None else replicate(projection, mesh),
