@@ -49,6 +49,10 @@ from common import REPO_ROOT, RESULTS, best_times, command_line
 
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 from fixture_data import FIXTURES, load_fixture  # noqa: E402  (the tests' one loader)
+from float_rounding import (  # noqa: E402  (derived rounding bounds)
+    compare_greedy_selection,
+    nearest_index_differences,
+)
 
 from patchcore_jax import coreset, features, scoring, sharding
 from patchcore_jax.backbones import init_backbone
@@ -245,11 +249,15 @@ def check_correctness(report: Report, sizes: Sizes) -> None:
                 start_indices=case["start_points"],
             )
         )
-        differ = np.flatnonzero(selected != expected)
-        measured = f"{len(expected) - len(differ)}/{len(expected)} indices equal"
-        if len(differ):
-            measured += f", first difference at step {differ[0]}"
-        report.check(f"greedy coreset `{group}`", len(differ) == 0, measured, "identical")
+        # Identical up to float32 near-ties: a GPU rounds differently from the CPU that made
+        # the fixture, so two rows at a near-tie may be taken in the other order (counted).
+        comparison = compare_greedy_selection(
+            case["features"], selected, expected, case["start_points"], case.get("projection")
+        )
+        measured = comparison.summary()
+        report.check(
+            f"greedy coreset `{group}`", comparison.ok, measured, "identical up to near-ties"
+        )
 
     data = load_fixture("reference_parity", "score")
     num_images = len(data["image_scores"])
@@ -271,21 +279,30 @@ def check_correctness(report: Report, sizes: Sizes) -> None:
             f"max relative error {error:.2e}",
             "1e-4 relative",
         )
-    differ = int((np.asarray(result.nearest_indices).ravel() != data["nearest_index"]).sum())
+    # Identical nearest rows up to float32 near-ties (counted), as for the coreset.
+    ties, differ = nearest_index_differences(
+        data["queries"],
+        data["memory_bank"],
+        np.asarray(result.nearest_indices).ravel(),
+        data["nearest_index"],
+    )
     report.check(
         "score_patch_features nearest indices",
         differ == 0,
-        f"{differ} of {len(data['nearest_index'])} differ",
-        "identical",
+        f"{differ} of {len(data['nearest_index'])} differ beyond a near-tie, {ties} near-ties",
+        "identical up to near-ties",
     )
     distances, indices = scoring.nearest_neighbors(data["queries"], data["memory_bank"])
     error = relative_error(np.asarray(distances)[:, 0], data["patch_scores"])
-    differ = int((np.asarray(indices)[:, 0] != data["nearest_index"]).sum())
+    ties, differ = nearest_index_differences(
+        data["queries"], data["memory_bank"], np.asarray(indices)[:, 0], data["nearest_index"]
+    )
     report.check(
         "nearest_neighbors distances and indices",
         error < 1e-4 and differ == 0,
-        f"max relative error {error:.2e}, {differ} indices differ",
-        "1e-4 relative, identical",
+        f"max relative error {error:.2e}, {differ} indices differ beyond a near-tie, "
+        f"{ties} near-ties",
+        "1e-4 relative, identical up to near-ties",
     )
 
     # The fast precision: bfloat16 candidates re-ranked with exact float32 distances.

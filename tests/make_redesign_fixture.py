@@ -1,5 +1,5 @@
-"""Writes tests/fixtures/redesign_golden.npz: what today's fit engines and benchmark compute on a
-small slice of the demo bottle category (MobileNetV2, exact, 10% coreset, every sampler that
+"""Writes tests/regression/redesign_golden.npz: what today's fit engines and benchmark compute on
+a small slice of the demo bottle category (MobileNetV2, exact, 10% coreset, every sampler that
 the fit engines dispatch, self-excluded and held-out calibration).
 
 Run once on the main before the "one of everything" redesign (commit e7d2e02); the redesign's
@@ -88,4 +88,5 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "tests" / "fixtures" / "redesign_golden.npz")
+    default = REPO / "tests" / "regression" / "redesign_golden.npz"
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else default)

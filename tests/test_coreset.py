@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import load_fixture
+from float_rounding import GreedyComparison, compare_greedy_selection
 from jax.extend.core import Jaxpr
 
 from patchcore_jax import coreset, sharding
@@ -52,6 +53,14 @@ def fixture_coreset(group: str, mesh, method: str = "auto") -> tuple[np.ndarray,
     return np.asarray(selected), case["indices"]
 
 
+def compare_with_fixture(group: str, selected: np.ndarray) -> GreedyComparison:
+    """``selected`` against the reference's indices, up to float32 near-ties (counted)."""
+    case = load_fixture("reference_parity", group)
+    return compare_greedy_selection(
+        case["features"], selected, case["indices"], case["start_points"], case.get("projection")
+    )
+
+
 def test_conftest_gives_eight_devices():
     assert jax.device_count() == 8
 
@@ -63,10 +72,37 @@ def test_conftest_gives_eight_devices():
 @pytest.mark.parametrize("num_devices", [1, 2, 3, 8])
 @pytest.mark.parametrize("group", FIXTURE_GROUPS)
 def test_fixture_indices_identical_to_reference(group, num_devices, method):
-    """Same indices in the same order as the authors' code, on 1, 2, 3 and 8 devices."""
-    selected, expected = fixture_coreset(group, mesh_of(num_devices), method)
+    """Same indices in the same order as the authors' code, on 1, 2, 3 and 8 devices, except
+    where two rows are a float32 near-tie (CPUs and GPUs round differently; counted)."""
+    selected, _ = fixture_coreset(group, mesh_of(num_devices), method)
     assert selected.dtype == np.int32
-    np.testing.assert_array_equal(selected, expected)
+    comparison = compare_with_fixture(group, selected)
+    print(comparison.summary())
+    assert comparison.ok, comparison.summary()
+
+
+def test_fixture_comparison_accepts_only_near_ties():
+    """The comparison's own check: the swap an AVX-only XLA build makes at step 167 (rows
+    1429 and 1523, a float32 near-tie; ``XLA_FLAGS=--xla_cpu_max_isa=AVX`` reproduces it) is
+    accepted and counted; a deliberate non-tie difference in the order or a wrong row fails."""
+    case = load_fixture("reference_parity", "coreset_d1024")
+    expected = case["indices"]
+    assert list(expected[167:169]) == [1523, 1429]
+    swapped = expected.copy()
+    swapped[[167, 168]] = swapped[[168, 167]]
+    comparison = compare_with_fixture("coreset_d1024", swapped)
+    assert comparison.ok and comparison.tie_steps == [167] and comparison.diverged_steps == 1
+    for group in FIXTURE_GROUPS:
+        expected = load_fixture("reference_parity", group)["indices"]
+        for first, second in [(0, 1), (20, 21), (5, 100)]:
+            reordered = expected.copy()
+            reordered[[first, second]] = reordered[[second, first]]
+            comparison = compare_with_fixture(group, reordered)
+            assert not comparison.ok and f"step {first}:" in comparison.violation
+        replaced = expected.copy()
+        replaced[50] = next(i for i in range(3000) if i not in set(expected))
+        assert not compare_with_fixture(group, replaced).ok
+        assert not compare_with_fixture(group, expected[:-1]).ok
 
 
 def test_fixture_fraction_matches_sample_count():

@@ -8,6 +8,7 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as torch_f
 from conftest import load_fixture
+from float_rounding import nearest_index_differences
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,7 +40,15 @@ def test_reference_fixture(score_fixture):
     assert _relative_error(result.patch_scores.ravel(), data["patch_scores"]) < 1e-4
     assert _relative_error(result.image_scores, data["image_scores"]) < 1e-4
     assert _relative_error(result.anomaly_maps, data["maps"]) < 1e-4
-    np.testing.assert_array_equal(np.asarray(result.nearest_indices).ravel(), data["nearest_index"])
+    # The reference's nearest rows, except where two rows are a float32 near-tie.
+    ties, violations = nearest_index_differences(
+        data["queries"],
+        data["memory_bank"],
+        np.asarray(result.nearest_indices).ravel(),
+        data["nearest_index"],
+    )
+    print(f"{ties} nearest-row near-ties")
+    assert violations == 0
     assert result.nearest_indices.dtype == np.int32
 
 
