@@ -371,10 +371,11 @@ def test_pruned_reads_few_rows_on_clustered_bank():
 @pytest.fixture(scope="module")
 def bottle_features(bottle_dir) -> np.ndarray:
     """Real bank: MobileNetV2 patch features of the 209 bottle training images [163856, 1024]."""
-    from patchcore_jax import PatchCore, PatchCoreConfig, data, preprocess
+    from patchcore_jax import PatchCore, PatchCoreConfig, preprocess
+    from patchcore_jax.datasets import folders
 
     model = PatchCore(PatchCoreConfig(backbone="mobilenet_v2"), mesh=mesh_of(1))
-    paths = data.load_dataset(bottle_dir).train_paths
+    paths = folders.load_dataset(bottle_dir).train_paths
     return model.patch_features(preprocess.iter_image_batches(paths, 8, 256, 224))
 
 
