@@ -12,6 +12,7 @@ from conftest import load_fixture
 from jax.extend.core import Jaxpr
 
 from patchcore_jax import coreset, sharding
+from patchcore_jax.config import SAMPLERS
 
 FIXTURE_GROUPS = ("coreset_d1024", "coreset_d128")
 METHODS = ("full", "pruned")
@@ -494,7 +495,7 @@ def test_learned_proxies_reduce_the_objective_on_clustered_data():
     np.testing.assert_allclose(after, expected, rtol=1e-4)
 
 
-@pytest.mark.parametrize("sampler", coreset.SAMPLERS)
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_build_memory_bank_samplers(sampler):
     case = load_fixture("reference_parity", "coreset_d128")
     features = case["features"]

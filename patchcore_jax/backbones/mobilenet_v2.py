@@ -20,7 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-HIGHEST = jax.lax.Precision.HIGHEST
+from patchcore_jax.sharding import HIGHEST
+
 MOBILENET_STAGES: tuple[str, ...] = ("stride4", "stride8", "stride16", "stride32", "logits")
 ACTIVATIONS = ("none", "relu", "relu6")
 
