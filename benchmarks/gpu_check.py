@@ -513,9 +513,10 @@ def bottle_images(sizes: Sizes) -> tuple[np.ndarray, np.ndarray]:
     """Bottle-sized work from the shipped demo category (nothing from ``../shared``):
     ``(train [209, 224, 224, 3], test [83, ...])`` uint8; the 70 demo training images are
     used as they are, flipped left-right and flipped up-down (209 distinct images)."""
-    from patchcore_jax import data, preprocess
+    from patchcore_jax import preprocess
+    from patchcore_jax.datasets.folders import load_dataset
 
-    dataset = data.load_dataset(DEMO)
+    dataset = load_dataset(DEMO)
     train = preprocess.load_images(dataset.train_paths[: sizes.bottle_train_sources])
     train = np.concatenate([train, train[:, :, ::-1], train[:, ::-1]])
     test = preprocess.load_images([s.image_path for s in dataset.test_samples])

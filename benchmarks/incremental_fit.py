@@ -20,10 +20,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 from common import REPO_ROOT, RESULTS, machine, write_results  # noqa: E402
 
-from patchcore_jax import PatchCore, PatchCoreConfig, data, metrics, preprocess  # noqa: E402
+from patchcore_jax import PatchCore, PatchCoreConfig, metrics, preprocess  # noqa: E402
+from patchcore_jax.datasets import folders  # noqa: E402
 
 
-def evaluate(model: PatchCore, dataset: data.Dataset) -> dict[str, float]:
+def evaluate(model: PatchCore, dataset: folders.Dataset) -> dict[str, float]:
     scores, maps = model.predict(
         preprocess.iter_image_batches(dataset.test_image_paths, model.config.batch_size)
     )
@@ -36,7 +37,7 @@ def main() -> None:
     default = REPO_ROOT.parent / "shared/data/mvtec_ad/bottle"
     parser.add_argument("--data", type=Path, default=default)
     args = parser.parse_args()
-    dataset = data.load_dataset(args.data)
+    dataset = folders.load_dataset(args.data)
     train = list(dataset.train_paths)
     half = len(train) // 2
     config = PatchCoreConfig(backbone="mobilenet_v2", calibration="none", batch_size=16)

@@ -113,7 +113,7 @@ def main() -> None:
     load_before = os.getloadavg()
 
     from patchcore_jax.backbones import init_backbone, load_backbone
-    from patchcore_jax.data import load_dataset
+    from patchcore_jax.datasets.folders import load_dataset
     from patchcore_jax.preprocess import load_images, load_mask
 
     sys.path.insert(0, str(REPO_ROOT / "tests"))

@@ -39,9 +39,10 @@ def worker(args: argparse.Namespace) -> None:
     import jax
     import numpy as np
 
-    from patchcore_jax import data, preprocess
+    from patchcore_jax import preprocess
     from patchcore_jax.backbones import init_backbone, load_backbone
     from patchcore_jax.config import PatchCoreConfig
+    from patchcore_jax.datasets import folders
     from patchcore_jax.model import PatchCore
 
     fields = PatchCoreConfig.__dataclass_fields__
@@ -51,7 +52,7 @@ def worker(args: argparse.Namespace) -> None:
     elif args.precision != "exact":
         raise SystemExit(f"this tree has no precision option ({args.precision!r} asked)")
     config = PatchCoreConfig(**options)
-    train_paths = data.load_train_paths(args.data)
+    train_paths = folders.load_train_paths(args.data)
     log_lines: list[str] = []
     imported = time.perf_counter()
     backbone = (
@@ -75,7 +76,7 @@ def worker(args: argparse.Namespace) -> None:
         "bank_checksum": float(np.asarray(model.memory_bank, np.float64).sum()),
     }
     if args.predict_images:
-        test_paths = [s.image_path for s in data.load_dataset(args.data).test_samples]
+        test_paths = [s.image_path for s in folders.load_dataset(args.data).test_samples]
         images = preprocess.load_images(test_paths, config.resize, 224)
         repeats = -(-args.predict_images // len(images))
         images = np.concatenate([images] * repeats)[: args.predict_images]

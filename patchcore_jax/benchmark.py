@@ -1,7 +1,8 @@
 """The whole-benchmark runner: fit and evaluate every category of an MVTec AD root.
 
-It calls the library (``data``, ``preprocess``, ``PatchCore``, ``ensemble``, ``metrics``) exactly
-as a user would, so a category's row equals a separate ``fit`` + ``evaluate`` of it. Output::
+It calls the library (``datasets.folders``, ``preprocess``, ``PatchCore``, ``ensemble``,
+``metrics``) exactly as a user would, so a category's row equals a separate ``fit`` +
+``evaluate`` of it. Output::
 
     OUT/results.csv         the authors' layout: Row Names, instance_auroc, full_pixel_auroc,
                             full_pro, anomaly_pixel_auroc, anomaly_pro (+ error), then Mean
@@ -37,8 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from patchcore_jax import data, metrics, preprocess
+from patchcore_jax import metrics, preprocess
 from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax.datasets import folders
 from patchcore_jax.files import atomic_write_text, output_folder
 
 # The authors' results.csv columns, and where each comes from in ``metrics.evaluate``.
@@ -85,7 +87,7 @@ def find_categories(
         raise FileNotFoundError(f"benchmark root {root} does not exist")
     categories, notes = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if data.is_tool_output(folder):
+        if folders.is_tool_output(folder):
             continue
         if (folder / "train").is_dir() or (folder / "test").is_dir():
             categories.append(folder)
@@ -145,7 +147,7 @@ def evaluate_category(
     progress: Callable[[int, str], Any] | None = None,
 ) -> CategoryResult:
     """Fits ``configs`` (one model, or the members of an ensemble) on a category's training
-    images (``train_images`` of them, drawn by ``data.few_shot_subset``) and evaluates them on
+    images (``train_images`` of them, drawn by ``folders.few_shot_subset``) and evaluates them on
     its test set, timing each phase.
 
     Args:
@@ -161,11 +163,11 @@ def evaluate_category(
     bar = progress or (lambda total, description: _NoBar())
     first = configs[0]
     ensemble.check_members(configs)
-    dataset = data.load_dataset(category)
-    data.validate_masks(dataset)
+    dataset = folders.load_dataset(category)
+    folders.validate_masks(dataset)
     train_paths = list(dataset.train_paths)
     if train_images is not None:
-        train_paths = data.few_shot_subset(train_paths, train_images, train_seed)
+        train_paths = folders.few_shot_subset(train_paths, train_images, train_seed)
     test_paths = dataset.test_image_paths
     image_options = {"resize": first.resize, "crop": first.crop, "resize_mode": first.resize_mode}
     masks = preprocess.load_masks(

@@ -29,9 +29,9 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from patchcore_jax import scoring
-from patchcore_jax.sharding import ALL_AXES, mesh_size
+from patchcore_jax.config import CALIBRATION_METHODS
+from patchcore_jax.sharding import ALL_AXES, HIGHEST, mesh_size
 
-METHODS: tuple[str, ...] = ("self-excluded", "held-out", "validation")
 NUM_PIXEL_QUANTILES = 101  # the stored pixel-score distribution: its 0th..100th percentiles
 _PADDING = -1  # source image of padded bank rows / padded queries (never a real image)
 
@@ -80,7 +80,7 @@ def _masked_local_top_k(
         query_norms = jnp.sum(block_queries * block_queries, axis=1)
         block_search, search_norms = block_queries.astype(jnp.bfloat16), query_norms
         if low_rank:
-            block_search = jnp.dot(block_queries, basis, precision=scoring.HIGHEST)
+            block_search = jnp.dot(block_queries, basis, precision=HIGHEST)
             search_norms = jnp.sum(block_search * block_search, axis=1)
 
         def bank_step(carry, tile):
@@ -90,7 +90,7 @@ def _masked_local_top_k(
                     block_search, search_norms, tile_rows, tile_norms
                 )
             else:
-                products = jnp.dot(block_queries, tile_rows.T, precision=scoring.HIGHEST)
+                products = jnp.dot(block_queries, tile_rows.T, precision=HIGHEST)
                 distances = (query_norms[:, None] + tile_norms[None, :]) - 2.0 * products
                 distances = jnp.maximum(distances, 0.0)
             distances = jnp.where(block_images[:, None] == tile_images[None, :], jnp.inf, distances)
@@ -340,7 +340,7 @@ class Calibration:
             values["labels"] = np.asarray(values["labels"], np.int64)
         if values.get("images") is not None:
             values["images"] = tuple(int(i) for i in values["images"])
-        if values["method"] not in METHODS:
+        if values["method"] not in CALIBRATION_METHODS:
             raise ValueError(f"unknown calibration method {values['method']!r}")
         return cls(**values)
 
@@ -378,8 +378,8 @@ def calibrate(
         )
     if not 0.0 < quantile <= 1.0:
         raise ValueError(f"threshold quantile must be in (0, 1], got {quantile!r}")
-    if method not in METHODS:
-        raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}")
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
     pixel_maxima = anomaly_maps.reshape(len(anomaly_maps), -1).max(axis=1)
     defective = labels is not None and bool(np.any(labels))
     if defective:

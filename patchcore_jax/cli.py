@@ -776,17 +776,17 @@ def _output_names(entries: Sequence[str], recursive: bool) -> tuple[list[Path], 
     name (``good/000.png``); a file by its name. If two arguments would give the same name, every
     name gets its argument's position as a prefix (``2/good/000.png``).
     """
-    from patchcore_jax import data
+    from patchcore_jax.datasets import folders
 
     paths, names, positions = [], [], []
     for position, entry in enumerate(entries, start=1):
         entry_path = Path(entry)
         if entry_path.is_dir():
-            found = data.image_paths([entry_path], recursive=recursive)
+            found = folders.image_paths([entry_path], recursive=recursive)
             base = Path(entry_path.absolute().name)
             names += [(base / path.relative_to(entry_path)).as_posix() for path in found]
         else:
-            found = data.image_paths([entry_path])
+            found = folders.image_paths([entry_path])
             names.append(entry_path.name)
         paths += found
         positions += [position] * len(found)
@@ -838,10 +838,11 @@ def _save_heatmaps(
 def _contour_mask(path: Path, config: PatchCoreConfig) -> np.ndarray | None:
     """The ground truth beside an MVTec-layout image, for the heatmap contour only: a mask that
     cannot be used costs the contour and a warning, never the run."""
-    from patchcore_jax import data, preprocess
+    from patchcore_jax import preprocess
+    from patchcore_jax.datasets import folders
 
     try:
-        mask_path = data.find_mask(path)
+        mask_path = folders.find_mask(path)
         if mask_path is None:
             return None
         return preprocess.load_mask(
@@ -875,12 +876,13 @@ def _calibration_choice(args: argparse.Namespace) -> str:
 def _validation_set(folder: Path, config: PatchCoreConfig):
     """(paths, labels or None, masks or None) of a --validation folder: MVTec layout (labelled,
     with masks) if it has test/, else its good images (train/good, train/ or the folder)."""
-    from patchcore_jax import data, preprocess
+    from patchcore_jax import preprocess
+    from patchcore_jax.datasets import folders
 
     if not (folder / "test").is_dir():
-        return data.load_train_paths(folder), None, None
-    dataset = data.load_dataset(folder, train=False)
-    data.validate_masks(dataset)
+        return folders.load_train_paths(folder), None, None
+    dataset = folders.load_dataset(folder, train=False)
+    folders.validate_masks(dataset)
     paths = dataset.test_image_paths
     masks = preprocess.load_masks(
         dataset.test_mask_paths,
@@ -953,11 +955,11 @@ def _configs(args: argparse.Namespace) -> list[PatchCoreConfig]:
 
 
 def _train_paths(args: argparse.Namespace) -> list[Path]:
-    from patchcore_jax import data
+    from patchcore_jax.datasets import folders
 
-    paths = data.load_train_paths(args.data)
+    paths = folders.load_train_paths(args.data)
     if args.train_images is not None:
-        paths = data.few_shot_subset(paths, args.train_images, args.train_seed)
+        paths = folders.few_shot_subset(paths, args.train_images, args.train_seed)
     return paths
 
 
@@ -1145,7 +1147,8 @@ def _save_masks(out_dir: Path, names: Sequence[str], masks: np.ndarray) -> list[
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from patchcore_jax import data, metrics, preprocess
+    from patchcore_jax import metrics, preprocess
+    from patchcore_jax.datasets import folders
     from patchcore_jax.ensemble import load_model
     from patchcore_jax.files import atomic_write_text, output_folder
 
@@ -1154,10 +1157,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} is a file; expected an output folder (--out)")
     model = load_model(args.model, mesh=_mesh(args.bank_shards))  # checked first
-    dataset = data.load_dataset(
+    dataset = folders.load_dataset(
         args.data, allow_missing_masks=args.allow_missing_masks, train=False
     )
-    data.validate_masks(dataset)
+    folders.validate_masks(dataset)
     samples = dataset.test_samples
     paths = [s.image_path for s in samples]
     config = model.config
@@ -1278,7 +1281,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _split(args: argparse.Namespace) -> int:
-    from patchcore_jax import split
+    from patchcore_jax.datasets import split
 
     def named_dirs(values: Sequence[str], option: str) -> dict[str, Path]:
         named: dict[str, Path] = {}
@@ -1309,7 +1312,7 @@ def _split(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from patchcore_jax import download
+    from patchcore_jax.datasets import download
 
     folders = download.fetch_mvtec_ad(
         args.out,

@@ -11,26 +11,30 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+# The one copy of each choice: a Literal type for the field, its values as a tuple for checks and
+# the command line (every other module imports them from here).
 Sampler = Literal["approx_greedy_coreset", "random", "identity", "learned_proxies"]
-Distance = Literal["squared_l2", "l2"]
-ResizeMode = Literal["shorter-side", "stretch"]
-Calibration = Literal["self-excluded", "held-out", "none"]
-
-SAMPLERS: tuple[str, ...] = ("approx_greedy_coreset", "random", "identity", "learned_proxies")
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
 CoresetMethod = Literal["auto", "pruned", "full"]
-CORESET_METHODS: tuple[str, ...] = ("auto", "pruned", "full")
-DISTANCES: tuple[str, ...] = ("squared_l2", "l2")
-RESIZE_MODES: tuple[str, ...] = ("shorter-side", "stretch")
+CORESET_METHODS: tuple[str, ...] = get_args(CoresetMethod)
+Distance = Literal["squared_l2", "l2"]
+DISTANCES: tuple[str, ...] = get_args(Distance)
+ResizeMode = Literal["shorter-side", "stretch"]
+RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
+Calibration = Literal["self-excluded", "held-out", "none"]
+CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
+# How a stored calibration was made (``validation``: scored on a labelled validation set).
+CalibrationMethod = Literal["self-excluded", "held-out", "validation"]
+CALIBRATION_METHODS: tuple[str, ...] = get_args(CalibrationMethod)
+Precision = Literal["exact", "fast"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 # Backbone outputs without a spatial grid, so no patch features.
 NON_SPATIAL_STAGES: tuple[str, ...] = ("logits",)
 # jax.random.key keeps the low 32 bits of a seed (without jax_enable_x64): larger seeds would
 # silently repeat smaller ones, and it overflows past 2**63.
 SEED_LIMIT = 2**32
-CALIBRATIONS: tuple[str, ...] = ("self-excluded", "held-out", "none")
-Precision = Literal["exact", "fast"]
-PRECISIONS: tuple[str, ...] = ("exact", "fast")
 
 
 @dataclass(frozen=True)

@@ -48,24 +48,22 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from patchcore_jax.config import CORESET_METHODS, SAMPLERS
 from patchcore_jax.sharding import (
     ALL_AXES,
+    HIGHEST,
     mesh_size,
     replicate,
     row_sharding,
     single_device_mesh,
 )
 
-SAMPLERS = ("approx_greedy_coreset", "random", "identity", "learned_proxies")
-
 # Rows are projected in chunks of this many rows, and each device's share of rows is padded to
 # a multiple of it. Every chunk then covers the same global rows on every mesh and runs the
 # same fixed-shape matmul, so projections are bit-identical on 1 or many devices (a matmul's
 # rounding depends on its shape: XLA and cuBLAS pick kernels per shape).
 _CHUNK_ROWS = 256
-_HIGHEST = jax.lax.Precision.HIGHEST
 
-GREEDY_METHODS = ("auto", "pruned", "full")
 # "auto" prunes when the full pass would visit at least this many rows (steps x N, about 25 s
 # of full-pass steps on a 2-core CPU; benchmarks/results/coreset.md): below it the pruned
 # path's one-off costs (compiling more code, grouping rows into blocks) exceed what it saves.
@@ -125,7 +123,7 @@ def _project_rows(features: jax.Array, projection: jax.Array | None) -> jax.Arra
         return features.astype(jnp.float32)
     chunks = features.reshape(-1, _CHUNK_ROWS, features.shape[1])
     return jax.lax.map(
-        lambda chunk: jnp.dot(chunk.astype(jnp.float32), projection.T, precision=_HIGHEST),
+        lambda chunk: jnp.dot(chunk.astype(jnp.float32), projection.T, precision=HIGHEST),
         chunks,
     ).reshape(features.shape[0], projection.shape[0])
 
@@ -758,8 +756,8 @@ def greedy_coreset_from_projected(
         raise ValueError(f"num_rows must be in [1, {total}], got {num_rows}")
     if not 1 <= num_samples <= num_rows:
         raise ValueError(f"num_samples must be in [1, N={num_rows}], got {num_samples}")
-    if method not in GREEDY_METHODS:
-        raise ValueError(f"method must be one of {GREEDY_METHODS}, got {method!r}")
+    if method not in CORESET_METHODS:
+        raise ValueError(f"method must be one of {CORESET_METHODS}, got {method!r}")
     if method == "auto":
         method = "pruned" if num_samples * num_rows >= _PRUNED_MIN_ROW_VISITS else "full"
     mesh = single_device_mesh() if mesh is None else mesh
@@ -835,8 +833,8 @@ def approximate_greedy_coreset(
     num_rows, dim = _check_features(features)
     if not 1 <= num_samples <= num_rows:
         raise ValueError(f"num_samples must be in [1, N={num_rows}], got {num_samples}")
-    if method not in GREEDY_METHODS:
-        raise ValueError(f"method must be one of {GREEDY_METHODS}, got {method!r}")
+    if method not in CORESET_METHODS:
+        raise ValueError(f"method must be one of {CORESET_METHODS}, got {method!r}")
     if method == "auto":
         method = "pruned" if num_samples * num_rows >= _PRUNED_MIN_ROW_VISITS else "full"
     mesh = single_device_mesh() if mesh is None else mesh
@@ -901,7 +899,7 @@ def proxy_objective(features: jax.Array, proxies: jax.Array) -> jax.Array:
     """
     features = jnp.asarray(features, jnp.float32)
     proxies = jnp.asarray(proxies, jnp.float32)
-    cross = jnp.dot(features, proxies.T, precision=_HIGHEST)
+    cross = jnp.dot(features, proxies.T, precision=HIGHEST)
     squared = (
         -2.0 * cross + jnp.sum(features**2, axis=1)[:, None] + jnp.sum(proxies**2, axis=1)[None]
     )
@@ -1010,8 +1008,8 @@ def build_memory_bank(
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-    if coreset_method not in GREEDY_METHODS:
-        raise ValueError(f"coreset_method must be one of {GREEDY_METHODS}, got {coreset_method!r}")
+    if coreset_method not in CORESET_METHODS:
+        raise ValueError(f"coreset_method must be one of {CORESET_METHODS}, got {coreset_method!r}")
     num_rows, _ = _check_features(features)
     num_samples = max(1, int(num_rows * fraction))
     if sampler == "identity":

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-HIGHEST = jax.lax.Precision.HIGHEST
+from patchcore_jax.sharding import HIGHEST
 
 
 def bilinear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:

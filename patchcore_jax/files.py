@@ -126,3 +126,11 @@ def download_file(url: str, destination: Path, name: str) -> str:
                 digest.update(chunk)
                 bar.update(len(chunk))
     return digest.hexdigest()
+
+
+def first_line(error: BaseException) -> str:
+    """``module.Type: first line`` of an error, short enough for a one-line report."""
+    kind, module = type(error).__qualname__, type(error).__module__.split(".")[0]
+    kind = kind if module == "builtins" else f"{module.lstrip('_')}.{kind}"
+    text = str(error).strip()
+    return f"{kind}: {text.splitlines()[0][:200]}" if text else kind

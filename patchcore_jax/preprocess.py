@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from patchcore_jax.config import RESIZE_MODES
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # Pillow modes holding more than 8 bits per sample; scaled to 8 bits (Pillow's convert clips).
 _HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-RESIZE_MODES: tuple[str, ...] = ("shorter-side", "stretch")
 DEFAULT_MASK_THRESHOLD = 128
 
 Size = int | tuple[int, int]

@@ -39,12 +39,10 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from patchcore_jax.config import DISTANCES, PRECISIONS
 from patchcore_jax.features import bilinear_resize_matrix
-from patchcore_jax.sharding import BANK_AXIS, DATA_AXIS, single_device_mesh
+from patchcore_jax.sharding import BANK_AXIS, DATA_AXIS, HIGHEST, single_device_mesh
 
-HIGHEST = lax.Precision.HIGHEST
-DISTANCES = ("squared_l2", "l2")
-PRECISIONS = ("exact", "fast")
 CANDIDATE_SEARCHES = ("bfloat16", "low-rank")
 LOW_RANK_DIMS = 128  # r of the low-rank candidate search (benchmarks/results/precision.md)
 _NO_INDEX = np.iinfo(np.int32).max  # index of "no neighbour yet"; never survives a valid bank

@@ -1,4 +1,4 @@
-"""Device meshes and the sharding conventions every device stage follows.
+"""Device meshes and the conventions every device stage follows (sharding, matmul precision).
 
 One 2-D mesh serves the whole pipeline:
 
@@ -19,6 +19,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+# Every float32 matmul and einsum of the device stages runs at this precision, so GPUs and TPUs do
+# not silently use TF32 or bfloat16 passes (the reference numerics).
+HIGHEST = jax.lax.Precision.HIGHEST
 DATA_AXIS = "data"
 BANK_AXIS = "bank"
 ALL_AXES = (DATA_AXIS, BANK_AXIS)

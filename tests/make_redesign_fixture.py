@@ -20,7 +20,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 
 from patchcore_jax import PatchCore, PatchCoreConfig, benchmark, sharding  # noqa: E402
-from patchcore_jax.data import load_dataset  # noqa: E402
+from patchcore_jax.datasets.folders import load_dataset  # noqa: E402
 from patchcore_jax.preprocess import load_images  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

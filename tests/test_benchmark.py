@@ -9,7 +9,7 @@ from conftest import BOTTLE
 from test_cli import run_cli
 
 from patchcore_jax import benchmark
-from patchcore_jax.data import few_shot_subset
+from patchcore_jax.datasets.folders import few_shot_subset
 
 MODEL = ("--backbone", "mobilenet_v2", "--coreset-fraction", "0.05", "--quiet")
 FEW_SHOT = ("--train-images", "4", "--train-seed", "3")

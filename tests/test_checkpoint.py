@@ -12,7 +12,7 @@ import pytest
 from conftest import BOTTLE
 
 from patchcore_jax import CheckpointError, PatchCore, PatchCoreConfig, checkpoint, sharding
-from patchcore_jax.data import load_dataset
+from patchcore_jax.datasets.folders import load_dataset
 from patchcore_jax.preprocess import load_images
 
 

@@ -115,7 +115,7 @@ def test_predict_output_folders_are_never_mixed_or_lost(subset, model_dir, tmp_p
     assert sorted(p.name for p in (out / "heatmaps").iterdir() if p.suffix) == ["000.png"]
     assert len((out / "scores.csv").read_text().splitlines()) == 2  # header + one image
     # the folder, its heatmaps and the dataset stay apart
-    from patchcore_jax.data import load_dataset
+    from patchcore_jax.datasets.folders import load_dataset
 
     assert "predictions" not in {s.defect_type for s in load_dataset(subset).test_samples}
     shutil.rmtree(out)  # the subset is shared with other tests

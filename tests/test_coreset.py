@@ -13,6 +13,7 @@ from float_rounding import GreedyComparison, compare_greedy_selection
 from jax.extend.core import Jaxpr
 
 from patchcore_jax import coreset, sharding
+from patchcore_jax.config import SAMPLERS
 
 FIXTURE_GROUPS = ("coreset_d1024", "coreset_d128")
 METHODS = ("full", "pruned")
@@ -407,10 +408,11 @@ def test_pruned_reads_few_rows_on_clustered_bank():
 @pytest.fixture(scope="module")
 def bottle_features(bottle_dir) -> np.ndarray:
     """Real bank: MobileNetV2 patch features of the 209 bottle training images [163856, 1024]."""
-    from patchcore_jax import PatchCore, PatchCoreConfig, data, preprocess
+    from patchcore_jax import PatchCore, PatchCoreConfig, preprocess
+    from patchcore_jax.datasets import folders
 
     model = PatchCore(PatchCoreConfig(backbone="mobilenet_v2"), mesh=mesh_of(1))
-    paths = data.load_dataset(bottle_dir).train_paths
+    paths = folders.load_dataset(bottle_dir).train_paths
     return model.patch_features(preprocess.iter_image_batches(paths, 8, 256, 224))
 
 
@@ -529,7 +531,7 @@ def test_learned_proxies_reduce_the_objective_on_clustered_data():
     np.testing.assert_allclose(after, expected, rtol=1e-4)
 
 
-@pytest.mark.parametrize("sampler", coreset.SAMPLERS)
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_build_memory_bank_samplers(sampler):
     case = load_fixture("reference_parity", "coreset_d128")
     features = case["features"]

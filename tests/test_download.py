@@ -1,4 +1,4 @@
-"""download.py: MVTec AD fetch from a local archive (file:// URL), verified and unpacked."""
+"""datasets/download.py: MVTec AD fetch from a local archive (file:// URL), verified, unpacked."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import tarfile
 import pytest
 from conftest import DEMO_BOTTLE
 
-from patchcore_jax.data import load_dataset
-from patchcore_jax.download import fetch_mvtec_ad
+from patchcore_jax.datasets.download import fetch_mvtec_ad
+from patchcore_jax.datasets.folders import load_dataset
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from conftest import BOTTLE
 
 from patchcore_jax import PatchCore, PatchCoreConfig, checkpoint, ensemble, sharding
 from patchcore_jax.backbones import init_backbone
-from patchcore_jax.data import load_dataset
+from patchcore_jax.datasets.folders import load_dataset
 from patchcore_jax.preprocess import load_images
 
 

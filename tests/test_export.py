@@ -13,7 +13,7 @@ from conftest import BOTTLE
 from test_cli import run_cli
 
 from patchcore_jax import PatchCore, PatchCoreConfig, exported
-from patchcore_jax.data import load_dataset
+from patchcore_jax.datasets.folders import load_dataset
 from patchcore_jax.preprocess import load_images
 
 LOADER = textwrap.dedent(

@@ -13,7 +13,6 @@ from conftest import BOTTLE, SHARED, WEIGHTS
 from PIL import Image
 
 from patchcore_jax.backbones import load_backbone
-from patchcore_jax.backbones.convert import read_tflite
 from patchcore_jax.backbones.mobilenet_v2 import (
     DEFAULT_LAYOUT,
     MOBILENET_STAGES,
@@ -21,6 +20,7 @@ from patchcore_jax.backbones.mobilenet_v2 import (
     MobileNetV2,
     stage_blocks,
 )
+from patchcore_jax.backbones.tflite import read_tflite
 
 # The interpreter warns that keeping intermediate tensors is for debugging: that is our use.
 pytestmark = pytest.mark.filterwarnings("ignore:.*experimental_preserve_all_tensors")

@@ -7,7 +7,7 @@ from conftest import BOTTLE
 from sklearn.metrics import roc_auc_score
 
 from patchcore_jax import PatchCore, PatchCoreConfig, sharding
-from patchcore_jax.data import load_dataset
+from patchcore_jax.datasets.folders import load_dataset
 from patchcore_jax.preprocess import load_images, load_mask
 
 

@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from patchcore_jax import PatchCore, PatchCoreConfig, calibration, scoring, sharding
 from patchcore_jax.backbones import init_backbone, load_backbone
-from patchcore_jax.data import load_dataset
+from patchcore_jax.datasets.folders import load_dataset
 from patchcore_jax.model import backbone_variables, backend_numerics, embed_images
 from patchcore_jax.preprocess import load_images
 

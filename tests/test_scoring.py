@@ -197,7 +197,7 @@ def bottle_features():
     from conftest import BOTTLE
 
     from patchcore_jax import PatchCore, PatchCoreConfig
-    from patchcore_jax.data import load_dataset
+    from patchcore_jax.datasets.folders import load_dataset
     from patchcore_jax.preprocess import load_images
 
     dataset = load_dataset(BOTTLE)

@@ -1,4 +1,4 @@
-"""split.py: the MVTec AD layout from unsplit folders, on a Magnetic-Tile-like set made here."""
+"""datasets/split.py: the MVTec AD layout from unsplit folders, on a Magnetic-Tile-like set."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from synthetic_data import make_magnetic_tiles
 
-from patchcore_jax.data import load_dataset
-from patchcore_jax.split import default_defect_name, split_dataset
+from patchcore_jax.datasets.folders import load_dataset
+from patchcore_jax.datasets.split import default_defect_name, split_dataset
 
 
 def digest_tree(root: Path) -> dict[str, str]:

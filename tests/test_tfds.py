@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from conftest import BOTTLE
 
-from patchcore_jax import PatchCore, PatchCoreConfig, data, preprocess
+from patchcore_jax import PatchCore, PatchCoreConfig, preprocess
+from patchcore_jax.datasets.folders import load_dataset, load_train_paths
+from patchcore_jax.datasets.tfds import load_tfds_test_set, tfds_image_batches
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -39,8 +41,8 @@ def test_fit_from_tfds_load_gives_the_folder_readers_bank(built):
     root, data_dir = built
     config = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05)
     train = tfds.load("mvtec_ad/bottle", split="train", data_dir=data_dir)
-    from_tfds = PatchCore(config).fit(data.tfds_image_batches(train, 4, config.resize, config.crop))
-    paths = data.load_train_paths(root)
+    from_tfds = PatchCore(config).fit(tfds_image_batches(train, 4, config.resize, config.crop))
+    paths = load_train_paths(root)
     from_folder = PatchCore(config, backbone=from_tfds.backbone).fit(
         preprocess.iter_image_batches(paths, 4, config.resize, config.crop)
     )
@@ -53,8 +55,8 @@ def test_fit_from_tfds_load_gives_the_folder_readers_bank(built):
 def test_tfds_test_split_has_the_folder_readers_images_labels_and_masks(built):
     root, data_dir = built
     test = tfds.load("mvtec_ad/bottle", split="test", data_dir=data_dir)
-    images, labels, masks = data.load_tfds_test_set(test)
-    dataset = data.load_dataset(root)
+    images, labels, masks = load_tfds_test_set(test)
+    dataset = load_dataset(root)
     np.testing.assert_array_equal(labels, dataset.test_labels)
     np.testing.assert_array_equal(images, preprocess.load_images(dataset.test_image_paths))
     expected = preprocess.load_masks(dataset.test_mask_paths, image_paths=dataset.test_image_paths)
@@ -66,7 +68,7 @@ def test_a_tfds_dataset_without_an_image_feature_is_one_clear_error(built):
     _, data_dir = built
     supervised = tfds.load("mvtec_ad/bottle", split="train", data_dir=data_dir, as_supervised=True)
     with pytest.raises(ValueError, match="no 'image' feature"):
-        next(data.tfds_image_batches(supervised, 2))
+        next(tfds_image_batches(supervised, 2))
     train = tfds.load("mvtec_ad/bottle", split="train", data_dir=data_dir)
     with pytest.raises(ValueError, match="no 'picture' feature .*'image'"):
-        next(data.tfds_image_batches(train, 2, image_key="picture"))
+        next(tfds_image_batches(train, 2, image_key="picture"))

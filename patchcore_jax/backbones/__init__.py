@@ -28,7 +28,6 @@ from patchcore_jax.backbones.convert import (
     fetch_weights,
     full_module,
     load_converted,
-    read_tflite,
     select_variables,
     sha256_file,
     variable_shapes,
@@ -47,6 +46,7 @@ from patchcore_jax.backbones.resnet import (
     probe_batch_stats,
     resnet,
 )
+from patchcore_jax.backbones.tflite import read_tflite
 
 __all__ = [
     "Backbone",
@@ -252,11 +252,10 @@ def load_backbone(
         if name != "mobilenet_v2" or not tflite_path.is_file():
             raise _missing_weights(name, directory) from None
         layout, variables = read_tflite(tflite_path)
-        return _backbone(name, layers, variables, sha256_file(tflite_path), layout)
-    layout = MobileNetV2Layout.from_json(manifest["layout"]) if name == "mobilenet_v2" else None
-    check_variables(
-        variables,
-        variable_shapes(full_module(name, layout)),
-        f"{directory / manifest['weights_file']} (re-run the conversion)",
-    )
-    return _backbone(name, layers, variables, manifest["source_sha256"], layout)
+        source, source_sha256 = tflite_path.name, sha256_file(tflite_path)
+    else:
+        layout = MobileNetV2Layout.from_json(manifest["layout"]) if name == "mobilenet_v2" else None
+        source = f"{directory / manifest['weights_file']} (re-run the conversion)"
+        source_sha256 = manifest["source_sha256"]
+    check_variables(variables, variable_shapes(full_module(name, layout)), source)
+    return _backbone(name, layers, variables, source_sha256, layout)

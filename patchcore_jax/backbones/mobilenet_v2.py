@@ -1,7 +1,7 @@
 """MobileNetV2 as a Flax linen module whose every layer is described by plain data.
 
 The layout (convolution sizes, strides, padding, fused activations, input quantisation) is read
-from a TFLite file by ``convert.read_tflite`` so the float model computes what the file's
+from a TFLite file by ``tflite.read_tflite`` so the float model computes what the file's
 operators compute, with batch norm already folded into each convolution's bias. ``DEFAULT_LAYOUT``
 is the standard MobileNetV2 1.0 (TF "SAME" padding, ReLU6, 1001 classes) for random-init use.
 
@@ -20,7 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-HIGHEST = jax.lax.Precision.HIGHEST
+from patchcore_jax.sharding import HIGHEST
+
 MOBILENET_STAGES: tuple[str, ...] = ("stride4", "stride8", "stride16", "stride32", "logits")
 ACTIVATIONS = ("none", "relu", "relu6")
 

@@ -22,10 +22,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from patchcore_jax.sharding import HIGHEST
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESNET_STAGES: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4", "logits")
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def normalize_imagenet(images: jax.Array) -> jax.Array:

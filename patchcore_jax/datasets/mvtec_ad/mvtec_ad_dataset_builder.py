@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from patchcore_jax import data, preprocess
+from patchcore_jax import preprocess
+from patchcore_jax.datasets import folders
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -28,7 +29,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in data.MVTEC_AD_CATEGORIES]
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in folders.MVTEC_AD_CATEGORIES]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Download MVTec AD from https://www.mvtec.com/company/research/datasets/mvtec-ad and "
         "pass its folder (holding <category>/train, test, ground_truth) as --manual_dir, or a "
@@ -60,14 +61,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        dataset = data.load_dataset(self._category_root(Path(dl_manager.manual_dir)))
-        train = [data.Sample(path, 0, data.GOOD, None) for path in dataset.train_paths]
+        dataset = folders.load_dataset(self._category_root(Path(dl_manager.manual_dir)))
+        train = [folders.Sample(path, 0, folders.GOOD, None) for path in dataset.train_paths]
         return {
             "train": self._generate_examples(train, dataset.root),
             "test": self._generate_examples(list(dataset.test_samples), dataset.root),
         }
 
-    def _generate_examples(self, samples: list[data.Sample], root: Path):
+    def _generate_examples(self, samples: list[folders.Sample], root: Path):
         for sample in samples:
             image = preprocess.decode_image(sample.image_path)
             if sample.mask_path is None:

@@ -1,4 +1,4 @@
-"""data.py on the real MVTec bottle folder and on small folder layouts built in tmp_path."""
+"""datasets/folders.py on the real MVTec bottle folder and on small layouts built in tmp_path."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchcore_jax.data import (
+from patchcore_jax.datasets.folders import (
     OUTPUT_MARKER,
     Dataset,
     DatasetWarning,
@@ -319,7 +319,7 @@ def test_repository_fixtures_are_the_shared_ones():
 
 
 def test_few_shot_subset_is_seeded_sorted_and_independent_of_input_order(tmp_path):
-    from patchcore_jax.data import few_shot_subset
+    from patchcore_jax.datasets.folders import few_shot_subset
 
     paths = [tmp_path / f"{i:03d}.png" for i in range(20)]
     chosen = few_shot_subset(paths, 5, seed=7)

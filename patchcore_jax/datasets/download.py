@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from patchcore_jax.data import MVTEC_AD_CATEGORIES
+from patchcore_jax.datasets.folders import MVTEC_AD_CATEGORIES
 from patchcore_jax.files import download_file
 
 MVTEC_AD_URL = (
@@ -43,7 +43,7 @@ def fetch_mvtec_ad(
 
     Args:
       out_dir: folder that receives ``<category>/`` folders (created if missing).
-      categories: names from ``data.MVTEC_AD_CATEGORIES``; checked before any download.
+      categories: names from ``folders.MVTEC_AD_CATEGORIES``; checked before any download.
       url, sha256: the archive and its checksum (a mirror or a local ``file://`` copy).
     Returns:
       The category folders, in the order asked.

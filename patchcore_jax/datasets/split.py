@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from patchcore_jax.data import GOOD, MASK_SUFFIX, is_image_file
+from patchcore_jax.datasets.folders import GOOD, MASK_SUFFIX, is_image_file
 
 # Folder names that say nothing about the defect type ("MT_Blowhole/Imgs" is "MT_Blowhole").
 _GENERIC_FOLDER_NAMES = frozenset({"imgs", "images", "image", "img"})
