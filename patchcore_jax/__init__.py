@@ -2,7 +2,11 @@
 
 Public API::
 
-    from patchcore_jax import PatchCore, PatchCoreConfig, load, save
+    from patchcore_jax import Ensemble, PatchCore, PatchCoreConfig, load, save
+
+``load(path, mesh=None)`` opens a saved PatchCore or Ensemble, whichever the folder holds; both
+answer the same calls (``fit``, ``predict``, ``score``, ``calibration``, ``describe``, ``save``;
+see ``patchcore_jax.ensemble``).
 
 The device stages are importable on their own for use in other JAX programs:
 ``patchcore_jax.features``, ``patchcore_jax.coreset``, ``patchcore_jax.scoring``,
@@ -17,6 +21,7 @@ from typing import Any
 
 _LAZY = {
     "CheckpointError": "patchcore_jax.checkpoint",
+    "Ensemble": "patchcore_jax.ensemble",
     "load": "patchcore_jax.checkpoint",
     "save": "patchcore_jax.checkpoint",
     "PatchCoreConfig": "patchcore_jax.config",
@@ -26,6 +31,7 @@ _LAZY = {
 
 __all__ = [
     "CheckpointError",
+    "Ensemble",
     "PatchCore",
     "PatchCoreConfig",
     "__version__",

@@ -1,21 +1,30 @@
-"""orbax checkpoints of fitted PatchCore models, validated on restore.
+"""orbax checkpoints of fitted models, single or ensemble, validated on restore.
 
-A checkpoint is a folder holding the memory bank (an orbax array, so it restores sharded) and a
+A single model's checkpoint holds the memory bank (an orbax array, so it restores sharded) and a
 JSON record of everything needed to reproduce the scores: the full config, the backbone's name and
 weights hash, the preprocessing, the package version and a sha256 of the bank's bytes.
 
 Layout: the checkpoint folder holds versions and a pointer::
 
-    MODEL/CURRENT      one line: the name of the version folder that is the model
-    MODEL/v000002/     an orbax checkpoint: state/ (the bank) and record/ (the JSON record)
+    MODEL/CURRENT                  one line: the name of the version folder that is the model
+    MODEL/v000002/                 a single model: an orbax checkpoint, state/ (the bank) and
+                                   record/ (the JSON record)
+    MODEL/v000002/ensemble.json    or an ensemble: {"format", "members": ["member0", ...],
+    MODEL/v000002/member0/         "normalisation"} and one complete single-model checkpoint
+                                   folder per member
 
-Saving writes the next version in full (orbax commits it), then replaces ``CURRENT`` with one
-``os.replace``, then removes the older versions. A kill at any moment leaves ``CURRENT`` naming
-a complete version, old or new, so loading always finds a model; the next save removes what a
-killed one left. Saving only ever deletes entries it wrote (versions, its staging folders and
-pointer temporaries); other files in the folder are left alone. Folders written before the
-pointer existed (an orbax checkpoint at MODEL itself) still load, and the next save replaces
-them in the same way.
+Saving writes the next version in full (``write_version``: orbax commits it), then replaces
+``CURRENT`` with one ``os.replace``, then removes the older versions. A kill at any moment leaves
+``CURRENT`` naming a complete version, old or new (a single model or an ensemble, never a mix),
+so loading always finds a model; the next save removes what a killed one left. Saving only ever
+deletes entries it wrote (versions, its staging folders and pointer temporaries); other files in
+the folder are left alone. Folders written before the pointer existed (an orbax checkpoint at
+MODEL itself) still load, and the next save replaces them in the same way.
+
+The protocol is written here rather than with orbax's ``CheckpointManager``: that one finds the
+latest version by listing its step folders (there is no ``CURRENT`` to switch atomically), every
+step must be an orbax checkpoint (an ensemble's version is a folder of member checkpoints), and it
+does not read the folders written before the pointer existed.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import json
 import logging
 import os
 import re
@@ -31,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,15 +50,19 @@ import numpy as np
 
 from patchcore_jax import sharding
 from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax.files import atomic_write_text
 from patchcore_jax.version import package_version
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
 
     from patchcore_jax.backbones import Backbone
+    from patchcore_jax.ensemble import Ensemble
     from patchcore_jax.model import PatchCore
 
 FORMAT = "patchcore-jax/1"
+ENSEMBLE_FORMAT = "patchcore-jax-ensemble/1"
+ENSEMBLE_RECORD = "ensemble.json"
 _STATE = "state"
 _RECORD = "record"
 
@@ -110,21 +124,53 @@ def _unwritable(folder: Path) -> str | None:
 
 
 def _reached(point: str) -> None:
-    """Called at each step of ``save`` (a no-op); tests replace it to kill the process there."""
+    """Called at each step of ``write_version`` (a no-op); tests replace it to kill the process
+    there."""
 
 
-def save(model: PatchCore, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
-    """Writes ``model`` (fitted) to the folder ``path``; returns its absolute path.
+def save(model: PatchCore | Ensemble, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Writes ``model`` (fitted; a PatchCore or an Ensemble) to the folder ``path``; returns its
+    absolute path.
 
-    The new version is complete before ``CURRENT`` is switched to it in one ``os.replace``, so a
-    crash or kill at any point leaves the old model or the new one loadable, never neither.
-    Raises CheckpointError (one line, naming the path) if it cannot be written.
+    The new version is complete before ``CURRENT`` is switched to it in one ``os.replace``
+    (``write_version``), so a crash or kill at any point leaves the old model or the new one
+    loadable, never neither. Raises CheckpointError (one line, naming the path) if it cannot be
+    written.
     """
+    from patchcore_jax.ensemble import Ensemble
+
+    if isinstance(model, Ensemble):
+        return save_ensemble(model, path, overwrite=overwrite)
     if model.memory_bank is None:
         raise CheckpointError("cannot save an unfitted PatchCore model: call fit() first")
-    target = check_destination(path, overwrite=overwrite)
+    record = _model_record(model)
+    ocp, checkpointer = _checkpointer()
+
+    def write(staging: Path) -> None:
+        # With several processes all of them write through orbax (it coordinates them).
+        try:
+            with _orbax_quietly():
+                checkpointer.save(
+                    staging,
+                    ocp.args.Composite(
+                        **{
+                            _STATE: ocp.args.StandardSave({"memory_bank": model.memory_bank}),
+                            _RECORD: ocp.args.JsonSave(record),
+                        }
+                    ),
+                )
+        except Exception as error:  # orbax/tensorstore: disk full, permissions, ...
+            raise CheckpointError(
+                f"cannot write the checkpoint {staging.parent}: {_first_line(error)}"
+            ) from error
+
+    return write_version(path, write, overwrite=overwrite)
+
+
+def _model_record(model: PatchCore) -> dict[str, Any]:
+    """The JSON record of a fitted single model: everything needed to reproduce its scores."""
     memory_bank = np.asarray(model.memory_bank)
-    record = {
+    return {
         "format": FORMAT,
         "package_version": package_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -149,9 +195,44 @@ def save(model: PatchCore, path: str | os.PathLike, *, overwrite: bool = True) -
         # Thresholds and the calibration score distributions (None: not calibrated).
         "calibration": None if model.calibration is None else model.calibration.to_dict(),
     }
-    ocp, checkpointer = _checkpointer()
-    # With several processes all of them write through orbax (it coordinates them), and
-    # process 0 alone creates, switches and cleans; the barriers keep the others in step.
+
+
+def save_ensemble(ensemble: Ensemble, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Writes a fitted ensemble as one new version: every member a complete single-model
+    checkpoint (``save``) in ``member0/``, ``member1/``..., and the record ``ensemble.json``
+    (format, member folders, normalisation). One process only. Returns the absolute path."""
+    from patchcore_jax.ensemble import NORMALISATION
+
+    if jax.process_count() > 1:
+        raise NotImplementedError("saving an ensemble runs in one process only")
+    if any(member.memory_bank is None for member in ensemble.members):
+        raise CheckpointError("cannot save an unfitted ensemble: call fit() first")
+    names = [f"member{index}" for index in range(len(ensemble.members))]
+    record = {"format": ENSEMBLE_FORMAT, "members": names, "normalisation": NORMALISATION}
+
+    def write(staging: Path) -> None:
+        staging.mkdir()
+        for member, name in zip(ensemble.members, names, strict=True):
+            save(member, staging / name)
+        atomic_write_text(staging / ENSEMBLE_RECORD, json.dumps(record, indent=2) + "\n")
+
+    return write_version(path, write, overwrite=overwrite)
+
+
+def write_version(
+    path: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = True
+) -> Path:
+    """Writes a new version of the checkpoint folder ``path`` and makes it current; returns the
+    absolute path.
+
+    The versioned-folder protocol of every checkpoint (module docstring): ``write(staging)``
+    fills the hidden folder ``.vNNNNNN.saving`` (it does not exist yet), which is then renamed
+    to ``vNNNNNN``; ``CURRENT`` is switched to it in one ``os.replace``, and the versions and
+    leftovers of earlier saves are removed. If ``write`` raises, its staging folder is removed
+    and the previous model stays current. With several processes every process calls ``write``
+    (for orbax, which coordinates them) and process 0 alone creates, switches and cleans.
+    """
+    target = check_destination(path, overwrite=overwrite)
     is_primary = jax.process_index() == 0
     created = not target.exists()
     try:
@@ -164,23 +245,11 @@ def save(model: PatchCore, path: str | os.PathLike, *, overwrite: bool = True) -
         staging = target / f".{name}.saving"
         _reached("writing")
         try:
-            with _orbax_quietly():
-                checkpointer.save(
-                    staging,
-                    ocp.args.Composite(
-                        **{
-                            _STATE: ocp.args.StandardSave({"memory_bank": model.memory_bank}),
-                            _RECORD: ocp.args.JsonSave(record),
-                        }
-                    ),
-                )
-        except Exception as error:  # orbax/tensorstore: disk full, permissions, ...
-            raise CheckpointError(
-                f"cannot write the checkpoint {target}: {_first_line(error)}"
-            ) from error
-        finally:
-            if is_primary and not (staging / _RECORD).is_dir():
+            write(staging)
+        except BaseException:
+            if is_primary:
                 _remove_staging(target)
+            raise
         _reached("written")
         if is_primary:
             os.rename(staging, target / name)
@@ -360,7 +429,8 @@ def _barrier(name: str) -> None:
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON record of a checkpoint (config, backbone, preprocessing, bank digest)."""
+    """The JSON record of a single-model checkpoint (config, backbone, preprocessing, bank
+    digest)."""
     target = Path(path).absolute()
     return _read_record(target, _resolve(target))
 
@@ -386,30 +456,148 @@ def _read_record(target: Path, folder: Path) -> dict[str, Any]:
     return record
 
 
+def _read_ensemble_record(target: Path, version: Path) -> dict[str, Any] | None:
+    """The ensemble record of a resolved checkpoint version, or None for a single model."""
+    path = version / ENSEMBLE_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{target}: the ensemble record cannot be read: {error}") from error
+    members = record.get("members") if isinstance(record, dict) else None
+    if record.get("format") != ENSEMBLE_FORMAT or not isinstance(members, list) or not members:
+        raise CheckpointError(f"{target}: not a {ENSEMBLE_FORMAT} ensemble record")
+    return record
+
+
 def load(
+    path: str | os.PathLike,
+    *,
+    mesh: Mesh | None = None,
+    backbone: Backbone | None = None,
+    backbones: Sequence[Backbone | None] | None = None,
+    expected_config: PatchCoreConfig | None = None,
+) -> PatchCore | Ensemble:
+    """Restores the fitted model at ``path``, a PatchCore or an Ensemble, whichever it holds
+    (``patchcore_jax.load``); both have the same interface.
+
+    Args:
+      path: checkpoint folder written by ``save``.
+      mesh: devices to run on (default: all).
+      backbone: a single model's backbone; default: ``load_backbone`` of the recorded name and
+        layers. Its weights hash must equal the recorded one (else the scores would silently
+        change).
+      backbones: an ensemble's, per member (None entries: loaded by name).
+      expected_config: a single model's recorded config must equal it.
+    Raises:
+      CheckpointError: naming what is missing, damaged or mismatched.
+    """
+    target = Path(path).absolute()
+    version = _resolve(target)  # one version for every read
+    record = _read_ensemble_record(target, version)
+    if record is None:
+        if backbones is not None:
+            raise ValueError(f"{target} holds a single model: pass backbone=, not backbones=")
+        return _restore_model(target, version, backbone, mesh, expected_config)
+    if backbone is not None or expected_config is not None:
+        raise ValueError(f"{target} holds an ensemble: pass backbones=, not backbone=")
+    return _restore_ensemble(target, version, record, backbones, mesh)
+
+
+def load_patchcore(
     path: str | os.PathLike,
     *,
     backbone: Backbone | None = None,
     mesh: Mesh | None = None,
     expected_config: PatchCoreConfig | None = None,
 ) -> PatchCore:
-    """Restores a fitted model, checking that it is whole and matches its backbone.
+    """``load`` of a single model (``PatchCore.load``); an ensemble is refused."""
+    target = Path(path).absolute()
+    version = _resolve(target)
+    record = _read_ensemble_record(target, version)
+    if record is not None:
+        raise CheckpointError(
+            f"{target} holds an ensemble of {len(record['members'])} models, which cannot be "
+            "read as one PatchCore model; open it with patchcore_jax.load"
+        )
+    return _restore_model(target, version, backbone, mesh, expected_config)
 
-    Args:
-      path: checkpoint folder written by ``save``.
-      backbone: the backbone to use; default: ``load_backbone`` of the recorded name and layers.
-        Its weights hash must equal the recorded one (else the scores would silently change).
-      mesh: devices to run on (default: all).
-      expected_config: if given, the recorded config must equal it.
-    Raises:
-      CheckpointError: naming what is missing, damaged or mismatched.
-    """
+
+def load_ensemble(
+    path: str | os.PathLike,
+    *,
+    backbones: Sequence[Backbone | None] | None = None,
+    mesh: Mesh | None = None,
+) -> Ensemble:
+    """``load`` of an ensemble (``Ensemble.load``); a single model is refused."""
+    target = Path(path).absolute()
+    version = _resolve(target)
+    record = _read_ensemble_record(target, version)
+    if record is None:
+        raise CheckpointError(
+            f"{target} holds a single model, not an ensemble; open it with patchcore_jax.load"
+        )
+    return _restore_ensemble(target, version, record, backbones, mesh)
+
+
+def _restore_ensemble(
+    target: Path,
+    version: Path,
+    record: dict[str, Any],
+    backbones: Sequence[Backbone | None] | None,
+    mesh: Mesh | None,
+) -> Ensemble:
+    """The members of an ensemble version, each checked as a single model."""
+    from patchcore_jax.ensemble import Ensemble
+
+    members = record["members"]
+    backbones = [None] * len(members) if backbones is None else backbones
+    if len(backbones) != len(members):
+        raise ValueError(f"{target} has {len(members)} members but {len(backbones)} backbones")
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    return Ensemble(
+        [
+            load_patchcore(version / name, backbone=member_backbone, mesh=mesh)
+            for name, member_backbone in zip(members, backbones, strict=True)
+        ]
+    )
+
+
+def _restore_model(
+    target: Path,
+    version: Path,
+    backbone: Backbone | None,
+    mesh: Mesh | None,
+    expected_config: PatchCoreConfig | None,
+) -> PatchCore:
+    """The single model of a checkpoint version, checked whole and matching its backbone."""
     from patchcore_jax.backbones import load_backbone
     from patchcore_jax.model import PatchCore
 
-    target = Path(path).absolute()
-    folder = _resolve(target)  # one version for the record and the bank
-    record = _read_record(target, folder)
+    record = _read_record(target, version)
+    config = _recorded_config(target, record, expected_config)
+    if backbone is None:
+        backbone = load_backbone(config.backbone, config.layers)
+    _check_backbone(target, record["backbone"], backbone)
+    # Restored replicated onto this run's devices, whatever topology wrote it.
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    memory_bank = _restore_bank(target, version, record.get("memory_bank", {}), mesh)
+    model = PatchCore(config, backbone=backbone, mesh=mesh, memory_bank=memory_bank)
+    if record.get("calibration") is not None:
+        from patchcore_jax.calibration import Calibration
+
+        try:
+            model.calibration = Calibration.from_dict(record["calibration"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{target}: invalid recorded calibration: {error}") from error
+    return model
+
+
+def _recorded_config(
+    target: Path, record: dict[str, Any], expected_config: PatchCoreConfig | None
+) -> PatchCoreConfig:
+    """The record's config, checked against ``expected_config`` and the recorded bank shape."""
     try:
         # Checkpoints from before the probe existed were fitted with pristine statistics.
         # ... and without calibration.
@@ -425,9 +613,7 @@ def load(
             if config.to_dict()[k] != v
         }
         raise CheckpointError(f"{target}: config differs from the expected one: {diffs}")
-
-    bank_record = record.get("memory_bank", {})
-    shape = tuple(bank_record.get("shape", ()))
+    shape = tuple(record.get("memory_bank", {}).get("shape", ()))
     if len(shape) != 2 or shape[1] != config.target_embed_dimension:
         raise CheckpointError(
             f"{target}: memory bank shape {shape} does not match the recorded "
@@ -437,10 +623,11 @@ def load(
         config.check_bank_size(shape[0])
     except ValueError as error:
         raise CheckpointError(f"{target}: {error}") from error
+    return config
 
-    if backbone is None:
-        backbone = load_backbone(config.backbone, config.layers)
-    recorded = record["backbone"]
+
+def _check_backbone(target: Path, recorded: dict[str, Any], backbone: Backbone) -> None:
+    """CheckpointError unless ``backbone`` is the recorded one (name, layers, weights)."""
     if backbone.name != recorded["name"] or tuple(backbone.layers) != tuple(recorded["layers"]):
         raise CheckpointError(
             f"{target}: fitted with backbone {recorded['name']} {recorded['layers']}, "
@@ -454,16 +641,20 @@ def load(
             "original weights or refit."
         )
 
+
+def _restore_bank(
+    target: Path, version: Path, bank_record: dict[str, Any], mesh: Mesh
+) -> np.ndarray:
+    """The memory bank [M, D] float32 of a checkpoint version, checked against its sha256."""
     ocp, checkpointer = _checkpointer()
-    # Restored replicated onto this run's devices, whatever topology wrote it.
-    mesh = sharding.make_mesh() if mesh is None else mesh
+    shape = tuple(bank_record["shape"])
     abstract = {
         "memory_bank": jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding.replicated(mesh))
     }
     try:
         with _orbax_quietly():
             restored = checkpointer.restore(
-                folder,
+                version,
                 ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)}),
             )
             memory_bank = np.asarray(restored[_STATE]["memory_bank"])
@@ -477,12 +668,4 @@ def load(
             f"{target}: the memory bank's contents do not match its recorded sha256; "
             "the checkpoint is damaged"
         )
-    model = PatchCore(config, backbone=backbone, mesh=mesh, memory_bank=memory_bank)
-    if record.get("calibration") is not None:
-        from patchcore_jax.calibration import Calibration
-
-        try:
-            model.calibration = Calibration.from_dict(record["calibration"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"{target}: invalid recorded calibration: {error}") from error
-    return model
+    return memory_bank

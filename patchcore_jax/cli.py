@@ -734,7 +734,7 @@ def _score_paths(model, paths: Sequence[Path], quiet: bool, keep_images: bool):
     from patchcore_jax import preprocess
 
     config = model.config
-    scores, maps, images = [], [], []
+    images = []
 
     def remembered(batches):
         for batch in batches:
@@ -742,26 +742,11 @@ def _score_paths(model, paths: Sequence[Path], quiet: bool, keep_images: bool):
                 images.append(batch)
             yield batch
 
-    if hasattr(model, "members"):  # an ensemble scores the whole set at once (normalisation)
-        batches = list(
-            remembered(
-                preprocess.iter_image_batches(paths, config.batch_size, **_image_options(config))
-            )
-        )
-        with _progress(len(paths) * len(model.members), "scoring", quiet) as bar:
-            scores, maps = model.predict(batches, progress=bar.update)
-        return scores, maps, (np.concatenate(images) if keep_images else None)
-    with _progress(len(paths), "scoring", quiet) as bar:
+    # Per member: an ensemble scores the whole set with each member (its normalisation).
+    with _progress(len(paths) * len(model.members), "scoring", quiet) as bar:
         batches = preprocess.iter_image_batches(paths, config.batch_size, **_image_options(config))
-        for result in model.score(remembered(batches)):
-            scores.append(result.image_scores)
-            maps.append(result.anomaly_maps)
-            bar.update(len(result.image_scores))
-    return (
-        np.concatenate(scores),
-        np.concatenate(maps),
-        (np.concatenate(images) if keep_images else None),
-    )
+        scores, maps = model.predict(remembered(batches), progress=bar.update)
+    return scores, maps, (np.concatenate(images) if keep_images else None)
 
 
 def _format_score(score: float) -> str:
@@ -1007,37 +992,26 @@ def _fit(args: argparse.Namespace) -> int:
     validation = _validation_set(args.validation, config) if args.validation else None
     if len(configs) > 1:
         model = ensemble.Ensemble.from_configs(configs, mesh=_mesh(args.bank_shards))
-        members = model.members
     else:
         model = PatchCore(config, mesh=_mesh(args.bank_shards))
-        members = [model]
-    for member in members:
+    for member in model.members:
         member.config.check_bank_size(member.bank_size(len(paths)))  # before any work
     names = ",".join(c.backbone for c in configs)
     _say(f"fitting {names} on {len(paths)} images of {args.data}")
-    if len(configs) > 1:  # the decoded images are kept for every member
-        batches = list(
-            preprocess.iter_image_batches(paths, config.batch_size, **_image_options(config))
+    steps = sum(max(1, member.bank_size(len(paths))) for member in model.members)
+    quiet = args.quiet or config.sampler != "approx_greedy_coreset"
+    with (
+        _progress(len(paths) * len(model.members), "features", args.quiet) as bar,
+        _progress(steps, "coreset", quiet, unit="step") as coreset_bar,
+    ):
+        batches = preprocess.iter_image_batches(paths, config.batch_size, **_image_options(config))
+        model.fit(
+            batches,
+            progress=bar.update,
+            log=_say,
+            coreset_progress=coreset_bar.update,
+            spill_dir=args.spill_dir,
         )
-        with _progress(len(paths) * len(members), "features", args.quiet) as bar:
-            model.fit(batches, progress=bar.update, log=_say)
-    else:
-        steps = max(1, model.bank_size(len(paths)))
-        quiet = args.quiet or config.sampler != "approx_greedy_coreset"
-        with (
-            _progress(len(paths), "features", args.quiet) as bar,
-            _progress(steps, "coreset", quiet, unit="step") as coreset_bar,
-        ):
-            batches = preprocess.iter_image_batches(
-                paths, config.batch_size, **_image_options(config)
-            )
-            model.fit(
-                batches,
-                progress=bar.update,
-                log=_say,
-                coreset_progress=coreset_bar.update,
-                spill_dir=args.spill_dir,
-            )
     if validation is not None:
         val_paths, labels, masks = validation
         with _progress(len(val_paths), "validation", args.quiet) as bar:
@@ -1076,11 +1050,11 @@ def _benchmark(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from patchcore_jax.ensemble import load_model
+    from patchcore_jax.checkpoint import load
     from patchcore_jax.files import output_folder
 
-    model = load_model(args.model, mesh=_mesh(args.bank_shards))  # checked first
-    calibration = getattr(model, "calibration", None)  # ensembles have none
+    model = load(args.model, mesh=_mesh(args.bank_shards))  # checked first
+    calibration = model.calibration  # ensembles have none
     if args.masks and calibration is None:
         raise ValueError(
             f"--masks needs a calibrated model; {args.model} has no calibration (fitted with "
@@ -1148,15 +1122,15 @@ def _save_masks(out_dir: Path, names: Sequence[str], masks: np.ndarray) -> list[
 
 def _evaluate(args: argparse.Namespace) -> int:
     from patchcore_jax import metrics, preprocess
+    from patchcore_jax.checkpoint import load
     from patchcore_jax.datasets import folders
-    from patchcore_jax.ensemble import load_model
     from patchcore_jax.files import atomic_write_text, output_folder
 
     model_path = Path(args.model).absolute()
     out_dir = Path(args.out) if args.out else model_path.with_name(f"{model_path.name}_evaluation")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} is a file; expected an output folder (--out)")
-    model = load_model(args.model, mesh=_mesh(args.bank_shards))  # checked first
+    model = load(args.model, mesh=_mesh(args.bank_shards))  # checked first
     dataset = folders.load_dataset(
         args.data, allow_missing_masks=args.allow_missing_masks, train=False
     )
@@ -1192,7 +1166,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             )
         f1_threshold = results["f1_threshold"]
         notes = metrics.missing_metric_reasons(results)
-        calibration = getattr(model, "calibration", None)  # ensembles have none
+        calibration = model.calibration  # ensembles have none
         thresholds = {
             "calibrated": None if calibration is None else calibration.image_threshold,
             "f1_optimal": f1_threshold,
@@ -1217,7 +1191,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             "config": config.to_dict(),
             **(
                 {"members": [member.config.to_dict() for member in model.members]}
-                if hasattr(model, "members")
+                if len(model.members) > 1
                 else {}
             ),
         }

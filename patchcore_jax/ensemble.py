@@ -7,42 +7,43 @@ the whole set, so ``Ensemble.predict`` of a batch of images normalises over that
 image scores differently in different sets, only the ranking within one set is meaningful (the
 reference's behaviour, which its published ensemble numbers come from).
 
-Checkpoint layout (the same versioned scheme as ``checkpoint``)::
+The model interface: ``Ensemble`` and ``PatchCore`` answer the same calls, so a caller holding
+either (``patchcore_jax.load`` opens both) never asks which it has:
 
-    MODEL/CURRENT                  names the version folder
-    MODEL/v000001/ensemble.json    {"format", "members": ["member0", ...], "normalisation"}
-    MODEL/v000001/member0/         a complete single-model checkpoint (``checkpoint.save``)
-
-Saving writes the whole new version (every member and the record) into a staging folder, renames
-it, then switches ``CURRENT`` in one ``os.replace``: a kill at any moment leaves the previous
-model (single or ensemble) or the new ensemble loadable, never a mix. One process only.
+- ``config``: the image frame, preprocessing and batch size (an ensemble: member 0's; the frame
+  is every member's); ``image_shape``; ``describe()``: the numerics, one line.
+- ``members``: the PatchCore models that score (a PatchCore: ``[self]``); the ``progress``
+  callbacks of ``fit`` and ``predict`` count images per member, ``len(paths) * len(members)``
+  in all.
+- ``fit(images, progress=, log=, coreset_progress=, spill_dir=)``; ``bank_size(num_images)``.
+- ``predict(images, progress=)`` -> ``(image_scores [N], anomaly_maps [N, H, W])``;
+  ``score(images)`` yields ``scoring.ScoreResult`` per batch.
+- ``calibration``: the thresholds, or None: decisions and masks only where it is not None.
+  An ensemble has none: its scores are normalised over each scored set, so no fixed threshold
+  applies to them (``calibrate`` says so). Its members keep their own calibrations.
+- ``save(path)``; ``checkpoint`` writes both kinds in one versioned folder.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
-from patchcore_jax import checkpoint, sharding
-from patchcore_jax.checkpoint import CheckpointError
+from patchcore_jax import sharding
 from patchcore_jax.config import PatchCoreConfig
-from patchcore_jax.files import atomic_write_text
 from patchcore_jax.model import ImageBatches, PatchCore
+from patchcore_jax.scoring import ScoreResult
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
 
     from patchcore_jax.backbones import Backbone
 
-FORMAT = "patchcore-jax-ensemble/1"
-RECORD = "ensemble.json"
 NORMALISATION = "per member min-max over the scored set (scores and maps separately), then mean"
 # Fields that fix the image frame: members must agree, so their maps line up pixel by pixel.
 SHARED_FIELDS = ("resize_mode", "resize", "crop", "mask_threshold")
@@ -106,7 +107,7 @@ def combine(
 
 
 class Ensemble:
-    """Several PatchCore models scored as one (module docstring).
+    """Several PatchCore models scored as one, with PatchCore's interface (module docstring).
 
     >>> ensemble = Ensemble.from_configs([PatchCoreConfig(backbone="mobilenet_v2"),
     ...                                   PatchCoreConfig(backbone="resnet18", seed=1)])
@@ -148,6 +149,24 @@ class Ensemble:
         """Member 0's config; the image frame (``SHARED_FIELDS``) is every member's."""
         return self.members[0].config
 
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(H, W) of the images and anomaly maps, every member's."""
+        return self.members[0].image_shape
+
+    @property
+    def calibration(self) -> None:
+        """Always None: the scores are normalised over each scored set, so no fixed threshold
+        applies to them (the members keep their own calibrations)."""
+        return None
+
+    def describe(self) -> str:
+        """The members' numerics on this platform and the combination, one line."""
+        members = "; ".join(
+            f"{member.config.backbone}: {member.describe()}" for member in self.members
+        )
+        return f"ensemble of {len(self.members)} ({NORMALISATION}): {members}"
+
     def bank_size(self, num_images: int) -> list[int]:
         """Per member, the bank rows ``fit`` keeps from ``num_images`` images."""
         return [member.bank_size(num_images) for member in self.members]
@@ -158,16 +177,32 @@ class Ensemble:
         *,
         progress: Callable[[int], None] | None = None,
         log: Callable[[str], None] | None = None,
+        coreset_progress: Callable[[int], None] | None = None,
+        spill_dir: str | os.PathLike | None = None,
     ) -> Ensemble:
         """Fits every member on ``images`` (uint8 [N, H, W, 3] or batches of them; an iterator
-        is read once into host memory, as every member needs it). ``progress`` counts images
-        per member (members x N in all)."""
+        is read once into host memory, as every member needs it) with ``PatchCore.fit``'s
+        options. ``progress`` counts images per member (members x N in all)."""
         images = _reusable(images)
         for member in self.members:
             if log is not None:
                 log(f"ensemble member {member.config.backbone} {list(member.backbone.layers)}")
-            member.fit(images, progress=progress, log=log)
+            member.fit(
+                images,
+                progress=progress,
+                log=log,
+                coreset_progress=coreset_progress,
+                spill_dir=spill_dir,
+            )
         return self
+
+    def calibrate(self, images: ImageBatches, **kwargs: object) -> None:
+        """Refused: an ensemble's scores are normalised over each scored set, so a threshold
+        calibrated on one set does not apply to another (``calibration`` is None)."""
+        raise ValueError(
+            "an ensemble cannot be calibrated: its scores are min-max normalised over each "
+            "scored set, so a threshold from one set does not apply to another"
+        )
 
     def predict_members(
         self, images: ImageBatches, *, progress: Callable[[int], None] | None = None
@@ -176,57 +211,41 @@ class Ensemble:
         images = _reusable(images)
         member_scores, member_maps = [], []
         for member in self.members:
-            scores, maps = [], []
-            for result in member.score(images):
-                scores.append(result.image_scores)
-                maps.append(result.anomaly_maps)
-                if progress is not None:
-                    progress(len(result.image_scores))
-            if not scores:
-                raise ValueError("predict() received no images")
-            member_scores.append(np.concatenate(scores))
-            member_maps.append(np.concatenate(maps))
+            scores, maps = member.predict(images, progress=progress)
+            member_scores.append(scores)
+            member_maps.append(maps)
         return member_scores, member_maps
 
     def predict(
         self, images: ImageBatches, *, progress: Callable[[int], None] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Scores ``images`` as one set: ``combine`` of the members' predictions,
-        (image_scores [N], anomaly_maps [N, H, W]), normalised over these N images."""
+        (image_scores [N], anomaly_maps [N, H, W]), normalised over these N images.
+        ``progress`` counts images per member (members x N in all)."""
         return combine(*self.predict_members(images, progress=progress))
 
+    def score(self, images: ImageBatches) -> Iterator[ScoreResult]:
+        """``predict``'s results as host-side ``ScoreResult`` batches of ``config.batch_size``
+        images, like ``PatchCore.score``, the first only once the whole set is scored (the
+        normalisation needs it). ``patch_scores`` and ``nearest_indices`` are None: the
+        members' patch grids and banks differ, and the reference combines only scores and
+        maps."""
+        images = _reusable(images)
+        if len(images) == 0:
+            return
+        image_scores, anomaly_maps = self.predict(images)
+        step = self.config.batch_size
+        for start in range(0, len(image_scores), step):
+            yield ScoreResult(
+                image_scores[start : start + step], anomaly_maps[start : start + step], None, None
+            )
+
     def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
-        """Writes every member and the ensemble record as one new version (module docstring);
-        returns the absolute path."""
-        if jax.process_count() > 1:
-            raise NotImplementedError("Ensemble.save runs in one process only")
-        if any(member.memory_bank is None for member in self.members):
-            raise CheckpointError("cannot save an unfitted ensemble: call fit() first")
-        target = checkpoint.check_destination(path, overwrite=overwrite)
-        created = not target.exists()
-        target.mkdir(parents=True, exist_ok=True)
-        # The versioned layout's steps, shared with checkpoint.save.
-        checkpoint._remove_leftovers(target)
-        current = checkpoint._current_version(target)
-        name = f"v{(int(current[1:]) if current else 0) + 1:06d}"
-        staging = target / f".{name}.saving"
-        try:
-            staging.mkdir()
-            names = [f"member{index}" for index in range(len(self.members))]
-            for member, member_name in zip(self.members, names, strict=True):
-                checkpoint.save(member, staging / member_name)
-            record = {"format": FORMAT, "members": names, "normalisation": NORMALISATION}
-            atomic_write_text(staging / RECORD, json.dumps(record, indent=2) + "\n")
-            os.rename(staging, target / name)
-            checkpoint._fsync_dir(target)
-            checkpoint._write_pointer(target, name)
-            checkpoint._remove_leftovers(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            if created and target.is_dir() and not any(target.iterdir()):
-                target.rmdir()
-            raise
-        return target
+        """Writes every member and the ensemble record as one new checkpoint version; see
+        ``patchcore_jax.checkpoint.save_ensemble``."""
+        from patchcore_jax import checkpoint
+
+        return checkpoint.save_ensemble(self, path, overwrite=overwrite)
 
     @classmethod
     def load(
@@ -236,26 +255,11 @@ class Ensemble:
         backbones: Sequence[Backbone | None] | None = None,
         mesh: Mesh | None = None,
     ) -> Ensemble:
-        """Restores an ensemble written by ``save`` (each member checked by
-        ``checkpoint.load``; ``backbones[i]`` for member i, default loaded by name)."""
-        target = Path(path).absolute()
-        version = checkpoint._resolve(target)
-        record = _read_record(target, version)
-        if record is None:
-            raise CheckpointError(
-                f"{target} holds a single model, not an ensemble; load it with PatchCore.load"
-            )
-        members = record["members"]
-        backbones = [None] * len(members) if backbones is None else backbones
-        if len(backbones) != len(members):
-            raise ValueError(f"{target} has {len(members)} members but {len(backbones)} backbones")
-        mesh = sharding.make_mesh() if mesh is None else mesh
-        return cls(
-            [
-                checkpoint.load(version / name, backbone=backbone, mesh=mesh)
-                for name, backbone in zip(members, backbones, strict=True)
-            ]
-        )
+        """Restores an ensemble written by ``save``; see ``checkpoint.load_ensemble``
+        (``patchcore_jax.load`` opens either kind)."""
+        from patchcore_jax import checkpoint
+
+        return checkpoint.load_ensemble(path, backbones=backbones, mesh=mesh)
 
 
 def _reusable(images: ImageBatches) -> ImageBatches:
@@ -263,26 +267,3 @@ def _reusable(images: ImageBatches) -> ImageBatches:
     if isinstance(images, np.ndarray | jax.Array | list | tuple):
         return images
     return list(images)
-
-
-def _read_record(target: Path, version: Path) -> dict[str, Any] | None:
-    """The ensemble record of a resolved checkpoint version, or None for a single model."""
-    path = version / RECORD
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{target}: the ensemble record cannot be read: {error}") from error
-    members = record.get("members") if isinstance(record, dict) else None
-    if record.get("format") != FORMAT or not isinstance(members, list) or not members:
-        raise CheckpointError(f"{target}: not a {FORMAT} ensemble record")
-    return record
-
-
-def load_model(path: str | os.PathLike, *, mesh: Mesh | None = None) -> PatchCore | Ensemble:
-    """A single model or an ensemble, whichever ``path`` holds (what the CLI loads)."""
-    target = Path(path).absolute()
-    if _read_record(target, checkpoint._resolve(target)) is not None:
-        return Ensemble.load(target, mesh=mesh)
-    return checkpoint.load(target, mesh=mesh)

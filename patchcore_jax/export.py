@@ -7,17 +7,15 @@ are constants inside it. ``patchcore_jax.exported.load`` runs it with jax and nu
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from patchcore_jax import exported, scoring
+from patchcore_jax import exported
 from patchcore_jax.files import atomic_path
 from patchcore_jax.version import package_version
 
@@ -27,15 +25,14 @@ if TYPE_CHECKING:
 PLATFORMS: tuple[str, ...] = ("cpu", "cuda", "tpu")
 
 
-def inference_function(model: PatchCore):
-    """The pure inference of ``model``: uint8 ``[B, H, W, 3]`` -> (image_scores [B],
-    normalized_scores [B], decisions [B] bool, anomaly_maps [B, H, W]).
+def export_function(model: PatchCore) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
+    """What ``export_model`` serialises: ``model.inference_function()`` with its calibration,
+    uint8 ``[B, H, W, 3]`` -> (image_scores [B], normalized_scores [B], decisions [B] bool,
+    anomaly_maps [B, H, W]).
 
     Images run one at a time (``lax.map``), so the program is the same for any batch size and
     each image's result equals ``model.predict``'s to float32 rounding.
     """
-    from patchcore_jax.model import backbone_variables, embed_images
-
     if model.memory_bank is None:
         raise ValueError("cannot export an unfitted model: call fit() first")
     calibration = model.calibration
@@ -44,30 +41,12 @@ def inference_function(model: PatchCore):
             "cannot export a model without calibration (fitted with calibration 'none' or by an "
             "older version): its decisions would have no threshold; refit it"
         )
-    config = model.config
-    module = model.backbone.module
-    # The numerics the model chose for its platform (``PatchCore.describe``): the backbone's
-    # dtype and the k-NN's candidate search (the low-rank arrays become constants too).
-    backbone_precision = model._backbone_precision
-    variables = backbone_variables(model.backbone.variables, backbone_precision)
-    memory_bank = jnp.asarray(np.asarray(model.memory_bank))
-    search = model.search_arrays()
-    if search is not None:
-        search = tuple(jnp.asarray(np.asarray(x)) for x in search)
-    embed = functools.partial(
-        embed_images,
-        module,
-        pretrain_embed_dimension=config.pretrain_embed_dimension,
-        target_embed_dimension=config.target_embed_dimension,
-        patch_size=config.patch_size,
-        precision=backbone_precision,
-    )
-    score = functools.partial(
-        scoring.score_patch_features, **model.scoring_options(), search=search
-    )
+    # The model's own program, with the numerics it chose for its platform
+    # (``PatchCore.describe``): the backbone's dtype and the k-NN's candidate search.
+    embed_and_score = model.inference_function()
 
     def one_image(image: jax.Array) -> tuple[jax.Array, jax.Array]:
-        result = score(embed(variables, image[None]), memory_bank)
+        result = embed_and_score(image[None])
         return result.image_scores[0], result.anomaly_maps[0]
 
     def infer(images: jax.Array):
@@ -96,7 +75,7 @@ def export_model(
     Raises:
       ValueError: unfitted or uncalibrated model, or a requested platform that fails to lower.
     """
-    infer = jax.jit(inference_function(model))
+    infer = jax.jit(export_function(model))
     height, width = model.image_shape
     (batch,) = jax.export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8)

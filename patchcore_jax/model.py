@@ -270,20 +270,19 @@ def _score_program(
     return jax.jit(score, out_shardings=sharding.row_sharding(mesh))
 
 
-@functools.lru_cache(maxsize=16)
-def _predict_program(
+def _embed_and_score_function(
     module: Any,
     pretrain_dim: int,
     target_dim: int,
     patch_size: int,
     precision: str,
     scoring_options: tuple[tuple[str, Any], ...],
-    mesh: Mesh,
-) -> Callable[[Any, jax.Array, jax.Array], scoring.ScoreResult]:
-    """``(variables, images, bank [bucket, D], rows in use [], search) -> ScoreResult``:
-    embedding and scoring fused into one program, so patch features never leave the device and
-    each batch is one dispatch. ``precision`` is the backbone's (``exact``: float32, ``fast``:
-    bfloat16); ``search`` the bank's candidate-search arrays (None unless low-rank)."""
+    mesh: Mesh | None,
+) -> Callable[..., scoring.ScoreResult]:
+    """``(variables, images [B, H, W, 3], bank [M, D], rows in use [] or None, search) ->
+    ScoreResult``: the backbone, patch features and k-NN scoring as one pure function, the one
+    computation of ``PatchCore.score`` (compiled over ``mesh``) and of
+    ``PatchCore.inference_function`` (``mesh`` None, for ``jax.export``)."""
     options = dict(scoring_options)
 
     def embed_and_score(
@@ -302,6 +301,26 @@ def _predict_program(
             patch_features, memory_bank, **options, mesh=mesh, num_valid=num_valid, search=search
         )
 
+    return embed_and_score
+
+
+@functools.lru_cache(maxsize=16)
+def _predict_program(
+    module: Any,
+    pretrain_dim: int,
+    target_dim: int,
+    patch_size: int,
+    precision: str,
+    scoring_options: tuple[tuple[str, Any], ...],
+    mesh: Mesh,
+) -> Callable[[Any, jax.Array, jax.Array], scoring.ScoreResult]:
+    """``(variables, images, bank [bucket, D], rows in use [], search) -> ScoreResult``:
+    embedding and scoring fused into one program, so patch features never leave the device and
+    each batch is one dispatch. ``precision`` is the backbone's (``exact``: float32, ``fast``:
+    bfloat16); ``search`` the bank's candidate-search arrays (None unless low-rank)."""
+    embed_and_score = _embed_and_score_function(
+        module, pretrain_dim, target_dim, patch_size, precision, scoring_options, mesh
+    )
     batch_sharding = sharding.row_sharding(mesh)
     replicated = sharding.replicated(mesh)
     return jax.jit(
@@ -409,15 +428,16 @@ class PatchCore:
         # Programs are shared by every model of the same shapes and options (compiled once).
         scoring_options = tuple(sorted(self.scoring_options().items()))
         self._score = _score_program(scoring_options, self.mesh)
-        self._predict = _predict_program(
+        # The embed-and-score program's arguments but the mesh (``inference_function``).
+        self._program_options = (
             backbone.module,
             config.pretrain_embed_dimension,
             config.target_embed_dimension,
             config.patch_size,
             backbone_precision,
             scoring_options,
-            self.mesh,
         )
+        self._predict = _predict_program(*self._program_options, self.mesh)
         self._memory_bank: jax.Array | None = None
         # The bank padded to ``bank_bucket`` rows and its row count: what the scoring programs
         # take (padding rows are never a neighbour); and its candidate-search arrays.
@@ -1134,14 +1154,47 @@ class PatchCore:
         if pending is not None:
             yield _host_rows(*pending)
 
-    def predict(self, images: ImageBatches) -> tuple[np.ndarray, np.ndarray]:
-        """Scores images: returns ``(image_scores [N] float32, anomaly_maps [N, H, W])``."""
-        results = list(self.score(images))
+    def predict(
+        self, images: ImageBatches, *, progress: Callable[[int], None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores images: returns ``(image_scores [N] float32, anomaly_maps [N, H, W])``.
+        ``progress`` is called with the number of images scored after each batch."""
+        results = []
+        for result in self.score(images):
+            results.append(result)
+            if progress is not None:
+                progress(len(result.image_scores))
         if not results:
             raise ValueError("predict() received no images")
         image_scores = np.concatenate([r.image_scores for r in results])
         anomaly_maps = np.concatenate([r.anomaly_maps for r in results])
         return image_scores, anomaly_maps
+
+    def inference_function(self) -> Callable[[jax.Array], scoring.ScoreResult]:
+        """The model's inference as one pure, jittable function: uint8 images [B, H, W, 3] ->
+        ``ScoreResult`` ([B] image scores, [B, H, W] maps, ...), with the backbone variables
+        (in this platform's backbone dtype), the memory bank [M, D] and its candidate-search
+        arrays as constants. The computation ``score`` compiles over the mesh, here on one
+        device and without the bank's bucket padding (equal to float32 rounding): for
+        ``jax.export`` (``patchcore_jax.export``) and other JAX programs."""
+        if self.memory_bank is None:
+            raise ValueError("PatchCore.inference_function called before fit() or load()")
+        embed_and_score = _embed_and_score_function(*self._program_options, None)
+        variables = backbone_variables(self.backbone.variables, self._backbone_precision)
+        memory_bank = jnp.asarray(np.asarray(self.memory_bank))
+        search = self.search_arrays()
+        if search is not None:
+            search = tuple(jnp.asarray(np.asarray(x)) for x in search)
+
+        def infer(images: jax.Array) -> scoring.ScoreResult:
+            return embed_and_score(variables, images, memory_bank, None, search)
+
+        return infer
+
+    @property
+    def members(self) -> list[PatchCore]:
+        """``[self]``: the models that score, as ``Ensemble.members`` (one interface)."""
+        return [self]
 
     # ------------------------------------------------------------------ persistence
 
@@ -1153,7 +1206,8 @@ class PatchCore:
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kwargs: Any) -> PatchCore:
-        """Restores a model written by ``save``; see ``patchcore_jax.checkpoint.load``."""
+        """Restores a single model written by ``save``; see ``checkpoint.load_patchcore``
+        (``patchcore_jax.load`` opens either kind)."""
         from patchcore_jax import checkpoint
 
-        return checkpoint.load(path, **kwargs)
+        return checkpoint.load_patchcore(path, **kwargs)

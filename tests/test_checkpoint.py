@@ -457,3 +457,23 @@ def test_precision_is_kept_and_checkpoints_without_it_load_exact(fitted, tmp_pat
     del record["config"]["precision"]  # as written before the field existed
     record_path.write_text(json.dumps(record))
     assert PatchCore.load(path).config.precision == "exact"
+
+
+def test_write_version_is_the_versioned_folder_protocol_of_every_save(tmp_path):
+    path = tmp_path / "folder"
+
+    def write(staging):
+        staging.mkdir()
+        (staging / "payload.txt").write_text("one")
+
+    assert checkpoint.write_version(path, write) == path
+    assert (path / "CURRENT").read_text().strip() == "v000001"
+
+    def fail(staging):
+        staging.mkdir()
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.write_version(path, fail)
+    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "v000001"]  # no staging left
+    assert (path / "v000001" / "payload.txt").read_text() == "one"

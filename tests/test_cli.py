@@ -605,6 +605,7 @@ def test_mismatched_ensemble_options_are_one_line_errors(subset, tmp_path):
 def test_fit_of_several_backbones_saves_an_ensemble_that_evaluate_and_predict_load(
     subset, tmp_path
 ):
+    import patchcore_jax
     from patchcore_jax import ensemble
 
     model = tmp_path / "ensemble"
@@ -625,7 +626,7 @@ def test_fit_of_several_backbones_saves_an_ensemble_that_evaluate_and_predict_lo
         "5",
         "--quiet",
     )
-    loaded = ensemble.load_model(model)
+    loaded = patchcore_jax.load(model)
     assert isinstance(loaded, ensemble.Ensemble)
     assert [m.config.layers for m in loaded.members] == [("stride8", "stride16"), ("stride16",)]
     run_cli("evaluate", model, subset, "--out", tmp_path / "eval", "--no-heatmaps", "--quiet")

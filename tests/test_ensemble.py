@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from conftest import BOTTLE
 
+import patchcore_jax
 from patchcore_jax import PatchCore, PatchCoreConfig, checkpoint, ensemble, sharding
 from patchcore_jax.backbones import init_backbone
 from patchcore_jax.datasets.folders import load_dataset
@@ -71,7 +72,7 @@ def test_ensemble_saves_and_loads_as_one_checkpoint(fitted, tmp_path):
     model, members, test, resnet, mesh = fitted
     path = tmp_path / "model"
     members[0].save(path)  # replaces a single model in place, as checkpoint.save does
-    assert isinstance(ensemble.load_model(path, mesh=mesh), PatchCore)
+    assert isinstance(patchcore_jax.load(path, mesh=mesh), PatchCore)
     assert model.save(path) == path
     assert (path / "CURRENT").read_text().strip() == "v000002"
     assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "v000002"]
@@ -103,4 +104,37 @@ def test_an_interrupted_ensemble_save_keeps_the_previous_model(fitted, tmp_path,
     with pytest.raises(OSError, match="disk full"):
         model.save(path)
     assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "v000001"]
-    assert isinstance(ensemble.load_model(path, mesh=mesh), PatchCore)
+    assert isinstance(patchcore_jax.load(path, mesh=mesh), PatchCore)
+
+
+def test_ensemble_answers_the_calls_of_patchcore(fitted):
+    model, members, test, _, _ = fitted
+    counted = []
+    scores, maps = model.predict(test, progress=counted.append)
+    assert sum(counted) == len(test) * len(model.members)  # images per member
+    results = list(model.score(test))
+    np.testing.assert_array_equal(np.concatenate([r.image_scores for r in results]), scores)
+    np.testing.assert_array_equal(np.concatenate([r.anomaly_maps for r in results]), maps)
+    assert model.calibration is None  # normalised per scored set: no fixed threshold
+    with pytest.raises(ValueError, match="cannot be calibrated"):
+        model.calibrate(test)
+    described = model.describe()
+    assert described.startswith("ensemble of 2") and "resnet18: precision" in described
+    assert model.image_shape == members[0].image_shape == (224, 224)
+    assert members[0].members == [members[0]]  # a single model is its only member
+
+
+def test_load_opens_either_kind_and_each_class_refuses_the_other(fitted, tmp_path):
+    model, members, _, resnet, mesh = fitted
+    single = patchcore_jax.save(members[0], tmp_path / "single")
+    both = patchcore_jax.save(model, tmp_path / "ensemble")  # save writes either kind too
+    assert (both / "v000001" / checkpoint.ENSEMBLE_RECORD).is_file()
+    assert isinstance(patchcore_jax.load(single, mesh=mesh), PatchCore)
+    loaded = patchcore_jax.load(both, mesh=mesh, backbones=[None, resnet])
+    assert isinstance(loaded, ensemble.Ensemble) and len(loaded.members) == 2
+    with pytest.raises(checkpoint.CheckpointError, match="holds a single model, not an ensemble"):
+        ensemble.Ensemble.load(single, mesh=mesh)
+    with pytest.raises(checkpoint.CheckpointError, match="holds an ensemble of 2 models"):
+        PatchCore.load(both)
+    with pytest.raises(ValueError, match="pass backbones="):
+        patchcore_jax.load(both, backbone=resnet)

@@ -80,6 +80,21 @@ def test_fused_predict_equals_embedding_then_scoring_and_is_shared(small_split):
     assert model._predict._cache_size() == compiled  # nothing compiled for the second model
 
 
+def test_predict_counts_progress_and_its_inference_function_scores_alike(small_split):
+    """``inference_function`` (what ``export`` serialises) is ``predict``'s computation on one
+    device, without the bank's bucket padding: equal to float32 rounding."""
+    train, test, _ = small_split
+    config = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05, batch_size=4)
+    model = PatchCore(config, mesh=sharding.make_mesh(1, jax.devices()[:2])).fit(train)
+    counted = []
+    scores, maps = model.predict(test, progress=counted.append)
+    assert counted == [4, 4]
+    result = jax.jit(model.inference_function())(test)
+    np.testing.assert_allclose(result.image_scores, scores, rtol=1e-5)
+    np.testing.assert_allclose(result.anomaly_maps, maps, rtol=1e-5, atol=1e-5 * maps.max())
+    assert model.members == [model]
+
+
 def test_banks_of_nearby_sizes_share_the_scoring_program(small_split):
     """The bank is padded to ``bank_bucket`` rows for scoring: a bank a few rows smaller (e.g.
     after fewer training images) reuses the compiled program, and the padding changes nothing:

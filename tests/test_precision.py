@@ -297,7 +297,7 @@ def test_fast_model_calibrates_and_exports_in_its_precision(bottle_images):
     np.testing.assert_allclose(
         model.calibration.image_threshold, exact.calibration.image_threshold, rtol=1e-5
     )
-    infer = export.inference_function(model)
+    infer = export.export_function(model)
     text = str(jax.make_jaxpr(infer)(test[:2]))  # the backbone sits inside lax.map's scan
     convs = [line.split("=")[0] for line in text.splitlines() if "conv_general_dilated[" in line]
     assert convs and all("f32[" in out for out in convs)
