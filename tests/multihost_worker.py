@@ -67,7 +67,12 @@ def local_rows(array, process_id: int, num_processes: int):
 def main() -> None:
     args = parse_args()
     # Devices and platform must be fixed before jax is imported.
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_devices}"
+    os.environ["XLA_FLAGS"] = " ".join(
+        [
+            os.environ.get("XLA_FLAGS", ""),
+            f"--xla_force_host_platform_device_count={args.local_devices}",
+        ]
+    ).strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 

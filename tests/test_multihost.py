@@ -34,7 +34,13 @@ def run_workers(out_dir) -> None:
     """Runs every worker to completion, or kills them all and fails with their output."""
     port = free_port()
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # the worker sets its own device count
+    # The worker sets its own device count and keeps every other XLA flag of this process
+    # (e.g. --xla_cpu_max_isa), so both sides compile the same code.
+    env["XLA_FLAGS"] = " ".join(
+        flag
+        for flag in os.environ.get("XLA_FLAGS", "").split()
+        if not flag.startswith("--xla_force_host_platform_device_count")
+    )
     env["JAX_PLATFORMS"] = "cpu"
     logs = [out_dir / f"process_{i}.log" for i in range(NUM_PROCESSES)]
     processes = []
