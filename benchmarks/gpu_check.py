@@ -54,7 +54,7 @@ from float_rounding import (  # noqa: E402  (derived rounding bounds)
     nearest_index_differences,
 )
 
-from patchcore_jax import coreset, features, scoring, sharding
+from patchcore_jax import coreset, features, knn, scoring, sharding
 from patchcore_jax.backbones import init_backbone
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.model import PatchCore, embed_images
@@ -292,7 +292,7 @@ def check_correctness(report: Report, sizes: Sizes) -> None:
         f"{differ} of {len(data['nearest_index'])} differ beyond a near-tie, {ties} near-ties",
         "identical up to near-ties",
     )
-    distances, indices = scoring.nearest_neighbors(data["queries"], data["memory_bank"])
+    distances, indices = knn.nearest_neighbors(data["queries"], data["memory_bank"])
     error = relative_error(np.asarray(distances)[:, 0], data["patch_scores"])
     ties, differ = nearest_index_differences(
         data["queries"], data["memory_bank"], np.asarray(indices)[:, 0], data["nearest_index"]
@@ -306,7 +306,7 @@ def check_correctness(report: Report, sizes: Sizes) -> None:
     )
 
     # The fast precision: bfloat16 candidates re-ranked with exact float32 distances.
-    distances, indices = scoring.nearest_neighbors(
+    distances, indices = knn.nearest_neighbors(
         data["queries"], data["memory_bank"], precision="fast"
     )
     found = np.asarray(indices)[:, 0] == data["nearest_index"]
@@ -462,10 +462,8 @@ def time_knn(report: Report, sizes: Sizes) -> None:
             matmul_what = "bfloat16, float32 accumulation"
         functions: dict[str, Callable] = {
             "matmul": lambda m=matmul: m(queries, bank),
-            "knn_batch": lambda p=precision: scoring.nearest_neighbors(queries, bank, precision=p),
-            "knn_1image": lambda p=precision: scoring.nearest_neighbors(
-                one_image, bank, precision=p
-            ),
+            "knn_batch": lambda p=precision: knn.nearest_neighbors(queries, bank, precision=p),
+            "knn_1image": lambda p=precision: knn.nearest_neighbors(one_image, bank, precision=p),
             "score_batch": lambda p=precision: scoring.score_patch_features(
                 patch_features,
                 bank,

@@ -30,7 +30,7 @@ def measure(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from patchcore_jax import scoring, sharding
+    from patchcore_jax import knn, scoring, sharding
 
     rng = np.random.default_rng(0)
     bank = jnp.asarray(rng.normal(size=(args.bank, args.dim)).astype(np.float32))
@@ -41,7 +41,7 @@ def measure(args: argparse.Namespace) -> dict:
     grid = int(round(args.patches**0.5))
     mesh = sharding.make_mesh(bank_shards=args.bank_shards)
     functions = {
-        "knn_batch": lambda: scoring.nearest_neighbors(queries, bank, mesh=mesh),
+        "knn_batch": lambda: knn.nearest_neighbors(queries, bank, mesh=mesh),
         "score_batch": lambda: scoring.score_patch_features(
             features, bank, (grid, grid), (224, 224), mesh=mesh
         ),
@@ -50,7 +50,7 @@ def measure(args: argparse.Namespace) -> dict:
         one_image = queries[: args.patches]
         matmul = jax.jit(lambda q, b: jnp.dot(q, b.T, precision=jax.lax.Precision.HIGHEST))
         functions["matmul"] = lambda: matmul(one_image, bank)
-        functions["knn_1image"] = lambda: scoring.nearest_neighbors(one_image, bank)
+        functions["knn_1image"] = lambda: knn.nearest_neighbors(one_image, bank)
     seconds = best_times(functions, args.repeats)
     flops_per_image = 2.0 * args.patches * args.dim * args.bank
     result = {

@@ -36,15 +36,15 @@ RANKS = (64, 128, 256)
 
 def candidate_recall(queries, bank):
     """{search: fraction of queries whose exact nearest bank row is among the candidates}."""
-    from patchcore_jax import scoring
+    from patchcore_jax import knn
 
-    _, exact = scoring.nearest_neighbors(queries, bank, 1)
+    _, exact = knn.nearest_neighbors(queries, bank, 1)
     exact = np.asarray(exact)[:, 0]
     searches = {"bfloat16": None}
-    searches.update({f"low-rank r={r}": scoring.low_rank_search(bank, r) for r in RANKS})
+    searches.update({f"low-rank r={r}": knn.low_rank_search(bank, r) for r in RANKS})
     recall = {}
     for name, search in searches.items():
-        _, candidates = scoring.fast_candidates(queries, bank, COUNT, search=search)
+        _, candidates = knn.fast_candidates(queries, bank, COUNT, search=search)
         recall[name] = float(np.mean(np.any(np.asarray(candidates) == exact[:, None], axis=1)))
     return recall
 

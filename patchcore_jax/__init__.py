@@ -9,9 +9,10 @@ answer the same calls (``fit``, ``predict``, ``score``, ``calibration``, ``descr
 see ``patchcore_jax.ensemble``).
 
 The device stages are importable on their own for use in other JAX programs:
-``patchcore_jax.features``, ``patchcore_jax.coreset``, ``patchcore_jax.scoring``,
-``patchcore_jax.sharding`` and ``patchcore_jax.backbones``. Names are imported on first use, so
-``patchcore_jax.exported`` (the deployment loader) runs with jax and numpy alone.
+``patchcore_jax.features``, ``patchcore_jax.coreset``, ``patchcore_jax.knn``,
+``patchcore_jax.scoring``, ``patchcore_jax.sharding`` and ``patchcore_jax.backbones``. Names are
+imported on first use, so ``patchcore_jax.exported`` (the deployment loader) runs with jax and
+numpy alone.
 """
 
 from __future__ import annotations

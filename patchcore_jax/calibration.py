@@ -11,224 +11,22 @@ Thresholds are a quantile of the nominal scores, or F1-optimal on a labelled val
 Normalised scores follow anomalib: ``clip((s - threshold) / (max - min) + 0.5, 0, 1)`` with min
 and max of the calibration scores, so the threshold maps to 0.5.
 
-The device part (``self_excluded_scores``) is a masked variant of ``scoring``'s blocked k-NN; the
-rest is host code.
+This module is host code: the self-excluded scores themselves are ``scoring.score_patch_features``
+with ``image_ids`` and ``bank_source_images`` (a k-NN that skips each image's own bank rows).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
-from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
-from patchcore_jax import scoring
 from patchcore_jax.config import CALIBRATION_METHODS
-from patchcore_jax.sharding import ALL_AXES, HIGHEST, mesh_size
 
 NUM_PIXEL_QUANTILES = 101  # the stored pixel-score distribution: its 0th..100th percentiles
-_PADDING = -1  # source image of padded bank rows / padded queries (never a real image)
-
-# ----------------------------------------------------------------------------------------------
-# Device: k-NN that ignores the bank rows of the query's own image
-
-
-def _masked_local_top_k(
-    queries: jax.Array,
-    query_images: jax.Array,
-    bank: jax.Array,
-    bank_images: jax.Array,
-    search: tuple[jax.Array, jax.Array] | None,
-    k: int,
-    bank_tile: int,
-    query_tile: int,
-    num_candidates: int | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """k smallest squared distances of ``queries: [q, D]`` to rows of ``bank: [r, D]`` whose
-    source image differs from the query's (``query_images: [q]``, ``bank_images: [r]`` int32).
-
-    Excluded and padded (``bank_images < 0``) rows get an infinite distance. ``q``, ``r`` are
-    multiples of the tiles. ``num_candidates`` None is exact; an int is the ``fast`` precision
-    (that many candidates by bfloat16 distances, or by low-rank ones with ``search`` = ``(basis,
-    projected bank)``, re-ranked exactly: ``scoring._rerank``).
-    Returns ``([q, k] float32, [q, k] int32)`` sorted by (distance, index).
-    """
-    num_queries, dim = queries.shape
-    num_tiles = bank.shape[0] // bank_tile
-    rows = jnp.arange(bank.shape[0], dtype=jnp.int32)
-    bank_norms = jnp.where(bank_images >= 0, jnp.sum(bank * bank, axis=1), jnp.inf)
-    fast = num_candidates is not None
-    low_rank = fast and search is not None
-    tile_bank, tile_norms = (bank.astype(jnp.bfloat16) if fast else bank), bank_norms
-    if low_rank:
-        basis, tile_bank = search[0], search[1].astype(jnp.float32)
-        tile_norms = jnp.where(bank_images >= 0, jnp.sum(tile_bank * tile_bank, axis=1), jnp.inf)
-    tiles = tuple(
-        x.reshape(num_tiles, bank_tile, *x.shape[1:])
-        for x in (tile_bank, tile_norms, bank_images, rows)
-    )
-    width = num_candidates if fast else k
-
-    def query_block(block: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        block_queries, block_images = block
-        query_norms = jnp.sum(block_queries * block_queries, axis=1)
-        block_search, search_norms = block_queries.astype(jnp.bfloat16), query_norms
-        if low_rank:
-            block_search = jnp.dot(block_queries, basis, precision=HIGHEST)
-            search_norms = jnp.sum(block_search * block_search, axis=1)
-
-        def bank_step(carry, tile):
-            tile_rows, tile_norms, tile_images, tile_indices = tile
-            if fast:
-                distances = scoring._approximate_distances(
-                    block_search, search_norms, tile_rows, tile_norms
-                )
-            else:
-                products = jnp.dot(block_queries, tile_rows.T, precision=HIGHEST)
-                distances = (query_norms[:, None] + tile_norms[None, :]) - 2.0 * products
-                distances = jnp.maximum(distances, 0.0)
-            distances = jnp.where(block_images[:, None] == tile_images[None, :], jnp.inf, distances)
-            indices = jnp.broadcast_to(tile_indices[None, :], distances.shape)
-            if fast and k == 1:  # as the fast scoring k-NN: each group proposes its nearest
-                distances, indices = scoring._group_nearest(distances, indices)
-            return scoring._merge_top_k(*carry, distances, indices), None
-
-        init = (
-            jnp.full((query_tile, width), jnp.inf, jnp.float32),
-            jnp.full((query_tile, width), scoring._NO_INDEX, jnp.int32),
-        )
-        best, _ = lax.scan(bank_step, init, tiles)
-        if not fast:
-            return best
-        return scoring._rerank(block_queries, query_norms, bank, bank_norms, *best, 0, k)
-
-    blocks = (
-        queries.reshape(num_queries // query_tile, query_tile, dim),
-        query_images.reshape(num_queries // query_tile, query_tile),
-    )
-    distances, indices = lax.map(query_block, blocks)
-    return distances.reshape(num_queries, k), indices.reshape(num_queries, k)
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "grid_shape",
-        "out_shape",
-        "num_neighbors",
-        "distance",
-        "reweight",
-        "reweight_neighbors",
-        "sigma",
-        "bank_block_size",
-        "query_block_size",
-        "mesh",
-        "precision",
-        "num_candidates",
-        "candidate_search",
-    ),
-)
-def self_excluded_scores(
-    patch_features: jax.Array,
-    image_ids: jax.Array,
-    memory_bank: jax.Array,
-    bank_source_images: jax.Array,
-    search: tuple[jax.Array, jax.Array] | None = None,
-    *,
-    grid_shape: tuple[int, int],
-    out_shape: tuple[int, int],
-    num_neighbors: int,
-    distance: str,
-    reweight: bool,
-    reweight_neighbors: int,
-    sigma: float,
-    bank_block_size: int,
-    query_block_size: int,
-    mesh: Mesh,
-    precision: str = "exact",
-    num_candidates: int | None = None,
-    candidate_search: str = "bfloat16",
-) -> scoring.ScoreResult:
-    """``scoring.score_patch_features`` with each image's own bank rows left out of its k-NN.
-
-    Args:
-      patch_features: ``[B, P, D] float32``.
-      image_ids: ``[B] int32``, the training-image index of each image (negative: padding).
-      memory_bank: ``[M, D] float32``.
-      bank_source_images: ``[M] int32``, the training image each bank row was taken from.
-      search: ``scoring.low_rank_search(memory_bank)`` for ``candidate_search="low-rank"``
-        (required there: this function is traced), else None.
-      mesh: queries are split over all its devices, the bank is replicated.
-      Other arguments as ``scoring.score_patch_features``.
-    Returns:
-      ``ScoreResult`` whose nearest indices never point at a row of the query's image.
-    """
-    batch, num_patches, dim = patch_features.shape
-    queries = patch_features.reshape(batch * num_patches, dim).astype(jnp.float32)
-    query_images = jnp.repeat(image_ids.astype(jnp.int32), num_patches)
-    num_queries, num_bank = queries.shape[0], memory_bank.shape[0]
-    shards = mesh_size(mesh)
-    query_tile, per_shard = scoring._tiling(num_queries, shards, query_block_size)
-    bank_tile, bank_rows = scoring._tiling(num_bank, 1, bank_block_size)
-    query_padding = shards * per_shard - num_queries
-    queries = jnp.pad(queries, ((0, query_padding), (0, 0)))
-    query_images = jnp.pad(query_images, (0, query_padding), constant_values=_PADDING - 1)
-    bank = jnp.pad(memory_bank.astype(jnp.float32), ((0, bank_rows - num_bank), (0, 0)))
-    bank_images = jnp.pad(
-        bank_source_images.astype(jnp.int32), (0, bank_rows - num_bank), constant_values=_PADDING
-    )
-    num_candidates = scoring.candidates_for(precision, num_neighbors, num_candidates)
-    if candidate_search not in scoring.CANDIDATE_SEARCHES:
-        raise ValueError(
-            f"candidate_search must be one of {scoring.CANDIDATE_SEARCHES}, "
-            f"got {candidate_search!r}"
-        )
-    if num_candidates is None or candidate_search == "bfloat16":
-        search = None
-    elif search is None:
-        raise ValueError("candidate_search='low-rank' needs search=scoring.low_rank_search(bank)")
-    else:
-        search = (search[0], jnp.pad(search[1], ((0, bank_rows - num_bank), (0, 0))))
-    distances, indices = jax.shard_map(
-        functools.partial(
-            _masked_local_top_k,
-            k=num_neighbors,
-            bank_tile=bank_tile,
-            query_tile=query_tile,
-            num_candidates=num_candidates,
-        ),
-        mesh=mesh,
-        in_specs=(P(ALL_AXES), P(ALL_AXES), P(), P(), None if search is None else (P(), P())),
-        out_specs=(P(ALL_AXES), P(ALL_AXES)),
-        check_vma=False,  # the scan's initial carry is unvarying, its body's output varying
-    )(queries, query_images, bank, bank_images, search)
-    distances, indices = distances[:num_queries], indices[:num_queries]
-    if distance == "l2":
-        distances = jnp.sqrt(distances)
-    return scoring.scores_from_neighbors(
-        patch_features,
-        memory_bank,
-        distances,
-        indices,
-        grid_shape=grid_shape,
-        out_shape=out_shape,
-        reweight=reweight,
-        reweight_neighbors=reweight_neighbors,
-        sigma=sigma,
-        bank_block_size=bank_block_size,
-        query_block_size=query_block_size,
-        mesh=mesh,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Host: thresholds and normalisation
 
 
 def held_out_images(num_images: int, fraction: float, seed: int) -> np.ndarray:

@@ -94,7 +94,7 @@ class PatchCoreConfig:
         to float32 before the patch features) and the k-NN finds candidates with bfloat16
         distance matmuls (float32 accumulation). On CPUs, where XLA runs bfloat16 no faster
         than float32, the backbone stays float32 and the k-NN finds candidates by low-rank
-        distances: float32 distances in the memory bank's top ``scoring.LOW_RANK_DIMS`` (128)
+        distances: float32 distances in the memory bank's top ``knn.LOW_RANK_DIMS`` (128)
         principal directions, computed once per bank (a lower bound of the true distance at
         r / D of the FLOPs). Either way the ``max(4 k, 16)`` candidates are re-ranked with exact
         float32 distances; the coreset, Eq. 7 and the maps stay float32. Scores then agree with

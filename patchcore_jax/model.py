@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from patchcore_jax import calibration, coreset, feature_store, features, scoring, sharding
+from patchcore_jax import calibration, coreset, feature_store, features, knn, scoring, sharding
 from patchcore_jax.backbones import Backbone, load_backbone, probe_batch_norm
 from patchcore_jax.config import PatchCoreConfig
 
@@ -95,9 +95,7 @@ def backend_numerics(precision: str, platform: str) -> tuple[str, str | None]:
         return "float32", None
     if precision != "fast":
         raise ValueError(f"precision must be 'exact' or 'fast', got {precision!r}")
-    return ("float32" if platform == "cpu" else "bfloat16"), scoring.default_candidate_search(
-        platform
-    )
+    return ("float32" if platform == "cpu" else "bfloat16"), knn.default_candidate_search(platform)
 
 
 def _not_uint8_message(batch: np.ndarray) -> str:
@@ -474,9 +472,9 @@ class PatchCore:
         config = self.config
         if config.precision == "exact":
             return f"precision exact on {self.platform}: float32 backbone and k-NN"
-        count = scoring.default_num_candidates(config.num_neighbors)
+        count = knn.default_num_candidates(config.num_neighbors)
         search = (
-            f"low-rank (r <= {scoring.LOW_RANK_DIMS})"
+            f"low-rank (r <= {knn.LOW_RANK_DIMS})"
             if self.candidate_search == "low-rank"
             else "bfloat16"
         )
@@ -712,7 +710,7 @@ class PatchCore:
         (each process scores its own images): ``([N], [N, H, W])`` in image order."""
         sources = sharding.replicate(self.bank_source_images, self.mesh)
         score = functools.partial(
-            calibration.self_excluded_scores, **self.scoring_options(), mesh=self.mesh
+            scoring.score_patch_features, **self.scoring_options(), mesh=self.mesh
         )
         first = layout.first_image[jax.process_index()]
         scores, maps = [], []
@@ -723,7 +721,13 @@ class PatchCore:
             ids[:num_valid] = np.arange(first, first + num_valid)
             first += num_valid
             global_ids = jax.make_array_from_process_local_data(self._batch_sharding, ids)
-            result = score(batch, global_ids, self.memory_bank, sources, self.search_arrays())
+            result = score(
+                batch,
+                self.memory_bank,
+                search=self.search_arrays(),
+                image_ids=global_ids,
+                bank_source_images=sources,
+            )
             scores.append(sharding.process_local_rows(result.image_scores)[:num_valid])
             maps.append(sharding.process_local_rows(result.anomaly_maps)[:num_valid])
         return (
@@ -947,12 +951,12 @@ class PatchCore:
         """Scores patch features ``[N, P, D]`` batch by batch: ``([N], [N, H, W])``.
 
         ``self_excluded``: image ``i`` of ``per_image`` is training image ``i``, and its k-NN
-        skips the bank rows taken from it (``calibration.self_excluded_scores``).
+        skips the bank rows taken from it (``scoring.score_patch_features`` with image ids).
         """
         if self_excluded:
             sources = sharding.replicate(self.bank_source_images, self.mesh)
             score = functools.partial(
-                calibration.self_excluded_scores, **self.scoring_options(), mesh=self.mesh
+                scoring.score_patch_features, **self.scoring_options(), mesh=self.mesh
             )
         scores, maps = [], []
         for start in range(0, len(per_image), self._batch_size):
@@ -966,7 +970,11 @@ class PatchCore:
                 # Split like the batch (every process passes the same rows; each reads its own).
                 global_ids = jax.make_array_from_process_local_data(self._batch_sharding, ids)
                 result = score(
-                    global_batch, global_ids, self.memory_bank, sources, self.search_arrays()
+                    global_batch,
+                    self.memory_bank,
+                    search=self.search_arrays(),
+                    image_ids=global_ids,
+                    bank_source_images=sources,
                 )
             else:
                 result = self._score(global_batch, *self._scoring_bank, self._search)
@@ -1123,7 +1131,7 @@ class PatchCore:
         )
         self._search = None
         if self.candidate_search == "low-rank":  # the basis and projected bank, once per bank
-            basis, projected = scoring.low_rank_search(memory_bank)
+            basis, projected = knn.low_rank_search(memory_bank)
             projected = sharding.pad_rows(np.asarray(projected), bucket)
             self._search = (
                 sharding.replicate(np.asarray(basis), self.mesh),

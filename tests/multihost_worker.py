@@ -8,7 +8,7 @@ and query rows. Together they run the sharded device stages over all global devi
   start points; ``coreset_keyed``: the same bank with projection and starts drawn from a key, by
   the pruned path;
 * ``memory_bank``: ``build_memory_bank`` rows of the keyed coreset;
-* ``nn_distances`` / ``nn_indices``: ``scoring.nearest_neighbors`` of query rows against that
+* ``nn_distances`` / ``nn_indices``: ``knn.nearest_neighbors`` of query rows against that
   memory bank;
 * ``model_<process>.npz``: a whole ``PatchCore`` fitted and run on MVTec AD bottle images, each
   process holding half of the train and test images (written by every process).
@@ -81,7 +81,7 @@ def main() -> None:
     from conftest import load_fixture
     from jax.experimental import multihost_utils
 
-    from patchcore_jax import PatchCore, coreset, scoring, sharding
+    from patchcore_jax import PatchCore, coreset, knn, sharding
 
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -142,7 +142,7 @@ def main() -> None:
         local_rows(queries, **split),
         queries.shape,
     )
-    distances, indices = scoring.nearest_neighbors(global_queries, memory_bank, 1, mesh=score_mesh)
+    distances, indices = knn.nearest_neighbors(global_queries, memory_bank, 1, mesh=score_mesh)
     results["nn_distances"], results["nn_indices"] = distances, indices
 
     # The whole model: each process reads only its share of the images; fit gathers the bank

@@ -1,12 +1,12 @@
 """Threshold calibration: self-excluded and held-out nominal scores on real bottle images,
-the masked k-NN against numpy, thresholds and normalisation against independent computations."""
+thresholds and normalisation against independent computations."""
 
 import jax
 import numpy as np
 import pytest
 from conftest import BOTTLE
 
-from patchcore_jax import PatchCore, PatchCoreConfig, calibration, coreset, sharding
+from patchcore_jax import PatchCore, PatchCoreConfig, calibration, coreset
 from patchcore_jax.preprocess import load_images
 
 CONFIG = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05)
@@ -120,39 +120,6 @@ def test_calibration_survives_a_checkpoint_round_trip(fitted, tmp_path):
     restored = PatchCore.load(model.save(tmp_path / "model"), backbone=model.backbone)
     assert restored.calibration.to_dict() == model.calibration.to_dict()
     np.testing.assert_array_equal(restored.calibration.image_scores, model.calibration.image_scores)
-
-
-@pytest.mark.parametrize("distance", ["squared_l2", "l2"])
-def test_masked_knn_ignores_the_query_images_own_rows_on_a_sharded_mesh(distance):
-    rng = np.random.default_rng(0)
-    per_image = rng.normal(size=(5, 12, 16)).astype(np.float32)  # 5 images, 3x4 grid
-    bank = rng.normal(size=(37, 16)).astype(np.float32)
-    sources = rng.integers(0, 5, size=37).astype(np.int32)
-    image_ids = np.array([0, 1, 2, 4, -2], np.int32)  # the last one matches no source
-    result = calibration.self_excluded_scores(
-        per_image,
-        image_ids,
-        bank,
-        sources,
-        grid_shape=(3, 4),
-        out_shape=(6, 8),
-        num_neighbors=3,
-        distance=distance,
-        reweight=False,
-        reweight_neighbors=9,
-        sigma=1.0,
-        bank_block_size=8,
-        query_block_size=8,
-        mesh=sharding.make_mesh(2),  # 4 x 2 devices
-    )
-    squared = ((per_image[:, :, None, :] - bank[None, None]) ** 2).sum(-1).astype(np.float64)
-    squared = np.where(sources[None, None, :] == image_ids[:, None, None], np.inf, squared)
-    distances = np.sort(squared, axis=-1)[..., :3]
-    if distance == "l2":
-        distances = np.sqrt(distances)
-    np.testing.assert_allclose(result.patch_scores, distances.mean(-1), rtol=2e-5)
-    np.testing.assert_allclose(result.image_scores, distances.mean(-1).max(1), rtol=2e-5)
-    assert not (sources[np.asarray(result.nearest_indices)] == image_ids[:, None, None]).any()
 
 
 def test_normalised_scores_put_the_threshold_at_one_half_and_clip():

@@ -16,7 +16,7 @@ HOST_ONLY = {"cli", "workflows", "benchmark", "viz", "datasets", "checkpoint", "
 LONG_MODULES = {"coreset"}  # the greedy kernels (full and pruned) read best in one place
 MAX_MODULE_LINES = 700
 MAX_CLI_LINES = 600
-MAX_FUNCTION_LINES = 80
+MAX_FUNCTION_LINES = 80  # not counting the docstring
 
 
 def module_name(path: Path) -> str:
@@ -131,6 +131,9 @@ def test_modules_and_functions_are_short():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 length = node.end_lineno - node.lineno + 1
+                docstring = node.body[0]
+                if isinstance(docstring, ast.Expr) and isinstance(docstring.value, ast.Constant):
+                    length -= docstring.end_lineno - docstring.lineno + 1
                 if length > MAX_FUNCTION_LINES and name not in LONG_MODULES:
                     long_functions.append(f"{name}.{node.name}: {length} lines")
     assert not long_modules, long_modules

@@ -17,7 +17,7 @@ import numpy as np
 from conftest import REPO_ROOT, load_fixture
 from float_rounding import compare_greedy_selection
 
-from patchcore_jax import PatchCore, coreset, scoring, sharding
+from patchcore_jax import PatchCore, coreset, knn, sharding
 
 NUM_PROCESSES = 2
 TIMEOUT_S = 300
@@ -113,7 +113,7 @@ def test_two_processes_match_single_process(tmp_path):
         .normal(scale=float(bank.std()), size=(NUM_QUERIES, bank.shape[1]))
         .astype(np.float32)
     )
-    distances, indices = scoring.nearest_neighbors(queries, memory_bank, 1)
+    distances, indices = knn.nearest_neighbors(queries, memory_bank, 1)
     np.testing.assert_array_equal(results["nn_indices"], np.asarray(indices))
     np.testing.assert_allclose(results["nn_distances"], np.asarray(distances), rtol=1e-5)
 

@@ -12,125 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import BOTTLE
-from float_rounding import low_rank_distance_bound, squared_distance_error
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
+from test_knn import _check_lower_bound, _check_reranked
 
-from patchcore_jax import PatchCore, PatchCoreConfig, calibration, scoring, sharding
+from patchcore_jax import PatchCore, PatchCoreConfig, knn, scoring, sharding
 from patchcore_jax.backbones import init_backbone, load_backbone
 from patchcore_jax.datasets.folders import load_dataset
 from patchcore_jax.model import backbone_variables, backend_numerics, embed_images
 from patchcore_jax.preprocess import load_images
-
-
-def _check_reranked(queries, bank, k, min_recall, candidate_search="bfloat16"):
-    """fast vs exact k-NN: identical wherever the exact neighbours are candidates; returns the
-    fraction of such queries (asserted >= ``min_recall``)."""
-    options = {"bank_block_size": 512, "query_block_size": 256}
-    search = scoring.search_arrays("fast", candidate_search, bank)
-    exact_d, exact_i = map(np.asarray, scoring.nearest_neighbors(queries, bank, k, **options))
-    fast_d, fast_i = map(
-        np.asarray,
-        scoring.nearest_neighbors(
-            queries,
-            bank,
-            k,
-            precision="fast",
-            candidate_search=candidate_search,
-            search=search,
-            **options,
-        ),
-    )
-    count = scoring.default_num_candidates(k)
-    _, candidates = scoring.fast_candidates(queries, bank, count, search=search, k=k, **options)
-    candidates = np.asarray(candidates)
-    finite = np.all(np.isfinite(np.asarray(queries)), axis=1)
-    found = finite & np.all(np.any(exact_i[:, :, None] == candidates[:, None, :], axis=2), axis=1)
-    np.testing.assert_array_equal(fast_i[found], exact_i[found])
-    # Both are float32 computations of the same squared distances (the re-rank may sum in
-    # another order): each is within the derived rounding bound of the exact value.
-    bound = squared_distance_error(queries[found][:, None, :], bank[exact_i[found]])
-    difference = np.abs(fast_d[found] - exact_d[found])
-    print(f"largest distance difference: {np.max(difference / (2 * bound)):.2e} of the bound")
-    assert np.all(difference <= 2 * bound)
-    # Elsewhere a near neighbour, at its exact distance: never closer than the true one.
-    missed = finite & ~found
-    slack = squared_distance_error(queries[missed], bank[exact_i[missed, 0]])
-    slack += squared_distance_error(queries[missed], bank[fast_i[missed, 0]])
-    assert np.all(fast_d[missed][:, 0] >= exact_d[missed][:, 0] - slack)
-    recall = found[finite].mean()
-    print(
-        f"k={k}, {candidate_search}: exact neighbours among the {count} candidates for "
-        f"{recall:.5f} of queries"
-    )
-    assert recall >= min_recall
-    return fast_d, fast_i
-
-
-@pytest.mark.parametrize("candidate_search", ["bfloat16", "low-rank"])
-@pytest.mark.parametrize("k", [1, 3])
-def test_reranked_knn_on_random_data_is_exact_where_the_neighbour_is_a_candidate(
-    k, candidate_search
-):
-    rng = np.random.default_rng(k)
-    # 256 dimensions with decaying scales: the low-rank search keeps the top 128 directions.
-    scales = np.geomspace(1.0, 1e-2, 256)
-    bank = (rng.standard_normal((1500, 256)) * scales).astype(np.float32)
-    queries = (rng.standard_normal((700, 256)) * scales).astype(np.float32)
-    queries[:50] = bank[:50] + 1e-3 * queries[:50]  # some near duplicates of bank rows
-    queries[70, 5] = np.nan
-    fast_d, fast_i = _check_reranked(queries, bank, k, 0.99, candidate_search)
-    assert np.all(np.isnan(fast_d[70]))  # exact mode's NaN semantics
-    assert np.all(fast_i[:50, 0] == np.arange(50))
-    # Bank-sharded over 2 devices (and data-parallel over the rest): the same answer.
-    sharded = scoring.nearest_neighbors(
-        queries,
-        bank,
-        k,
-        precision="fast",
-        candidate_search=candidate_search,
-        bank_block_size=512,
-        query_block_size=256,
-        mesh=sharding.make_mesh(2),
-    )
-    # Each of the 2 bank shards keeps its own C candidates: a superset of one device's.
-    same = np.all(np.asarray(sharded[1]) == fast_i, axis=1)
-    assert same.mean() >= 0.99
-    np.testing.assert_allclose(np.asarray(sharded[0])[same], fast_d[same], rtol=1e-6)
-    assert np.all(np.asarray(sharded[0])[~same][:, 0] <= fast_d[~same][:, 0] * (1 + 1e-6))
-
-
-def test_low_rank_basis_is_orthonormal_deterministic_and_distances_are_lower_bounds():
-    rng = np.random.default_rng(0)
-    bank = (rng.standard_normal((900, 200)) * np.geomspace(1.0, 1e-2, 200)).astype(np.float32)
-    basis = scoring.low_rank_basis(bank, 64)
-    assert basis.shape == (200, 64) and basis.dtype == np.float32
-    np.testing.assert_allclose(basis.T @ basis, np.eye(64), atol=1e-5)
-    np.testing.assert_array_equal(scoring.low_rank_basis(bank.copy(), 64), basis)
-    assert scoring.low_rank_basis(bank, 500).shape == (200, 200)  # r <= D
-    _check_lower_bound(bank[::3] + 0.01, bank)
-    with pytest.raises(ValueError, match="candidate_search must be one of"):
-        scoring.nearest_neighbors(bank, bank, precision="fast", candidate_search="pca")
-
-
-def _check_lower_bound(queries, bank):
-    """Low-rank candidate distances never exceed the exact ones (up to float32 rounding)."""
-    search = scoring.low_rank_search(bank)
-    approx, candidates = map(np.asarray, scoring.fast_candidates(queries, bank, 16, search=search))
-    bound = low_rank_distance_bound(queries[:, None, :], bank[candidates], np.asarray(search[0]))
-    print(f"low-rank distances reach at most {np.max(approx / bound):.6f} of their upper bound")
-    assert np.all(approx <= bound)
-
-
-def test_ties_go_to_the_lowest_index_and_num_candidates_is_validated():
-    bank = np.repeat(np.eye(8, 16, dtype=np.float32), 3, axis=0)  # each row three times
-    distances, indices = scoring.nearest_neighbors(bank[::3], bank, 2, precision="fast")
-    np.testing.assert_array_equal(np.asarray(indices), np.arange(0, 24, 3)[:, None] + [0, 1])
-    np.testing.assert_array_equal(np.asarray(distances), 0.0)
-    with pytest.raises(ValueError, match="num_candidates must be an integer >= k = 2"):
-        scoring.nearest_neighbors(bank, bank, 2, precision="fast", num_candidates=1)
-    with pytest.raises(ValueError, match="precision must be one of"):
-        scoring.nearest_neighbors(bank, bank, 2, precision="half")
 
 
 @pytest.fixture(scope="module")
@@ -213,14 +103,14 @@ def test_fast_self_excluded_calibration_matches_exact_on_random_features(candida
     )
     ids = np.arange(6, dtype=np.int32)
     sources = (rows // 16).astype(np.int32)
-    exact = calibration.self_excluded_scores(features, ids, bank, sources, **options)
-    search = scoring.search_arrays("fast", candidate_search, bank)
-    fast = calibration.self_excluded_scores(
+    exclusion = dict(image_ids=ids, bank_source_images=sources)
+    exact = scoring.score_patch_features(features, bank, **exclusion, **options)
+    search = knn.search_arrays("fast", candidate_search, bank)
+    fast = scoring.score_patch_features(
         features,
-        ids,
         bank,
-        sources,
-        search,
+        search=search,
+        **exclusion,
         precision="fast",
         candidate_search=candidate_search,
         **options,
@@ -284,8 +174,8 @@ def test_fast_model_calibrates_and_exports_in_its_precision(bottle_images):
     )
     assert logged[0] == model.describe() and "float32 backbone, low-rank" in logged[0]
     basis, projected = model.search_arrays()
-    assert basis.shape == (config.target_embed_dimension, scoring.LOW_RANK_DIMS)
-    assert projected.shape == (model.memory_bank.shape[0], scoring.LOW_RANK_DIMS)
+    assert basis.shape == (config.target_embed_dimension, knn.LOW_RANK_DIMS)
+    assert projected.shape == (model.memory_bank.shape[0], knn.LOW_RANK_DIMS)
     assert model.calibration is not None and model.calibration.method == "self-excluded"
     exact = PatchCore(
         PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05),

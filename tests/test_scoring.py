@@ -8,7 +8,7 @@ import scipy.ndimage
 import torch
 import torch.nn.functional as torch_f
 from conftest import load_fixture
-from float_rounding import nearest_index_differences, squared_distance_error
+from float_rounding import nearest_index_differences
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,14 +17,6 @@ from patchcore_jax import scoring, sharding
 
 def _relative_error(ours, expected) -> float:
     return float(np.abs(np.asarray(ours) - expected).max() / np.abs(expected).max())
-
-
-def _dense_knn(queries: np.ndarray, bank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Plain float64 k-NN with lowest-index tie-breaking (stable sort)."""
-    queries, bank = queries.astype(np.float64), bank.astype(np.float64)
-    distances = ((queries[:, None, :] - bank[None, :, :]) ** 2).sum(-1)
-    indices = np.argsort(distances, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(distances, indices, axis=1), indices
 
 
 @pytest.fixture(scope="module")
@@ -50,38 +42,6 @@ def test_reference_fixture(score_fixture):
     print(f"{ties} nearest-row near-ties")
     assert violations == 0
     assert result.nearest_indices.dtype == np.int32
-
-
-@pytest.mark.parametrize("k,squared", [(1, True), (4, True), (3, False)])
-def test_blocked_knn_equals_dense_numpy(k, squared):
-    rng = np.random.default_rng(0)
-    bank = rng.normal(size=(1001, 16)).astype(np.float32)
-    queries = rng.normal(size=(130, 16)).astype(np.float32)
-    distances, indices = scoring.nearest_neighbors(
-        queries, bank, k, squared=squared, bank_block_size=96, query_block_size=50
-    )
-    expected_distances, expected_indices = _dense_knn(queries, bank, k)
-    if not squared:
-        expected_distances = np.sqrt(expected_distances)
-    np.testing.assert_array_equal(np.asarray(indices), expected_indices)
-    np.testing.assert_allclose(np.asarray(distances), expected_distances, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("bank_shards", [1, 2, 8])
-def test_ties_go_to_lowest_index_and_padding_is_never_matched(bank_shards):
-    rng = np.random.default_rng(1)
-    # Integer entries make every distance exact, so the three copies of each row tie exactly.
-    rows = rng.integers(-3, 4, size=(67, 8)).astype(np.float32) + 10.0
-    bank = np.concatenate([rows, rows, rows])  # 201 rows: not a multiple of tiles or shards
-    queries = np.concatenate([rows[:20], np.zeros((5, 8), np.float32)])  # zeros = padding rows
-    mesh = sharding.make_mesh(bank_shards=bank_shards)
-    distances, indices = scoring.nearest_neighbors(
-        queries, bank, 3, bank_block_size=16, query_block_size=8, mesh=mesh
-    )
-    expected_distances, expected_indices = _dense_knn(queries, bank, 3)
-    np.testing.assert_array_equal(np.asarray(indices), expected_indices)
-    np.testing.assert_array_equal(np.asarray(indices)[:20], np.arange(20)[:, None] + [0, 67, 134])
-    np.testing.assert_allclose(np.asarray(distances), expected_distances, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -265,6 +225,39 @@ def test_sharded_equals_single_device(bank_shards, score_fixture):
         assert _relative_error(getattr(sharded, name), np.asarray(getattr(single, name))) < 1e-5
 
 
+@pytest.mark.parametrize("distance", ["squared_l2", "l2"])
+def test_masked_knn_ignores_the_query_images_own_rows_on_a_sharded_mesh(distance):
+    rng = np.random.default_rng(0)
+    per_image = rng.normal(size=(5, 12, 16)).astype(np.float32)  # 5 images, 3x4 grid
+    bank = rng.normal(size=(37, 16)).astype(np.float32)
+    sources = rng.integers(0, 5, size=37).astype(np.int32)
+    image_ids = np.array([0, 1, 2, 4, -2], np.int32)  # the last one matches no source
+    result = scoring.score_patch_features(
+        per_image,
+        bank,
+        (3, 4),
+        (6, 8),
+        image_ids=image_ids,
+        bank_source_images=sources,
+        num_neighbors=3,
+        distance=distance,
+        reweight=False,
+        reweight_neighbors=9,
+        sigma=1.0,
+        bank_block_size=8,
+        query_block_size=8,
+        mesh=sharding.make_mesh(2),  # 4 x 2 devices
+    )
+    squared = ((per_image[:, :, None, :] - bank[None, None]) ** 2).sum(-1).astype(np.float64)
+    squared = np.where(sources[None, None, :] == image_ids[:, None, None], np.inf, squared)
+    distances = np.sort(squared, axis=-1)[..., :3]
+    if distance == "l2":
+        distances = np.sqrt(distances)
+    np.testing.assert_allclose(result.patch_scores, distances.mean(-1), rtol=2e-5)
+    np.testing.assert_allclose(result.image_scores, distances.mean(-1).max(1), rtol=2e-5)
+    assert not (sources[np.asarray(result.nearest_indices)] == image_ids[:, None, None]).any()
+
+
 def test_compiled_once_per_shape():
     rng = np.random.default_rng(6)
     bank = rng.normal(size=(40, 4)).astype(np.float32)
@@ -286,10 +279,6 @@ def test_bad_input_raises():
         scoring.score_patch_features(features, bank, (2, 3), (4, 4), distance="cosine")
     with pytest.raises(ValueError, match="num_neighbors"):
         scoring.score_patch_features(features, bank, (2, 3), (4, 4), num_neighbors=11)
-    with pytest.raises(ValueError, match="k=11"):
-        scoring.nearest_neighbors(features[0], bank, 11)
-    with pytest.raises(ValueError, match="queries"):
-        scoring.nearest_neighbors(np.zeros((3, 5), np.float32), bank)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,36 +313,3 @@ def test_non_finite_patch_features_score_nan_and_leave_other_scores_unchanged(
     others[1, 4] = False
     np.testing.assert_array_equal(patch_scores[others], np.asarray(clean.patch_scores)[others])
     np.testing.assert_array_equal(image_scores[[0, 2]], np.asarray(clean.image_scores)[[0, 2]])
-
-
-@pytest.mark.parametrize("k", [1, 2])
-def test_a_nan_bank_row_is_never_anyones_nearest_neighbor(k):
-    rng = np.random.default_rng(12)
-    bank = rng.normal(size=(30, 8)).astype(np.float32)
-    queries = np.concatenate([bank[:10] + 1e-3, rng.normal(size=(5, 8)).astype(np.float32)])
-    poisoned = bank.copy()
-    poisoned[3, 2] = np.nan  # queries[3] sits right next to this row
-    distances, indices = scoring.nearest_neighbors(queries, poisoned, k, bank_block_size=8)
-    kept = np.delete(np.arange(30), 3)
-    expected_distances, expected_positions = _dense_knn(queries, bank[kept], k)
-    np.testing.assert_array_equal(np.asarray(indices), kept[expected_positions])
-    np.testing.assert_allclose(np.asarray(distances), expected_distances, rtol=1e-4, atol=1e-5)
-    # A bank with fewer finite rows than k leaves the missing neighbour NaN, not inf or 0.
-    distances, _ = scoring.nearest_neighbors(queries[:2], poisoned[2:5], 3)
-    assert np.all(np.isfinite(np.asarray(distances)[:, :2]))
-    assert np.all(np.isnan(np.asarray(distances)[:, 2]))
-
-
-@pytest.mark.parametrize("squared", [True, False])
-def test_rounding_below_zero_clamps_to_positive_zero(squared):
-    rng = np.random.default_rng(13)
-    bank = (rng.normal(size=(64, 32)) * 100).astype(np.float32)
-    distances, indices = scoring.nearest_neighbors(bank, bank, 1, squared=squared)
-    np.testing.assert_array_equal(np.asarray(indices)[:, 0], np.arange(64))
-    # |q|^2 + |b|^2 - 2 q.b of a row with itself rounds to a few ulps of |q|^2 either side of
-    # zero (which side depends on the CPU's summation order): never below +0, and within the
-    # derived rounding bound above it.
-    distances = np.asarray(distances)[:, 0]
-    bound = squared_distance_error(bank, bank)
-    assert np.all(distances <= (bound if squared else np.sqrt(bound)))
-    assert not np.any(np.signbit(distances))  # +0, so "-0" is never printed

@@ -1,0 +1,583 @@
+"""The blocked, sharded k-nearest-neighbour search of the memory bank (device code).
+
+Every k-NN of the package runs through ``_local_top_k``: scoring, the Eq. 7 support of
+scoring, the self-excluded calibration (scoring with a same-image exclusion) and the ``fast``
+candidates. It never holds more than one ``[query_tile, bank_tile]`` distance tile per device:
+query blocks run in a ``lax.map``, and inside each the memory bank is scanned tile by tile
+keeping a running top-k. Under a ``(data, bank)`` mesh, queries are split over ``data`` and bank
+rows over ``bank``; every device finds the k nearest rows of its bank shard and one
+``all_gather`` over ``bank`` plus a final top-k gives the global answer. Padded queries are
+dropped, padded bank rows get an infinite distance and are never matched. Ties go to the lowest
+bank index everywhere.
+
+Same-image exclusion: given an image id per query and a source-image id per bank row, a row
+whose source is the query's own image gets an infinite distance (never a neighbour).
+
+Non-finite values are never hidden (one rule, with or without exclusion): a NaN distance ranks
+behind every number (a NaN bank row is never anyone's nearest neighbour), and a query with a NaN
+or infinite component, or a neighbour slot no finite distance filled, gets a NaN distance (the
+slot's index is ``2**31 - 1``), so its patch and image scores are NaN rather than a plausible
+number.
+
+The ``fast`` precision keeps a running top-C instead (C candidates per query, default
+``max(4 k, 16)``) by approximate distances, and re-ranks the C candidates with the exact float32
+distances; the result is exact mode's whenever the true neighbours are candidates. The
+approximate distances are either bfloat16 distance matmuls accumulated in float32
+(``candidate_search="bfloat16"``, for GPUs/TPUs) or low-rank ones
+(``candidate_search="low-rank"``, for CPUs): ``|V^T q - V^T b|^2`` in float32 with ``V`` the
+bank's top ``LOW_RANK_DIMS`` principal directions (``low_rank_search``, once per bank), a lower
+bound of the true distance at ``r / D`` of the FLOPs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from patchcore_jax.config import PRECISIONS
+from patchcore_jax.sharding import BANK_AXIS, DATA_AXIS, HIGHEST, single_device_mesh
+
+CANDIDATE_SEARCHES: tuple[str, ...] = ("bfloat16", "low-rank")
+LOW_RANK_DIMS = 128  # r of the low-rank candidate search (benchmarks/results/precision.md)
+CANDIDATE_GROUP = 8  # rows per group of the fast k-NN's candidate search with k = 1
+_NO_INDEX = np.iinfo(np.int32).max  # index of "no neighbour yet"; never survives a valid bank
+# Image ids of padded queries / bank rows: never equal, so padding never excludes anything.
+_PADDED_QUERY, _PADDED_ROW = -2, -1
+
+# ----------------------------------------------------------------------------------------------
+# Tiles, distances, merges
+
+
+def _tiling(num_rows: int, num_shards: int, block_size: int) -> tuple[int, int]:
+    """``(tile, rows_per_shard)``: balanced tiles of at most ~``block_size`` rows per shard."""
+    per_shard = max(1, -(-num_rows // num_shards))
+    num_tiles = -(-per_shard // block_size)
+    tile = -(-per_shard // num_tiles)
+    tile = -(-tile // 8) * 8  # multiples of 8 keep the matmuls aligned
+    return tile, num_tiles * tile
+
+
+def _clamp(distances: jax.Array) -> jax.Array:
+    """Rounding can make a distance slightly negative (or -0.0): clamp to +0. NaN -> +inf: it
+    ranks behind every number (``nearest_neighbors_unchecked`` reports non-finite queries)."""
+    return jnp.where(distances > 0.0, distances, jnp.where(jnp.isnan(distances), jnp.inf, 0.0))
+
+
+def _distances(
+    queries: jax.Array, query_norms: jax.Array, rows: jax.Array, row_norms: jax.Array
+) -> jax.Array:
+    """``[q, r]`` clamped squared distances ``(|q|^2 + |b|^2) - 2 q.b`` accumulated in float32.
+
+    float32 ``rows`` (exact distances, or the low-rank ones) multiply at HIGHEST precision;
+    bfloat16 ``queries`` and ``rows`` are the ``fast`` bfloat16 candidate search (the norms are
+    the exact float32 ones).
+    """
+    precision = HIGHEST if rows.dtype == jnp.float32 else None
+    products = jnp.dot(queries, rows.T, precision=precision, preferred_element_type=jnp.float32)
+    return _clamp((query_norms[:, None] + row_norms[None, :]) - 2.0 * products)
+
+
+def _merge_top_k(
+    best_distances: jax.Array, best_indices: jax.Array, distances: jax.Array, indices: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Top-k (smallest) of two candidate sets ``[q, n1]``, ``[q, n2]``; the first set wins ties.
+
+    Every index of the first set is lower than every index of the second, and each set is sorted
+    by (distance, index), so ``lax.top_k``'s lower-position-first rule gives lowest-index ties.
+    """
+    k = best_distances.shape[1]
+    if k == 1:
+        # Two plain reductions (min, then the lowest index at the min) run faster on XLA CPU
+        # than argmin's variadic reduction.
+        tile_distances = jnp.min(distances, axis=1, keepdims=True)
+        at_min = distances == tile_distances
+        tile_indices = jnp.min(jnp.where(at_min, indices, _NO_INDEX), axis=1, keepdims=True)
+        better = tile_distances < best_distances
+        return (
+            jnp.where(better, tile_distances, best_distances),
+            jnp.where(better, tile_indices, best_indices),
+        )
+    candidates = jnp.concatenate([best_distances, distances], axis=1)
+    candidate_indices = jnp.concatenate([best_indices, indices], axis=1)
+    _, positions = lax.top_k(-candidates, k)
+    return (
+        jnp.take_along_axis(candidates, positions, axis=1),
+        jnp.take_along_axis(candidate_indices, positions, axis=1),
+    )
+
+
+def _group_nearest(distances: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The nearest of each ``CANDIDATE_GROUP`` consecutive columns (lowest index on ties):
+    ``[q, n]`` distances and indices -> ``[q, n / CANDIDATE_GROUP]`` each.
+
+    The ``fast`` k-NN with k = 1 keeps its running top-C over these: a top-C over all columns
+    (``lax.top_k``) costs several times the low-rank distances themselves on a CPU. A group
+    drops only rows that are not its own nearest by approximate distance, which cannot be the
+    one neighbour asked for unless the approximation reorders rows inside the group (measured:
+    benchmarks/results/precision.md).
+    """
+    queries, columns = distances.shape
+    shape = (queries, columns // CANDIDATE_GROUP, CANDIDATE_GROUP)
+    grouped = distances.reshape(shape)
+    nearest = jnp.min(grouped, axis=2)
+    # Lowest position at the minimum (two plain reductions: faster than argmin on XLA CPU).
+    lane = jnp.arange(CANDIDATE_GROUP, dtype=jnp.int32)
+    position = jnp.min(jnp.where(grouped == nearest[..., None], lane, CANDIDATE_GROUP), axis=2)
+    position = jnp.minimum(position, CANDIDATE_GROUP - 1)  # all-NaN group: its first row
+    chosen = jnp.take_along_axis(indices.reshape(shape), position[..., None], axis=2)[..., 0]
+    return nearest, chosen
+
+
+def _rerank(
+    queries: jax.Array,
+    query_norms: jax.Array,
+    bank: jax.Array,
+    bank_norms: jax.Array,
+    candidate_distances: jax.Array,
+    candidate_indices: jax.Array,
+    row_offset: jax.Array | int,
+    k: int,
+) -> tuple[jax.Array, jax.Array]:
+    """The k best of ``[q, C]`` candidates by exact float32 distances, sorted (distance, index).
+
+    Each candidate's distance is recomputed in exact mode's formula, ``(|q|^2 + |b|^2) - 2 q.b``
+    at HIGHEST precision, clamped. A candidate whose approximate distance is infinite (padding,
+    an excluded row, an unfilled slot) stays infinite. ``candidate_indices`` are global; bank
+    row ``j`` is global index ``row_offset + j``.
+    """
+    local = jnp.clip(candidate_indices - row_offset, 0, bank.shape[0] - 1)
+    rows = jnp.take(bank, local, axis=0)  # [q, C, D]
+    products = jnp.einsum("qd,qcd->qc", queries, rows, precision=HIGHEST)
+    distances = _clamp((query_norms[:, None] + jnp.take(bank_norms, local)) - 2.0 * products)
+    distances = jnp.where(jnp.isinf(candidate_distances), jnp.inf, distances)
+    distances, indices = lax.sort((distances, candidate_indices), dimension=1, num_keys=2)
+    return distances[:, :k], indices[:, :k]
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel (one bank shard)
+
+
+def _local_top_k(
+    queries: jax.Array,
+    bank: jax.Array,
+    row_offset: jax.Array | int,
+    num_valid: jax.Array | int,
+    k: int,
+    bank_tile: int,
+    query_tile: int,
+    num_candidates: int | None = None,
+    search: tuple[jax.Array, jax.Array] | None = None,
+    query_images: jax.Array | None = None,
+    bank_images: jax.Array | None = None,
+    rerank: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """k smallest squared distances of ``queries: [q, D]`` to ``bank: [r, D]`` (one shard).
+
+    ``q`` and ``r`` are multiples of ``query_tile`` and ``bank_tile``. Bank row ``j`` has global
+    index ``row_offset + j``; rows at or past ``num_valid`` are padding (infinite distance).
+    ``query_images: [q]`` and ``bank_images: [r]`` int32 (both or neither): a row whose source
+    image is the query's own gets an infinite distance.
+
+    ``num_candidates`` None is exact; an int C >= k is the ``fast`` precision: a running top-C
+    by bfloat16 distances (``search`` None) or by low-rank ones (``search`` = ``(basis [D, r],
+    projected bank [rows, r])``, ``low_rank_search``), then ``_rerank`` with exact ones
+    (``rerank`` False: the ``[q, C]`` candidates themselves, with their approximate distances).
+    Returns ``([q, k] float32, [q, k] int32)`` sorted by (distance, index).
+    """
+    num_queries, dim = queries.shape
+    num_tiles = bank.shape[0] // bank_tile
+    fast = num_candidates is not None
+    global_rows = row_offset + jnp.arange(bank.shape[0], dtype=jnp.int32)
+    valid = global_rows < num_valid
+    bank_norms = jnp.where(valid, jnp.sum(bank * bank, axis=1), jnp.inf)
+    basis, search_rows, search_norms = None, bank, bank_norms
+    if fast and search is None:
+        search_rows = bank.astype(jnp.bfloat16)
+    elif fast:
+        basis, search_rows = search
+        search_rows = search_rows.astype(jnp.float32)
+        search_norms = jnp.where(valid, jnp.sum(search_rows * search_rows, axis=1), jnp.inf)
+    exclude = query_images is not None
+    tiles = tuple(
+        x.reshape(num_tiles, bank_tile, *x.shape[1:])
+        for x in (search_rows, search_norms, global_rows, *([bank_images] if exclude else []))
+    )
+    width = num_candidates if fast else k
+
+    def query_block(block: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
+        block_queries, *block_images = block  # block_images: [[query_tile]] or []
+        query_norms = jnp.sum(block_queries * block_queries, axis=1)
+        block_search, block_norms = block_queries, query_norms
+        if basis is not None:
+            block_search = jnp.dot(block_queries, basis, precision=HIGHEST)
+            block_norms = jnp.sum(block_search * block_search, axis=1)
+        elif fast:
+            block_search = block_queries.astype(jnp.bfloat16)
+
+        def bank_step(carry, tile):
+            tile_rows, tile_norms, tile_indices, *tile_images = tile
+            distances = _distances(block_search, block_norms, tile_rows, tile_norms)
+            if exclude:
+                same_image = block_images[0][:, None] == tile_images[0][None, :]
+                distances = jnp.where(same_image, jnp.inf, distances)
+            indices = jnp.broadcast_to(tile_indices[None, :], distances.shape)
+            if fast and k == 1:  # each group of rows proposes its nearest: a top-C over 1/8
+                distances, indices = _group_nearest(distances, indices)
+            return _merge_top_k(*carry, distances, indices), None
+
+        init = (
+            jnp.full((query_tile, width), jnp.inf, jnp.float32),
+            jnp.full((query_tile, width), _NO_INDEX, jnp.int32),
+        )
+        best, _ = lax.scan(bank_step, init, tiles)
+        if not fast or not rerank:
+            return best
+        return _rerank(block_queries, query_norms, bank, bank_norms, *best, row_offset, k)
+
+    out_width = k if rerank else width
+    blocks = (queries.reshape(num_queries // query_tile, query_tile, dim),)
+    if exclude:
+        blocks += (query_images.reshape(num_queries // query_tile, query_tile),)
+    distances, indices = lax.map(query_block, blocks)
+    return distances.reshape(num_queries, out_width), indices.reshape(num_queries, out_width)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded over a (data, bank) mesh
+
+
+def nearest_neighbors_unchecked(
+    queries: jax.Array,
+    memory_bank: jax.Array,
+    k: int,
+    squared: bool,
+    bank_block_size: int,
+    query_block_size: int,
+    mesh: Mesh,
+    num_candidates: int | None = None,
+    num_valid: jax.Array | None = None,
+    search: tuple[jax.Array, jax.Array] | None = None,
+    query_images: jax.Array | None = None,
+    bank_images: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``nearest_neighbors`` without its checks, for use inside traced programs (scoring).
+
+    ``num_candidates`` None is the exact k-NN, an int the ``fast`` one with that many
+    candidates per query, found by bfloat16 distances (``search`` None) or low-rank ones
+    (``search`` = ``(basis [D, r], projected bank [M, r])``, split over ``bank`` like the
+    bank). ``num_valid`` (a scalar, traced): bank rows at or past it are padding (a bank padded
+    to a bucketed size, so that banks of nearby sizes share one compiled program); default all.
+    ``query_images: [Q]``, ``bank_images: [M]`` int32: the same-image exclusion (split like the
+    queries and the bank).
+    """
+    num_queries, num_bank = queries.shape[0], memory_bank.shape[0]
+    valid_rows = num_bank if num_valid is None else num_valid
+    data_shards, bank_shards = mesh.shape[DATA_AXIS], mesh.shape[BANK_AXIS]
+    query_tile, queries_per_shard = _tiling(num_queries, data_shards, query_block_size)
+    bank_tile, rows_per_shard = _tiling(num_bank, bank_shards, bank_block_size)
+    query_padding = (0, data_shards * queries_per_shard - num_queries)
+    bank_padding = (0, bank_shards * rows_per_shard - num_bank)
+    queries = jnp.pad(queries, (query_padding, (0, 0)))
+    memory_bank = jnp.pad(memory_bank, (bank_padding, (0, 0)))
+    if num_candidates is None:
+        search = None
+    if search is not None:
+        search = (search[0].astype(jnp.float32), jnp.pad(search[1], (bank_padding, (0, 0))))
+    images = None
+    if query_images is not None:
+        images = (
+            jnp.pad(query_images.astype(jnp.int32), query_padding, constant_values=_PADDED_QUERY),
+            jnp.pad(bank_images.astype(jnp.int32), bank_padding, constant_values=_PADDED_ROW),
+        )
+
+    def shard_top_k(local_queries: jax.Array, local_bank: jax.Array, local_search, local_images):
+        row_offset = lax.axis_index(BANK_AXIS).astype(jnp.int32) * rows_per_shard
+        distances, indices = _local_top_k(
+            local_queries,
+            local_bank,
+            row_offset,
+            valid_rows,
+            k,
+            bank_tile,
+            query_tile,
+            num_candidates,
+            local_search,
+            *(local_images or (None, None)),
+        )
+        # Shards are gathered in order, so lower positions hold lower global indices.
+        distances = lax.all_gather(distances, BANK_AXIS, axis=1, tiled=True)
+        indices = lax.all_gather(indices, BANK_AXIS, axis=1, tiled=True)
+        _, positions = lax.top_k(-distances, k)
+        return (
+            jnp.take_along_axis(distances, positions, axis=1),
+            jnp.take_along_axis(indices, positions, axis=1),
+        )
+
+    distances, indices = jax.shard_map(
+        shard_top_k,
+        mesh=mesh,
+        in_specs=(
+            P(DATA_AXIS),
+            P(BANK_AXIS),
+            None if search is None else (P(), P(BANK_AXIS)),
+            None if images is None else (P(DATA_AXIS), P(BANK_AXIS)),
+        ),
+        out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+        # After the all_gather + top-k every bank shard holds the same result; the replication
+        # checker cannot infer that through all_gather, so it is turned off.
+        check_vma=False,
+    )(queries, memory_bank, search, images)
+    distances, indices = distances[:num_queries], indices[:num_queries]
+    # A non-finite query, or a slot no finite distance filled, is NaN (not inf, never 0).
+    finite_queries = jnp.all(jnp.isfinite(queries[:num_queries]), axis=1)
+    unknown = (indices == _NO_INDEX) | ~finite_queries[:, None]
+    distances = jnp.where(unknown, jnp.nan, distances)
+    return (distances if squared else jnp.sqrt(distances)), indices
+
+
+_nearest_neighbors_jit = jax.jit(
+    nearest_neighbors_unchecked,
+    static_argnames=(
+        "k",
+        "squared",
+        "bank_block_size",
+        "query_block_size",
+        "mesh",
+        "num_candidates",
+    ),
+)
+
+# ----------------------------------------------------------------------------------------------
+# Options and validation
+
+
+def check_positive_integers(**values: int) -> None:
+    """Raises ValueError naming the first of ``values`` that is not a positive int."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_rows(name: str, array: jax.Array, dim: int | None = None) -> None:
+    """Raises ValueError unless ``array`` is ``[N >= 1, dim]`` (any ``D`` when ``dim`` is None)."""
+    if array.ndim != 2 or array.shape[0] < 1 or (dim is not None and array.shape[1] != dim):
+        expected = f"[N, {dim}]" if dim is not None else "[N, D] with N >= 1"
+        raise ValueError(f"{name} must be {expected}, got shape {array.shape}")
+
+
+def check_image_ids(query_images, bank_images, num_queries: int, num_bank: int) -> None:
+    """Raises ValueError unless the same-image exclusion's ids are both None or ``[Q]``, ``[M]``."""
+    if (query_images is None) != (bank_images is None):
+        raise ValueError("the same-image exclusion needs both query and bank-row image ids")
+    if query_images is None:
+        return
+    shapes = (np.shape(query_images), np.shape(bank_images))
+    if shapes != ((num_queries,), (num_bank,)):
+        raise ValueError(
+            f"image ids must have shapes ({num_queries},) and ({num_bank},), got {shapes}"
+        )
+
+
+def default_num_candidates(k: int) -> int:
+    """Candidates per query of the ``fast`` k-NN when none are given: ``max(4 k, 16)``."""
+    return max(4 * k, 16)
+
+
+def candidates_for(precision: str, k: int, num_candidates: int | None = None) -> int | None:
+    """The static candidate count of the k-NN: None for ``exact``, for ``fast``
+    ``num_candidates`` (an integer >= k) or ``default_num_candidates(k)``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    integer = isinstance(num_candidates, int) and not isinstance(num_candidates, bool)
+    if num_candidates is not None and (not integer or num_candidates < k):
+        raise ValueError(f"num_candidates must be an integer >= k = {k}, got {num_candidates!r}")
+    if precision == "exact":
+        return None
+    return default_num_candidates(k) if num_candidates is None else num_candidates
+
+
+def default_candidate_search(platform: str) -> str:
+    """The ``fast`` k-NN's candidate search on ``platform``: ``low-rank`` on ``cpu`` (where
+    XLA runs bfloat16 matmuls no faster than float32), ``bfloat16`` elsewhere (GPU/TPU)."""
+    return "low-rank" if platform == "cpu" else "bfloat16"
+
+
+# ----------------------------------------------------------------------------------------------
+# The low-rank candidate search's per-bank arrays
+
+
+def low_rank_basis(memory_bank: np.ndarray | jax.Array, dims: int = LOW_RANK_DIMS) -> np.ndarray:
+    """``V: [D, min(dims, D)] float32``, orthonormal: the bank's top principal directions.
+
+    Host numpy float64 and deterministic: eigenvectors of the centred covariance by descending
+    eigenvalue (``eigh``), each signed so that its largest-magnitude component is positive.
+    """
+    bank = np.asarray(memory_bank, np.float64)
+    if bank.ndim != 2 or bank.shape[0] < 1:
+        raise ValueError(f"memory_bank must be [M >= 1, D], got shape {bank.shape}")
+    if not (isinstance(dims, int) and dims >= 1):
+        raise ValueError(f"dims must be a positive integer, got {dims!r}")
+    centred = bank - bank.mean(axis=0)
+    _, vectors = np.linalg.eigh(centred.T @ centred)
+    basis = vectors[:, ::-1][:, : min(dims, bank.shape[1])]
+    pivots = np.argmax(np.abs(basis), axis=0)
+    signs = np.sign(basis[pivots, np.arange(basis.shape[1])])
+    return (basis * np.where(signs == 0, 1.0, signs)).astype(np.float32)
+
+
+@jax.jit
+def project_bank(memory_bank: jax.Array, basis: jax.Array) -> jax.Array:
+    """``[M, r] float32``: the memory bank in the low-rank basis (``memory_bank @ basis``)."""
+    return jnp.dot(memory_bank.astype(jnp.float32), basis, precision=HIGHEST)
+
+
+def low_rank_search(
+    memory_bank: np.ndarray | jax.Array, dims: int = LOW_RANK_DIMS
+) -> tuple[jax.Array, jax.Array]:
+    """``(basis [D, r], projected bank [M, r])``, the per-bank arrays of the low-rank candidate
+    search (``candidate_search="low-rank"``): computed once per memory bank."""
+    basis = jnp.asarray(low_rank_basis(memory_bank, dims))
+    return basis, project_bank(jnp.asarray(memory_bank, jnp.float32), basis)
+
+
+def search_arrays(
+    precision: str,
+    candidate_search: str,
+    memory_bank: jax.Array | np.ndarray,
+    search: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array] | None:
+    """The per-bank arrays of the k-NN's candidate search: None for ``exact`` or the
+    ``bfloat16`` search; for ``low-rank`` ``search`` if given, else ``low_rank_search`` of the
+    (concrete) ``memory_bank``."""
+    if candidate_search not in CANDIDATE_SEARCHES:
+        raise ValueError(
+            f"candidate_search must be one of {CANDIDATE_SEARCHES}, got {candidate_search!r}"
+        )
+    if precision == "exact" or candidate_search == "bfloat16":
+        return None
+    if search is not None:
+        return search
+    if isinstance(memory_bank, jax.core.Tracer):
+        raise ValueError(
+            "candidate_search='low-rank' inside a traced program needs its per-bank arrays: "
+            "pass search=knn.low_rank_search(memory_bank) computed outside"
+        )
+    return low_rank_search(memory_bank)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+
+
+@functools.partial(
+    jax.jit, static_argnames=("num_candidates", "bank_block_size", "query_block_size", "k")
+)
+def fast_candidates(
+    queries: jax.Array,
+    memory_bank: jax.Array,
+    num_candidates: int,
+    bank_block_size: int = 4096,
+    query_block_size: int = 1024,
+    search: tuple[jax.Array, jax.Array] | None = None,
+    k: int = 1,
+) -> tuple[jax.Array, jax.Array]:
+    """The candidates the ``fast`` k-NN with ``k`` neighbours re-ranks (one device): ``([Q, C]
+    approximate squared distances, [Q, C] int32 indices)``, sorted by approximate distance;
+    ``search`` None for the bfloat16 search, ``low_rank_search(memory_bank)`` for the low-rank
+    one. For tests and benchmarks (is the exact neighbour among them?)."""
+    num_queries, num_bank = queries.shape[0], memory_bank.shape[0]
+    query_tile, query_rows = _tiling(num_queries, 1, query_block_size)
+    bank_tile, bank_rows = _tiling(num_bank, 1, bank_block_size)
+    queries = jnp.pad(jnp.asarray(queries, jnp.float32), ((0, query_rows - num_queries), (0, 0)))
+    bank = jnp.pad(jnp.asarray(memory_bank, jnp.float32), ((0, bank_rows - num_bank), (0, 0)))
+    if search is not None:
+        search = (search[0], jnp.pad(search[1], ((0, bank_rows - num_bank), (0, 0))))
+    distances, indices = _local_top_k(
+        queries,
+        bank,
+        0,
+        num_bank,
+        k,
+        bank_tile,
+        query_tile,
+        num_candidates,
+        search,
+        rerank=False,
+    )
+    return distances[:num_queries], indices[:num_queries]
+
+
+def nearest_neighbors(
+    queries: jax.Array,
+    memory_bank: jax.Array,
+    k: int = 1,
+    *,
+    squared: bool = True,
+    bank_block_size: int = 4096,
+    query_block_size: int = 1024,
+    mesh: Mesh | None = None,
+    precision: str = "exact",
+    num_candidates: int | None = None,
+    candidate_search: str = "bfloat16",
+    search: tuple[jax.Array, jax.Array] | None = None,
+    query_images: jax.Array | np.ndarray | None = None,
+    bank_images: jax.Array | np.ndarray | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Exact k nearest memory-bank rows of each query, in bounded memory, sharded over ``mesh``.
+
+    Distances are ``max(|q|^2 + |b|^2 - 2 q.b, 0)`` in float32 (HIGHEST precision), square-rooted
+    when ``squared`` is False. Ties go to the lowest bank index. NaN distances rank last; a query
+    with a non-finite component, or a slot left without a finite neighbour, gets NaN distances
+    and index ``2**31 - 1``.
+
+    With ``precision="fast"`` each query's ``num_candidates`` (default ``max(4 k, 16)``) best
+    rows are found with bfloat16 distance matmuls (float32 accumulation), then re-ranked with
+    the exact float32 distances above: whenever the true neighbours are among the candidates
+    the result is exact mode's (distances to float32 rounding); otherwise a near neighbour
+    with its exact distance. ``candidate_search="low-rank"`` finds the candidates instead by
+    float32 distances in the bank's top ``LOW_RANK_DIMS`` principal directions (a lower bound
+    of the true distance at ``r / D`` of the FLOPs; the CPU choice): ``search`` =
+    ``low_rank_search(memory_bank)``, computed here when not given.
+
+    Args:
+      queries: ``[Q, D] float32``.
+      memory_bank: ``[M, D] float32``, ``M >= k``.
+      k: neighbours per query.
+      squared: squared Euclidean (the reference's faiss output) or Euclidean distances.
+      bank_block_size: bank rows per distance tile (per device).
+      query_block_size: query rows per distance tile (per device).
+      mesh: ``(data, bank)`` mesh (``sharding.make_mesh``); None means one device.
+      query_images, bank_images: ``[Q]`` and ``[M]`` int32, or both None: a bank row whose
+        image id equals the query's is never its neighbour (the same-image exclusion).
+
+    Returns:
+      ``distances: [Q, k] float32`` ascending and ``indices: [Q, k] int32`` into ``memory_bank``.
+    """
+    queries = jnp.asarray(queries, jnp.float32)
+    memory_bank = jnp.asarray(memory_bank, jnp.float32)
+    check_rows("memory_bank", memory_bank)
+    check_rows("queries", queries, memory_bank.shape[1])
+    check_positive_integers(k=k, bank_block_size=bank_block_size, query_block_size=query_block_size)
+    check_image_ids(query_images, bank_images, queries.shape[0], memory_bank.shape[0])
+    if k > memory_bank.shape[0]:
+        raise ValueError(f"k={k} exceeds the memory bank size {memory_bank.shape[0]}")
+    return _nearest_neighbors_jit(
+        queries,
+        memory_bank,
+        k=k,
+        squared=bool(squared),
+        bank_block_size=bank_block_size,
+        query_block_size=query_block_size,
+        mesh=single_device_mesh() if mesh is None else mesh,
+        num_candidates=candidates_for(precision, k, num_candidates),
+        search=search_arrays(precision, candidate_search, memory_bank, search),
+        query_images=query_images,
+        bank_images=bank_images,
+    )
