@@ -74,6 +74,126 @@ def _images_and_masks(folder: Path, mask_dir: Path | None) -> tuple[list[Path], 
     return images, masks
 
 
+def _check_arguments(
+    defect_dirs: Mapping[str, str | os.PathLike],
+    mask_dirs: Mapping[str, str | os.PathLike],
+    out: str | os.PathLike,
+    train_fraction: float,
+) -> Path:
+    """Checks the arguments themselves, before any source folder is read; returns ``out`` as
+    an absolute path, which must not exist or be an empty folder."""
+    if not 0.0 < train_fraction <= 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction!r}")
+    unknown = sorted(set(mask_dirs) - set(defect_dirs))
+    if unknown:
+        raise ValueError(f"mask folders given for unknown defect types {unknown}")
+    out = Path(out).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; choose a new --out")
+    for name in defect_dirs:
+        if name.lower() == GOOD or not name or "/" in name or name.startswith("."):
+            raise ValueError(f"invalid defect type name {name!r}")
+    return out
+
+
+def _good_images(good_dirs: Sequence[str | os.PathLike]) -> list[Path]:
+    """The images of all good-image folders, in folder order; at least one, and no two with
+    the same file name (they all land in ``train/good`` or ``test/good`` under that name)."""
+    good: list[Path] = []
+    for folder in good_dirs:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"good-image folder {folder} does not exist")
+        images, _ = _images_and_masks(folder, None)
+        good.extend(images)
+    if not good:
+        raise ValueError(f"no images in the good-image folders {[str(p) for p in good_dirs]}")
+    names = [path.name for path in good]
+    if len(set(names)) != len(names):
+        duplicate = next(name for name in names if names.count(name) > 1)
+        raise ValueError(f"two good images are named {duplicate}; file names must be unique")
+    return good
+
+
+def _defect_images(
+    defect_dirs: Mapping[str, str | os.PathLike], mask_dirs: Mapping[str, str | os.PathLike]
+) -> dict[str, tuple[list[Path], dict[str, Path]]]:
+    """{defect type: (its images, {image stem: mask})}; every type has images and every image
+    a mask, since the test split's pixel metrics need a mask for each defect image."""
+    defects: dict[str, tuple[list[Path], dict[str, Path]]] = {}
+    for name, folder in defect_dirs.items():
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"defect folder {folder} does not exist")
+        mask_dir = Path(mask_dirs[name]) if name in mask_dirs else None
+        if mask_dir is not None and not mask_dir.is_dir():
+            raise FileNotFoundError(f"mask folder {mask_dir} does not exist")
+        images, masks = _images_and_masks(folder, mask_dir)
+        if not images:
+            raise ValueError(f"defect folder {folder} contains no images")
+        missing = [image for image in images if image.stem not in masks]
+        if missing:
+            where = mask_dir if mask_dir is not None else folder
+            raise ValueError(
+                f"{len(missing)} of {len(images)} images of defect type {name!r} have no mask "
+                f"in {where} (e.g. {missing[0].name}; expected {missing[0].stem}_mask.<ext> or "
+                f"{missing[0].stem}.png)"
+            )
+        defects[name] = (images, masks)
+    return defects
+
+
+def _draw_train(
+    good: list[Path], train_fraction: float, seed: int
+) -> tuple[list[Path], list[Path]]:
+    """(train, test) good images, each sorted by name: a seeded ``train_fraction`` of ``good``
+    (at least one image) for training, so the same inputs and seed give the same split."""
+    order = np.random.default_rng(seed).permutation(len(good))
+    num_train = max(1, int(round(train_fraction * len(good))))
+    train = sorted((good[i] for i in order[:num_train]), key=lambda p: p.name)
+    test_good = sorted((good[i] for i in order[num_train:]), key=lambda p: p.name)
+    return train, test_good
+
+
+def _write_layout(
+    out: Path,
+    train: list[Path],
+    test_good: list[Path],
+    defects: Mapping[str, tuple[list[Path], dict[str, Path]]],
+    copy: bool,
+) -> None:
+    """Links (or copies) the files into the MVTec layout at ``out``.
+
+    The layout is assembled in a hidden sibling folder and renamed into place at the end; on
+    any failure that folder is removed, so a failed run leaves nothing half-written.
+    """
+    staging = out.with_name(f".{out.name}.splitting")
+    shutil.rmtree(staging, ignore_errors=True)
+    place = shutil.copy2 if copy else os.symlink
+    try:
+        for folder, paths in (
+            (staging / "train" / GOOD, train),
+            (staging / "test" / GOOD, test_good),
+        ):
+            folder.mkdir(parents=True)
+            for path in paths:
+                place(path.absolute(), folder / path.name)
+        for name, (images, masks) in defects.items():
+            (staging / "test" / name).mkdir(parents=True)
+            (staging / "ground_truth" / name).mkdir(parents=True)
+            for image in images:
+                mask = masks[image.stem]
+                place(image.absolute(), staging / "test" / name / image.name)
+                mask_name = f"{image.stem}{MASK_SUFFIX}{mask.suffix}"
+                place(mask.absolute(), staging / "ground_truth" / name / mask_name)
+        if out.exists():
+            out.rmdir()  # empty, checked by _check_arguments
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def split_dataset(
     good_dirs: Sequence[str | os.PathLike],
     defect_dirs: Mapping[str, str | os.PathLike],
@@ -99,83 +219,11 @@ def split_dataset(
       ValueError / FileNotFoundError naming the folder or file at fault; nothing is written.
     """
     mask_dirs = dict(mask_dirs or {})
-    if not 0.0 < train_fraction <= 1.0:
-        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction!r}")
-    unknown = sorted(set(mask_dirs) - set(defect_dirs))
-    if unknown:
-        raise ValueError(f"mask folders given for unknown defect types {unknown}")
-    out = Path(out).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder; choose a new --out")
-    for name in defect_dirs:
-        if name.lower() == GOOD or not name or "/" in name or name.startswith("."):
-            raise ValueError(f"invalid defect type name {name!r}")
-
-    good: list[Path] = []
-    for folder in good_dirs:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"good-image folder {folder} does not exist")
-        images, _ = _images_and_masks(folder, None)
-        good.extend(images)
-    if not good:
-        raise ValueError(f"no images in the good-image folders {[str(p) for p in good_dirs]}")
-    names = [path.name for path in good]
-    if len(set(names)) != len(names):
-        duplicate = next(name for name in names if names.count(name) > 1)
-        raise ValueError(f"two good images are named {duplicate}; file names must be unique")
-
-    defects: dict[str, tuple[list[Path], dict[str, Path]]] = {}
-    for name, folder in defect_dirs.items():
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"defect folder {folder} does not exist")
-        mask_dir = Path(mask_dirs[name]) if name in mask_dirs else None
-        if mask_dir is not None and not mask_dir.is_dir():
-            raise FileNotFoundError(f"mask folder {mask_dir} does not exist")
-        images, masks = _images_and_masks(folder, mask_dir)
-        if not images:
-            raise ValueError(f"defect folder {folder} contains no images")
-        missing = [image for image in images if image.stem not in masks]
-        if missing:
-            where = mask_dir if mask_dir is not None else folder
-            raise ValueError(
-                f"{len(missing)} of {len(images)} images of defect type {name!r} have no mask "
-                f"in {where} (e.g. {missing[0].name}; expected {missing[0].stem}_mask.<ext> or "
-                f"{missing[0].stem}.png)"
-            )
-        defects[name] = (images, masks)
-
-    order = np.random.default_rng(seed).permutation(len(good))
-    num_train = max(1, int(round(train_fraction * len(good))))
-    train = sorted((good[i] for i in order[:num_train]), key=lambda p: p.name)
-    test_good = sorted((good[i] for i in order[num_train:]), key=lambda p: p.name)
-
-    staging = out.with_name(f".{out.name}.splitting")
-    shutil.rmtree(staging, ignore_errors=True)
-    place = shutil.copy2 if copy else os.symlink
-    try:
-        for folder, paths in (
-            (staging / "train" / GOOD, train),
-            (staging / "test" / GOOD, test_good),
-        ):
-            folder.mkdir(parents=True)
-            for path in paths:
-                place(path.absolute(), folder / path.name)
-        for name, (images, masks) in defects.items():
-            (staging / "test" / name).mkdir(parents=True)
-            (staging / "ground_truth" / name).mkdir(parents=True)
-            for image in images:
-                mask = masks[image.stem]
-                place(image.absolute(), staging / "test" / name / image.name)
-                mask_name = f"{image.stem}{MASK_SUFFIX}{mask.suffix}"
-                place(mask.absolute(), staging / "ground_truth" / name / mask_name)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    out = _check_arguments(defect_dirs, mask_dirs, out, train_fraction)
+    good = _good_images(good_dirs)
+    defects = _defect_images(defect_dirs, mask_dirs)
+    train, test_good = _draw_train(good, train_fraction, seed)
+    _write_layout(out, train, test_good, defects, copy)
     counts = ", ".join(f"{name} {len(images)}" for name, (images, _) in defects.items())
     return f"train/good {len(train)}, test/good {len(test_good)}" + (
         f", defects: {counts}" if counts else ""
