@@ -1,32 +1,32 @@
 """The whole-benchmark runner: fit and evaluate every category of an MVTec AD root.
 
-It calls the library (``datasets.folders``, ``preprocess``, ``PatchCore``, ``ensemble``,
-``metrics``) exactly as a user would, so a category's row equals a separate ``fit`` +
-``evaluate`` of it. Output::
+Each category is fitted and evaluated by the workflow calls behind ``patchcore-jax fit`` and
+``evaluate`` (``workflows.fit_model``, the bounded-memory fit, and ``workflows.evaluate_model``),
+so a category's row equals a separate ``fit`` + ``evaluate`` of it by construction. Output::
 
     OUT/results.csv         the authors' layout: Row Names, instance_auroc, full_pixel_auroc,
                             full_pro, anomaly_pixel_auroc, anomaly_pro (+ error), then Mean
     OUT/results.md          the same as a Markdown table, with timings and the device
-    OUT/timings.csv         per category: features, coreset, predict per image, compile (seconds)
+    OUT/timings.csv         per category: features, coreset, calibration, predict per image,
+                            compile (seconds)
     OUT/<category>/result.json   everything about one category (metrics, timings, settings)
 
 A category whose ``result.json`` exists with the same settings is not computed again (resume);
 ``recompute=True`` redoes it. A failing category (bad data, too few images, ...) is recorded
 with its error and the others still run.
 
-Timings are ``time.perf_counter`` wall times around each phase, which end with results on the
-host (device work finished): ``features`` decodes the training images and embeds them,
-``coreset`` subsamples the bank, ``predict_per_image`` decodes, embeds and scores the test set
-(divided by its size); ``compile`` is the XLA compilation time inside those phases (JAX's
-compile events), already included in them; programs found in a persistent compilation cache
-(the CLI's ``--compile-cache``) are not compiled again and do not count.
+Timings are wall times of each phase, which end with results on the host (device work
+finished): ``features``, ``coreset`` and ``calibration`` are the fit's phases
+(``PatchCore.fit_timings``: decode + embed the training images, subsample the bank, the
+config's calibration, 0 with ``calibration="none"``), ``predict_per_image`` decodes, embeds and
+scores the test set (divided by its size); ``compile`` is the XLA compilation time inside those
+phases (JAX's compile events), already included in them; programs found in a persistent
+compilation cache (the CLI's ``--compile-cache``) are not compiled again and do not count.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import math
 import os
@@ -38,10 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from patchcore_jax import metrics, preprocess
+from patchcore_jax import data, ensemble, workflows
 from patchcore_jax.config import PatchCoreConfig
-from patchcore_jax.datasets import folders
-from patchcore_jax.files import atomic_write_text, output_folder
+from patchcore_jax.files import atomic_write_text, output_folder, write_csv
 
 # The authors' results.csv columns, and where each comes from in ``metrics.evaluate``.
 COLUMNS: dict[str, str] = {
@@ -52,7 +51,7 @@ COLUMNS: dict[str, str] = {
     "anomaly_pro": "anomaly_pro",
 }
 RESULT_FILE = "result.json"
-PHASES = ("features", "coreset", "predict_per_image", "compile")
+PHASES = ("features", "coreset", "calibration", "predict_per_image", "compile")
 
 
 @dataclass
@@ -87,7 +86,7 @@ def find_categories(
         raise FileNotFoundError(f"benchmark root {root} does not exist")
     categories, notes = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if folders.is_tool_output(folder):
+        if data.is_tool_output(folder):
             continue
         if (folder / "train").is_dir() or (folder / "test").is_dir():
             categories.append(folder)
@@ -144,95 +143,45 @@ def evaluate_category(
     train_seed: int = 0,
     backbones: Sequence[Any] | None = None,
     mesh: Any = None,
-    progress: Callable[[int, str], Any] | None = None,
+    progress: workflows.Progress | None = None,
 ) -> CategoryResult:
     """Fits ``configs`` (one model, or the members of an ensemble) on a category's training
-    images (``train_images`` of them, drawn by ``folders.few_shot_subset``) and evaluates them on
-    its test set, timing each phase.
+    images (``train_images`` of them, drawn by ``data.few_shot_subset``) and evaluates them on
+    its test set, timing each phase: ``workflows.fit_model`` (the bounded-memory fit) and
+    ``workflows.evaluate_model``, the calls behind ``fit`` and ``evaluate``.
 
     Args:
-      progress: ``progress(total, description)`` returns a progress bar (``update``, context
-        manager); default none.
+      progress: ``progress(stage, count, total)`` (``workflows``), stages prefixed with the
+        category's name; default none.
     Raises:
       ValueError / OSError for bad data (before any fitting) or an unfit configuration.
     """
-    from patchcore_jax import ensemble
-    from patchcore_jax.model import PatchCore
-
     category = Path(category)
-    bar = progress or (lambda total, description: _NoBar())
-    first = configs[0]
+    report = progress or (lambda stage, count, total: None)
+
+    def stage_progress(stage: str, count: int, total: int) -> None:
+        report(f"{category.name} {stage}", count, total)
+
     ensemble.check_members(configs)
-    dataset = folders.load_dataset(category)
-    folders.validate_masks(dataset)
+    dataset = data.load_dataset(category)
+    data.validate_masks(dataset)
     train_paths = list(dataset.train_paths)
     if train_images is not None:
-        train_paths = folders.few_shot_subset(train_paths, train_images, train_seed)
-    test_paths = dataset.test_image_paths
-    image_options = {"resize": first.resize, "crop": first.crop, "resize_mode": first.resize_mode}
-    masks = preprocess.load_masks(
-        dataset.test_mask_paths,
-        **image_options,
-        image_paths=test_paths,
-        threshold=first.mask_threshold,
-    )
-    members = [
-        PatchCore(config, backbone=None if backbones is None else backbones[i], mesh=mesh)
-        for i, config in enumerate(configs)
-    ]
-    for member in members:  # k and b against the bank, before any work
-        member.config.check_bank_size(member.bank_size(len(train_paths)))
-    timings = dict.fromkeys(PHASES, 0.0)
-    member_scores, member_maps = [], []
+        train_paths = data.few_shot_subset(train_paths, train_images, train_seed)
+    masks = workflows.test_masks(dataset, configs[0])
+    model = workflows.build_model(configs, len(train_paths), backbones=backbones, mesh=mesh)
     with compile_time() as compiled:
-        for member in members:
-            batch_size = member.config.batch_size
-            with bar(len(train_paths), f"{category.name} features") as features_bar:
-                start = time.perf_counter()
-                batches = preprocess.iter_image_batches(train_paths, batch_size, **image_options)
-                bank_features = member.patch_features(batches, progress=features_bar.update)
-                timings["features"] += time.perf_counter() - start
-            start = time.perf_counter()
-            member.fit_features(bank_features)  # returns once the bank is on the device
-            timings["coreset"] += time.perf_counter() - start
-            del bank_features
-            with bar(len(test_paths), f"{category.name} scoring") as scoring_bar:
-                start = time.perf_counter()
-                scores, maps = [], []
-                batches = preprocess.iter_image_batches(test_paths, batch_size, **image_options)
-                for result in member.score(batches):
-                    scores.append(result.image_scores)
-                    maps.append(result.anomaly_maps)
-                    scoring_bar.update(len(result.image_scores))
-                timings["predict_per_image"] += (time.perf_counter() - start) / len(test_paths)
-            member_scores.append(np.concatenate(scores))
-            member_maps.append(np.concatenate(maps))
-    timings["compile"] = compiled[0]
-    if len(members) == 1:
-        image_scores, anomaly_maps = member_scores[0], member_maps[0]
-    else:
-        image_scores, anomaly_maps = ensemble.combine(member_scores, member_maps)
-    results = metrics.evaluate(
-        dataset.test_labels,
-        image_scores,
-        masks,
-        anomaly_maps,
-        pixel_images=dataset.has_pixel_labels,
-    )
+        workflows.fit_model(model, train_paths, progress=stage_progress)
+        evaluation = workflows.evaluate_model(model, dataset, masks, progress=stage_progress)
+    timings = {
+        **workflows.fit_timings(model),
+        "predict_per_image": evaluation.scoring_seconds / len(dataset.test_samples),
+        "compile": compiled[0],
+    }
+    results = dict(evaluation.metrics)
     results["num_train"] = len(train_paths)
     results["train_images"] = [path.name for path in train_paths]
     return CategoryResult(category.name, metrics=results, timings=timings)
-
-
-class _NoBar:
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def update(self, count: int) -> None:
-        return None
 
 
 def settings_record(
@@ -258,7 +207,7 @@ def run_benchmark(
     backbones: Sequence[Any] | None = None,
     mesh: Any = None,
     log: Callable[[str], None] = lambda message: None,
-    progress: Callable[[int, str], Any] | None = None,
+    progress: workflows.Progress | None = None,
 ) -> list[CategoryResult]:
     """Runs ``evaluate_category`` on every category of ``root`` and writes ``out`` (module
     docstring). Returns the results in category order; failed ones carry ``error``.
@@ -351,6 +300,11 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _cell(value: Any) -> Any:
+    """A results.csv cell: floats in full (repr), None empty."""
+    return "" if value is None else (repr(value) if isinstance(value, float) else value)
+
+
 def _mean(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(present)) if present else None
@@ -365,36 +319,26 @@ def write_tables(out_dir: Path, results: Sequence[CategoryResult], device: str) 
     rows = [[r.name, *r.row, r.error or ""] for r in results]
     means = [_mean([r.row[i] for r in results if not r.error]) for i in range(len(names))]
     failed = sum(1 for r in results if r.error)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["Row Names", *names, "error"])
-    for row in rows:
-        writer.writerow(
-            ["" if v is None else (repr(v) if isinstance(v, float) else v) for v in row]
-        )
-    writer.writerow(
-        [
-            "Mean",
-            *("" if v is None else repr(v) for v in means),
-            f"{failed} failed" if failed else "",
-        ]
+    mean_row = ["Mean", *(_cell(v) for v in means), f"{failed} failed" if failed else ""]
+    write_csv(
+        out_dir / "results.csv",
+        ["Row Names", *names, "error"],
+        [*([_cell(v) for v in row] for row in rows), mean_row],
     )
-    atomic_write_text(out_dir / "results.csv", buffer.getvalue())
-
-    timing_buffer = io.StringIO()
-    writer = csv.writer(timing_buffer)
-    writer.writerow(["category", *(f"{phase}_s" for phase in PHASES), "num_train", "num_test"])
-    for r in results:
-        if not r.error:
-            writer.writerow(
-                [
-                    r.name,
-                    *(f"{r.timings.get(phase, 0.0):.6g}" for phase in PHASES),
-                    r.metrics.get("num_train", ""),
-                    r.metrics.get("num_images", ""),
-                ]
-            )
-    atomic_write_text(out_dir / "timings.csv", timing_buffer.getvalue())
+    write_csv(
+        out_dir / "timings.csv",
+        ["category", *(f"{phase}_s" for phase in PHASES), "num_train", "num_test"],
+        [
+            [
+                r.name,
+                *(f"{r.timings.get(phase, 0.0):.6g}" for phase in PHASES),
+                r.metrics.get("num_train", ""),
+                r.metrics.get("num_images", ""),
+            ]
+            for r in results
+            if not r.error
+        ],
+    )
 
     lines = [
         "| Category | " + " | ".join(names) + " |",

@@ -37,6 +37,13 @@ NON_SPATIAL_STAGES: tuple[str, ...] = ("logits",)
 SEED_LIMIT = 2**32
 
 
+def _option(default: Any, help: str, *, flag: str | None = None, group: str = "model") -> Any:
+    """A field that is also a command-line option of ``fit`` and ``benchmark``: ``help`` is its
+    help text, ``flag`` its option name where that is not the field's (``--k`` for
+    ``num_neighbors``; the field's own name is accepted too), ``group`` its help section."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "group": group})
+
+
 @dataclass(frozen=True)
 class PatchCoreConfig:
     """Everything that decides what a fitted PatchCore model computes.
@@ -102,35 +109,92 @@ class PatchCoreConfig:
         Checkpoints written before this field load as ``exact``.
     """
 
-    backbone: str = "wide_resnet50_2"
-    layers: tuple[str, ...] | None = None
-    resize_mode: ResizeMode = "shorter-side"
-    resize: int = 256
-    crop: int | tuple[int, int] = 224
-    batch_norm_probe: bool = True
-    mask_threshold: int = 128
+    backbone: str = _option(
+        "wide_resnet50_2",
+        "backbone: wide_resnet50_2 (paper; needs `weights fetch`), resnet18, resnet50, "
+        "wide_resnet101_2, or mobilenet_v2 (bundled, offline); several comma-separated "
+        "backbones make an ensemble",
+    )
+    layers: tuple[str, ...] | None = _option(
+        None,
+        "comma-separated backbone stages to aggregate, for every ensemble member or one "
+        "';'-separated group per member, e.g. 'layer2,layer3;stride8,stride16' (default: the "
+        "backbone's stride-8 and stride-16 stages)",
+    )
+    resize_mode: ResizeMode = _option(
+        "shorter-side",
+        "shorter-side: resize the shorter side to --resize, then centre-crop (the reference); "
+        "stretch: resize the whole image to --image-size, aspect ratio not kept, nothing cut away",
+    )
+    resize: int = _option(256, "shorter image side after resizing, pixels; shorter-side mode only")
+    crop: int | tuple[int, int] = _option(224, "square model input (crop or stretch) size, pixels")
+    batch_norm_probe: bool = _option(
+        True,
+        "keep the backbone's pristine eval-mode BatchNorm statistics instead of the reference's "
+        "one-off train-mode probe (see README)",
+    )
+    mask_threshold: int = _option(
+        128,
+        "ground-truth masks that are not 0/255 are binarised at this value (>= is a defect)",
+    )
     patch_size: int = 3
-    pretrain_embed_dimension: int = 1024
-    target_embed_dimension: int = 1024
-    sampler: Sampler = "approx_greedy_coreset"
-    coreset_fraction: float = 0.1
+    pretrain_embed_dimension: int = _option(
+        1024, "per-layer patch feature length", flag="--pretrain-dim"
+    )
+    target_embed_dimension: int = _option(1024, "final patch feature length", flag="--target-dim")
+    sampler: Sampler = _option("approx_greedy_coreset", "memory-bank subsampling")
+    coreset_fraction: float = _option(0.1, "fraction of patches kept in the memory bank")
     projection_dim: int = 128
     num_start_points: int = 10
-    coreset_method: CoresetMethod = "auto"
-    num_neighbors: int = 1
-    distance: Distance = "squared_l2"
-    reweight: bool = False
-    reweight_neighbors: int = 9
+    coreset_method: CoresetMethod = _option(
+        "auto",
+        "greedy coreset algorithm; all select the same rows (auto: the faster for the bank size)",
+    )
+    num_neighbors: int = _option(1, "nearest neighbours averaged per patch score", flag="--k")
+    distance: Distance = _option("squared_l2", "patch score distance (squared_l2: the reference)")
+    reweight: bool = _option(False, "apply the paper's Eq. 7 image-score reweighting")
+    reweight_neighbors: int = _option(
+        9,
+        "b >= 2, bank neighbourhood of the reweighting; its weights use Euclidean distances "
+        "whatever --distance is",
+    )
     anomaly_map_sigma: float = 4.0
-    seed: int = 0
-    batch_size: int = 8
+    seed: int = _option(0, "seed of the coreset projection, start points and random sampler")
+    batch_size: int = _option(8, "images per backbone batch")
     bank_block_size: int = 4096
     query_block_size: int = 1024
-    calibration: Calibration = "self-excluded"
-    calibration_fraction: float = 0.1
-    threshold_quantile: float = 0.995
-    feature_memory_budget: float | None = None
-    precision: Precision = "exact"
+    calibration: Calibration = _option(
+        "self-excluded",
+        "self-excluded: score each training image against the bank without its own rows (bank "
+        "unchanged; the default); held-out: keep --held-out-fraction of the training images out "
+        "of the bank and score them; none: no thresholds",
+        group="calibration",
+    )
+    calibration_fraction: float = _option(
+        0.1,
+        "fraction of the training images held out (implies --calibration held-out)",
+        flag="--held-out-fraction",
+        group="calibration",
+    )
+    threshold_quantile: float = _option(
+        0.995,
+        "thresholds are this quantile of the nominal calibration scores",
+        group="calibration",
+    )
+    feature_memory_budget: float | None = _option(
+        None,
+        "MB of patch features kept resident while the coreset is selected: on the device if "
+        "they fit, else on the host, else spilled to a temporary file (the results do not "
+        "change; default: a quarter of the device memory, else of the host memory)",
+        flag="--feature-memory",
+    )
+    precision: Precision = _option(
+        "exact",
+        "exact: float32 everywhere (the reference numerics); fast: the backend's fastest "
+        "approximation, k-NN candidates re-ranked in float32 (GPU/TPU: bfloat16 backbone and "
+        "candidates; CPU: float32 backbone, low-rank candidates; scores agree closely, not bit "
+        "for bit: README)",
+    )
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -191,7 +255,8 @@ class PatchCoreConfig:
         if self.resize_mode == "shorter-side" and max(crop_sizes) > self.resize:
             raise ValueError(
                 f"PatchCoreConfig.crop ({self.crop}) must not exceed resize ({self.resize}) "
-                "with resize_mode 'shorter-side'"
+                "with resize_mode 'shorter-side' (the crop is cut from the resized image); use "
+                "resize_mode 'stretch' to resize whole images to that size"
             )
         if not isinstance(self.batch_norm_probe, bool):
             raise ValueError(
@@ -222,7 +287,8 @@ class PatchCoreConfig:
             )
         if not 0.0 < self.coreset_fraction <= 1.0:
             raise ValueError(
-                f"PatchCoreConfig.coreset_fraction must be in (0, 1], got {self.coreset_fraction!r}"
+                "PatchCoreConfig.coreset_fraction must be a number in (0, 1], "
+                f"got {self.coreset_fraction!r}"
             )
         sigma = self.anomaly_map_sigma
         if (
@@ -249,12 +315,12 @@ class PatchCoreConfig:
             )
         if not 0.0 < self.calibration_fraction < 1.0:
             raise ValueError(
-                "PatchCoreConfig.calibration_fraction must be in (0, 1), "
+                "PatchCoreConfig.calibration_fraction must be a number in (0, 1), "
                 f"got {self.calibration_fraction!r}"
             )
         if not 0.0 < self.threshold_quantile <= 1.0:
             raise ValueError(
-                "PatchCoreConfig.threshold_quantile must be in (0, 1], "
+                "PatchCoreConfig.threshold_quantile must be a number in (0, 1], "
                 f"got {self.threshold_quantile!r}"
             )
         if self.precision not in PRECISIONS:

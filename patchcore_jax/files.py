@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import os
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 
@@ -40,6 +42,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def write_csv(
+    path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]]
+) -> Path:
+    """Writes a CSV file (``header``, then ``rows``) atomically; returns the path."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())
 
 
 # Written into every folder patchcore-jax creates for a run's outputs: readers never take such a

@@ -7,11 +7,12 @@ Agg canvas) is used: no pyplot, no global backend switch, safe in scripts and se
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from patchcore_jax.files import atomic_path
+from patchcore_jax.files import OUTPUT_MARKER, atomic_path
 
 HEATMAP_CMAP = "jet"
 HEATMAP_ALPHA = 0.5
@@ -111,6 +112,70 @@ def save_anomaly_figure(
         with open(tmp, "wb") as file:
             figure.savefig(file, format="png", dpi=_DPI)
     return path
+
+
+def png_names(names: Sequence[str]) -> list[str]:
+    """``x.jpg`` -> ``x.png``; the full name plus ``.png`` where that would clash."""
+    stems = [str(Path(name).with_suffix(".png")) for name in names]
+    return [
+        stem if stems.count(stem) == 1 else f"{name}.png"
+        for stem, name in zip(stems, names, strict=True)
+    ]
+
+
+def save_heatmaps(
+    out_dir: Path,
+    names: Sequence[str],
+    paths: Sequence[Path],
+    images: np.ndarray,
+    scores: np.ndarray,
+    maps: np.ndarray,
+    masks: Sequence[np.ndarray | None],
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """One heatmap PNG per image under ``out_dir`` (named after ``names``), colour scale shared
+    over the set (min-max of all maps), each with its ``masks`` contour (None: none);
+    ``progress`` counts images. Returns the paths relative to ``out_dir.parent``.
+
+    Args:
+      images: [N, H, W, 3] uint8 crops; scores: [N]; maps: [N, H, W].
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / OUTPUT_MARKER).touch()  # never read back as data, wherever it is written
+    vmin, vmax = float(np.min(maps)), float(np.max(maps))
+    written = []
+    for index, (name, path) in enumerate(zip(png_names(names), paths, strict=True)):
+        target = out_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_anomaly_figure(
+            target,
+            images[index],
+            maps[index],
+            mask=masks[index],
+            score=float(scores[index]),
+            title=str(path),
+            vmin=vmin,
+            vmax=vmax,
+        )
+        written.append(target.relative_to(out_dir.parent).as_posix())
+        if progress is not None:
+            progress(1)
+    return written
+
+
+def save_masks(out_dir: Path, names: Sequence[str], masks: np.ndarray) -> list[str]:
+    """Binary defect masks [N, H, W] as PNGs (255 = defect) named like the heatmaps; returns
+    their paths relative to ``out_dir.parent``."""
+    from PIL import Image
+
+    written = []
+    for name, mask in zip(png_names(names), masks, strict=True):
+        target = out_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+        written.append(target.relative_to(out_dir.parent).as_posix())
+    return written
 
 
 def _draw_outline(axis, mask: np.ndarray) -> None:

@@ -400,11 +400,11 @@ def test_version_prints_the_package_version():
 
 
 def test_scores_never_print_as_minus_zero():
-    from patchcore_jax.cli import _format_score
+    from patchcore_jax.workflows import format_score
 
-    assert _format_score(-0.0) == "0" and _format_score(0.0) == "0"
-    assert _format_score(float("nan")) == "nan"
-    assert _format_score(1234567.0) == "1.23457e+06" and _format_score(0.5) == "0.5"
+    assert format_score(-0.0) == "0" and format_score(0.0) == "0"
+    assert format_score(float("nan")) == "nan"
+    assert format_score(1234567.0) == "1.23457e+06" and format_score(0.5) == "0.5"
 
 
 def test_evaluate_reads_every_mask_before_scoring_any_image(model_dir, subset, tmp_path):
@@ -529,15 +529,15 @@ def test_fit_with_a_labelled_validation_folder_stores_the_f1_optimal_threshold(s
 
 
 def test_presets_set_defaults_that_explicit_options_override():
-    from patchcore_jax.cli import _configs, _preset_defaults
+    from patchcore_jax.options import configs_from_args, preset_defaults
 
     def configs(*argv):
         args = build_parser().parse_args(["fit", ".", "--out", "m", *argv])
         if args.preset:
-            args = build_parser(_preset_defaults(args.preset)).parse_args(
+            args = build_parser(preset_defaults(args.preset)).parse_args(
                 ["fit", ".", "--out", "m", *argv]
             )
-        return _configs(args)
+        return configs_from_args(args)
 
     (config,) = configs("--preset", "im320,layers123,reweight")
     assert (config.resize, config.crop, config.reweight) == (366, 320, True)
@@ -552,10 +552,10 @@ def test_presets_set_defaults_that_explicit_options_override():
 
 
 def test_precision_option_reaches_every_config_and_defaults_to_exact(capsys, tmp_path):
-    from patchcore_jax.cli import _configs
+    from patchcore_jax.options import configs_from_args
 
     def configs(*argv):
-        return _configs(build_parser().parse_args(["fit", ".", "--out", "m", *argv]))
+        return configs_from_args(build_parser().parse_args(["fit", ".", "--out", "m", *argv]))
 
     assert [c.precision for c in configs()] == ["exact"]
     members = configs("--backbone", "mobilenet_v2,resnet18", "--precision", "fast")

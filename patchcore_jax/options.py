@@ -1,0 +1,188 @@
+"""``PatchCoreConfig`` as command-line options: ``fit`` and ``benchmark`` get one option per
+config field that has help text in its metadata, and the parsed options become configs again.
+
+Every generated option defaults to None ("not given"), so a config built from the options takes
+its own defaults, and validation stays in ``PatchCoreConfig.__post_init__``; ``in_option_words``
+puts a config's error message in the command line's words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import typing
+from typing import Any
+
+from patchcore_jax.config import PatchCoreConfig, preset_values
+
+
+def image_size(text: str) -> tuple[int, int]:
+    parts = [part.strip() for part in text.replace("x", ",").split(",")]
+    try:
+        sizes = [int(part) for part in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected H,W (two positive integers, e.g. 224,448) or one size, got {text!r}"
+        )
+    return (sizes[0], sizes[-1])
+
+
+def names(text: str) -> tuple[str, ...]:
+    """``a,b`` -> ("a", "b") (categories, stage names)."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def member_layers(text: str) -> tuple[tuple[str, ...], ...]:
+    """``a,b`` (every member) or ``a,b;c,d`` (one group per ensemble member)."""
+    return tuple(names(group) for group in text.split(";"))
+
+
+def option_fields() -> list[dataclasses.Field]:
+    """The ``PatchCoreConfig`` fields that are command-line options (those with help text)."""
+    return [f for f in dataclasses.fields(PatchCoreConfig) if "help" in f.metadata]
+
+
+def flags(field: dataclasses.Field) -> tuple[str, ...]:
+    """A field's option strings: its historic flag first, then one named after the field."""
+    own = "--" + field.name.replace("_", "-")
+    if field.default is True:
+        own = "--no-" + own[2:]
+    flag = field.metadata["flag"]
+    return (flag, own) if flag else (own,)
+
+
+def _parsing(field: dataclasses.Field, hint: Any) -> dict[str, Any]:
+    """argparse's ``type``/``choices``/``action`` for a field, from its default and type."""
+    if field.name == "layers":
+        return {"type": member_layers}
+    if isinstance(field.default, bool):
+        return {"action": "store_false" if field.default else "store_true"}
+    if typing.get_origin(hint) is typing.Literal:
+        return {"choices": typing.get_args(hint)}
+    kinds = [kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None)]
+    return {"type": kinds[0], "metavar": flags(field)[0][2:].upper().replace("-", "_")}
+
+
+def _help(field: dataclasses.Field) -> str:
+    text = field.metadata["help"]
+    if not isinstance(field.default, bool) and "default" not in text:
+        text += f" (default: {field.default})"
+    return text.replace("%", "%%")
+
+
+def add_model_options(
+    parser: argparse.ArgumentParser, presets: dict[str, object] | None = None
+) -> argparse._ArgumentGroup:
+    """``--preset`` and one option per config field (every option's default is None: "not
+    given", so the config's own default applies). Returns the calibration group."""
+    model = parser.add_argument_group("model (defaults: the authors' reference settings)")
+    model.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME[,NAME]",
+        help="the paper's other settings (README): im320, layers123, wrn101, coreset-25, "
+        "coreset-10, coreset-1, reweight, ensemble-d384; comma-separated presets combine, "
+        "options given explicitly override them",
+    )
+    groups = {
+        "model": model,
+        "calibration": parser.add_argument_group(
+            "calibration (decision thresholds without defect images; see README)"
+        ),
+    }
+    hints = typing.get_type_hints(PatchCoreConfig)
+    for field in option_fields():
+        group = groups[field.metadata["group"]]
+        if field.name == "crop":
+            group = group.add_mutually_exclusive_group()
+        parsing = _parsing(field, hints[field.name])
+        group.add_argument(
+            *flags(field), dest=field.name, default=None, help=_help(field), **parsing
+        )
+        if field.name == "crop":
+            group.add_argument(
+                "--image-size",
+                type=image_size,
+                default=None,
+                metavar="H,W",
+                help="model input height,width in pixels: the centre crop (shorter-side mode) "
+                "or the whole resized image (stretch mode); anomaly maps have this size",
+            )
+    if presets:
+        parser.set_defaults(**presets)
+    return groups["calibration"]
+
+
+def preset_defaults(names: str) -> dict[str, object]:
+    """The presets' values as option defaults (explicit options still override them)."""
+    defaults = dict(preset_values(names))
+    if "layers" in defaults:
+        defaults["layers"] = (tuple(defaults["layers"]),)  # one group for every member
+    return defaults
+
+
+def _calibration_choice(args: argparse.Namespace) -> str | None:
+    """--calibration, --held-out-fraction and --validation as one config value (None: the
+    config's default)."""
+    if getattr(args, "validation", None) is not None:  # benchmark has no --validation
+        if args.calibration not in (None, "none") or args.calibration_fraction is not None:
+            raise ValueError(
+                "--validation calibrates on its own folder; drop --calibration/--held-out-fraction"
+            )
+        return "none"  # the bank is fitted alone; the validation set calibrates it afterwards
+    if args.calibration_fraction is not None:
+        if args.calibration not in (None, "held-out"):
+            raise ValueError("--held-out-fraction needs --calibration held-out (or none given)")
+        return "held-out"
+    return args.calibration
+
+
+def configs_from_args(args: argparse.Namespace) -> list[PatchCoreConfig]:
+    """One config per backbone of ``--backbone a,b`` (more than one: an ensemble), from the
+    options given (the config's defaults for the others)."""
+    values = {
+        field.name: getattr(args, field.name)
+        for field in option_fields()
+        if getattr(args, field.name) is not None
+    }
+    if args.image_size is not None:
+        values["crop"] = args.image_size
+    values["calibration"] = _calibration_choice(args)
+    values = {name: value for name, value in values.items() if value is not None}
+    backbone = values.pop("backbone", PatchCoreConfig.backbone)
+    backbones = [name.strip() for name in backbone.split(",") if name.strip()]
+    if not backbones:
+        raise ValueError("--backbone: expected one or more comma-separated backbone names")
+    layers = values.pop("layers", (None,))
+    if len(layers) == 1:
+        layers = layers * len(backbones)
+    elif len(layers) != len(backbones):
+        raise ValueError(
+            f"--layers gives {len(layers)} ';'-separated groups for {len(backbones)} backbones; "
+            "give one group per backbone, or one for all"
+        )
+    return [
+        PatchCoreConfig(backbone=name, layers=member_layers, **values)
+        for name, member_layers in zip(backbones, layers, strict=True)
+    ]
+
+
+def in_option_words(message: str, args: argparse.Namespace) -> str:
+    """A config error in the command line's words: ``PatchCoreConfig.seed must be ...`` becomes
+    ``--seed: expected ...``, ``crop (300)`` becomes ``--crop 300`` (or ``--image-size``)."""
+    for field in option_fields():
+        flag = flags(field)[0]
+        if field.name == "crop" and getattr(args, "image_size", None) is not None:
+            flag = "--image-size"
+        name = rf"(?:PatchCoreConfig\.)?\b{field.name}\b"
+        message = message.replace(f"PatchCoreConfig.{field.name} must be ", f"{flag}: expected ")
+        message = re.sub(rf"{name} \((\d+|\(\d+, \d+\))\)", rf"{flag} \1", message)
+        message = re.sub(rf"{name} '([^']*)'", rf"{flag} \1", message)
+        message = re.sub(rf"PatchCoreConfig\.{field.name}\b", flag, message)
+    return message

@@ -1,0 +1,632 @@
+"""Folders in, files out: fit a dataset folder, predict image files, evaluate a dataset.
+
+The command line (``cli.py``) and the benchmark (``benchmark.py``) are thin layers over these
+calls, and a Python user calls them the same way::
+
+    from patchcore_jax import PatchCoreConfig, workflows
+
+    config = PatchCoreConfig(backbone="mobilenet_v2")
+    model = workflows.fit_folder("data/bottle", "runs/model", config)
+    report = workflows.evaluate_dataset(model, "data/bottle", "runs/evaluation")
+    predictions = workflows.predict_files(model, ["data/bottle/test/broken_large"], "runs/pred")
+
+A model argument is a fitted ``PatchCore`` or ``Ensemble``, or the path of a checkpoint of
+either kind. Every workflow takes ``progress(stage, count, total)``, called with ``count`` more
+items (images, or coreset steps) of ``total`` done in ``stage`` (``features``, ``coreset``,
+``validation``, ``scoring``, ``heatmaps``), and ``log(message)`` for one-line status messages;
+by default neither reports anything. Bad input fails before any work with a one-line
+ValueError / OSError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from patchcore_jax import calibration, checkpoint, data, metrics, preprocess, sharding, viz
+from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax.ensemble import Ensemble, load_model
+from patchcore_jax.files import (
+    atomic_write_text,
+    output_folder,
+    write_csv,
+)
+from patchcore_jax.model import PatchCore
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from patchcore_jax.backbones import Backbone
+
+Model = PatchCore | Ensemble
+Progress = Callable[[str, int, int], None]
+Log = Callable[[str], None]
+ModelOrPath = Model | str | os.PathLike
+
+
+def _no_progress(stage: str, count: int, total: int) -> None:
+    return None
+
+
+def _no_log(message: str) -> None:
+    return None
+
+
+def format_score(score: float) -> str:
+    """A score as text: six significant digits; -0 prints as 0 (a score is never negative),
+    NaN as nan."""
+    return f"{float(score) + 0.0:.6g}"
+
+
+# ---------------------------------------------------------------- one model interface
+# The few places where a single model and an ensemble still differ.
+
+
+def members(model: Model) -> list[PatchCore]:
+    """The single models that make up ``model`` (itself, or an ensemble's members)."""
+    return list(model.members) if isinstance(model, Ensemble) else [model]
+
+
+def model_calibration(model: Model) -> calibration.Calibration | None:
+    """``model``'s decision thresholds (None: uncalibrated, or an ensemble)."""
+    return getattr(model, "calibration", None)
+
+
+def _predict(
+    model: Model, images: Iterable[np.ndarray], progress: Callable[[int], None]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(image_scores [N], anomaly_maps [N, H, W])`` of uint8 batches; ``progress`` counts
+    images scored (an ensemble's members each count their pass)."""
+    if isinstance(model, Ensemble):
+        return model.predict(images, progress=progress)
+    scores, maps = [], []
+    for result in model.score(images):
+        scores.append(result.image_scores)
+        maps.append(result.anomaly_maps)
+        progress(len(result.image_scores))
+    if not scores:
+        raise ValueError("predict() received no images")
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def fit_timings(model: Model) -> dict[str, float]:
+    """Seconds of the last fit's phases (``features``, ``coreset``, ``calibration``), summed
+    over an ensemble's members."""
+    totals = dict.fromkeys(("features", "coreset", "calibration"), 0.0)
+    for member in members(model):
+        for phase, seconds in getattr(member, "fit_timings", {}).items():
+            totals[phase] = totals.get(phase, 0.0) + seconds
+    return totals
+
+
+def _load(model: ModelOrPath, mesh: Mesh | None) -> Model:
+    return model if isinstance(model, PatchCore | Ensemble) else load_model(model, mesh=mesh)
+
+
+def _image_options(config: PatchCoreConfig) -> dict[str, Any]:
+    """The preprocessing arguments of ``config`` (``preprocess.iter_image_batches`` & co.)."""
+    return {"resize": config.resize, "crop": config.crop, "resize_mode": config.resize_mode}
+
+
+def _batches(paths: Sequence[Path], config: PatchCoreConfig) -> Iterator[np.ndarray]:
+    return preprocess.iter_image_batches(paths, config.batch_size, **_image_options(config))
+
+
+def _stage(progress: Progress, stage: str, total: int) -> Callable[[int], None]:
+    """``progress`` of one stage as a ``count`` callback."""
+    return lambda count: progress(stage, count, total)
+
+
+# ---------------------------------------------------------------- fit
+
+
+@dataclass
+class ValidationSet:
+    """Images that calibrate a fitted model: labelled (with masks) or nominal only."""
+
+    paths: list[Path]
+    labels: np.ndarray | None = None  # [N] 0/1
+    masks: np.ndarray | None = None  # [N, H, W] bool
+
+
+def load_validation_set(folder: str | os.PathLike, config: PatchCoreConfig) -> ValidationSet:
+    """A validation folder: MVTec layout (``test/``, ``ground_truth/``: labels and masks, so
+    F1-optimal thresholds) or good images only (``train/good``, ``train/`` or the folder)."""
+    folder = Path(folder)
+    if not (folder / "test").is_dir():
+        return ValidationSet(data.load_train_paths(folder))
+    dataset = data.load_dataset(folder, train=False)
+    data.validate_masks(dataset)
+    return ValidationSet(dataset.test_image_paths, dataset.test_labels, test_masks(dataset, config))
+
+
+def build_model(
+    configs: PatchCoreConfig | Sequence[PatchCoreConfig],
+    num_images: int,
+    *,
+    backbones: Sequence[Backbone | None] | None = None,
+    mesh: Mesh | None = None,
+) -> Model:
+    """An unfitted model (one config) or ensemble (several), checked against a training set of
+    ``num_images`` images (k and b against the bank size) before any work."""
+    configs = [configs] if isinstance(configs, PatchCoreConfig) else list(configs)
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    if len(configs) > 1:
+        model: Model = Ensemble.from_configs(configs, backbones=backbones, mesh=mesh)
+    else:
+        model = PatchCore(configs[0], backbone=backbones[0] if backbones else None, mesh=mesh)
+    for member in members(model):
+        member.config.check_bank_size(member.bank_size(num_images))
+    return model
+
+
+def fit_model(
+    model: Model,
+    train_paths: Sequence[Path],
+    *,
+    validation: ValidationSet | None = None,
+    spill_dir: str | os.PathLike | None = None,
+    progress: Progress = _no_progress,
+    log: Log = _no_log,
+) -> Model:
+    """Fits ``model`` (``build_model``) on image files; a ``validation`` set then calibrates it
+    (a single model only). Returns ``model``; its phases' seconds are in ``fit_timings``."""
+    config = model.config
+    if isinstance(model, Ensemble):
+        batches = list(_batches(train_paths, config))  # decoded once for every member
+        total = len(train_paths) * len(model.members)
+        model.fit(batches, progress=_stage(progress, "features", total), log=log)
+    else:
+        coreset_steps = model.bank_size(len(train_paths))
+        coreset_progress = None
+        if config.sampler == "approx_greedy_coreset":
+            coreset_progress = _stage(progress, "coreset", coreset_steps)
+        model.fit(
+            _batches(train_paths, config),
+            progress=_stage(progress, "features", len(train_paths)),
+            log=log,
+            coreset_progress=coreset_progress,
+            spill_dir=spill_dir,
+        )
+    if validation is not None:
+        if isinstance(model, Ensemble):
+            raise ValueError("a validation set calibrates one model, not an ensemble of several")
+        counted = _counted(_batches(validation.paths, config), progress, len(validation.paths))
+        model.calibrate(counted, labels=validation.labels, masks=validation.masks)
+        log(f"calibration: {model.calibration.describe()}")
+    return model
+
+
+def _counted(batches: Iterable[np.ndarray], progress: Progress, total: int) -> Iterator[np.ndarray]:
+    """Passes ``batches`` through, reporting each batch's size as ``validation`` progress."""
+    for batch in batches:
+        yield batch
+        progress("validation", len(batch), total)
+
+
+def training_images(
+    folder: str | os.PathLike, train_images: int | None = None, train_seed: int = 0
+) -> list[Path]:
+    """A folder's training images, or the few-shot subset of ``train_images`` of them
+    (``data.few_shot_subset``)."""
+    paths = data.load_train_paths(folder)
+    if train_images is not None:
+        paths = data.few_shot_subset(paths, train_images, train_seed)
+    return paths
+
+
+def fit_folder(
+    folder: str | os.PathLike,
+    out: str | os.PathLike,
+    configs: PatchCoreConfig | Sequence[PatchCoreConfig],
+    *,
+    train_images: int | None = None,
+    train_seed: int = 0,
+    validation: str | os.PathLike | None = None,
+    spill_dir: str | os.PathLike | None = None,
+    mesh: Mesh | None = None,
+    progress: Progress = _no_progress,
+    log: Log = _no_log,
+) -> Model:
+    """Fits a model on ``folder``'s nominal training images and saves it to ``out``.
+
+    Args:
+      folder: MVTec AD layout (only ``train/`` is read) or a folder of good images.
+      configs: one config, or one per ensemble member.
+      train_images, train_seed: fit on a seeded few-shot subset (``training_images``).
+      validation: calibrate on this folder instead of the config's calibration
+        (``load_validation_set``; single models only).
+    Raises:
+      ValueError / OSError before any work: a bad ``out``, too few images for the bank or the
+      held-out calibration, an unreadable validation set.
+    """
+    configs = [configs] if isinstance(configs, PatchCoreConfig) else list(configs)
+    if validation is not None:
+        if len(configs) > 1:
+            raise ValueError("a validation set calibrates one model, not an ensemble of several")
+        configs = [configs[0].replace(calibration="none")]  # the validation set calibrates
+    checkpoint.check_destination(out)  # a bad destination fails now, not after the work
+    config = configs[0]
+    paths = training_images(folder, train_images, train_seed)
+    if config.calibration == "held-out":
+        try:
+            calibration.held_out_images(len(paths), config.calibration_fraction, config.seed)
+        except ValueError as error:
+            raise ValueError(f"PatchCoreConfig.calibration_fraction: {error}") from None
+    validation_set = None if validation is None else load_validation_set(validation, config)
+    model = build_model(configs, len(paths), mesh=mesh)
+    log(f"fitting {','.join(c.backbone for c in configs)} on {len(paths)} images of {folder}")
+    fit_model(
+        model, paths, validation=validation_set, spill_dir=spill_dir, progress=progress, log=log
+    )
+    log(f"saved model to {model.save(out)}")
+    return model
+
+
+def extend_folder(
+    folder: str | os.PathLike,
+    model_path: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    train_images: int | None = None,
+    train_seed: int = 0,
+    mesh: Mesh | None = None,
+    progress: Progress = _no_progress,
+    log: Log = _no_log,
+) -> PatchCore:
+    """Adds ``folder``'s training images to the model saved at ``model_path``
+    (``PatchCore.extend``) and saves it to ``out`` (default: replaces ``model_path``)."""
+    out = model_path if out is None else out
+    checkpoint.check_destination(out)  # a bad destination fails now, not after the work
+    model = checkpoint.load(model_path, mesh=mesh)
+    paths = training_images(folder, train_images, train_seed)
+    log(f"adding {len(paths)} images of {folder} to {model_path} ({model.config.backbone})")
+    features = _stage(progress, "features", len(paths))
+    model.extend(_batches(paths, model.config), progress=features, log=log)
+    log(f"saved model to {model.save(out)}")
+    return model
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def score_files(
+    model: Model, paths: Sequence[Path], *, keep_images: bool = False, progress: Progress
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Scores image files batch by batch: ``(image_scores [N], anomaly_maps [N, H, W], uint8
+    crops [N, H, W, 3] if keep_images (for heatmaps: no image is decoded twice) else None)``."""
+    images: list[np.ndarray] = []
+
+    def remembered(batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        for batch in batches:
+            if keep_images:
+                images.append(batch)
+            yield batch
+
+    total = len(paths) * len(members(model))
+    batches = remembered(_batches(paths, model.config))
+    scores, maps = _predict(model, batches, _stage(progress, "scoring", total))
+    return scores, maps, (np.concatenate(images) if keep_images else None)
+
+
+# ---------------------------------------------------------------- predict
+
+
+def output_names(entries: Sequence[str | os.PathLike], recursive: bool = False):
+    """The images of files and folders, and a unique output name for each:
+    ``(paths, names)``.
+
+    A folder's images are named by their path relative to the folder, under the folder's own
+    name (``good/000.png``); a file by its name. If two entries would give the same name, every
+    name gets its entry's position as a prefix (``2/good/000.png``).
+    """
+    paths: list[Path] = []
+    names: list[str] = []
+    positions: list[int] = []
+    for position, entry in enumerate(entries, start=1):
+        entry_path = Path(entry)
+        if entry_path.is_dir():
+            found = data.image_paths([entry_path], recursive=recursive)
+            base = Path(entry_path.absolute().name)
+            names += [(base / path.relative_to(entry_path)).as_posix() for path in found]
+        else:
+            found = data.image_paths([entry_path])
+            names.append(entry_path.name)
+        paths += found
+        positions += [position] * len(found)
+    if len(set(names)) != len(names):
+        names = [f"{position}/{name}" for position, name in zip(positions, names, strict=True)]
+    return paths, names
+
+
+def _contour_mask(path: Path, config: PatchCoreConfig) -> np.ndarray | None:
+    """The ground truth beside an MVTec-layout image, for a heatmap's contour only: a mask
+    that cannot be used costs the contour and a warning, never the run."""
+    try:
+        mask_path = data.find_mask(path)
+        if mask_path is None:
+            return None
+        return preprocess.load_mask(
+            mask_path, **_image_options(config), image_path=path, threshold=config.mask_threshold
+        )
+    except (ValueError, OSError) as error:
+        warnings.warn(
+            f"heatmap of {path} drawn without its ground-truth contour: {error}", stacklevel=2
+        )
+        return None
+
+
+@dataclass
+class Predictions:
+    """What ``predict_files`` scored and wrote."""
+
+    paths: list[Path]
+    names: list[str]
+    image_scores: np.ndarray  # [N]
+    decisions: np.ndarray | None  # [N] bool at the calibrated threshold (None: uncalibrated)
+    calibration: calibration.Calibration | None
+    scores_csv: Path
+    num_heatmaps: int
+    num_masks: int
+
+
+def predict_files(
+    model: ModelOrPath,
+    images: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    recursive: bool = False,
+    heatmaps: bool = True,
+    masks: bool = False,
+    overwrite: bool = False,
+    mesh: Mesh | None = None,
+    progress: Progress = _no_progress,
+) -> Predictions:
+    """Scores image files and folders (``recursive``: sub-folders too) and writes into ``out``:
+    ``scores.csv`` (image, name, score, normalised score and decision when calibrated, heatmap
+    and mask files), ``heatmaps/`` and with ``masks`` binary defect masks in ``masks/``
+    (calibrated models only). ``overwrite`` replaces a previous run's results in ``out``."""
+    model = _load(model, mesh)
+    thresholds = model_calibration(model)
+    if masks and thresholds is None:
+        raise ValueError(
+            "--masks needs a calibrated model; this one has no calibration (fitted with "
+            "--calibration none or by an older version, or an ensemble)"
+        )
+    paths, names = output_names(images, recursive)
+    with output_folder(out, overwrite=overwrite) as out_dir:
+        scores, maps, crops = score_files(model, paths, keep_images=heatmaps, progress=progress)
+        heatmap_files = [""] * len(paths)
+        if heatmaps:
+            contours = [_contour_mask(path, model.config) for path in paths]
+            heatmap_files = viz.save_heatmaps(
+                out_dir / "heatmaps",
+                names,
+                paths,
+                crops,
+                scores,
+                maps,
+                contours,
+                _stage(progress, "heatmaps", len(paths)),
+            )
+        mask_files = normalized = anomalous = [""] * len(paths)
+        decisions = None
+        if thresholds is not None:
+            decisions = thresholds.decisions(scores)
+            normalized = [format_score(s) for s in thresholds.normalize_image_scores(scores)]
+            anomalous = [int(d) for d in decisions]
+            if masks:
+                mask_files = viz.save_masks(out_dir / "masks", names, thresholds.defect_masks(maps))
+        columns = zip(
+            paths, names, scores, normalized, anomalous, heatmap_files, mask_files, strict=True
+        )
+        write_csv(
+            out_dir / "scores.csv",
+            ["image", "name", "score", "normalized_score", "anomalous", "heatmap", "mask"],
+            [[str(path), name, format_score(score), *rest] for path, name, score, *rest in columns],
+        )
+    return Predictions(
+        paths,
+        names,
+        scores,
+        decisions,
+        thresholds,
+        out_dir / "scores.csv",
+        num_heatmaps=len(paths) if heatmaps else 0,
+        num_masks=len(paths) if masks else 0,
+    )
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def test_masks(dataset: data.Dataset, config: PatchCoreConfig) -> np.ndarray:
+    """The ground truth of ``dataset``'s test images in ``config``'s frame, [N, H, W] bool
+    (all-normal where an image has no mask); read before any image is scored."""
+    return preprocess.load_masks(
+        dataset.test_mask_paths,
+        **_image_options(config),
+        image_paths=dataset.test_image_paths,
+        threshold=config.mask_threshold,
+    )
+
+
+@dataclass
+class Evaluation:
+    """A model's scores on a dataset's test images and the MVTec AD metrics of them."""
+
+    dataset: data.Dataset
+    image_scores: np.ndarray  # [N]
+    anomaly_maps: np.ndarray  # [N, H, W]
+    masks: np.ndarray  # [N, H, W] bool
+    images: np.ndarray | None  # [N, H, W, 3] uint8 crops (keep_images) or None
+    metrics: dict[str, Any]  # ``metrics.evaluate``
+    scoring_seconds: float  # decode + embed + score of the test images
+
+
+def evaluate_model(
+    model: Model,
+    dataset: data.Dataset,
+    masks: np.ndarray,
+    *,
+    keep_images: bool = False,
+    progress: Progress = _no_progress,
+) -> Evaluation:
+    """Scores ``dataset``'s test images and computes the MVTec AD metrics (``metrics.evaluate``)
+    against ``masks`` (``test_masks``); defect images without a mask stay out of the pixel
+    metrics."""
+    paths = dataset.test_image_paths
+    start = time.perf_counter()
+    scores, maps, images = score_files(model, paths, keep_images=keep_images, progress=progress)
+    seconds = time.perf_counter() - start
+    results = metrics.evaluate(
+        dataset.test_labels, scores, masks, maps, pixel_images=dataset.has_pixel_labels
+    )
+    return Evaluation(dataset, scores, maps, masks, images, results, seconds)
+
+
+def evaluation_report(evaluation: Evaluation, model: Model) -> dict[str, Any]:
+    """``metrics.json``'s content without the paths: the metrics, confusion counts at the
+    calibrated and F1-optimal thresholds, per-defect-type metrics, notes and the config."""
+    dataset, scores = evaluation.dataset, evaluation.image_scores
+    labels = np.asarray(dataset.test_labels)
+    defect_types = np.array([s.defect_type for s in dataset.test_samples])
+    has_pixels = dataset.has_pixel_labels
+    per_type = {}
+    for defect_type in dataset.defect_types:
+        subset = (labels == 0) | (defect_types == defect_type)
+        per_type[defect_type] = metrics.evaluate(
+            labels[subset],
+            scores[subset],
+            evaluation.masks[subset],
+            evaluation.anomaly_maps[subset],
+            pixel_images=has_pixels[subset],
+        )
+    results = evaluation.metrics
+    thresholds = model_calibration(model)
+    notes = metrics.missing_metric_reasons(results)
+    if thresholds is None:
+        notes.append("the model has no calibration: no calibrated threshold to report")
+    named = {
+        "calibrated": None if thresholds is None else thresholds.image_threshold,
+        "f1_optimal": results["f1_threshold"],
+    }
+    confusion = {
+        name: None
+        if value is None
+        else {"threshold": value, **metrics.confusion_counts(labels, scores, value)}
+        for name, value in named.items()
+    }
+    report = {
+        **results,
+        "confusion": confusion,
+        "calibration": None if thresholds is None else thresholds.describe(),
+        "num_without_masks": int(np.count_nonzero(~has_pixels)),
+        "per_defect_type": per_type,
+        "notes": notes,
+        "config": model.config.to_dict(),
+    }
+    if isinstance(model, Ensemble):
+        report["members"] = [member.config.to_dict() for member in model.members]
+    return report
+
+
+def evaluate_dataset(
+    model: ModelOrPath,
+    folder: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    mask_threshold: int | None = None,
+    allow_missing_masks: bool = False,
+    heatmaps: bool = True,
+    overwrite: bool = False,
+    mesh: Mesh | None = None,
+    progress: Progress = _no_progress,
+    log: Log = _no_log,
+) -> dict[str, Any]:
+    """Evaluates a model on ``folder``'s test set (MVTec AD layout) and writes into ``out``
+    (``default_evaluation_folder`` for a saved model): ``metrics.json`` (the
+    returned report: ``evaluation_report`` plus the dataset and model), ``per_image.csv``
+    (score, F1-optimal and calibrated decisions, heatmap) and ``heatmaps/``.
+
+    Args:
+      mask_threshold: binarise masks that are not 0/255 at this value (default: the model's).
+      allow_missing_masks: accept defect images without a mask (left out of pixel metrics).
+    Raises:
+      ValueError / OSError before any image is scored: an unreadable model, dataset or mask.
+    """
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"{out} is a file; expected an output folder (--out)")
+    model_name = None if isinstance(model, PatchCore | Ensemble) else str(model)
+    model = _load(model, mesh)  # checked first
+    config = model.config
+    if mask_threshold is not None:
+        config = config.replace(mask_threshold=mask_threshold)
+    dataset = data.load_dataset(folder, allow_missing_masks=allow_missing_masks, train=False)
+    data.validate_masks(dataset)
+    masks = test_masks(dataset, config)  # a broken mask is reported before any scoring
+    missing = int(np.count_nonzero(~dataset.has_pixel_labels))
+    if missing:
+        log(f"{missing} defective images without masks are left out of the pixel metrics")
+    with output_folder(out, overwrite=overwrite) as out_dir:
+        evaluation = evaluate_model(model, dataset, masks, keep_images=heatmaps, progress=progress)
+        report = {
+            "dataset": str(folder),
+            "model": model_name,
+            **evaluation_report(evaluation, model),
+        }
+        atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
+        _write_per_image(out_dir, evaluation, model, heatmaps, progress)
+    return report
+
+
+def default_evaluation_folder(model_path: str | os.PathLike) -> Path:
+    """``MODEL_evaluation`` beside a saved model (which stays untouched)."""
+    model_path = Path(model_path).absolute()
+    return model_path.with_name(f"{model_path.name}_evaluation")
+
+
+def _write_per_image(
+    out_dir: Path, evaluation: Evaluation, model: Model, heatmaps: bool, progress: Progress
+) -> None:
+    """``per_image.csv`` (and the heatmaps it names) of an evaluation."""
+    samples = evaluation.dataset.test_samples
+    scores = evaluation.image_scores
+    heatmap_files = [""] * len(samples)
+    if heatmaps:
+        heatmap_files = viz.save_heatmaps(
+            out_dir / "heatmaps",
+            [f"{s.defect_type}/{s.image_path.name}" for s in samples],
+            [s.image_path for s in samples],
+            evaluation.images,
+            scores,
+            evaluation.anomaly_maps,
+            evaluation.masks,
+            _stage(progress, "heatmaps", len(samples)),
+        )
+    f1_threshold = evaluation.metrics["f1_threshold"]
+    thresholds = model_calibration(model)
+    write_csv(
+        out_dir / "per_image.csv",
+        ["image", "defect_type", "label", "score", "predicted", "anomalous", "heatmap"],
+        [
+            [
+                str(s.image_path),
+                s.defect_type,
+                s.label,
+                format_score(score),
+                "" if f1_threshold is None else int(score >= f1_threshold),
+                "" if thresholds is None else int(score >= thresholds.image_threshold),
+                heatmap,
+            ]
+            for s, score, heatmap in zip(samples, scores, heatmap_files, strict=True)
+        ],
+    )
