@@ -8,9 +8,7 @@ patchcore-jax benchmark ROOT --out DIR [model options] [--categories a,b] [--tra
 patchcore-jax split --good DIR --defect [NAME=]DIR ... --out ROOT
 patchcore-jax data fetch mvtec-ad [--categories a,b] [--out DIR]
 patchcore-jax weights convert FILE --arch NAME | weights fetch NAME | weights list
-
-The work is done by ``patchcore_jax.workflows`` (fit, predict, evaluate) and the modules it
-names; the model options are ``PatchCoreConfig``'s fields, generated from their metadata.
+(work: ``patchcore_jax.workflows``; model options: ``patchcore_jax.options``)
 """
 
 from __future__ import annotations
@@ -409,27 +407,16 @@ def _mesh(args: argparse.Namespace):
 def _fit(args: argparse.Namespace) -> int:
     from patchcore_jax import workflows
 
-    common = dict(
-        train_images=args.train_images,
-        train_seed=args.train_seed,
-        mesh=_mesh(args),
-        progress=_Bars(args.quiet),
-        log=_say,
-    )
+    few_shot = {"train_images": args.train_images, "train_seed": args.train_seed}
+    report = {"mesh": _mesh(args), "progress": _Bars(args.quiet), "log": _say}
     if args.resume is not None:
-        workflows.extend_folder(args.data, args.resume, args.out, **common)
+        workflows.extend_folder(args.data, args.resume, args.out, **few_shot, **report)
         return 0
     configs = options.configs_from_args(args)
     if args.out is None:
         raise ValueError("fit needs --out (the checkpoint folder to write)")
-    workflows.fit_folder(
-        args.data,
-        args.out,
-        configs,
-        validation=args.validation,
-        spill_dir=args.spill_dir,
-        **common,
-    )
+    validation = {"validation": args.validation, "spill_dir": args.spill_dir}
+    workflows.fit_folder(args.data, args.out, configs, **validation, **few_shot, **report)
     return 0
 
 
@@ -505,23 +492,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         progress=_Bars(args.quiet),
         log=_say,
     )
-    for key, value in report.items():
-        if isinstance(value, float):
-            print(f"{key:>28s}: {value:.4f}")
-        elif isinstance(value, int) and not isinstance(value, bool):
-            print(f"{key:>28s}: {value}")
-    for name, counts in report["confusion"].items():
-        if counts is not None:
-            print(
-                f"{name + ' threshold':>28s}: {counts['threshold']:.6g}  "
-                f"TP {counts['true_positives']}  FP {counts['false_positives']}  "
-                f"TN {counts['true_negatives']}  FN {counts['false_negatives']}"
-            )
-    if report["per_defect_type"]:
-        print(f"{'image AUROC by defect type':>28s}:")
-        for defect_type, values in report["per_defect_type"].items():
-            auroc = values["image_auroc"]
-            print(f"{defect_type:>28s}: " + ("n/a" if auroc is None else f"{auroc:.4f}"))
+    print("\n".join(workflows.report_lines(report)))
     for note in report["notes"]:
         _say(f"note: {note}")
     _say(f"wrote {Path(out) / 'metrics.json'}")
@@ -540,31 +511,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _named_dirs(values: Sequence[str], option: str) -> dict[str, Path]:
-    """``[NAME=]DIR`` arguments as {defect type: folder} (NAME defaults to the folder's)."""
-    from patchcore_jax import split
-
-    named: dict[str, Path] = {}
-    for value in values:
-        name, _, folder = value.rpartition("=")
-        folder_path = Path(folder)
-        if not folder_path.is_dir():
-            raise ValueError(f"{option} {value!r}: folder {folder!r} does not exist")
-        name = name or split.default_defect_name(folder_path)
-        if name in named:
-            raise ValueError(f"{option}: defect type {name!r} given twice")
-        named[name] = folder_path
-    return named
-
-
 def _split(args: argparse.Namespace) -> int:
     from patchcore_jax import split
 
     summary = split.split_dataset(
         args.good,
-        _named_dirs(args.defect, "--defect"),
+        split.named_folders(args.defect, "--defect"),
         args.out,
-        mask_dirs=_named_dirs(args.mask_dir, "--mask-dir"),
+        mask_dirs=split.named_folders(args.mask_dir, "--mask-dir"),
         train_fraction=args.train_fraction,
         seed=args.seed,
         copy=args.copy,
@@ -606,15 +560,6 @@ def _weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def _enable_compile_cache(folder: str) -> None:
-    """Turns on JAX's persistent compilation cache in ``folder`` (every program is cached)."""
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(Path(folder).expanduser()))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Library warnings as one line each, in the tool's voice."""
     sys.stderr.write(f"{PROG}: warning: {message}\n")
@@ -641,7 +586,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             if getattr(args, "compile_cache", "off") != "off":
-                _enable_compile_cache(args.compile_cache)
+                from patchcore_jax.sharding import enable_compile_cache
+
+                enable_compile_cache(args.compile_cache)
             return HANDLERS[args.command](args)
     except (ValueError, OSError) as error:  # CheckpointError and ImageLoadError included
         message = str(error).splitlines()[0] if str(error) else type(error).__name__

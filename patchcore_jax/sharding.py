@@ -12,7 +12,9 @@ single-device case; the same compiled programs run on 1, 8 or 512 devices, on on
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -123,3 +125,11 @@ def initialize_distributed(**kwargs) -> None:
     ``make_mesh()`` spans every process's devices and the same programs run unchanged.
     """
     jax.distributed.initialize(**kwargs)
+
+
+def enable_compile_cache(folder: str | os.PathLike) -> None:
+    """Turns on JAX's persistent compilation cache in ``folder`` (every program is cached), so
+    a later process with the same shapes skips compilation."""
+    jax.config.update("jax_compilation_cache_dir", str(Path(folder).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -38,6 +38,25 @@ def default_defect_name(folder: str | os.PathLike) -> str:
     return folder.parent.name if folder.name.lower() in _GENERIC_FOLDER_NAMES else folder.name
 
 
+def named_folders(specs: Sequence[str], option: str) -> dict[str, Path]:
+    """``[NAME=]DIR`` strings as {defect type: folder}; NAME defaults to
+    ``default_defect_name(DIR)``. ``option`` names the strings' source in errors.
+
+    Raises:
+      ValueError: a folder that does not exist, or a defect type given twice.
+    """
+    named: dict[str, Path] = {}
+    for spec in specs:
+        name, _, folder = spec.rpartition("=")
+        if not Path(folder).is_dir():
+            raise ValueError(f"{option} {spec!r}: folder {folder!r} does not exist")
+        name = name or default_defect_name(folder)
+        if name in named:
+            raise ValueError(f"{option}: defect type {name!r} given twice")
+        named[name] = Path(folder)
+    return named
+
+
 def _images_and_masks(folder: Path, mask_dir: Path | None) -> tuple[list[Path], dict[str, Path]]:
     """Images of ``folder`` (masks beside them excluded) and {image stem: mask path}."""
     files = sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
