@@ -38,8 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from patchcore_jax import data, ensemble, workflows
+from patchcore_jax import ensemble, workflows
 from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax.datasets import folders
 from patchcore_jax.files import atomic_write_text, output_folder, write_csv
 
 # The authors' results.csv columns, and where each comes from in ``metrics.evaluate``.
@@ -86,7 +87,7 @@ def find_categories(
         raise FileNotFoundError(f"benchmark root {root} does not exist")
     categories, notes = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if data.is_tool_output(folder):
+        if folders.is_tool_output(folder):
             continue
         if (folder / "train").is_dir() or (folder / "test").is_dir():
             categories.append(folder)
@@ -146,7 +147,7 @@ def evaluate_category(
     progress: workflows.Progress | None = None,
 ) -> CategoryResult:
     """Fits ``configs`` (one model, or the members of an ensemble) on a category's training
-    images (``train_images`` of them, drawn by ``data.few_shot_subset``) and evaluates them on
+    images (``train_images`` of them, drawn by ``folders.few_shot_subset``) and evaluates them on
     its test set, timing each phase: ``workflows.fit_model`` (the bounded-memory fit) and
     ``workflows.evaluate_model``, the calls behind ``fit`` and ``evaluate``.
 
@@ -163,11 +164,11 @@ def evaluate_category(
         report(f"{category.name} {stage}", count, total)
 
     ensemble.check_members(configs)
-    dataset = data.load_dataset(category)
-    data.validate_masks(dataset)
+    dataset = folders.load_dataset(category)
+    folders.validate_masks(dataset)
     train_paths = list(dataset.train_paths)
     if train_images is not None:
-        train_paths = data.few_shot_subset(train_paths, train_images, train_seed)
+        train_paths = folders.few_shot_subset(train_paths, train_images, train_seed)
     masks = workflows.test_masks(dataset, configs[0])
     model = workflows.build_model(configs, len(train_paths), backbones=backbones, mesh=mesh)
     with compile_time() as compiled:

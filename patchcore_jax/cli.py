@@ -512,7 +512,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _split(args: argparse.Namespace) -> int:
-    from patchcore_jax import split
+    from patchcore_jax.datasets import split
 
     summary = split.split_dataset(
         args.good,
@@ -528,7 +528,7 @@ def _split(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from patchcore_jax import download
+    from patchcore_jax.datasets import download
 
     folders = download.fetch_mvtec_ad(
         args.out,

@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from patchcore_jax import calibration, checkpoint, data, metrics, preprocess, sharding, viz
+from patchcore_jax import calibration, checkpoint, metrics, preprocess, sharding, viz
 from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax.datasets import folders
 from patchcore_jax.ensemble import Ensemble, load_model
 from patchcore_jax.files import (
     atomic_write_text,
@@ -142,9 +143,9 @@ def load_validation_set(folder: str | os.PathLike, config: PatchCoreConfig) -> V
     F1-optimal thresholds) or good images only (``train/good``, ``train/`` or the folder)."""
     folder = Path(folder)
     if not (folder / "test").is_dir():
-        return ValidationSet(data.load_train_paths(folder))
-    dataset = data.load_dataset(folder, train=False)
-    data.validate_masks(dataset)
+        return ValidationSet(folders.load_train_paths(folder))
+    dataset = folders.load_dataset(folder, train=False)
+    folders.validate_masks(dataset)
     return ValidationSet(dataset.test_image_paths, dataset.test_labels, test_masks(dataset, config))
 
 
@@ -216,10 +217,10 @@ def training_images(
     folder: str | os.PathLike, train_images: int | None = None, train_seed: int = 0
 ) -> list[Path]:
     """A folder's training images, or the few-shot subset of ``train_images`` of them
-    (``data.few_shot_subset``)."""
-    paths = data.load_train_paths(folder)
+    (``folders.few_shot_subset``)."""
+    paths = folders.load_train_paths(folder)
     if train_images is not None:
-        paths = data.few_shot_subset(paths, train_images, train_seed)
+        paths = folders.few_shot_subset(paths, train_images, train_seed)
     return paths
 
 
@@ -334,11 +335,11 @@ def output_names(entries: Sequence[str | os.PathLike], recursive: bool = False):
     for position, entry in enumerate(entries, start=1):
         entry_path = Path(entry)
         if entry_path.is_dir():
-            found = data.image_paths([entry_path], recursive=recursive)
+            found = folders.image_paths([entry_path], recursive=recursive)
             base = Path(entry_path.absolute().name)
             names += [(base / path.relative_to(entry_path)).as_posix() for path in found]
         else:
-            found = data.image_paths([entry_path])
+            found = folders.image_paths([entry_path])
             names.append(entry_path.name)
         paths += found
         positions += [position] * len(found)
@@ -351,7 +352,7 @@ def _contour_mask(path: Path, config: PatchCoreConfig) -> np.ndarray | None:
     """The ground truth beside an MVTec-layout image, for a heatmap's contour only: a mask
     that cannot be used costs the contour and a warning, never the run."""
     try:
-        mask_path = data.find_mask(path)
+        mask_path = folders.find_mask(path)
         if mask_path is None:
             return None
         return preprocess.load_mask(
@@ -448,7 +449,7 @@ def predict_files(
 # ---------------------------------------------------------------- evaluate
 
 
-def test_masks(dataset: data.Dataset, config: PatchCoreConfig) -> np.ndarray:
+def test_masks(dataset: folders.Dataset, config: PatchCoreConfig) -> np.ndarray:
     """The ground truth of ``dataset``'s test images in ``config``'s frame, [N, H, W] bool
     (all-normal where an image has no mask); read before any image is scored."""
     return preprocess.load_masks(
@@ -463,7 +464,7 @@ def test_masks(dataset: data.Dataset, config: PatchCoreConfig) -> np.ndarray:
 class Evaluation:
     """A model's scores on a dataset's test images and the MVTec AD metrics of them."""
 
-    dataset: data.Dataset
+    dataset: folders.Dataset
     image_scores: np.ndarray  # [N]
     anomaly_maps: np.ndarray  # [N, H, W]
     masks: np.ndarray  # [N, H, W] bool
@@ -474,7 +475,7 @@ class Evaluation:
 
 def evaluate_model(
     model: Model,
-    dataset: data.Dataset,
+    dataset: folders.Dataset,
     masks: np.ndarray,
     *,
     keep_images: bool = False,
@@ -570,8 +571,8 @@ def evaluate_dataset(
     config = model.config
     if mask_threshold is not None:
         config = config.replace(mask_threshold=mask_threshold)
-    dataset = data.load_dataset(folder, allow_missing_masks=allow_missing_masks, train=False)
-    data.validate_masks(dataset)
+    dataset = folders.load_dataset(folder, allow_missing_masks=allow_missing_masks, train=False)
+    folders.validate_masks(dataset)
     masks = test_masks(dataset, config)  # a broken mask is reported before any scoring
     missing = int(np.count_nonzero(~dataset.has_pixel_labels))
     if missing:

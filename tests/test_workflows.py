@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import BOTTLE, REPO_ROOT
 
-from patchcore_jax import PatchCoreConfig, benchmark, data, workflows
+from patchcore_jax import PatchCoreConfig, benchmark, workflows
+from patchcore_jax.datasets import folders
 
 CONFIG = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05)
 
@@ -71,9 +72,7 @@ def test_readme_library_snippet_fits_evaluates_and_predicts(subset, tmp_path, mo
     assert float(row["score"]) == pytest.approx(evaluated[row["image"]], rel=1e-5)
 
 
-def test_progress_reaches_every_stage_total_and_a_benchmark_row_is_the_evaluation(
-    subset, tmp_path
-):
+def test_progress_reaches_every_stage_total_and_a_benchmark_row_is_the_evaluation(subset, tmp_path):
     recorder = Recorder()
     model = workflows.fit_folder(subset, tmp_path / "model", CONFIG, progress=recorder)
     report = workflows.evaluate_dataset(model, subset, tmp_path / "eval", progress=recorder)
@@ -90,7 +89,7 @@ def test_progress_reaches_every_stage_total_and_a_benchmark_row_is_the_evaluatio
 
 
 def test_evaluate_model_scores_the_test_set_against_its_masks(subset):
-    dataset = data.load_dataset(subset, train=False)
+    dataset = folders.load_dataset(subset, train=False)
     model = workflows.build_model(
         CONFIG.replace(sampler="identity", calibration="none", coreset_fraction=1.0), 2
     )
