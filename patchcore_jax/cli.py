@@ -124,6 +124,16 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_categories(parser: argparse.ArgumentParser, which: str) -> None:
+    parser.add_argument(
+        "--categories",
+        type=options.names,
+        default=None,
+        metavar="a,b",
+        help=f"comma-separated categories {which}",
+    )
+
+
 def _add_fit_parser(commands: Any, presets: dict[str, object] | None) -> None:
     fit = commands.add_parser(
         "fit",
@@ -250,13 +260,7 @@ def _add_export_and_benchmark_parsers(commands: Any, presets: dict[str, object] 
     benchmark.add_argument(
         "--out", required=True, type=_output_dir, help="results folder (created if missing)"
     )
-    benchmark.add_argument(
-        "--categories",
-        type=options.names,
-        default=None,
-        metavar="a,b",
-        help="comma-separated categories to run (default: every category folder of ROOT)",
-    )
+    _add_categories(benchmark, "to run (default: every category folder of ROOT)")
     benchmark.add_argument(
         "--recompute", action="store_true", help="recompute categories finished before"
     )
@@ -320,13 +324,7 @@ def _add_data_parsers(commands: Any) -> None:
         "and unpack the requested categories (each complete or not at all).",
     )
     fetch_data.add_argument("dataset", choices=("mvtec-ad",), help="the dataset to fetch")
-    fetch_data.add_argument(
-        "--categories",
-        type=options.names,
-        default=None,
-        metavar="a,b",
-        help="comma-separated categories (default: all 15)",
-    )
+    _add_categories(fetch_data, "(default: all 15)")
     fetch_data.add_argument(
         "--out", default="mvtec_ad", help="folder for <category>/ folders (default: %(default)s)"
     )

@@ -40,3 +40,20 @@ def bottle_dir() -> Path:
     if not BOTTLE.is_dir():
         raise FileNotFoundError(f"MVTec bottle data not found at {BOTTLE}")
     return BOTTLE
+
+
+@pytest.fixture(scope="module")
+def subset(tmp_path_factory) -> Path:
+    """A small real category (test_cli, test_workflows): MVTec layout with 10 train images,
+    3 good and 3 defective test images (with masks)."""
+    root = tmp_path_factory.mktemp("bottle_subset")
+    links = list(sorted((BOTTLE / "train/good").glob("*.png"))[:10])
+    links += sorted((BOTTLE / "test/good").glob("*.png"))[:3]
+    for defect in ("broken_large", "broken_small", "contamination"):
+        image = sorted((BOTTLE / "test" / defect).glob("*.png"))[0]
+        links += [image, BOTTLE / "ground_truth" / defect / f"{image.stem}_mask.png"]
+    for source in links:
+        target = root / source.relative_to(BOTTLE)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(source)
+    return root
