@@ -269,7 +269,7 @@ def _add_export_and_benchmark_parsers(commands: Any, presets: dict[str, object] 
     _add_run_options(benchmark)
 
 
-def _add_data_parsers(commands: Any) -> None:
+def _add_split_parser(commands: Any) -> None:
     split = commands.add_parser(
         "split",
         help="build the MVTec AD layout from unsplit folders",
@@ -313,6 +313,8 @@ def _add_data_parsers(commands: Any) -> None:
     )
     split.add_argument("--copy", action="store_true", help="copy files instead of linking to them")
 
+
+def _add_download_parsers(commands: Any) -> None:
     data_parser = commands.add_parser("data", help="download public datasets")
     data_commands = data_parser.add_subparsers(
         dest="data_command", required=True, parser_class=_Parser
@@ -363,7 +365,8 @@ def build_parser(presets: dict[str, object] | None = None) -> argparse.ArgumentP
     _add_fit_parser(commands, presets)
     _add_predict_and_evaluate_parsers(commands)
     _add_export_and_benchmark_parsers(commands, presets)
-    _add_data_parsers(commands)
+    _add_split_parser(commands)
+    _add_download_parsers(commands)
     return parser
 
 
