@@ -35,9 +35,6 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-# ---------------------------------------------------------------- argument types
-
-
 def _checked(kind: type, accept: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
     """An argparse type: ``kind(text)`` if ``accept`` takes it, else "expected ..."."""
 
@@ -399,17 +396,18 @@ class _Bars:
             del self.bars[stage]
 
 
-def _mesh(args: argparse.Namespace):
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    """The run options every workflow takes: the device mesh and the progress bars."""
     from patchcore_jax import sharding
 
-    return sharding.make_mesh(args.bank_shards)
+    return {"mesh": sharding.make_mesh(args.bank_shards), "progress": _Bars(args.quiet)}
 
 
 def _fit(args: argparse.Namespace) -> int:
     from patchcore_jax import workflows
 
     few_shot = {"train_images": args.train_images, "train_seed": args.train_seed}
-    report = {"mesh": _mesh(args), "progress": _Bars(args.quiet), "log": _say}
+    report = {**_run(args), "log": _say}
     if args.resume is not None:
         workflows.extend_folder(args.data, args.resume, args.out, **few_shot, **report)
         return 0
@@ -432,9 +430,8 @@ def _benchmark(args: argparse.Namespace) -> int:
         train_images=args.train_images,
         train_seed=args.train_seed,
         recompute=args.recompute,
-        mesh=_mesh(args),
         log=_say,
-        progress=_Bars(args.quiet),
+        **_run(args),
     )
     failed = [r.name for r in results if r.error]
     _say(
@@ -456,8 +453,7 @@ def _predict(args: argparse.Namespace) -> int:
         heatmaps=not args.no_heatmaps,
         masks=args.masks,
         overwrite=args.overwrite,
-        mesh=_mesh(args),
-        progress=_Bars(args.quiet),
+        **_run(args),
     )
     scores, count = result.image_scores, len(result.paths)
     _say(
@@ -489,8 +485,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         allow_missing_masks=args.allow_missing_masks,
         heatmaps=not args.no_heatmaps,
         overwrite=args.overwrite,
-        mesh=_mesh(args),
-        progress=_Bars(args.quiet),
+        **_run(args),
         log=_say,
     )
     print("\n".join(workflows.report_lines(report)))

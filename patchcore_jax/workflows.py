@@ -34,7 +34,7 @@ import numpy as np
 from patchcore_jax import calibration, checkpoint, metrics, preprocess, sharding, viz
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.datasets import folders
-from patchcore_jax.ensemble import Ensemble, load_model
+from patchcore_jax.ensemble import Ensemble
 from patchcore_jax.files import (
     atomic_write_text,
     output_folder,
@@ -67,49 +67,18 @@ def format_score(score: float) -> str:
     return f"{float(score) + 0.0:.6g}"
 
 
-# ---------------------------------------------------------------- one model interface
-# The few places where a single model and an ensemble still differ.
-
-
-def members(model: Model) -> list[PatchCore]:
-    """The single models that make up ``model`` (itself, or an ensemble's members)."""
-    return list(model.members) if isinstance(model, Ensemble) else [model]
-
-
-def model_calibration(model: Model) -> calibration.Calibration | None:
-    """``model``'s decision thresholds (None: uncalibrated, or an ensemble)."""
-    return getattr(model, "calibration", None)
-
-
-def _predict(
-    model: Model, images: Iterable[np.ndarray], progress: Callable[[int], None]
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(image_scores [N], anomaly_maps [N, H, W])`` of uint8 batches; ``progress`` counts
-    images scored (an ensemble's members each count their pass)."""
-    if isinstance(model, Ensemble):
-        return model.predict(images, progress=progress)
-    scores, maps = [], []
-    for result in model.score(images):
-        scores.append(result.image_scores)
-        maps.append(result.anomaly_maps)
-        progress(len(result.image_scores))
-    if not scores:
-        raise ValueError("predict() received no images")
-    return np.concatenate(scores), np.concatenate(maps)
-
-
 def fit_timings(model: Model) -> dict[str, float]:
     """Seconds of the last fit's phases (``features``, ``coreset``, ``calibration``), summed
     over an ensemble's members."""
     totals = dict.fromkeys(("features", "coreset", "calibration"), 0.0)
-    for member in members(model):
-        for phase, seconds in getattr(member, "fit_timings", {}).items():
-            totals[phase] = totals.get(phase, 0.0) + seconds
+    for member in model.members:
+        for phase, seconds in member.fit_timings.items():
+            totals[phase] += seconds
     return totals
 
 
 def _load(model: ModelOrPath, mesh: Mesh | None) -> Model:
-    return model if isinstance(model, PatchCore | Ensemble) else load_model(model, mesh=mesh)
+    return model if isinstance(model, PatchCore | Ensemble) else checkpoint.load(model, mesh=mesh)
 
 
 def _image_options(config: PatchCoreConfig) -> dict[str, Any]:
@@ -164,7 +133,7 @@ def build_model(
         model: Model = Ensemble.from_configs(configs, backbones=backbones, mesh=mesh)
     else:
         model = PatchCore(configs[0], backbone=backbones[0] if backbones else None, mesh=mesh)
-    for member in members(model):
+    for member in model.members:
         member.config.check_bank_size(member.bank_size(num_images))
     return model
 
@@ -181,25 +150,16 @@ def fit_model(
     """Fits ``model`` (``build_model``) on image files; a ``validation`` set then calibrates it
     (a single model only). Returns ``model``; its phases' seconds are in ``fit_timings``."""
     config = model.config
-    if isinstance(model, Ensemble):
-        batches = list(_batches(train_paths, config))  # decoded once for every member
-        total = len(train_paths) * len(model.members)
-        model.fit(batches, progress=_stage(progress, "features", total), log=log)
-    else:
-        coreset_steps = model.bank_size(len(train_paths))
-        coreset_progress = None
-        if config.sampler == "approx_greedy_coreset":
-            coreset_progress = _stage(progress, "coreset", coreset_steps)
-        model.fit(
-            _batches(train_paths, config),
-            progress=_stage(progress, "features", len(train_paths)),
-            log=log,
-            coreset_progress=coreset_progress,
-            spill_dir=spill_dir,
-        )
-    if validation is not None:
-        if isinstance(model, Ensemble):
-            raise ValueError("a validation set calibrates one model, not an ensemble of several")
+    num_images = len(train_paths) * len(model.members)  # every member embeds every image
+    coreset_steps = sum(member.bank_size(len(train_paths)) for member in model.members)
+    model.fit(
+        _batches(train_paths, config),
+        progress=_stage(progress, "features", num_images),
+        log=log,
+        coreset_progress=_stage(progress, "coreset", coreset_steps),  # greedy samplers only
+        spill_dir=spill_dir,
+    )
+    if validation is not None:  # an ensemble refuses (its scores have no fixed threshold)
         counted = _counted(_batches(validation.paths, config), progress, len(validation.paths))
         model.calibrate(counted, labels=validation.labels, masks=validation.masks)
         log(f"calibration: {model.calibration.describe()}")
@@ -312,9 +272,9 @@ def score_files(
                 images.append(batch)
             yield batch
 
-    total = len(paths) * len(members(model))
+    total = len(paths) * len(model.members)
     batches = remembered(_batches(paths, model.config))
-    scores, maps = _predict(model, batches, _stage(progress, "scoring", total))
+    scores, maps = model.predict(batches, progress=_stage(progress, "scoring", total))
     return scores, maps, (np.concatenate(images) if keep_images else None)
 
 
@@ -396,7 +356,7 @@ def predict_files(
     and mask files), ``heatmaps/`` and with ``masks`` binary defect masks in ``masks/``
     (calibrated models only). ``overwrite`` replaces a previous run's results in ``out``."""
     model = _load(model, mesh)
-    thresholds = model_calibration(model)
+    thresholds = model.calibration
     if masks and thresholds is None:
         raise ValueError(
             "--masks needs a calibrated model; this one has no calibration (fitted with "
@@ -512,7 +472,7 @@ def evaluation_report(evaluation: Evaluation, model: Model) -> dict[str, Any]:
             pixel_images=has_pixels[subset],
         )
     results = evaluation.metrics
-    thresholds = model_calibration(model)
+    thresholds = model.calibration
     notes = metrics.missing_metric_reasons(results)
     if thresholds is None:
         notes.append("the model has no calibration: no calibrated threshold to report")
@@ -637,7 +597,7 @@ def _write_per_image(
             _stage(progress, "heatmaps", len(samples)),
         )
     f1_threshold = evaluation.metrics["f1_threshold"]
-    thresholds = model_calibration(model)
+    thresholds = model.calibration
     write_csv(
         out_dir / "per_image.csv",
         ["image", "defect_type", "label", "score", "predicted", "anomalous", "heatmap"],

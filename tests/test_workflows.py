@@ -86,7 +86,7 @@ def test_evaluate_model_scores_the_test_set_against_its_masks(subset):
     assert evaluation.metrics["num_defective"] == 3
     # The good images are the bank: their patches are their own nearest neighbours.
     assert evaluation.image_scores[3:].max() < evaluation.image_scores[:3].min()
-    assert workflows.model_calibration(model) is None
+    assert model.calibration is None
 
 
 def test_bad_input_fails_before_any_work(subset, tmp_path):
