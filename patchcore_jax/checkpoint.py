@@ -49,16 +49,16 @@ import jax
 import numpy as np
 
 from patchcore_jax import sharding
+from patchcore_jax.backbones import Backbone, load_backbone
+from patchcore_jax.calibration import Calibration
 from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax.ensemble import NORMALISATION, Ensemble
 from patchcore_jax.files import atomic_write_text
+from patchcore_jax.model import PatchCore
 from patchcore_jax.version import package_version
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
-
-    from patchcore_jax.backbones import Backbone
-    from patchcore_jax.ensemble import Ensemble
-    from patchcore_jax.model import PatchCore
 
 FORMAT = "patchcore-jax/1"
 ENSEMBLE_FORMAT = "patchcore-jax-ensemble/1"
@@ -137,8 +137,6 @@ def save(model: PatchCore | Ensemble, path: str | os.PathLike, *, overwrite: boo
     loadable, never neither. Raises CheckpointError (one line, naming the path) if it cannot be
     written.
     """
-    from patchcore_jax.ensemble import Ensemble
-
     if isinstance(model, Ensemble):
         return save_ensemble(model, path, overwrite=overwrite)
     if model.memory_bank is None:
@@ -201,8 +199,6 @@ def save_ensemble(ensemble: Ensemble, path: str | os.PathLike, *, overwrite: boo
     """Writes a fitted ensemble as one new version: every member a complete single-model
     checkpoint (``save``) in ``member0/``, ``member1/``..., and the record ``ensemble.json``
     (format, member folders, normalisation). One process only. Returns the absolute path."""
-    from patchcore_jax.ensemble import NORMALISATION
-
     if jax.process_count() > 1:
         raise NotImplementedError("saving an ensemble runs in one process only")
     if any(member.memory_bank is None for member in ensemble.members):
@@ -505,42 +501,6 @@ def load(
     return _restore_ensemble(target, version, record, backbones, mesh)
 
 
-def load_patchcore(
-    path: str | os.PathLike,
-    *,
-    backbone: Backbone | None = None,
-    mesh: Mesh | None = None,
-    expected_config: PatchCoreConfig | None = None,
-) -> PatchCore:
-    """``load`` of a single model (``PatchCore.load``); an ensemble is refused."""
-    target = Path(path).absolute()
-    version = _resolve(target)
-    record = _read_ensemble_record(target, version)
-    if record is not None:
-        raise CheckpointError(
-            f"{target} holds an ensemble of {len(record['members'])} models, which cannot be "
-            "read as one PatchCore model; open it with patchcore_jax.load"
-        )
-    return _restore_model(target, version, backbone, mesh, expected_config)
-
-
-def load_ensemble(
-    path: str | os.PathLike,
-    *,
-    backbones: Sequence[Backbone | None] | None = None,
-    mesh: Mesh | None = None,
-) -> Ensemble:
-    """``load`` of an ensemble (``Ensemble.load``); a single model is refused."""
-    target = Path(path).absolute()
-    version = _resolve(target)
-    record = _read_ensemble_record(target, version)
-    if record is None:
-        raise CheckpointError(
-            f"{target} holds a single model, not an ensemble; open it with patchcore_jax.load"
-        )
-    return _restore_ensemble(target, version, record, backbones, mesh)
-
-
 def _restore_ensemble(
     target: Path,
     version: Path,
@@ -549,8 +509,6 @@ def _restore_ensemble(
     mesh: Mesh | None,
 ) -> Ensemble:
     """The members of an ensemble version, each checked as a single model."""
-    from patchcore_jax.ensemble import Ensemble
-
     members = record["members"]
     backbones = [None] * len(members) if backbones is None else backbones
     if len(backbones) != len(members):
@@ -558,10 +516,16 @@ def _restore_ensemble(
     mesh = sharding.make_mesh() if mesh is None else mesh
     return Ensemble(
         [
-            load_patchcore(version / name, backbone=member_backbone, mesh=mesh)
+            _load_member(version / name, member_backbone, mesh)
             for name, member_backbone in zip(members, backbones, strict=True)
         ]
     )
+
+
+def _load_member(path: Path, backbone: Backbone | None, mesh: Mesh) -> PatchCore:
+    """One member of an ensemble version: a complete single-model checkpoint."""
+    target = path.absolute()
+    return _restore_model(target, _resolve(target), backbone, mesh, None)
 
 
 def _restore_model(
@@ -572,9 +536,6 @@ def _restore_model(
     expected_config: PatchCoreConfig | None,
 ) -> PatchCore:
     """The single model of a checkpoint version, checked whole and matching its backbone."""
-    from patchcore_jax.backbones import load_backbone
-    from patchcore_jax.model import PatchCore
-
     record = _read_record(target, version)
     config = _recorded_config(target, record, expected_config)
     if backbone is None:
@@ -585,8 +546,6 @@ def _restore_model(
     memory_bank = _restore_bank(target, version, record.get("memory_bank", {}), mesh)
     model = PatchCore(config, backbone=backbone, mesh=mesh, memory_bank=memory_bank)
     if record.get("calibration") is not None:
-        from patchcore_jax.calibration import Calibration
-
         try:
             model.calibration = Calibration.from_dict(record["calibration"])
         except (KeyError, TypeError, ValueError) as error:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from patchcore_jax import options
+from patchcore_jax import checkpoint, options
 from patchcore_jax.config import SEED_LIMIT
 
 PROG = "patchcore-jax"
@@ -497,12 +497,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from patchcore_jax.export import export_model
-    from patchcore_jax.model import PatchCore
 
     out = Path(args.out)
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a folder; give a file name")
-    metadata = export_model(PatchCore.load(args.model), out, platforms=args.platforms)
+    metadata = export_model(checkpoint.load(args.model), out, platforms=args.platforms)
     _say(f"exported {args.model} for {', '.join(metadata['platforms'])} to {out}")
     return 0
 

@@ -21,14 +21,14 @@ either (``patchcore_jax.load`` opens both) never asks which it has:
 - ``calibration``: the thresholds, or None: decisions and masks only where it is not None.
   An ensemble has none: its scores are normalised over each scored set, so no fixed threshold
   applies to them (``calibrate`` says so). Its members keep their own calibrations.
-- ``save(path)``; ``checkpoint`` writes both kinds in one versioned folder.
+- saved and opened by ``patchcore_jax.save(model, path)`` / ``patchcore_jax.load(path)``
+  (``checkpoint``: both kinds in one versioned folder).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jax
@@ -239,27 +239,6 @@ class Ensemble:
             yield ScoreResult(
                 image_scores[start : start + step], anomaly_maps[start : start + step], None, None
             )
-
-    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
-        """Writes every member and the ensemble record as one new checkpoint version; see
-        ``patchcore_jax.checkpoint.save_ensemble``."""
-        from patchcore_jax import checkpoint
-
-        return checkpoint.save_ensemble(self, path, overwrite=overwrite)
-
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike,
-        *,
-        backbones: Sequence[Backbone | None] | None = None,
-        mesh: Mesh | None = None,
-    ) -> Ensemble:
-        """Restores an ensemble written by ``save``; see ``checkpoint.load_ensemble``
-        (``patchcore_jax.load`` opens either kind)."""
-        from patchcore_jax import checkpoint
-
-        return checkpoint.load_ensemble(path, backbones=backbones, mesh=mesh)
 
 
 def _reusable(images: ImageBatches) -> ImageBatches:

@@ -228,7 +228,7 @@ def fit_folder(
     fit_model(
         model, paths, validation=validation_set, spill_dir=spill_dir, progress=progress, log=log
     )
-    log(f"saved model to {model.save(out)}")
+    log(f"saved model to {checkpoint.save(model, out)}")
     return model
 
 
@@ -252,7 +252,7 @@ def extend_folder(
     log(f"adding {len(paths)} images of {folder} to {model_path} ({model.config.backbone})")
     features = _stage(progress, "features", len(paths))
     model.extend(_batches(paths, model.config), progress=features, log=log)
-    log(f"saved model to {model.save(out)}")
+    log(f"saved model to {checkpoint.save(model, out)}")
     return model
 
 

@@ -81,7 +81,7 @@ def main() -> None:
     from conftest import load_fixture
     from jax.experimental import multihost_utils
 
-    from patchcore_jax import PatchCore, coreset, knn, sharding
+    from patchcore_jax import PatchCore, checkpoint, coreset, knn, sharding
 
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -159,7 +159,7 @@ def main() -> None:
     features_line = next(line for line in lines if line.startswith("features:"))
     assert ("spilled to" if budget == 0.0 else "on the device") in features_line, lines
     local_scores, local_maps = model.predict(local_rows(test_images, **split))
-    model.save(args.out / "model")  # every process takes part; process 0 swaps folders
+    checkpoint.save(model, args.out / "model")  # every process takes part; process 0 swaps folders
     np.savez(
         args.out / f"model_{args.process_id}.npz",
         scores=local_scores,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import BOTTLE
 
-from patchcore_jax import PatchCore, PatchCoreConfig, calibration, coreset
+from patchcore_jax import PatchCore, PatchCoreConfig, calibration, checkpoint, coreset
 from patchcore_jax.preprocess import load_images
 
 CONFIG = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05)
@@ -117,7 +117,7 @@ def test_held_out_fraction_that_leaves_no_training_images_is_refused():
 
 def test_calibration_survives_a_checkpoint_round_trip(fitted, tmp_path):
     model, _ = fitted
-    restored = PatchCore.load(model.save(tmp_path / "model"), backbone=model.backbone)
+    restored = checkpoint.load(checkpoint.save(model, tmp_path / "model"), backbone=model.backbone)
     assert restored.calibration.to_dict() == model.calibration.to_dict()
     np.testing.assert_array_equal(restored.calibration.image_scores, model.calibration.image_scores)
 

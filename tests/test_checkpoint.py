@@ -33,8 +33,8 @@ def fitted(images):
 
 
 def test_round_trip_gives_identical_scores_and_maps(fitted, images, tmp_path):
-    path = fitted.save(tmp_path / "model")
-    restored = PatchCore.load(path, mesh=sharding.single_device_mesh())
+    path = checkpoint.save(fitted, tmp_path / "model")
+    restored = checkpoint.load(path, mesh=sharding.single_device_mesh())
     assert restored.config == fitted.config
     np.testing.assert_array_equal(np.asarray(restored.memory_bank), np.asarray(fitted.memory_bank))
     scores, maps = fitted.predict(images[1])
@@ -47,7 +47,7 @@ def test_round_trip_gives_identical_scores_and_maps(fitted, images, tmp_path):
 
 
 def test_changed_backbone_weights_are_refused(fitted, tmp_path):
-    path = fitted.save(tmp_path / "model")
+    path = checkpoint.save(fitted, tmp_path / "model")
     other = dataclasses.replace(fitted.backbone, weights_sha256="0" * 64)
     with pytest.raises(CheckpointError, match="weights sha256"):
         checkpoint.load(path, backbone=other)
@@ -58,7 +58,7 @@ def _largest_file(folder: Path) -> Path:
 
 
 def test_truncated_bank_file_is_refused(fitted, tmp_path):
-    path = fitted.save(tmp_path / "model")
+    path = checkpoint.save(fitted, tmp_path / "model")
     victim = _largest_file(path / "v000001" / "state")
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="damaged"):
@@ -66,7 +66,7 @@ def test_truncated_bank_file_is_refused(fitted, tmp_path):
 
 
 def test_flipped_bank_bytes_are_refused(fitted, tmp_path):
-    path = fitted.save(tmp_path / "model")
+    path = checkpoint.save(fitted, tmp_path / "model")
     victim = _largest_file(path / "v000001" / "state")
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -76,7 +76,7 @@ def test_flipped_bank_bytes_are_refused(fitted, tmp_path):
 
 
 def test_different_embedding_dimension_is_refused(fitted, tmp_path):
-    path = fitted.save(tmp_path / "model")
+    path = checkpoint.save(fitted, tmp_path / "model")
     with pytest.raises(CheckpointError, match="target_embed_dimension"):
         checkpoint.load(path, expected_config=fitted.config.replace(target_embed_dimension=1024))
     # A record whose config disagrees with the stored bank's shape is refused too.
@@ -96,7 +96,7 @@ def test_different_embedding_dimension_is_refused(fitted, tmp_path):
 def test_missing_or_partial_checkpoints_are_reported(fitted, tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         checkpoint.load(tmp_path / "nothing")
-    path = fitted.save(tmp_path / "model")
+    path = checkpoint.save(fitted, tmp_path / "model")
     for item in (path / "v000001" / "record").iterdir():
         item.unlink()
     with pytest.raises(CheckpointError, match="not a complete"):
@@ -104,7 +104,7 @@ def test_missing_or_partial_checkpoints_are_reported(fitted, tmp_path):
 
 
 def test_crash_while_saving_keeps_the_previous_model(fitted, tmp_path, monkeypatch):
-    path = fitted.save(tmp_path / "model")
+    path = checkpoint.save(fitted, tmp_path / "model")
     before = json.dumps(checkpoint.read_record(path), sort_keys=True)
 
     def crash(*args, **kwargs):
@@ -112,7 +112,7 @@ def test_crash_while_saving_keeps_the_previous_model(fitted, tmp_path, monkeypat
 
     monkeypatch.setattr(ocp.Checkpointer, "save", crash)
     with pytest.raises(CheckpointError, match=f"cannot write the checkpoint {path}: OSError: disk"):
-        fitted.save(path)
+        checkpoint.save(fitted, path)
     assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "v000001"]  # no staging left
     monkeypatch.undo()
     assert json.dumps(checkpoint.read_record(path), sort_keys=True) == before
@@ -123,18 +123,18 @@ def test_crash_while_saving_keeps_the_previous_model(fitted, tmp_path, monkeypat
 def test_unfitted_models_and_foreign_folders_are_not_saved(fitted, tmp_path):
     unfitted = PatchCore(fitted.config, backbone=fitted.backbone)
     with pytest.raises(CheckpointError, match="unfitted"):
-        unfitted.save(tmp_path / "model")
+        checkpoint.save(unfitted, tmp_path / "model")
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"precious")
     with pytest.raises(CheckpointError, match="not a patchcore-jax checkpoint"):
-        fitted.save(foreign)
+        checkpoint.save(fitted, foreign)
     assert (foreign / "holiday.jpg").read_bytes() == b"precious"
 
 
 def test_checkpoint_whose_bank_is_smaller_than_k_or_b_is_refused_on_load(fitted, tmp_path):
     rows = fitted.memory_bank.shape[0]
-    record = checkpoint.read_record(fitted.save(tmp_path / "model"))
+    record = checkpoint.read_record(checkpoint.save(fitted, tmp_path / "model"))
     for changes, message in [
         ({"num_neighbors": rows + 1}, rf"num_neighbors \(k, --k\) = {rows + 1} exceeds"),
         ({"reweight": True, "reweight_neighbors": rows + 1}, r"\(b, --reweight-neighbors\)"),
@@ -180,7 +180,7 @@ def renaming(source, destination, *args, **kwargs):  # orbax finalises with os.r
     return rename(source, destination, *args, **kwargs)
 
 os.rename = renaming
-model.save(path)
+checkpoint.save(model, path)
 print("saved without being killed")
 """
 
@@ -207,7 +207,7 @@ def tiny_model(seed: int) -> PatchCore:
 
 def _legacy_save(model: PatchCore, path: Path) -> None:
     """A checkpoint as versions before the CURRENT pointer wrote it (orbax at ``path``)."""
-    model.save(path)
+    checkpoint.save(model, path)
     version = path / checkpoint._current_version(path)
     (path / "CURRENT").unlink()
     for item in version.iterdir():
@@ -256,7 +256,7 @@ def test_kill_during_save_leaves_the_old_or_the_new_model_loadable(
     restored = checkpoint.load(path, backbone=old.backbone, mesh=sharding.single_device_mesh())
     np.testing.assert_array_equal(np.asarray(restored.memory_bank), expected)
     # The next save removes what the killed one left, and nothing else.
-    old.save(path)
+    checkpoint.save(old, path)
     assert sorted(p.name for p in path.iterdir()) == [
         "CURRENT",
         "notes.txt",
@@ -277,11 +277,11 @@ _FULL_DISK_CHILD = """
 import resource, sys
 sys.path.insert(0, {tests!r})
 from test_checkpoint import tiny_model
-from patchcore_jax import CheckpointError
+from patchcore_jax import CheckpointError, checkpoint
 model = tiny_model(0)
 resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))  # writes past 200 bytes fail (EFBIG)
 try:
-    model.save(sys.argv[1])
+    checkpoint.save(model, sys.argv[1])
 except CheckpointError as error:
     print(error)
 """
@@ -305,12 +305,12 @@ def test_a_full_disk_is_reported_in_one_line_naming_the_path(tmp_path):
     # error recreated its staging folder; then the next save removes that.
     assert not path.exists() or all(p.name.startswith(".v000001.saving") for p in path.iterdir())
     model = tiny_model(0)
-    model.save(path)
+    checkpoint.save(model, path)
     assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "v000001"]
 
 
 def test_damaged_bank_metadata_gives_one_clean_line(fitted, tmp_path, capfd):
-    path = fitted.save(tmp_path / "model")
+    path = checkpoint.save(fitted, tmp_path / "model")
     victim = path / "v000001" / "state" / "array_metadatas" / "process_0"
     victim.write_bytes(victim.read_bytes()[:40])
     with pytest.raises(CheckpointError, match="damaged or partial") as caught:
@@ -330,7 +330,7 @@ def test_tensorstore_spec_dumps_are_cut_from_messages():
 
 
 def test_a_pointer_to_a_missing_version_is_reported(fitted, tmp_path):
-    path = fitted.save(tmp_path / "model")
+    path = checkpoint.save(fitted, tmp_path / "model")
     (path / "CURRENT").write_text("v000007\n")
     with pytest.raises(CheckpointError, match="CURRENT names v000007, which does not exist"):
         checkpoint.load(path)
@@ -358,7 +358,7 @@ def test_check_destination_refuses_files_foreign_folders_and_unwritable_places(
     assert checkpoint.check_destination(tmp_path / "empty") == tmp_path / "empty"
     assert checkpoint.check_destination(tmp_path / "new" / "deeper") == tmp_path / "new/deeper"
     assert not (tmp_path / "new").exists()  # checking creates nothing
-    saved = fitted.save(tmp_path / "model")
+    saved = checkpoint.save(fitted, tmp_path / "model")
     with pytest.raises(CheckpointError, match="exists; pass overwrite=True"):
         checkpoint.check_destination(saved, overwrite=False)
     # A folder the OS refuses to write in (as a read-only file system would, even for root).
@@ -375,17 +375,17 @@ def test_check_destination_refuses_files_foreign_folders_and_unwritable_places(
     with pytest.raises(CheckpointError, match=r"read_only is not writable \(Read-only file"):
         checkpoint.check_destination(read_only / "model")
     with pytest.raises(CheckpointError, match=r"read_only is not writable"):
-        fitted.save(read_only / "model")
+        checkpoint.save(fitted, read_only / "model")
     assert list(read_only.iterdir()) == []
 
 
 def test_saving_over_a_checkpoint_keeps_files_the_tool_did_not_write(fitted, tmp_path):
-    path = fitted.save(tmp_path / "model")
+    path = checkpoint.save(fitted, tmp_path / "model")
     (path / "notes.txt").write_text("mine")
     (path / "plots").mkdir()
     (path / "plots" / "roc.png").write_bytes(b"png")
-    fitted.save(path)
-    fitted.save(path)
+    checkpoint.save(fitted, path)
+    checkpoint.save(fitted, path)
     assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "notes.txt", "plots", "v000003"]
     assert (path / "notes.txt").read_text() == "mine"
     assert (path / "plots" / "roc.png").read_bytes() == b"png"
@@ -405,7 +405,7 @@ def test_checkpoints_reproduce_the_probed_batch_norm_statistics(images, tmp_path
         jax_leaves(model.backbone.variables), jax_leaves(expected), strict=True
     ):
         np.testing.assert_array_equal(ours, theirs)
-    path = model.save(tmp_path / "model")
+    path = checkpoint.save(model, tmp_path / "model")
     record = checkpoint.read_record(path)
     assert record["config"]["batch_norm_probe"] is True
     assert record["backbone"]["batch_norm_probe"] is True
@@ -414,7 +414,7 @@ def test_checkpoints_reproduce_the_probed_batch_norm_statistics(images, tmp_path
         "resize": 256,
         "image_shape": [224, 224],
     }
-    restored = PatchCore.load(path, backbone=init_backbone("resnet18"), mesh=mesh)
+    restored = checkpoint.load(path, backbone=init_backbone("resnet18"), mesh=mesh)
     for ours, theirs in zip(
         jax_leaves(restored.backbone.variables), jax_leaves(expected), strict=True
     ):
@@ -435,12 +435,12 @@ def test_checkpoints_reproduce_the_probed_batch_norm_statistics(images, tmp_path
 
 
 def test_checkpoints_from_before_the_probe_load_with_pristine_statistics(fitted, tmp_path):
-    path = fitted.save(tmp_path / "model")
+    path = checkpoint.save(fitted, tmp_path / "model")
     (record_path,) = path.rglob("record/metadata")
     record = json.loads(record_path.read_text())
     del record["config"]["batch_norm_probe"]
     record_path.write_text(json.dumps(record))
-    assert PatchCore.load(path).config.batch_norm_probe is False
+    assert checkpoint.load(path).config.batch_norm_probe is False
 
 
 def test_precision_is_kept_and_checkpoints_without_it_load_exact(fitted, tmp_path):
@@ -450,13 +450,13 @@ def test_precision_is_kept_and_checkpoints_without_it_load_exact(fitted, tmp_pat
         mesh=sharding.single_device_mesh(),
         memory_bank=fitted.memory_bank,
     )
-    assert PatchCore.load(fast.save(tmp_path / "fast")).config.precision == "fast"
-    path = fitted.save(tmp_path / "old")
+    assert checkpoint.load(checkpoint.save(fast, tmp_path / "fast")).config.precision == "fast"
+    path = checkpoint.save(fitted, tmp_path / "old")
     (record_path,) = path.rglob("record/metadata")
     record = json.loads(record_path.read_text())
     del record["config"]["precision"]  # as written before the field existed
     record_path.write_text(json.dumps(record))
-    assert PatchCore.load(path).config.precision == "exact"
+    assert checkpoint.load(path).config.precision == "exact"
 
 
 def test_write_version_is_the_versioned_folder_protocol_of_every_save(tmp_path):

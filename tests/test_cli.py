@@ -413,7 +413,7 @@ def test_predict_writes_normalised_scores_decisions_masks_and_a_summary(
 ):
     from PIL import Image
 
-    from patchcore_jax import PatchCore
+    from patchcore_jax import checkpoint
     from patchcore_jax.preprocess import load_images
 
     out = tmp_path / "pred"
@@ -423,7 +423,7 @@ def test_predict_writes_normalised_scores_decisions_masks_and_a_summary(
     )  # fmt: skip
     with open(out / "scores.csv") as f:
         rows = list(csv.DictReader(f))
-    model = PatchCore.load(model_dir)
+    model = checkpoint.load(model_dir)
     calibration = model.calibration
     assert calibration.method == "self-excluded" and len(calibration.image_scores) == 10
     scores, maps = model.predict(load_images([r["image"] for r in rows]))

@@ -12,7 +12,7 @@ import pytest
 from conftest import BOTTLE
 from test_cli import run_cli
 
-from patchcore_jax import PatchCore, PatchCoreConfig, exported
+from patchcore_jax import PatchCore, PatchCoreConfig, checkpoint, exported
 from patchcore_jax.datasets.folders import load_dataset
 from patchcore_jax.preprocess import load_images
 
@@ -47,7 +47,7 @@ def exported_model(tmp_path_factory):
     bottle = load_dataset(BOTTLE)
     config = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05)
     model = PatchCore(config).fit(load_images(bottle.train_paths[::50]))
-    model.save(folder / "model")
+    checkpoint.save(model, folder / "model")
     result = run_cli("export", folder / "model", "--out", folder / "model.pcjx")
     assert "exported" in result.stderr
     test_images = load_images(bottle.test_image_paths[::17])

@@ -17,7 +17,7 @@ import numpy as np
 from conftest import REPO_ROOT, load_fixture
 from float_rounding import compare_greedy_selection
 
-from patchcore_jax import PatchCore, coreset, knn, sharding
+from patchcore_jax import PatchCore, checkpoint, coreset, knn, sharding
 
 NUM_PROCESSES = 2
 TIMEOUT_S = 300
@@ -130,5 +130,5 @@ def test_two_processes_match_single_process(tmp_path):
         np.concatenate([p["maps"] for p in parts]), maps, rtol=1e-5, atol=1e-5 * maps.max()
     )
     # The checkpoint the two processes wrote together restores in a single process.
-    restored = PatchCore.load(tmp_path / "model", mesh=sharding.single_device_mesh())
+    restored = checkpoint.load(tmp_path / "model", mesh=sharding.single_device_mesh())
     np.testing.assert_array_equal(np.asarray(restored.memory_bank), np.asarray(model.memory_bank))
