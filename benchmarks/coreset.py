@@ -38,6 +38,8 @@ from common import (
     write_results,
 )
 
+from patchcore_jax.config import bank_rows
+
 DIM = 128
 NUM_START_POINTS = 10
 
@@ -294,7 +296,7 @@ def pruning_suite(cases: list[tuple[str, float, int]], window: int) -> list[dict
     results = []
     for name, fraction, full_steps in cases:
         features = bank(name)
-        num_samples = max(1, int(len(features) * fraction))
+        num_samples = bank_rows(len(features), "approx_greedy_coreset", fraction)
         full = timed_selection(features, num_samples, "full", window, full_steps)
         pruned = timed_selection(features, num_samples, "pruned", window, num_samples)
         steps = full["steps"]

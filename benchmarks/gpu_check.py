@@ -57,7 +57,8 @@ from float_rounding import (  # noqa: E402  (derived rounding bounds)
 from patchcore_jax import coreset, features, knn, scoring, sharding
 from patchcore_jax.backbones import init_backbone
 from patchcore_jax.config import PatchCoreConfig
-from patchcore_jax.model import PatchCore, embed_images
+from patchcore_jax.features import embed_images
+from patchcore_jax.model import PatchCore
 
 HIGHEST = jax.lax.Precision.HIGHEST
 BACKBONE = "wide_resnet50_2"
@@ -358,7 +359,7 @@ def check_tiny_resnet(report: Report) -> None:
 
 
 def time_backbone(report: Report, sizes: Sizes) -> None:
-    """Backbone + patch features (``model.embed_images``), and the patch features alone."""
+    """Backbone + patch features (``features.embed_images``), and the patch features alone."""
     backbone = init_backbone(BACKBONE, LAYERS)
     embed = jax.jit(
         functools.partial(

@@ -27,7 +27,7 @@ _LAZY = {
     "save": "patchcore_jax.checkpoint",
     "PatchCoreConfig": "patchcore_jax.config",
     "PatchCore": "patchcore_jax.model",
-    "embed_images": "patchcore_jax.model",
+    "embed_images": "patchcore_jax.features",
 }
 
 __all__ = [

@@ -44,6 +44,14 @@ def _option(default: Any, help: str, *, flag: str | None = None, group: str = "m
     return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "group": group})
 
 
+def bank_rows(num_rows: int, sampler: str, fraction: float) -> int:
+    """Memory-bank rows ``sampler`` keeps of ``num_rows`` patch features: all of them for
+    ``identity``, else ``max(1, int(num_rows * fraction))`` (the one copy of this rule)."""
+    if sampler == "identity":
+        return num_rows
+    return max(1, int(num_rows * fraction))
+
+
 @dataclass(frozen=True)
 class PatchCoreConfig:
     """Everything that decides what a fitted PatchCore model computes.
@@ -91,7 +99,7 @@ class PatchCoreConfig:
       threshold_quantile: the thresholds are this quantile of the nominal calibration scores
         (image scores, and each image's maximum pixel score for the masks).
       feature_memory_budget: MB of full patch features ``fit`` keeps resident while it selects
-        the coreset (``patchcore_jax.feature_store``): on the device if they fit, else on the
+        the coreset (``patchcore_jax.bank``): on the device if they fit, else on the
         host, else spilled to a temporary file. ``None``: a quarter of the device memory, else
         a quarter of the host memory. Changes where features are kept, never the results.
       precision: ``exact`` (float32, ``Precision.HIGHEST`` everywhere: the reference numerics)
@@ -361,6 +369,10 @@ class PatchCoreConfig:
                 f"exceeds the memory bank's {num_rows} rows; lower b, or fit on more images or "
                 "a larger coreset_fraction"
             )
+
+    def bank_rows(self, num_rows: int) -> int:
+        """Memory-bank rows this config's sampler keeps of ``num_rows`` patch features."""
+        return bank_rows(num_rows, self.sampler, self.coreset_fraction)
 
     @property
     def image_shape(self) -> tuple[int, int]:

@@ -48,10 +48,11 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from patchcore_jax.config import CORESET_METHODS, SAMPLERS
+from patchcore_jax.config import CORESET_METHODS, SAMPLERS, bank_rows
 from patchcore_jax.sharding import (
     ALL_AXES,
     HIGHEST,
+    make_mesh,
     mesh_size,
     replicate,
     row_sharding,
@@ -498,7 +499,9 @@ def _state_specs(method: str) -> tuple[tuple[P, ...], tuple[P, ...]]:
     )
 
 
-def _padded_rows(num_rows: int, mesh: Mesh) -> int:
+def padded_rows(num_rows: int, mesh: Mesh) -> int:
+    """``num_rows`` rounded up to whole ``_CHUNK_ROWS`` chunks on every device of ``mesh``: the
+    rows the greedy coreset runs on (``greedy_coreset_from_projected``'s ``projected``)."""
     multiple = mesh_size(mesh) * _CHUNK_ROWS
     return -(-num_rows // multiple) * multiple
 
@@ -519,7 +522,7 @@ def _greedy_init(
     Each device's rows are global rows ``offset .. offset + n``; rows at or past ``num_valid``
     are padding (distance -inf, never selected).
     """
-    padding = _padded_rows(features.shape[0], mesh) - features.shape[0]
+    padding = padded_rows(features.shape[0], mesh) - features.shape[0]
     if padding:
         features = jnp.pad(features, ((0, padding), (0, 0)))
     init_on_shard = functools.partial(_METHODS[method][0], num_valid=num_valid)
@@ -643,7 +646,7 @@ def _rows_on_mesh(features: np.ndarray | jax.Array, mesh: Mesh) -> jax.Array:
     if isinstance(features, jax.Array) and not features.is_fully_addressable:
         return features
     num_rows, dim = features.shape
-    padded_shape = (_padded_rows(num_rows, mesh), dim)
+    padded_shape = (padded_rows(num_rows, mesh), dim)
     xp = jnp if isinstance(features, jax.Array) else np
 
     def shard(index: tuple[slice, ...]):
@@ -708,6 +711,16 @@ def project_rows(features: jax.Array, projection: jax.Array | None, *, mesh: Mes
     )(features, projection)
 
 
+def project_host_rows(rows: np.ndarray, projection: np.ndarray | None) -> np.ndarray:
+    """Host ``rows`` [m, D] projected exactly as ``project_rows`` projects fitted rows (on this
+    process's first device): [m, p] float32, e.g. a fitted bank to continue a selection from
+    (``greedy_coreset_from_projected``'s ``selected_rows``)."""
+    mesh = make_mesh(1, jax.local_devices()[:1])
+    if projection is not None:
+        projection = replicate(projection, mesh)
+    return np.asarray(project_rows(jnp.asarray(rows), projection, mesh=mesh))
+
+
 def _checked_start_indices(start_indices: np.ndarray | jax.Array, num_rows: int) -> np.ndarray:
     """``start_indices`` as a host array, or ValueError unless a non-empty 1-D integer array of
     rows in [0, num_rows)."""
@@ -737,17 +750,21 @@ def greedy_coreset_from_projected(
     mesh: Mesh | None = None,
     method: str = "auto",
     progress: Callable[[int], None] | None = None,
+    selected_rows: np.ndarray | jax.Array | None = None,
 ) -> jax.Array:
     """``approximate_greedy_coreset`` on rows that are already projected: the same indices.
 
     Args:
       projected: [R, p] rows projected with ``project_rows`` and the projection
         ``projection_matrix(key, D, projection_dim)``; rows at or past ``num_rows`` are padding
-        (e.g. a global array of ``_padded_rows(num_rows, mesh)`` rows split over ``mesh``,
+        (e.g. a global array of ``padded_rows(num_rows, mesh)`` rows split over ``mesh``,
         which is used as it is). Only these [R, p] rows need to be resident, never [N, D].
       num_rows: N, the rows that count (default R).
       key: the same key as for ``approximate_greedy_coreset``: the start points are drawn from
-        its second half, unless ``start_indices`` are given.
+        its second half, unless ``start_indices`` or ``selected_rows`` are given.
+      selected_rows: [m, p] rows already in the coreset, projected like ``projected`` (with
+        ``project_rows``): the selection continues from them as ``approximate_greedy_coreset``'s
+        ``selected_rows`` does.
       The other arguments are ``approximate_greedy_coreset``'s.
     """
     total, _ = _check_features(projected)
@@ -761,6 +778,10 @@ def greedy_coreset_from_projected(
     if method == "auto":
         method = "pruned" if num_samples * num_rows >= _PRUNED_MIN_ROW_VISITS else "full"
     mesh = single_device_mesh() if mesh is None else mesh
+    anchors = None
+    if selected_rows is not None:
+        anchors = _anchor_rows(selected_rows, projected.shape[1])
+        start_indices = np.zeros((1,), np.int32)  # unused with anchors
     if start_indices is None:
         if key is None:
             raise ValueError("greedy_coreset_from_projected needs `key` or `start_indices`")
@@ -769,10 +790,10 @@ def greedy_coreset_from_projected(
         _, start_key = jax.random.split(key)
         start_indices = random_subsample(num_rows, min(num_start_points, num_rows), start_key)
     start_indices = _checked_start_indices(start_indices, num_rows)
-    if total > _padded_rows(num_rows, mesh):
+    if total > padded_rows(num_rows, mesh):
         raise ValueError(
             f"projected has {total} rows, more than {num_rows} rows padded for the mesh "
-            f"({_padded_rows(num_rows, mesh)})"
+            f"({padded_rows(num_rows, mesh)})"
         )
     return _greedy_selection(
         _rows_on_mesh(projected, mesh),
@@ -783,7 +804,20 @@ def greedy_coreset_from_projected(
         method=method,
         mesh=mesh,
         progress=progress,
+        anchors=None if anchors is None else replicate(anchors, mesh),
     )
+
+
+def _anchor_rows(selected_rows: np.ndarray | jax.Array, dim: int) -> np.ndarray:
+    """``selected_rows`` [m, dim] as float32 host rows padded to whole projection chunks with
+    copies of the first row (a copy changes no nearest distance)."""
+    anchors = np.asarray(selected_rows, np.float32)
+    if anchors.ndim != 2 or anchors.shape[0] < 1 or anchors.shape[1] != dim:
+        raise ValueError(
+            f"selected_rows must be a non-empty [m, D={dim}] array, got shape {anchors.shape}"
+        )
+    padding = -anchors.shape[0] % _CHUNK_ROWS
+    return np.concatenate([anchors, np.repeat(anchors[:1], padding, axis=0)])
 
 
 def approximate_greedy_coreset(
@@ -854,15 +888,7 @@ def approximate_greedy_coreset(
         projection = projection_matrix(key, dim, projection_dim)
     anchors = None
     if selected_rows is not None:
-        anchors = np.asarray(selected_rows, np.float32)
-        if anchors.ndim != 2 or anchors.shape[0] < 1 or anchors.shape[1] != dim:
-            raise ValueError(
-                f"selected_rows must be a non-empty [m, D={dim}] array, got shape {anchors.shape}"
-            )
-        # Padded to whole projection chunks with copies of its first row (a copy changes no
-        # nearest distance).
-        padding = -anchors.shape[0] % _CHUNK_ROWS
-        anchors = np.concatenate([anchors, np.repeat(anchors[:1], padding, axis=0)])
+        anchors = _anchor_rows(selected_rows, dim)
         start_indices = np.zeros((1,), np.int32)  # unused with anchors
     if start_indices is None:
         if num_start_points < 1:
@@ -978,6 +1004,35 @@ def _take_rows(features: jax.Array, indices: jax.Array) -> jax.Array:
     return jnp.take(features, indices, axis=0).astype(jnp.float32)
 
 
+def select_rows(
+    sampler: str,
+    num_rows: int,
+    fraction: float,
+    *,
+    key: jax.Array,
+    greedy: Callable[[int], jax.Array],
+) -> np.ndarray | None:
+    """The one sampler dispatch: indices of the rows ``sampler`` keeps of ``num_rows``.
+
+    ``identity``: every row; ``random``: ``random_subsample`` with ``key``;
+    ``approx_greedy_coreset``: ``greedy(num_samples)`` (``approximate_greedy_coreset`` on the
+    full rows, or ``greedy_coreset_from_projected`` on rows projected as they were embedded);
+    ``learned_proxies``: None (no row is kept as it is: see ``learned_proxies``).
+    ``num_samples`` is ``config.bank_rows(num_rows, sampler, fraction)``.
+    Returns [num_samples] int64 host indices in selection order, or None.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    num_samples = bank_rows(num_rows, sampler, fraction)
+    if sampler == "identity":
+        return np.arange(num_rows, dtype=np.int64)
+    if sampler == "random":
+        return np.asarray(random_subsample(num_rows, num_samples, key)).astype(np.int64)
+    if sampler == "approx_greedy_coreset":
+        return np.asarray(greedy(num_samples)).astype(np.int64)
+    return None
+
+
 def build_memory_bank(
     features: np.ndarray | jax.Array,
     *,
@@ -997,7 +1052,7 @@ def build_memory_bank(
         ``approximate_greedy_coreset`` for the accepted kinds of arrays).
       sampler: one of ``SAMPLERS``: "approx_greedy_coreset", "random", "identity" (all rows)
         or "learned_proxies".
-      fraction: M = max(1, int(N * fraction)) rows are kept; in (0, 1].
+      fraction: M = ``config.bank_rows(N, sampler, fraction)`` rows are kept; in (0, 1].
       key: seeds the sampler.
       projection_dim, num_start_points: greedy coreset settings.
       mesh: devices the greedy coreset runs on; default ``single_device_mesh()``.
@@ -1011,15 +1066,9 @@ def build_memory_bank(
     if coreset_method not in CORESET_METHODS:
         raise ValueError(f"coreset_method must be one of {CORESET_METHODS}, got {coreset_method!r}")
     num_rows, _ = _check_features(features)
-    num_samples = max(1, int(num_rows * fraction))
-    if sampler == "identity":
-        return jnp.asarray(features, jnp.float32)
-    if sampler == "learned_proxies":
-        return learned_proxies(features, num_samples, key=key)
-    if sampler == "random":
-        indices = random_subsample(num_rows, num_samples, key)
-    else:
-        indices = approximate_greedy_coreset(
+
+    def greedy(num_samples: int) -> jax.Array:
+        return approximate_greedy_coreset(
             features,
             num_samples,
             key=key,
@@ -1029,9 +1078,13 @@ def build_memory_bank(
             method=coreset_method,
             progress=progress,
         )
+
+    indices = select_rows(sampler, num_rows, fraction, key=key, greedy=greedy)
+    if indices is None:
+        return learned_proxies(features, bank_rows(num_rows, sampler, fraction), key=key)
     if isinstance(features, jax.Array) and not features.is_fully_addressable:
         mesh = single_device_mesh() if mesh is None else mesh
-        return _take_rows(features, replicate(np.asarray(indices), mesh))
+        return _take_rows(features, replicate(indices.astype(np.int32), mesh))
     if isinstance(features, jax.Array):
-        return jnp.take(features, np.asarray(indices), axis=0).astype(jnp.float32)
-    return jnp.asarray(np.asarray(features)[np.asarray(indices)], jnp.float32)
+        return jnp.take(features, indices, axis=0).astype(jnp.float32)
+    return jnp.asarray(np.asarray(features)[indices], jnp.float32)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -204,3 +205,57 @@ def patch_features(
     return _patch_features_general(
         feature_maps, pretrain_embed_dimension, target_embed_dimension, patch_size
     )
+
+
+def embed_images(
+    module: Any,
+    variables: Any,
+    images: jax.Array,
+    *,
+    pretrain_embed_dimension: int,
+    target_embed_dimension: int,
+    patch_size: int,
+    precision: str = "exact",
+) -> jax.Array:
+    """Backbone + locally aware patch features, one pure function.
+
+    Args:
+      module: the backbone's Flax module (returns a dict of stage outputs, first = finest grid).
+      variables: its variables.
+      images: [B, H, W, 3] uint8 (or float 0..255) RGB.
+      precision: ``exact`` (float32) or ``fast``: the backbone runs in bfloat16 (variables cast
+        by ``backbone_variables``, here if not yet, and the normalised input), and its stage
+        outputs are cast back to float32; the patch features are float32 either way.
+    Returns:
+      [B, h * w, target_embed_dimension] float32 patch features on the finest stage's grid.
+    """
+    if precision == "exact":
+        stage_outputs = module.apply(variables, images)
+    elif precision == "fast":
+        normalized = module.apply({}, images, method="normalize_input")
+        stage_outputs = module.apply(
+            backbone_variables(variables, precision),
+            normalized.astype(jnp.bfloat16),
+            method="forward_normalized",
+        )
+        stage_outputs = {name: x.astype(jnp.float32) for name, x in stage_outputs.items()}
+    else:
+        raise ValueError(f"precision must be 'exact' or 'fast', got {precision!r}")
+    return patch_features(
+        list(stage_outputs.values()),
+        pretrain_embed_dimension=pretrain_embed_dimension,
+        target_embed_dimension=target_embed_dimension,
+        patch_size=patch_size,
+    )
+
+
+def backbone_variables(variables: Any, precision: str) -> Any:
+    """The backbone variables ``embed_images`` runs with: unchanged for ``exact``, floating
+    leaves cast to bfloat16 for ``fast``."""
+    if precision == "exact":
+        return variables
+
+    def cast(leaf: Any) -> Any:
+        return leaf.astype(jnp.bfloat16) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+    return jax.tree.map(cast, variables)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -461,3 +461,40 @@ def _resize_and_crop(
     if (width, height) != image.size:
         image = image.resize((width, height), Image.BILINEAR)
     return image.crop(center_crop_box(width, height, crop))
+
+
+def _not_uint8_message(batch: np.ndarray) -> str:
+    """Why a non-uint8 image batch is refused, with its dtype and value range."""
+    described = f"dtype {batch.dtype}"
+    if batch.size and np.issubdtype(batch.dtype, np.number):
+        values = batch.astype(np.float64)
+        finite = values[np.isfinite(values)]
+        if finite.size:
+            described += f", values {finite.min():g}..{finite.max():g}"
+        if finite.size < values.size:
+            described += f", {values.size - finite.size} non-finite"
+    return (
+        "images must be uint8 RGB pixels 0..255 (what patchcore_jax.preprocess produces); got "
+        f"{described}. Scores of other ranges would silently differ: convert explicitly, e.g. "
+        "np.round(x * 255).astype(np.uint8) for floats in 0..1"
+    )
+
+
+def checked_batches(
+    images: np.ndarray | Iterable[np.ndarray], batch_size: int, image_shape: tuple[int, int, int]
+) -> Iterator[np.ndarray]:
+    """Host batches of at most ``batch_size`` images from an array [N, *image_shape] (numpy or
+    jax) or an iterable of such batches: what ``PatchCore`` embeds and scores.
+
+    Every batch must be uint8 [B, *image_shape] (the preprocessed crops the model was built
+    for): other dtypes and ranges are refused rather than scored differently.
+    """
+    for batch in [images] if hasattr(images, "shape") else images:
+        batch = np.asarray(batch)
+        if batch.ndim != 4 or batch.shape[1:] != image_shape:
+            expected = ", ".join(map(str, ("B", *image_shape)))
+            raise ValueError(f"images must be preprocessed crops [{expected}], got {batch.shape}")
+        if batch.dtype != np.uint8:
+            raise ValueError(_not_uint8_message(batch))
+        for start in range(0, batch.shape[0], batch_size):
+            yield batch[start : start + batch_size]

@@ -94,25 +94,39 @@ def process_local_rows(x: jax.Array) -> np.ndarray:
     return np.concatenate([np.asarray(blocks[start]) for start in sorted(blocks)])
 
 
-def gather_rows_from_processes(rows: np.ndarray | None) -> np.ndarray | None:
+def gather_from_processes(local: np.ndarray) -> np.ndarray:
+    """Every process's host ``local`` (equal shapes on every process, small):
+    [processes, *local.shape], on every process."""
+    local = np.asarray(local)
+    if jax.process_count() == 1:
+        return local[None]
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(local))
+    return gathered.reshape(jax.process_count(), *local.shape)
+
+
+def gather_rows_from_processes(
+    rows: np.ndarray | None, *, every_process: bool = True
+) -> np.ndarray | None:
     """Concatenates every process's host rows (process 0's first) on every process.
 
     ``rows`` may differ in length between processes, or be None where a process has none;
-    returns None only if no process has any. With one process, returns ``rows`` unchanged.
+    returns None only if no process has any. With ``every_process`` a process without rows is
+    an error (while another has some); without it, such a process passes an empty [0, ...]
+    array. With one process, returns ``rows`` unchanged.
     """
     if jax.process_count() == 1:
         return rows
-    from jax.experimental import multihost_utils
-
     num_local = 0 if rows is None else rows.shape[0]
-    counts = np.asarray(multihost_utils.process_allgather(np.int64(num_local))).reshape(-1)
+    counts = gather_from_processes(np.int64(num_local)).reshape(-1)
     if counts.sum() == 0:
         return None
-    if (counts == 0).any():  # decided on every process alike, so none waits in a collective
+    if every_process and (counts == 0).any():  # decided alike on every process: none waits
         raise ValueError(f"every process must contribute rows; counts per process: {counts}")
-    padded = np.zeros((int(counts.max()), *rows.shape[1:]), rows.dtype)
+    padded = np.zeros((max(1, int(counts.max())), *rows.shape[1:]), rows.dtype)
     padded[:num_local] = rows
-    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    gathered = gather_from_processes(padded)
     return np.concatenate([gathered[p, : counts[p]] for p in range(len(counts))])
 
 

@@ -133,3 +133,13 @@ def test_presets_hold_the_papers_settings_and_combine_in_order():
         PatchCoreConfig(**values)
     with pytest.raises(ValueError, match="unknown preset 'im999'; known presets: im320"):
         preset_values("im999")
+
+
+def test_bank_rows_is_the_one_bank_size_rule():
+    from patchcore_jax.config import bank_rows
+
+    assert bank_rows(1000, "approx_greedy_coreset", 0.1) == 100
+    assert bank_rows(1000, "random", 0.0001) == 1  # at least one row
+    assert bank_rows(999, "learned_proxies", 0.5) == 499
+    assert bank_rows(1000, "identity", 0.1) == 1000  # every row
+    assert PatchCoreConfig(sampler="random", coreset_fraction=0.25).bank_rows(10) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -546,6 +547,26 @@ def test_build_memory_bank_samplers(sampler):
     if sampler == "approx_greedy_coreset":
         indices = coreset.approximate_greedy_coreset(features, expected_rows, key=jax.random.key(0))
         np.testing.assert_array_equal(np.asarray(bank), features[np.asarray(indices)])
+
+
+def test_select_rows_dispatches_every_sampler():
+    key = jax.random.key(0)
+    calls = []
+
+    def greedy(num_samples):
+        calls.append(num_samples)
+        return jnp.arange(num_samples)[::-1]
+
+    select = functools.partial(coreset.select_rows, key=key, greedy=greedy)
+    np.testing.assert_array_equal(select("identity", 7, 0.5), np.arange(7))
+    np.testing.assert_array_equal(
+        select("random", 100, 0.1), np.asarray(coreset.random_subsample(100, 10, key))
+    )
+    np.testing.assert_array_equal(select("approx_greedy_coreset", 100, 0.05), np.arange(5)[::-1])
+    assert calls == [5]
+    assert select("learned_proxies", 100, 0.1) is None
+    with pytest.raises(ValueError, match="sampler"):
+        select("kmeans", 100, 0.1)
 
 
 def test_build_memory_bank_keeps_at_least_one_row():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import BOTTLE
 
-from patchcore_jax import PatchCore, PatchCoreConfig, coreset, feature_store, sharding
+from patchcore_jax import PatchCore, PatchCoreConfig, bank, coreset, sharding
 from patchcore_jax.preprocess import load_images
 
 # A budget in MB that forces the spill (0: nothing resident). A budget caps the device and the
@@ -30,7 +30,11 @@ def reference(train):
     model = PatchCore(config, mesh=sharding.single_device_mesh())
     features = model.patch_features(train)
     model.fit_features(features)
-    rows = model._selected_rows(features, None)
+    rows = np.asarray(
+        coreset.approximate_greedy_coreset(
+            features, config.bank_rows(len(features)), key=jax.random.key(config.seed)
+        )
+    )
     return model, features, rows
 
 
@@ -105,7 +109,7 @@ def test_streaming_fit_equals_the_in_memory_fit(
 ):
     ref_model = reference[0] if devices == 1 else reference_8
     if budget == HOST:
-        monkeypatch.setattr(feature_store, "memory_limits", lambda *_: (0, float("inf")))
+        monkeypatch.setattr(bank, "memory_limits", lambda *_: (0, float("inf")))
     config = ref_model.config.replace(
         feature_memory_budget=None if budget == HOST else budget, calibration=calibration
     )
@@ -118,8 +122,8 @@ def test_streaming_fit_equals_the_in_memory_fit(
     model.fit(train, log=lines.append)
     _same_fit(model, ref_model)
     if calibration != "held-out":  # held-out images stay out of the bank
-        bank = np.asarray(reference[0].memory_bank)  # every device count: the 1-device bank
-        np.testing.assert_array_equal(np.asarray(model.memory_bank), bank)
+        memory_bank = np.asarray(reference[0].memory_bank)  # every device count: 1 device's
+        np.testing.assert_array_equal(np.asarray(model.memory_bank), memory_bank)
     kept = next(line for line in lines if line.startswith("features:"))
     expected = {None: "on the device", HOST: "in host memory", SPILL: "spilled to"}[budget]
     assert expected in kept, kept
@@ -159,10 +163,10 @@ def test_spill_file_is_removed_after_success_and_after_an_error(train, reference
 
 def test_memory_budget_picks_the_tier():
     mesh = sharding.single_device_mesh()
-    assert feature_store.memory_limits(0, mesh) == (0, 0)
-    device, host = feature_store.memory_limits(10, mesh)
+    assert bank.memory_limits(0, mesh) == (0, 0)
+    device, host = bank.memory_limits(10, mesh)
     assert host == 10 * 2**20 and device <= host
-    device, host = feature_store.memory_limits(None, mesh)
+    device, host = bank.memory_limits(None, mesh)
     assert 0 < device <= host
     with pytest.raises(ValueError, match="feature_memory_budget"):
         PatchCoreConfig(feature_memory_budget=-1)

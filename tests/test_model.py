@@ -100,7 +100,7 @@ def test_banks_of_nearby_sizes_share_the_scoring_program(small_split):
     after fewer training images) reuses the compiled program, and the padding changes nothing:
     scores equal ``score_patch_features`` on the unpadded bank, neighbours are real rows."""
     from patchcore_jax import scoring
-    from patchcore_jax.model import bank_bucket
+    from patchcore_jax.programs import bank_bucket
 
     assert [bank_bucket(n) for n in (1, 63, 64, 65, 16385, 16896, 16897)] == [
         1, 63, 64, 66, 16896, 16896, 17408,

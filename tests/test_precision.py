@@ -19,8 +19,9 @@ from test_knn import _check_lower_bound, _check_reranked
 from patchcore_jax import PatchCore, PatchCoreConfig, knn, scoring, sharding
 from patchcore_jax.backbones import init_backbone, load_backbone
 from patchcore_jax.datasets.folders import load_dataset
-from patchcore_jax.model import backbone_variables, backend_numerics, embed_images
+from patchcore_jax.features import backbone_variables, embed_images
 from patchcore_jax.preprocess import load_images
+from patchcore_jax.programs import backend_numerics
 
 
 @pytest.fixture(scope="module")
