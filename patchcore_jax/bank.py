@@ -25,6 +25,7 @@ its rows.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import shutil
 import tempfile
@@ -127,6 +128,10 @@ def check_finite_rows(rows: np.ndarray | jax.Array, what: str) -> None:
 def _gather_rows(batch: jax.Array, images: jax.Array, patches: jax.Array) -> jax.Array:
     """``batch[images, patches]`` on the batch's device: [m, D] of [B, P, D]."""
     return batch[images, patches]
+
+
+def _megabytes(limit: float) -> str:
+    return "unlimited" if math.isinf(limit) else f"{limit / 2**20:.0f} MB"
 
 
 class FeatureStore:
@@ -243,10 +248,14 @@ class FeatureStore:
         )
 
     def describe(self) -> str:
+        """Where the features are and the budget, e.g. ``12 MB in host memory (budget ...)``."""
         where = {"device": "on the device(s)", "host": "in host memory"}.get(
             self.kind, f"spilled to {self.path}"
         )
-        return f"{self.nbytes / 2**20:.0f} MB {where}"
+        return (
+            f"{self.nbytes / 2**20:.0f} MB {where} (budget {_megabytes(self.device_limit)} on "
+            f"the device, {_megabytes(self.host_limit)} on the host)"
+        )
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -497,15 +506,11 @@ def host_store(rows: np.ndarray, batch_size: int) -> FeatureStore:
 
 
 def project_batches(
-    store: FeatureStore,
-    batch_size: int,
-    batch_sharding,
-    projection: jax.Array | None,
-    *,
-    mesh: Mesh,
+    store: FeatureStore, batch_size: int, projection: jax.Array | None, *, mesh: Mesh
 ) -> list[jax.Array]:
     """Every stored batch's rows projected by ``coreset.project_rows``: [G * P, p] each, as
-    ``fit`` projects the batches it embeds."""
+    ``fit`` projects the batches it embeds (split by rows over ``mesh``)."""
+    batch_sharding = sharding.row_sharding(mesh)
     return [
         coreset.project_rows(
             store.global_batch(index, batch_size, batch_sharding), projection, mesh=mesh

@@ -17,6 +17,7 @@ form (a 3x3 smoothing of layer2 and a pair-averaged 3x3 box mean of layer3, upsa
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -259,3 +260,27 @@ def backbone_variables(variables: Any, precision: str) -> Any:
         return leaf.astype(jnp.bfloat16) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
 
     return jax.tree.map(cast, variables)
+
+
+def grid_shape(
+    module: Any, variables: Any, image_shape: tuple[int, int], patch_size: int
+) -> tuple[int, int]:
+    """(h, w) of the patch grid of the backbone ``module``: its finest stage's output for
+    images of ``image_shape``; warns about stages whose grid is smaller than the patch
+    neighbourhood (their features are mostly zero padding)."""
+    stage_shapes = jax.eval_shape(
+        module.apply,
+        variables,
+        jax.ShapeDtypeStruct((1, *image_shape, 3), jnp.uint8),
+    )
+    for stage, shape in stage_shapes.items():
+        if min(shape.shape[1:3]) < patch_size:
+            warnings.warn(
+                f"image size {image_shape[0]}x{image_shape[1]} gives a "
+                f"{shape.shape[1]}x{shape.shape[2]} grid at {stage}, smaller than the "
+                f"{patch_size}x{patch_size} patch neighbourhood: its features "
+                "are mostly zero padding; use larger images",
+                stacklevel=3,
+            )
+    finest = next(iter(stage_shapes.values()))
+    return int(finest.shape[1]), int(finest.shape[2])

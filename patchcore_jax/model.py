@@ -14,7 +14,6 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -27,43 +26,15 @@ from patchcore_jax import (
     calibration,
     coreset,
     features,
-    knn,
     preprocess,
     programs,
     scoring,
     sharding,
 )
-from patchcore_jax.backbones import Backbone, load_backbone, probe_batch_norm
+from patchcore_jax.backbones import Backbone, model_backbone
 from patchcore_jax.config import PatchCoreConfig
 
 ImageBatches = np.ndarray | jax.Array | Iterable[np.ndarray]
-
-
-def _megabytes(limit: float) -> str:
-    return "unlimited" if math.isinf(limit) else f"{limit / 2**20:.0f} MB"
-
-
-def _grid_shape(
-    backbone: Backbone, image_shape: tuple[int, int], patch_size: int
-) -> tuple[int, int]:
-    """(h, w) of the patch grid: the finest stage's output for ``image_shape``; warns about
-    stages whose grid is smaller than the patch neighbourhood."""
-    stage_shapes = jax.eval_shape(
-        backbone.module.apply,
-        backbone.variables,
-        jax.ShapeDtypeStruct((1, *image_shape, 3), jnp.uint8),
-    )
-    for stage, shape in stage_shapes.items():
-        if min(shape.shape[1:3]) < patch_size:
-            warnings.warn(
-                f"image size {image_shape[0]}x{image_shape[1]} gives a "
-                f"{shape.shape[1]}x{shape.shape[2]} grid at {stage}, smaller than the "
-                f"{patch_size}x{patch_size} patch neighbourhood: its features "
-                "are mostly zero padding; use larger images",
-                stacklevel=3,
-            )
-    finest = next(iter(stage_shapes.values()))
-    return int(finest.shape[1]), int(finest.shape[2])
 
 
 class PatchCore:
@@ -90,23 +61,11 @@ class PatchCore:
         memory_bank: jax.Array | np.ndarray | None = None,
     ) -> None:
         self.config = config = config if config is not None else PatchCoreConfig()
-        if backbone is None:
-            backbone = load_backbone(config.backbone, config.layers)
-        elif backbone.name != config.backbone:
-            raise ValueError(
-                f"backbone {backbone.name!r} does not match config.backbone {config.backbone!r}"
-            )
         self.image_shape: tuple[int, int] = config.image_shape
-        probed = backbone.probed_image_shape
-        if config.batch_norm_probe and probed is None:
-            backbone = probe_batch_norm(backbone, self.image_shape)
-        elif probed is not None and (not config.batch_norm_probe or probed != self.image_shape):
-            wanted = self.image_shape if config.batch_norm_probe else "no probe"
-            raise ValueError(
-                f"backbone statistics were probed at {probed}, but this config needs {wanted}; "
-                "pass a backbone with pristine statistics"
-            )
-        self.backbone = backbone
+        self.backbone = model_backbone(
+            backbone, config.backbone, config.layers, self.image_shape, config.batch_norm_probe
+        )
+        backbone = self.backbone
         self.mesh = mesh if mesh is not None else sharding.make_mesh()
         self._num_shards = sharding.mesh_size(self.mesh)
         # This process's share of each batch, padded to a fixed size (a multiple of its devices
@@ -134,8 +93,8 @@ class PatchCore:
             features.backbone_variables(backbone.variables, backbone_precision),
             sharding.replicated(self.mesh),
         )
-        self.grid_shape: tuple[int, int] = _grid_shape(
-            backbone, self.image_shape, config.patch_size
+        self.grid_shape: tuple[int, int] = features.grid_shape(
+            backbone.module, backbone.variables, self.image_shape, config.patch_size
         )
         # Programs are shared by every model of the same shapes and options (compiled once).
         scoring_options = tuple(sorted(self.scoring_options().items()))
@@ -186,18 +145,7 @@ class PatchCore:
         """What the numerics are on this platform, e.g. ``precision fast on cpu: float32
         backbone, low-rank k-NN candidates (r <= 128, C = 16) re-ranked in float32``."""
         config = self.config
-        if config.precision == "exact":
-            return f"precision exact on {self.platform}: float32 backbone and k-NN"
-        count = knn.default_num_candidates(config.num_neighbors)
-        search = (
-            f"low-rank (r <= {knn.LOW_RANK_DIMS})"
-            if self.candidate_search == "low-rank"
-            else "bfloat16"
-        )
-        return (
-            f"precision fast on {self.platform}: {self.backbone_dtype} backbone, {search} k-NN "
-            f"candidates (C = {count}) re-ranked in float32"
-        )
+        return programs.describe_numerics(config.precision, self.platform, config.num_neighbors)
 
     def search_arrays(self) -> tuple[jax.Array, jax.Array] | None:
         """The memory bank's candidate-search arrays, ``(basis [D, r], projected bank [M, r])``
@@ -288,11 +236,10 @@ class PatchCore:
         ``progress`` is called with the number of greedy coreset steps done after each chunk.
         """
         config = self.config
-        bank.check_finite_rows(bank_features, "patch features")
         config.check_bank_size(config.bank_rows(bank_features.shape[0]))  # before any work
         start = time.perf_counter()
         store, layout, projected = self._store_features(
-            np.asarray(bank_features), whole_images=config.calibration != "none"
+            bank_features, whole_images=config.calibration != "none"
         )
         with store:
             self.fit_timings = {"features": time.perf_counter() - start}
@@ -300,12 +247,14 @@ class PatchCore:
         return self
 
     def _store_features(
-        self, rows: np.ndarray, *, whole_images: bool
+        self, rows: np.ndarray | jax.Array, *, whole_images: bool
     ) -> tuple[bank.FeatureStore, bank.ImageLayout, list[jax.Array]]:
-        """Precomputed features [N, D] stored as ``fit`` stores embedded ones:
+        """Precomputed features [N, D] (checked: finite) stored as ``fit`` stores embedded ones:
         ``(host-tier store, layout, projected rows per batch (greedy sampler only))``. Whole
         images [P, D] in batches of ``batch_size``; rows that are not whole images (refused
         with ``whole_images``) as single rows [1, D] in batches of ``batch_size * P``."""
+        bank.check_finite_rows(rows, "patch features")
+        rows = np.asarray(rows)
         num_patches, batch_size = math.prod(self.grid_shape), self._batch_size
         if rows.ndim != 2 or rows.shape[0] % num_patches:
             if whole_images:
@@ -319,21 +268,17 @@ class PatchCore:
         projected = []
         if self.config.sampler == "approx_greedy_coreset":
             projection = self._replicated_projection()
-            projected = bank.project_batches(
-                store, batch_size, self._batch_sharding, projection, mesh=self.mesh
-            )
+            projected = bank.project_batches(store, batch_size, projection, mesh=self.mesh)
         return store, bank.ImageLayout.of(store, self._batch_sharding, batch_size), projected
 
     @functools.cached_property
     def _projection(self) -> np.ndarray | None:
         """The greedy coreset's projection [projection_dim, D] (None: none), from the seed."""
-        config = self.config
-        key = jax.random.key(config.seed)
-        return coreset.projection_matrix(key, config.target_embed_dimension, config.projection_dim)
+        dims = self.config.target_embed_dimension, self.config.projection_dim
+        return coreset.projection_matrix(jax.random.key(self.config.seed), *dims)
 
     def _replicated_projection(self) -> jax.Array | None:
-        projection = self._projection
-        return None if projection is None else sharding.replicate(projection, self.mesh)
+        return None if self._projection is None else sharding.replicate(self._projection, self.mesh)
 
     def _embed_into(
         self,
@@ -363,8 +308,7 @@ class PatchCore:
             log(
                 f"features: {num_rows} x {dim} float32 ({num_rows * dim * 4 / 2**20:.0f} MB) "
                 f"of {layout.num_images} images in {self.fit_timings['features']:.1f} s; this "
-                f"process's {store.describe()} (budget {_megabytes(store.device_limit)} on the "
-                f"device, {_megabytes(store.host_limit)} on the host)"
+                f"process's {store.describe()}"
             )
         if bad:
             raise ValueError(bank.non_finite_message("patch features", bad, num_rows))
@@ -591,10 +535,7 @@ class PatchCore:
         ``progress`` counts greedy steps.
         """
         self._check_extendable()
-        bank.check_finite_rows(new_features, "patch features")
-        store, layout, projected = self._store_features(
-            np.asarray(new_features), whole_images=False
-        )
+        store, layout, projected = self._store_features(new_features, whole_images=False)
         with store:
             self._extend_store(store, layout, projected, log, progress)
         return self
@@ -675,20 +616,9 @@ class PatchCore:
         bank.check_finite_rows(memory_bank, "memory bank")
         # Placed once, so scoring calls do not copy the bank from the host again.
         self._memory_bank = sharding.replicate(memory_bank, self.mesh)
-        num_rows = memory_bank.shape[0]
-        bucket = programs.bank_bucket(num_rows)
-        self._scoring_bank = (
-            sharding.replicate(sharding.pad_rows(memory_bank, bucket), self.mesh),
-            sharding.replicate(np.int32(num_rows), self.mesh),
+        self._scoring_bank, self._search = programs.scoring_bank(
+            memory_bank, self.candidate_search, self.mesh
         )
-        self._search = None
-        if self.candidate_search == "low-rank":  # the basis and projected bank, once per bank
-            basis, projected = knn.low_rank_search(memory_bank)
-            projected = sharding.pad_rows(np.asarray(projected), bucket)
-            self._search = (
-                sharding.replicate(np.asarray(basis), self.mesh),
-                sharding.replicate(projected, self.mesh),
-            )
 
     # ------------------------------------------------------------------ inference
 
@@ -755,19 +685,3 @@ class PatchCore:
     def members(self) -> list[PatchCore]:
         """``[self]``: the models that score, as ``Ensemble.members`` (one interface)."""
         return [self]
-
-    # ------------------------------------------------------------------ persistence
-
-    def save(self, path: str | os.PathLike, **kwargs: Any) -> Path:
-        """Writes an orbax checkpoint folder; see ``patchcore_jax.checkpoint.save``."""
-        from patchcore_jax import checkpoint
-
-        return checkpoint.save(self, path, **kwargs)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, **kwargs: Any) -> PatchCore:
-        """Restores a single model written by ``save``; see ``checkpoint.load_patchcore``
-        (``patchcore_jax.load`` opens either kind)."""
-        from patchcore_jax import checkpoint
-
-        return checkpoint.load_patchcore(path, **kwargs)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from patchcore_jax import features, knn, scoring, sharding
@@ -37,6 +38,23 @@ def backend_numerics(precision: str, platform: str) -> tuple[str, str | None]:
 def host_rows(result: scoring.ScoreResult, num_valid: int) -> scoring.ScoreResult:
     """This process's first ``num_valid`` rows of every field of a batch result, on the host."""
     return jax.tree.map(lambda x: sharding.process_local_rows(x)[:num_valid], result)
+
+
+def describe_numerics(precision: str, platform: str, num_neighbors: int) -> str:
+    """What ``precision`` means on ``platform`` (``backend_numerics``) in words, e.g.
+    ``precision fast on cpu: float32 backbone, low-rank k-NN candidates (r <= 128, C = 16)
+    re-ranked in float32``."""
+    if precision == "exact":
+        return f"precision exact on {platform}: float32 backbone and k-NN"
+    backbone_dtype, candidate_search = backend_numerics(precision, platform)
+    count = knn.default_num_candidates(num_neighbors)
+    search = (
+        f"low-rank (r <= {knn.LOW_RANK_DIMS})" if candidate_search == "low-rank" else "bfloat16"
+    )
+    return (
+        f"precision fast on {platform}: {backbone_dtype} backbone, {search} k-NN "
+        f"candidates (C = {count}) re-ranked in float32"
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -145,3 +163,26 @@ def bank_bucket(num_rows: int) -> int:
         return num_rows
     granularity = 1 << (num_rows.bit_length() - 1 - 5)
     return -(-num_rows // granularity) * granularity
+
+
+def scoring_bank(
+    memory_bank: np.ndarray, candidate_search: str | None, mesh: Mesh
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array] | None]:
+    """What the scoring programs take of a memory bank [M, D] float32, placed once:
+    ``((bank padded to bank_bucket(M) rows, M), search)``, replicated over ``mesh`` (padding
+    rows are never a neighbour); ``search``: for the ``low-rank`` candidate search the basis
+    [D, r] and the projected bank [bucket, r] (computed once per bank), else None."""
+    num_rows = memory_bank.shape[0]
+    bucket = bank_bucket(num_rows)
+    padded = (
+        sharding.replicate(sharding.pad_rows(memory_bank, bucket), mesh),
+        sharding.replicate(np.int32(num_rows), mesh),
+    )
+    if candidate_search != "low-rank":
+        return padded, None
+    basis, projected = knn.low_rank_search(memory_bank)
+    projected = sharding.pad_rows(np.asarray(projected), bucket)
+    return padded, (
+        sharding.replicate(np.asarray(basis), mesh),
+        sharding.replicate(projected, mesh),
+    )

@@ -259,3 +259,30 @@ def load_backbone(
         source_sha256 = manifest["source_sha256"]
     check_variables(variables, variable_shapes(full_module(name, layout)), source)
     return _backbone(name, layers, variables, source_sha256, layout)
+
+
+def model_backbone(
+    backbone: Backbone | None,
+    name: str,
+    layers: Sequence[str] | None,
+    image_shape: tuple[int, int],
+    batch_norm_probe: bool,
+) -> Backbone:
+    """The backbone a model runs: ``backbone`` (whose name must be ``name``) or the one
+    ``load_backbone(name, layers)`` loads, with its BatchNorm statistics probed for
+    ``image_shape`` when ``batch_norm_probe`` (unless it already was probed for it: e.g.
+    another model's backbone). ValueError for a backbone probed differently."""
+    if backbone is None:
+        backbone = load_backbone(name, layers)
+    elif backbone.name != name:
+        raise ValueError(f"backbone {backbone.name!r} does not match config.backbone {name!r}")
+    probed = backbone.probed_image_shape
+    if batch_norm_probe and probed is None:
+        return probe_batch_norm(backbone, image_shape)
+    if probed is not None and (not batch_norm_probe or probed != image_shape):
+        wanted = image_shape if batch_norm_probe else "no probe"
+        raise ValueError(
+            f"backbone statistics were probed at {probed}, but this config needs {wanted}; "
+            "pass a backbone with pristine statistics"
+        )
+    return backbone
