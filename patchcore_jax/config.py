@@ -205,6 +205,15 @@ class PatchCoreConfig:
     )
 
     def __post_init__(self) -> None:
+        """Validates every field (the one place: the CLI reports these errors as they are)."""
+        self._check_sizes()
+        self._check_image_options()
+        self._check_method_options()
+        self._check_layers()
+
+    def _check_sizes(self) -> None:
+        """Positive integer sizes, the feature memory budget and b of Eq. 7."""
+
         def positive_int(name: str) -> None:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -242,6 +251,9 @@ class PatchCoreConfig:
                 "PatchCoreConfig.reweight_neighbors (b of Eq. 7) must be an integer >= 2: the "
                 f"neighbourhood holds m* and at least one other bank row; got {b!r}"
             )
+
+    def _check_image_options(self) -> None:
+        """Patch size, crop, resize mode and mask threshold."""
         if self.patch_size % 2 != 1:
             raise ValueError(f"PatchCoreConfig.patch_size must be odd, got {self.patch_size}")
         if isinstance(self.crop, list | tuple):
@@ -280,6 +292,9 @@ class PatchCoreConfig:
                 f"PatchCoreConfig.mask_threshold must be an integer in 1..255, "
                 f"got {self.mask_threshold!r}"
             )
+
+    def _check_method_options(self) -> None:
+        """Sampler, coreset method, distance, fractions, seed, calibration and precision."""
         if self.sampler not in SAMPLERS:
             raise ValueError(
                 f"PatchCoreConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}"
@@ -295,8 +310,7 @@ class PatchCoreConfig:
             )
         if not 0.0 < self.coreset_fraction <= 1.0:
             raise ValueError(
-                "PatchCoreConfig.coreset_fraction must be a number in (0, 1], "
-                f"got {self.coreset_fraction!r}"
+                f"PatchCoreConfig.coreset_fraction must be in (0, 1], got {self.coreset_fraction!r}"
             )
         sigma = self.anomaly_map_sigma
         if (
@@ -323,18 +337,21 @@ class PatchCoreConfig:
             )
         if not 0.0 < self.calibration_fraction < 1.0:
             raise ValueError(
-                "PatchCoreConfig.calibration_fraction must be a number in (0, 1), "
+                "PatchCoreConfig.calibration_fraction must be in (0, 1), "
                 f"got {self.calibration_fraction!r}"
             )
         if not 0.0 < self.threshold_quantile <= 1.0:
             raise ValueError(
-                "PatchCoreConfig.threshold_quantile must be a number in (0, 1], "
+                "PatchCoreConfig.threshold_quantile must be in (0, 1], "
                 f"got {self.threshold_quantile!r}"
             )
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"PatchCoreConfig.precision must be one of {PRECISIONS}, got {self.precision!r}"
             )
+
+    def _check_layers(self) -> None:
+        """Stage names: a sequence of spatial stages (None: the backbone's default)."""
         if self.layers is not None:
             if isinstance(self.layers, str):
                 raise ValueError(
