@@ -209,10 +209,15 @@ class PatchCore:
         """
         if log is not None:
             log(self.describe())
+        return self._stream(self._fit_store, images, progress, log, coreset_progress, spill_dir)
+
+    def _stream(self, finish, images, progress, log, coreset_progress, spill_dir) -> PatchCore:
+        """Embeds ``images`` into a feature store within the memory budget, then ``finish``es
+        from it (``_fit_store`` or ``_extend_store``): the one streaming path."""
         budget = self.config.feature_memory_budget
         with bank.FeatureStore.within_budget(budget, self.mesh, spill_dir) as store:
             projected, layout = self._embed_into(store, images, progress, log)
-            self._fit_store(store, layout, projected, log, coreset_progress)
+            finish(store, layout, projected, log, coreset_progress)
         return self
 
     def fit_features(
@@ -508,11 +513,7 @@ class PatchCore:
         ``extend_features(patch_features(images))``, with the features kept like ``fit``
         keeps them (``progress`` counts images, ``coreset_progress`` greedy steps)."""
         self._check_extendable()
-        budget = self.config.feature_memory_budget
-        with bank.FeatureStore.within_budget(budget, self.mesh, spill_dir) as store:
-            projected, layout = self._embed_into(store, images, progress, log)
-            self._extend_store(store, layout, projected, log, coreset_progress)
-        return self
+        return self._stream(self._extend_store, images, progress, log, coreset_progress, spill_dir)
 
     def extend_features(
         self,

@@ -9,6 +9,7 @@ Usage: python tests/make_redesign_fixture.py [OUT]
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -47,6 +48,11 @@ def case_images() -> tuple[np.ndarray, np.ndarray, list[Path]]:
     return load_images(train), load_images(test), train
 
 
+def features_digest(features: np.ndarray) -> str:
+    """sha256 of the training patch features' float32 bytes."""
+    return hashlib.sha256(np.ascontiguousarray(features, np.float32).tobytes()).hexdigest()
+
+
 def row_indices(memory_bank: np.ndarray, features: np.ndarray) -> np.ndarray:
     """The row of ``features`` that each bank row equals (learned proxies: -1, not a row)."""
     lookup = {row.tobytes(): i for i, row in enumerate(features)}
@@ -59,6 +65,8 @@ def main(out: Path) -> None:
     features = PatchCore(PatchCoreConfig(**CONFIG), mesh=mesh).patch_features(train)
     arrays: dict[str, np.ndarray] = {}
     records: dict[str, object] = {}
+    # Which machines can expect bit-identical outputs: those whose backbone computes these bits.
+    arrays["features_sha256"] = np.frombuffer(features_digest(features).encode(), np.uint8)
     for name, changes in CASES.items():
         config = PatchCoreConfig(**{**CONFIG, **changes})
         for engine in ("fit", "fit_features"):
