@@ -238,7 +238,7 @@ def test_kill_during_save_leaves_the_old_or_the_new_model_loadable(
 
     path = tmp_path / "model"
     old = tiny_model(seed=0)
-    (_legacy_save if legacy else PatchCore.save)(old, path)
+    (_legacy_save if legacy else checkpoint.save)(old, path)
     (path / "notes.txt").write_text("mine")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     child = _TINY_CHILD.format(tests=str(Path(__file__).parent))
