@@ -553,6 +553,7 @@ def select_bank(
             method=config.coreset_method,
             progress=progress,
             selected_rows=selected_rows,
+            memory_budget_mb=config.feature_memory_budget,
         )
 
     rows = coreset.select_rows(

@@ -69,6 +69,10 @@ _CHUNK_ROWS = 256
 # of full-pass steps on a 2-core CPU; benchmarks/results/coreset.md): below it the pruned
 # path's one-off costs (compiling more code, grouping rows into blocks) exceed what it saves.
 _PRUNED_MIN_ROW_VISITS = 10**9
+# The pruned path's working set beyond the full one's, in copies of the projected rows (the
+# permuted rows, their transpose, the block structure; measured: 360 MB more peak RSS for the
+# 163,856 x 128 bottle rows).
+_PRUNED_EXTRA_COPIES = 4
 # Pruned path: rows per block (the tree halves groups down to 2**levels blocks of 1x..2x this),
 # and power iterations per principal direction.
 _BLOCK_ROWS = 32
@@ -739,6 +743,25 @@ def _checked_start_indices(start_indices: np.ndarray | jax.Array, num_rows: int)
     return start_indices
 
 
+def resolve_method(
+    method: str,
+    num_samples: int,
+    num_rows: int,
+    dim: int,
+    memory_budget_mb: float | None = None,
+) -> str:
+    """The greedy method ``"auto"`` stands for: ``"pruned"`` when the full pass would visit at
+    least ``_PRUNED_MIN_ROW_VISITS`` rows (where pruning is faster) and its extra working set
+    (about ``_PRUNED_EXTRA_COPIES`` copies of the [N, dim] float32 rows) fits
+    ``memory_budget_mb`` (None: no limit), else ``"full"``. Both select the same indices."""
+    if method != "auto":
+        return method
+    if num_samples * num_rows < _PRUNED_MIN_ROW_VISITS:
+        return "full"
+    extra_mb = _PRUNED_EXTRA_COPIES * num_rows * dim * 4 / 2**20
+    return "full" if memory_budget_mb is not None and extra_mb > memory_budget_mb else "pruned"
+
+
 def greedy_coreset_from_projected(
     projected: np.ndarray | jax.Array,
     num_samples: int,
@@ -751,6 +774,7 @@ def greedy_coreset_from_projected(
     method: str = "auto",
     progress: Callable[[int], None] | None = None,
     selected_rows: np.ndarray | jax.Array | None = None,
+    memory_budget_mb: float | None = None,
 ) -> jax.Array:
     """``approximate_greedy_coreset`` on rows that are already projected: the same indices.
 
@@ -765,9 +789,11 @@ def greedy_coreset_from_projected(
       selected_rows: [m, p] rows already in the coreset, projected like ``projected`` (with
         ``project_rows``): the selection continues from them as ``approximate_greedy_coreset``'s
         ``selected_rows`` does.
+      memory_budget_mb: ``method="auto"`` picks ``"full"`` when the pruned path's extra
+        working set would exceed it (``resolve_method``); the indices are the same.
       The other arguments are ``approximate_greedy_coreset``'s.
     """
-    total, _ = _check_features(projected)
+    total, dim = _check_features(projected)
     num_rows = total if num_rows is None else int(num_rows)
     if not 1 <= num_rows <= total:
         raise ValueError(f"num_rows must be in [1, {total}], got {num_rows}")
@@ -775,8 +801,7 @@ def greedy_coreset_from_projected(
         raise ValueError(f"num_samples must be in [1, N={num_rows}], got {num_samples}")
     if method not in CORESET_METHODS:
         raise ValueError(f"method must be one of {CORESET_METHODS}, got {method!r}")
-    if method == "auto":
-        method = "pruned" if num_samples * num_rows >= _PRUNED_MIN_ROW_VISITS else "full"
+    method = resolve_method(method, num_samples, num_rows, dim, memory_budget_mb)
     mesh = single_device_mesh() if mesh is None else mesh
     anchors = None
     if selected_rows is not None:
@@ -869,8 +894,7 @@ def approximate_greedy_coreset(
         raise ValueError(f"num_samples must be in [1, N={num_rows}], got {num_samples}")
     if method not in CORESET_METHODS:
         raise ValueError(f"method must be one of {CORESET_METHODS}, got {method!r}")
-    if method == "auto":
-        method = "pruned" if num_samples * num_rows >= _PRUNED_MIN_ROW_VISITS else "full"
+    method = resolve_method(method, num_samples, num_rows, dim)
     mesh = single_device_mesh() if mesh is None else mesh
     need_projection = projection is None and dim != projection_dim
     if key is None and (need_projection or (start_indices is None and selected_rows is None)):

@@ -620,3 +620,13 @@ def test_selection_continues_from_selected_rows_as_if_they_had_been_selected(met
         coreset.approximate_greedy_coreset(
             rows, 5, key=jax.random.key(0), selected_rows=anchors[:, :8]
         )
+
+
+def test_auto_method_prunes_large_selections_within_the_memory_budget():
+    big = coreset._PRUNED_MIN_ROW_VISITS
+    assert coreset.resolve_method("auto", 10, big // 100, 128) == "full"  # small: full is faster
+    assert coreset.resolve_method("auto", 16385, 163856, 128) == "pruned"
+    # The pruned working set of the 163,856 x 128 bottle rows (~320 MB) exceeds a 64 MB budget.
+    assert coreset.resolve_method("auto", 16385, 163856, 128, memory_budget_mb=64) == "full"
+    assert coreset.resolve_method("auto", 16385, 163856, 128, memory_budget_mb=1024) == "pruned"
+    assert coreset.resolve_method("pruned", 10, 100, 128, memory_budget_mb=0) == "pruned"
