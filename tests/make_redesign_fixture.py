@@ -2,8 +2,10 @@
 a small slice of the demo bottle category (MobileNetV2, exact, 10% coreset, every sampler that
 the fit engines dispatch, self-excluded and held-out calibration).
 
-Run once on the main before the "one of everything" redesign (commit e7d2e02); the redesign's
-test (tests/test_redesign_parity.py) compares the redesigned engines with these outputs.
+Run once on the main before the "one of everything" redesign (commit e7d2e02, on an AVX-512
+CPU); the redesign's test (tests/test_redesign_parity.py) compares the redesigned engines with
+these outputs. ``features_sha256`` was added afterwards from the same features (every stored
+bank row is one of their rows, bit for bit), written by the code below.
 Usage: python tests/make_redesign_fixture.py [OUT]
 """
 
