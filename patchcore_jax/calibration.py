@@ -20,11 +20,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from patchcore_jax.config import CALIBRATION_METHODS
+from patchcore_jax.exported import normalize  # one normalisation: fit, predict and exports
 
 NUM_PIXEL_QUANTILES = 101  # the stored pixel-score distribution: its 0th..100th percentiles
 
@@ -43,17 +42,6 @@ def held_out_images(num_images: int, fraction: float, seed: int) -> np.ndarray:
         )
     order = np.random.default_rng(seed).permutation(num_images)
     return np.sort(order[:count]).astype(np.int64)
-
-
-def normalize(values: Any, threshold: float, minimum: float, maximum: float) -> Any:
-    """anomalib's normalisation: ``clip((values - threshold) / (maximum - minimum) + 0.5, 0, 1)``.
-
-    Works on numpy and jax arrays (same dtype out as in for float32).
-    """
-    xp = jnp if isinstance(values, jax.Array) else np
-    span = maximum - minimum if maximum > minimum else 1.0
-    values = xp.asarray(values, dtype=xp.float32)
-    return xp.clip((values - xp.float32(threshold)) / xp.float32(span) + xp.float32(0.5), 0, 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -113,6 +113,26 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool = True) -> Pat
     return target
 
 
+def enclosing_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The checkpoint folder that ``path`` is or lies inside (links resolved), or None.
+
+    A folder counts when it holds ``CURRENT``, a version folder (``vNNNNNN``, also the
+    leftover of an unfinished first save) or a checkpoint written before the pointer existed:
+    other tools must never write files there (``CURRENT`` replaced by a foreign file makes the
+    model unloadable).
+    """
+    for folder in [Path(path).resolve(), *Path(path).resolve().parents]:
+        try:
+            if folder.is_dir() and (
+                _layout(folder) is not None
+                or any(_VERSION.fullmatch(e.name) and e.is_dir() for e in folder.iterdir())
+            ):
+                return folder
+        except OSError:  # an unreadable ancestor is no checkpoint we could have written
+            continue
+    return None
+
+
 def _unwritable(folder: Path) -> str | None:
     """Why a folder cannot be created in ``folder`` (None if it can): a real, removed probe,
     so read-only file systems and ACLs are caught whoever runs it (root included)."""

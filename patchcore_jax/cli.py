@@ -3,7 +3,7 @@
 patchcore-jax fit DATA --out MODEL [options]
 patchcore-jax predict MODEL IMAGE_OR_FOLDER... --out DIR [--masks]
 patchcore-jax evaluate MODEL DATA [--out DIR]
-patchcore-jax export MODEL --out FILE [--platforms cpu,cuda,tpu]
+patchcore-jax export MODEL --out FILE [--platforms cpu,cuda,tpu] [--overwrite]
 patchcore-jax benchmark ROOT --out DIR [model options] [--categories a,b] [--train-images N]
 patchcore-jax split --good DIR --defect [NAME=]DIR ... --out ROOT
 patchcore-jax data fetch mvtec-ad [--categories a,b] [--out DIR]
@@ -238,6 +238,7 @@ def _add_export_and_benchmark_parsers(commands: Any, presets: dict[str, object] 
     )
     export.add_argument("model", help="checkpoint folder written by `fit` (calibrated)")
     export.add_argument("--out", required=True, metavar="FILE", help="export file to write")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-export --out file")
     export.add_argument(
         "--platforms",
         type=_platforms,
@@ -496,12 +497,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from patchcore_jax.export import export_model
+    from patchcore_jax.export import check_export_target, export_model
 
-    out = Path(args.out)
-    if out.is_dir():
-        raise IsADirectoryError(f"--out {out} is a folder; give a file name")
-    metadata = export_model(checkpoint.load(args.model), out, platforms=args.platforms)
+    out = check_export_target(args.out, overwrite=args.overwrite)  # before loading the model
+    metadata = export_model(
+        checkpoint.load(args.model), out, platforms=args.platforms, overwrite=args.overwrite
+    )
     _say(f"exported {args.model} for {', '.join(metadata['platforms'])} to {out}")
     return 0
 
