@@ -11,9 +11,11 @@ they fit:
 * ``device``: the embedded global arrays as they are (no copy at all);
 * ``host``: this process's rows of each batch in host memory (``fit_features`` places its
   precomputed features here, without a copy);
-* ``spill``: appended to a float32 file in a temporary folder, read back through a short-lived
+* ``spill``: appended to a float32 file in a temporary folder (in ``spill_dir``: checked when
+  the store is made, created when the first row is spilled), read back through a short-lived
   ``numpy.memmap`` per batch (so neither the file nor its page cache stays mapped into the
-  process); the folder is deleted by ``close`` (also on error).
+  process); the folder is deleted by ``close`` (also on error). A failed write (a full disk)
+  is an OSError naming the file.
 
 The store starts on the device and moves everything one tier down when the next batch would
 exceed a tier's limit (``memory_limits``), so the number of images need not be known up front.
@@ -24,6 +26,7 @@ its rows.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -39,6 +42,7 @@ from jax.sharding import Mesh
 
 from patchcore_jax import coreset, sharding
 from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax.files import check_writable_folder, writing
 
 KINDS = ("device", "host", "spill")
 # Default share of device (and host) memory the full features may take.
@@ -149,7 +153,9 @@ class FeatureStore:
     ) -> None:
         self.device_limit = device_limit
         self.host_limit = host_limit
-        self.spill_dir = spill_dir
+        self.spill_dir = (
+            None if spill_dir is None else check_writable_folder(spill_dir, "spill_dir")
+        )
         self.kind = "device" if device_limit > 0 else "host" if host_limit > 0 else "spill"
         self.counts: list[int] = []  # this process's valid images per batch
         self.nbytes = 0  # of this process's valid rows
@@ -211,10 +217,13 @@ class FeatureStore:
         if self.kind == "host":
             return rows
         if self._file is None:
+            if self.spill_dir is not None:
+                self.spill_dir.mkdir(parents=True, exist_ok=True)
             self._folder = Path(tempfile.mkdtemp(prefix="patchcore-features-", dir=self.spill_dir))
-            self._file = open(self._folder / f"features_{jax.process_index()}.f32", "wb")  # noqa: SIM115
+            self._file = open(self.path, "wb")  # noqa: SIM115
         offset = self._rows_written
-        rows.tofile(self._file)
+        with writing(self.path):  # file.write, not ndarray.tofile: tofile can lose a failure
+            self._file.write(rows.data)
         self._rows_written += rows.shape[0]
         return offset
 
@@ -235,8 +244,9 @@ class FeatureStore:
     def finish(self) -> None:
         """Ends writing (flushes a spill file)."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            with writing(self.path):
+                file.close()
 
     # ------------------------------------------------------------------ reading
 
@@ -319,7 +329,8 @@ class FeatureStore:
         """Drops every stored batch and removes the spill folder."""
         self._entries = []
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # its folder is removed next
+                self._file.close()
             self._file = None
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)

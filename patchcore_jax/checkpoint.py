@@ -48,12 +48,12 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from patchcore_jax import sharding
+from patchcore_jax import interrupt, sharding
 from patchcore_jax.backbones import Backbone, load_backbone
 from patchcore_jax.calibration import Calibration
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.ensemble import NORMALISATION, Ensemble
-from patchcore_jax.files import atomic_write_text
+from patchcore_jax.files import atomic_write_text, unwritable
 from patchcore_jax.model import PatchCore
 from patchcore_jax.version import package_version
 
@@ -98,7 +98,7 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool = True) -> Pat
             )
         if _layout(target) is not None and not overwrite:
             raise CheckpointError(f"{target} exists; pass overwrite=True to replace it")
-        problem = _unwritable(target)
+        problem = unwritable(target)
         if problem:
             raise CheckpointError(f"cannot write to {target}: {problem}")
         return target
@@ -107,7 +107,7 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool = True) -> Pat
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise CheckpointError(f"cannot create {target}: {ancestor} is a file, not a folder")
-    problem = _unwritable(ancestor)
+    problem = unwritable(ancestor)
     if problem:
         raise CheckpointError(f"cannot create {target}: {ancestor} is not writable ({problem})")
     return target
@@ -130,16 +130,6 @@ def enclosing_checkpoint(path: str | os.PathLike) -> Path | None:
                 return folder
         except OSError:  # an unreadable ancestor is no checkpoint we could have written
             continue
-    return None
-
-
-def _unwritable(folder: Path) -> str | None:
-    """Why a folder cannot be created in ``folder`` (None if it can): a real, removed probe,
-    so read-only file systems and ACLs are caught whoever runs it (root included)."""
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".patchcore-jax-probe-", dir=folder))
-    except OSError as error:
-        return error.strerror or type(error).__name__
     return None
 
 
@@ -244,9 +234,10 @@ def write_version(
     The versioned-folder protocol of every checkpoint (module docstring): ``write(staging)``
     fills the hidden folder ``.vNNNNNN.saving`` (it does not exist yet), which is then renamed
     to ``vNNNNNN``; ``CURRENT`` is switched to it in one ``os.replace``, and the versions and
-    leftovers of earlier saves are removed. If ``write`` raises, its staging folder is removed
-    and the previous model stays current. With several processes every process calls ``write``
-    (for orbax, which coordinates them) and process 0 alone creates, switches and cleans.
+    leftovers of earlier saves are removed. If ``write`` raises (or Ctrl-C was pressed meanwhile:
+    ``interrupt.check``), its staging folder is removed and the previous model stays current.
+    With several processes every process calls ``write`` (for orbax, which coordinates them)
+    and process 0 alone creates, switches and cleans.
     """
     target = check_destination(path, overwrite=overwrite)
     is_primary = jax.process_index() == 0
@@ -262,6 +253,7 @@ def write_version(
         _reached("writing")
         try:
             write(staging)
+            interrupt.check()  # Ctrl-C while writing: the previous model stays current
         except BaseException:
             if is_primary:
                 _remove_staging(target)

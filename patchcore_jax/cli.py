@@ -14,6 +14,7 @@ patchcore-jax weights convert FILE --arch NAME | weights fetch NAME | weights li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -21,8 +22,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from patchcore_jax import checkpoint, options
+from patchcore_jax import checkpoint, errors, interrupt, options
 from patchcore_jax.config import SEED_LIMIT
+from patchcore_jax.progress import ProgressBars, close_bars
 
 PROG = "patchcore-jax"
 
@@ -375,48 +377,27 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-class _Bars:
-    """The workflows' ``progress(stage, count, total)`` as one tqdm bar per stage on stderr."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.bars: dict[str, Any] = {}
-
-    def __call__(self, stage: str, count: int, total: int) -> None:
-        if self.quiet:
-            return
-        bar = self.bars.get(stage)
-        if bar is None:
-            from tqdm.auto import tqdm
-
-            unit = "step" if stage.endswith("coreset") else "img"
-            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr)
-        bar.update(count)
-        if bar.n >= total:
-            bar.close()
-            del self.bars[stage]
-
-
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     """The run options every workflow takes: the device mesh and the progress bars."""
     from patchcore_jax import sharding
 
-    return {"mesh": sharding.make_mesh(args.bank_shards), "progress": _Bars(args.quiet)}
+    return {"mesh": sharding.make_mesh(args.bank_shards), "progress": ProgressBars(args.quiet)}
 
 
 def _fit(args: argparse.Namespace) -> int:
     from patchcore_jax import workflows
 
     few_shot = {"train_images": args.train_images, "train_seed": args.train_seed}
-    report = {**_run(args), "log": _say}
+    report = {**_run(args), "log": _say, "spill_dir": args.spill_dir}
     if args.resume is not None:
         workflows.extend_folder(args.data, args.resume, args.out, **few_shot, **report)
         return 0
     configs = options.configs_from_args(args)
     if args.out is None:
         raise ValueError("fit needs --out (the checkpoint folder to write)")
-    validation = {"validation": args.validation, "spill_dir": args.spill_dir}
-    workflows.fit_folder(args.data, args.out, configs, **validation, **few_shot, **report)
+    workflows.fit_folder(
+        args.data, args.out, configs, validation=args.validation, **few_shot, **report
+    )
     return 0
 
 
@@ -561,6 +542,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     sys.stderr.write(f"{PROG}: warning: {message}\n")
 
 
+LONG_COMMANDS = ("fit", "predict", "evaluate", "benchmark")  # Ctrl-C: stop at a safe point
 HANDLERS = {
     "fit": _fit,
     "predict": _predict,
@@ -574,7 +556,7 @@ HANDLERS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 2 bad input)."""
+    """Entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "preset", None):  # presets become defaults; explicit options still win
@@ -585,12 +567,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from patchcore_jax.sharding import enable_compile_cache
 
                 enable_compile_cache(args.compile_cache)
-            return HANDLERS[args.command](args)
-    except (ValueError, OSError) as error:  # CheckpointError and ImageLoadError included
+            long = args.command in LONG_COMMANDS
+            with interrupt.handling_sigint() if long else contextlib.nullcontext():
+                status = HANDLERS[args.command](args)
+                interrupt.check()  # Ctrl-C after the last check: the results are written
+                return status
+    except errors.USER_ERRORS as error:  # on purpose; other errors (bugs) keep their traceback
+        close_bars()
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         sys.stderr.write(f"{PROG}: error: {options.in_option_words(message, args)}\n")
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # interrupt.Interrupted: stopped at a safe point, nothing saved
+        close_bars()
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
 

@@ -13,7 +13,8 @@ any two seeds do.
 The selection runs on the device as one compiled program per chunk of steps (a
 ``lax.fori_loop``, about a second of work; the loop state stays on the devices between
 chunks, donated and updated in place): memory is O(N), there is never an N x N matrix, and the
-host only waits once per chunk, to report ``progress`` and to let Ctrl-C through. Each device's
+host only waits once per chunk, to report ``progress`` and to let Ctrl-C through
+(``interrupt.check``). Each device's
 rows are padded to a multiple of 256 (see ``_CHUNK_ROWS``); padded rows start at distance -inf
 and are never selected.
 
@@ -48,6 +49,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from patchcore_jax import interrupt
 from patchcore_jax.config import CORESET_METHODS, SAMPLERS, bank_rows
 from patchcore_jax.sharding import (
     ALL_AXES,
@@ -600,7 +602,8 @@ def _greedy_selection(
 
     The host waits for chunk k only after chunk k + 1 is queued, so the devices never idle,
     ``progress`` (steps done) is called once per chunk, and a KeyboardInterrupt (or an
-    exception from ``progress``) stops the selection after at most one more chunk.
+    exception from ``progress``, or ``interrupt.Interrupted`` from ``interrupt.check``) stops
+    the selection after at most one more chunk.
     """
     constants, carry = _greedy_init(
         features,
@@ -639,6 +642,7 @@ def _report(pending: tuple[jax.Array, int], progress: Callable[[int], None] | No
     jax.block_until_ready(done)
     if progress is not None:
         progress(steps)
+    interrupt.check()
 
 
 def _rows_on_mesh(features: np.ndarray | jax.Array, mesh: Mesh) -> jax.Array:

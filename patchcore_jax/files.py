@@ -15,10 +15,55 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Names ``path`` in an OSError raised within that names no file (a full disk, a quota, an
+    I/O error while writing report only ``[Errno 28] No space left on device``): it becomes
+    ``OSError(errno, "cannot write PATH: reason")``. Errors that name their file pass as they
+    are."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno is None or error.filename is not None:
+            raise
+        reason = error.strerror or os.strerror(error.errno)
+        raise OSError(error.errno, f"cannot write {path}: {reason}") from error
+
+
+def unwritable(folder: str | os.PathLike) -> str | None:
+    """Why nothing can be created in ``folder`` (None if something can): a real, removed
+    probe, so read-only file systems and ACLs are caught whoever runs it (root included)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".patchcore-jax-probe-", dir=folder))
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    return None
+
+
+def check_writable_folder(path: str | os.PathLike, what: str) -> Path:
+    """``path`` (absolute) if files can be written in it: a writable folder, or a folder that
+    can be created (its nearest existing ancestor is a writable folder; nothing is created
+    here). For a folder written into long after it is named (``--spill-dir``): OSError naming
+    ``what`` and the path now, not hours later."""
+    folder = Path(path).absolute()
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{what} {folder} is a file; expected a folder")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{what} {folder} cannot be created: {existing} is a file")
+    problem = unwritable(existing)
+    if problem:
+        raise PermissionError(f"{what} {folder}: cannot write in {existing} ({problem})")
+    return folder
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; on success it replaces ``path`` in one rename.
 
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    On any exception the temporary file is removed and ``path`` is left untouched; an OSError
+    that names no file (a full disk) is reported naming ``path`` (``writing``).
     """
     target = Path(path)
     if not target.parent.is_dir():
@@ -29,8 +74,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
     try:
-        yield Path(tmp)
-        os.replace(tmp, target)
+        with writing(target):
+            yield Path(tmp)
+            os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -125,7 +171,7 @@ def download_file(url: str, destination: Path, name: str) -> str:
     except (OSError, ValueError) as error:  # URLError (offline, DNS, HTTP 404) is an OSError
         reason = getattr(error, "reason", None) or error
         raise OSError(f"cannot download {url}: {reason}") from error
-    with response, open(destination, "wb") as out:
+    with response, writing(destination), open(destination, "wb") as out:
         length = response.headers.get("Content-Length")
         with tqdm(
             total=int(length) if length else None,

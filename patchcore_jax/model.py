@@ -26,6 +26,7 @@ from patchcore_jax import (
     calibration,
     coreset,
     features,
+    interrupt,
     preprocess,
     programs,
     scoring,
@@ -304,6 +305,7 @@ class PatchCore:
             store.append(batch, num_valid)
             if progress is not None:
                 progress(num_valid)
+            interrupt.check()
         store.finish()
         layout = bank.ImageLayout.of(store, self._batch_sharding, self._batch_size)
         bad = int(sharding.gather_from_processes(np.int64(store.non_finite_rows())).sum())
@@ -439,6 +441,7 @@ class PatchCore:
 
         scores, maps = [], []
         for batch, ids, num_valid in batches:
+            interrupt.check()
             result = score(batch, ids)
             scores.append(sharding.process_local_rows(result.image_scores)[:num_valid])
             maps.append(sharding.process_local_rows(result.anomaly_maps)[:num_valid])
@@ -636,6 +639,7 @@ class PatchCore:
             raise RuntimeError("PatchCore.score/predict called before fit() or load()")
         pending: tuple[scoring.ScoreResult, int] | None = None
         for global_batch, num_valid in self._device_batches(images):
+            interrupt.check()
             result = self._predict(self._variables, global_batch, *self._scoring_bank, self._search)
             for leaf in jax.tree.leaves(result):
                 leaf.copy_to_host_async()

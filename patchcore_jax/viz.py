@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from patchcore_jax import interrupt
 from patchcore_jax.files import OUTPUT_MARKER, atomic_path
 
 HEATMAP_CMAP = "jet"
@@ -160,6 +161,7 @@ def save_heatmaps(
         written.append(target.relative_to(out_dir.parent).as_posix())
         if progress is not None:
             progress(1)
+        interrupt.check()
     return written
 
 

@@ -31,12 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from patchcore_jax import calibration, checkpoint, metrics, preprocess, sharding, viz
+from patchcore_jax import calibration, checkpoint, interrupt, metrics, preprocess, sharding, viz
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.datasets import folders
 from patchcore_jax.ensemble import Ensemble
 from patchcore_jax.files import (
     atomic_write_text,
+    check_writable_folder,
     output_folder,
     write_csv,
 )
@@ -205,9 +206,11 @@ def fit_folder(
       train_images, train_seed: fit on a seeded few-shot subset (``training_images``).
       validation: calibrate on this folder instead of the config's calibration
         (``load_validation_set``; single models only).
+      spill_dir: folder of the spill file (``bank.FeatureStore``), for every member.
     Raises:
-      ValueError / OSError before any work: a bad ``out``, too few images for the bank or the
-      held-out calibration, an unreadable validation set.
+      ValueError / OSError before any work: a bad ``out`` or ``spill_dir``, too few images for
+      the bank or the held-out calibration, an unreadable validation set.
+      interrupt.Interrupted: Ctrl-C (``interrupt.handling_sigint``), before ``out`` changes.
     """
     configs = [configs] if isinstance(configs, PatchCoreConfig) else list(configs)
     if validation is not None:
@@ -215,6 +218,8 @@ def fit_folder(
             raise ValueError("a validation set calibrates one model, not an ensemble of several")
         configs = [configs[0].replace(calibration="none")]  # the validation set calibrates
     checkpoint.check_destination(out)  # a bad destination fails now, not after the work
+    if spill_dir is not None:
+        check_writable_folder(spill_dir, "--spill-dir")
     config = configs[0]
     paths = training_images(folder, train_images, train_seed)
     if config.calibration == "held-out":
@@ -228,6 +233,7 @@ def fit_folder(
     fit_model(
         model, paths, validation=validation_set, spill_dir=spill_dir, progress=progress, log=log
     )
+    interrupt.check()
     log(f"saved model to {checkpoint.save(model, out)}")
     return model
 
@@ -239,19 +245,24 @@ def extend_folder(
     *,
     train_images: int | None = None,
     train_seed: int = 0,
+    spill_dir: str | os.PathLike | None = None,
     mesh: Mesh | None = None,
     progress: Progress = _no_progress,
     log: Log = _no_log,
 ) -> PatchCore:
     """Adds ``folder``'s training images to the model saved at ``model_path``
-    (``PatchCore.extend``) and saves it to ``out`` (default: replaces ``model_path``)."""
+    (``PatchCore.extend``; its features spilled into ``spill_dir`` if they must) and saves it
+    to ``out`` (default: replaces ``model_path``)."""
     out = model_path if out is None else out
     checkpoint.check_destination(out)  # a bad destination fails now, not after the work
+    if spill_dir is not None:
+        check_writable_folder(spill_dir, "--spill-dir")
     model = checkpoint.load(model_path, mesh=mesh)
     paths = training_images(folder, train_images, train_seed)
     log(f"adding {len(paths)} images of {folder} to {model_path} ({model.config.backbone})")
     features = _stage(progress, "features", len(paths))
-    model.extend(_batches(paths, model.config), progress=features, log=log)
+    model.extend(_batches(paths, model.config), progress=features, log=log, spill_dir=spill_dir)
+    interrupt.check()
     log(f"saved model to {checkpoint.save(model, out)}")
     return model
 

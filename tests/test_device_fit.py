@@ -4,6 +4,9 @@ is exactly ``fit_features(patch_features(x))``'s: bank, selected rows and calibr
 
 from __future__ import annotations
 
+import errno
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -159,6 +162,30 @@ def test_spill_file_is_removed_after_success_and_after_an_error(train, reference
     with pytest.raises(KeyboardInterrupt):
         model.fit(train[:8], progress=fail, spill_dir=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_full_disk_while_spilling_is_an_error_naming_the_spill_file(tmp_path, monkeypatch):
+    """A write that fails (here: /dev/full, a real ENOSPC) is never lost or reported without
+    the file's name; ndarray.tofile dropped small failed writes silently."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    made, mkdtemp = tmp_path / "spill", bank.tempfile.mkdtemp
+
+    def full_folder(prefix, dir):
+        if prefix != "patchcore-features-":  # the writability probe
+            return mkdtemp(prefix=prefix, dir=dir)
+        made.mkdir()
+        (made / f"features_{jax.process_index()}.f32").symlink_to("/dev/full")
+        return str(made)
+
+    monkeypatch.setattr(bank.tempfile, "mkdtemp", full_folder)
+    store = bank.FeatureStore(device_limit=0, host_limit=0, spill_dir=tmp_path)
+    with store, pytest.raises(OSError) as raised:
+        store.add_rows(np.ones((2, 4, 8), np.float32))
+        store.finish()
+    assert raised.value.errno == errno.ENOSPC
+    assert f"cannot write {made / 'features_0.f32'}: No space left on device" in str(raised.value)
+    assert not made.exists()  # the spill folder is removed on the error
 
 
 def test_memory_budget_picks_the_tier():

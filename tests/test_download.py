@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import tarfile
+from pathlib import Path
 
 import pytest
 from conftest import DEMO_BOTTLE
@@ -68,6 +70,49 @@ def test_cli_data_fetch(archive, tmp_path):
     bad = run_cli("data", "fetch", "mvtec-ad", "--categories", "nope", *args, check=False)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "unknown MVTec AD categories ['nope']" in bad.stderr
+
+
+def _traversal_archive(path):
+    """A tar.xz whose second member climbs out of the folder it is unpacked into."""
+    with tarfile.open(path, "w:xz") as tar:
+        for name, data in (("bottle/train/good/000.png", b"png"), ("bottle/../../evil.txt", b"x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda path, good: path.write_bytes(b"\xfd7zXZ\x00" + bytes(range(256)) * 8), "ReadError"),
+        (lambda path, good: path.write_bytes(good[: len(good) // 2]), "EOFError"),
+        (lambda path, good: _traversal_archive(path), "OutsideDestinationError"),
+    ],
+    ids=["corrupt", "truncated", "path-traversal"],
+)
+def test_a_damaged_or_unsafe_archive_is_one_line_naming_it_and_unpacks_nothing(
+    archive, tmp_path, make, reason, capsys
+):
+    from patchcore_jax import cli
+
+    url, _ = archive
+    bad = tmp_path / "archives" / "bad.tar.xz"
+    bad.parent.mkdir()
+    make(bad, Path(url.removeprefix("file://")).read_bytes())
+    sha256 = hashlib.sha256(bad.read_bytes()).hexdigest()  # the download itself is intact
+    out = tmp_path / "a" / "b" / "mvtec"
+    with pytest.raises(ValueError, match=f"^{bad.as_uri()} is not a readable, safe MVTec AD"):
+        fetch_mvtec_ad(out, ["bottle"], url=bad.as_uri(), sha256=sha256)
+    args = ["--url", bad.as_uri(), "--sha256", sha256, "--out", out]
+    assert cli.main(["data", "fetch", "mvtec-ad", *map(str, args)]) == 2
+    stderr = capsys.readouterr().err  # the download's progress bar, then one line
+    (line,) = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert stderr.rstrip().endswith(line) and line.startswith("patchcore-jax: error: "), stderr
+    assert bad.as_uri() in line and reason in line, line
+    left = sorted(p.name for p in out.iterdir())  # the licence may come first in the archive
+    assert left in ([], ["license.txt"]), left  # no category, staging folder or archive copy
+    outside = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    assert outside == ["bad.tar.xz"], outside  # nothing escaped
 
 
 def test_demo_category_ships_its_licence_and_attribution():

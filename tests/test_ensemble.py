@@ -57,6 +57,20 @@ def fitted():
     return model, members, test, resnet, mesh
 
 
+def test_every_member_spills_its_features_into_spill_dir_created_if_missing(fitted, tmp_path):
+    _, members, test, resnet, mesh = fitted
+    configs = [m.config.replace(feature_memory_budget=0, calibration="none") for m in members]
+    backbones = [members[0].backbone, resnet]
+    spilling = ensemble.Ensemble.from_configs(configs, backbones=backbones, mesh=mesh)
+    spill_dir = tmp_path / "new" / "spill"
+    lines = []
+    spilling.fit(test[:2], log=lines.append, spill_dir=spill_dir)
+    where = [line for line in lines if line.startswith("features:")]
+    assert len(where) == 2, lines
+    assert all(f"spilled to {spill_dir}/patchcore-features-" in line for line in where), where
+    assert list(spill_dir.iterdir()) == []  # each member's spill folder is removed after use
+
+
 def test_ensemble_scores_like_its_members_combined_by_hand(fitted):
     model, members, test, _, _ = fitted
     predictions = [member.predict(test) for member in members]

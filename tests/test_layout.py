@@ -22,6 +22,8 @@ DEVICE = {
     "programs",
     "backbones.resnet",
     "backbones.mobilenet_v2",
+    "interrupt",  # checked inside the device loops' host boundaries
+    "errors",
 }
 HOST_ONLY = {"cli", "workflows", "benchmark", "viz", "datasets", "checkpoint", "export", "files"}
 LONG_MODULES = {"coreset"}  # the greedy kernels (full and pruned) read best in one place

@@ -30,6 +30,7 @@ import numpy as np
 from patchcore_jax.backbones.mobilenet_v2 import MOBILENET_STAGES, MobileNetV2, MobileNetV2Layout
 from patchcore_jax.backbones.resnet import RESNET_ARCHITECTURES, RESNET_STAGES, ResNet, resnet
 from patchcore_jax.backbones.tflite import read_tflite
+from patchcore_jax.errors import MissingDependencyError
 from patchcore_jax.files import atomic_path, download_file, first_line
 from patchcore_jax.version import package_version
 
@@ -224,7 +225,7 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         try:
             import torch
         except ImportError as error:
-            raise ImportError(
+            raise MissingDependencyError(
                 f"reading {path.name} needs PyTorch: pip install 'patchcore-jax[torch]' "
                 "(or convert a .safetensors copy of the weights, which needs no torch)"
             ) from error

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from patchcore_jax.backbones.mobilenet_v2 import BlockSpec, ConvSpec, MobileNetV2Layout
+from patchcore_jax.errors import MissingDependencyError
 from patchcore_jax.files import first_line
 
 _TFLITE_DTYPES = {
@@ -32,7 +33,7 @@ def _import_tflite() -> Any:
     try:
         import tflite
     except ImportError as error:
-        raise ImportError(
+        raise MissingDependencyError(
             "reading .tflite files needs the TFLite schema bindings: "
             "pip install 'patchcore-jax[tflite]'"
         ) from error

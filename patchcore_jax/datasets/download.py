@@ -9,15 +9,18 @@ present are not fetched again.
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 from patchcore_jax.datasets.folders import MVTEC_AD_CATEGORIES
-from patchcore_jax.files import download_file
+from patchcore_jax.files import download_file, first_line, writing
 
 MVTEC_AD_URL = (
     "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/"
@@ -26,6 +29,9 @@ MVTEC_AD_URL = (
 MVTEC_AD_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
 # Files beside the categories in the archive (the licence and the dataset's readme).
 _ARCHIVE_NOTES = ("license.txt", "readme.txt")
+# What a damaged, truncated or unsafe (a member outside its folder: tarfile's "data" filter)
+# archive raises while it is read.
+_BAD_ARCHIVE = (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile)
 
 
 def _complete(category_dir: Path) -> bool:
@@ -48,8 +54,9 @@ def fetch_mvtec_ad(
     Returns:
       The category folders, in the order asked.
     Raises:
-      ValueError: unknown categories, or a download whose sha256 differs (deleted).
-      OSError: the URL cannot be read, or the destination cannot be written.
+      ValueError: unknown categories, a download whose sha256 differs (deleted), or an archive
+        that is damaged, truncated or holds a path outside its folder (nothing of it is kept).
+      OSError: the URL cannot be read, or the destination cannot be written (naming it).
     """
     categories = list(MVTEC_AD_CATEGORIES if categories is None else categories)
     unknown = [name for name in categories if name not in MVTEC_AD_CATEGORIES]
@@ -81,7 +88,14 @@ def fetch_mvtec_ad(
                 f"{url}: sha256 {digest} is not the expected {sha256}; the download is corrupt "
                 "or not the MVTec AD archive (deleted)"
             )
-        _unpack(archive, out_dir, missing)
+        try:
+            with writing(out_dir):
+                _unpack(archive, out_dir, missing)
+        except _BAD_ARCHIVE as error:
+            raise ValueError(
+                f"{url} is not a readable, safe MVTec AD archive: {first_line(error).rstrip(':')}; "
+                "no category was unpacked"
+            ) from error
     finally:
         archive.unlink(missing_ok=True)
     absent = [name for name in missing if not _complete(out_dir / name)]
@@ -91,9 +105,12 @@ def fetch_mvtec_ad(
 
 
 def _unpack(archive: Path, out_dir: Path, categories: Sequence[str]) -> None:
-    """Unpacks each category of ``archive`` into a staging folder, renamed when complete."""
+    """Unpacks each category of ``archive`` into a staging folder, renamed when complete (the
+    licence and readme too, once the whole archive has been read)."""
     staging = {name: out_dir / f".{name}.fetching" for name in categories}
-    for folder in staging.values():
+    notes = out_dir / ".notes.fetching"
+    folders = [*staging.values(), notes]
+    for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
     try:
         with tarfile.open(archive, "r:*") as tar:
@@ -103,10 +120,12 @@ def _unpack(archive: Path, out_dir: Path, categories: Sequence[str]) -> None:
                     member.name = rest
                     tar.extract(member, staging[top], filter="data")
                 elif member.isfile() and member.name.lstrip("./") in _ARCHIVE_NOTES:
-                    tar.extract(member, out_dir, filter="data")
+                    tar.extract(member, notes, filter="data")
         for name, folder in staging.items():
             if _complete(folder):
                 os.replace(folder, out_dir / name)
+        for note in notes.glob("*") if notes.is_dir() else []:
+            os.replace(note, out_dir / note.name)
     finally:
-        for folder in staging.values():
+        for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from patchcore_jax.datasets.folders import GOOD, MASK_SUFFIX, is_image_file
+from patchcore_jax.files import writing
 
 # Folder names that say nothing about the defect type ("MT_Blowhole/Imgs" is "MT_Blowhole").
 _GENERIC_FOLDER_NAMES = frozenset({"imgs", "images", "image", "img"})
@@ -242,7 +243,8 @@ def split_dataset(
     good = _good_images(good_dirs)
     defects = _defect_images(defect_dirs, mask_dirs)
     train, test_good = _draw_train(good, train_fraction, seed)
-    _write_layout(out, train, test_good, defects, copy)
+    with writing(out):  # a full disk names the dataset being written
+        _write_layout(out, train, test_good, defects, copy)
     counts = ", ".join(f"{name} {len(images)}" for name, (images, _) in defects.items())
     return f"train/good {len(train)}, test/good {len(test_good)}" + (
         f", defects: {counts}" if counts else ""
