@@ -376,6 +376,50 @@ def test_weights_convert_of_a_corrupt_file_is_one_line(tmp_path):
     assert len(lines) == 1 and f"{source} is not a readable .safetensors file" in lines[0]
 
 
+def test_weights_convert_without_torch_is_one_line(tmp_path, capsys, monkeypatch):
+    from patchcore_jax import cli
+
+    source = tmp_path / "x.pth"
+    source.write_bytes(b"\x00" * 64)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    argv = ["weights", "convert", source, "--arch", "resnet18", "--out-dir", tmp_path]
+    assert cli.main([str(arg) for arg in argv]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("patchcore-jax: error: reading x.pth needs PyTorch: pip install"), line
+
+
+@pytest.mark.parametrize("error", [TypeError("a bug"), ImportError("No module named 'flax'")])
+def test_an_unexpected_error_keeps_its_traceback(tmp_path, monkeypatch, error):
+    from patchcore_jax import cli
+
+    def broken(args):
+        raise error
+
+    monkeypatch.setitem(cli.HANDLERS, "split", broken)
+    with pytest.raises(type(error)) as raised:
+        cli.main(["split", "--good", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert raised.value is error
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_fit_checks_spill_dir_before_any_work(subset, tmp_path, capsys, resume):
+    from patchcore_jax import cli
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    model = tmp_path / "model"
+    target = ["--resume", model] if resume else ["--out", model, "--backbone", "mobilenet_v2"]
+    for spill_dir, reason in (
+        (a_file, f"--spill-dir {a_file} is a file; expected a folder"),
+        (a_file / "sub", f"--spill-dir {a_file / 'sub'} cannot be created: {a_file} is a file"),
+    ):
+        argv = ["fit", subset, *target, "--spill-dir", spill_dir, "--compile-cache", "off"]
+        assert cli.main([str(arg) for arg in argv]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line == f"patchcore-jax: error: {reason}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
 def test_version_prints_the_package_version():
     from patchcore_jax.version import package_version
 
