@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from patchcore_jax import ensemble, workflows
+from patchcore_jax import ensemble, errors, workflows
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.datasets import folders
 from patchcore_jax.files import atomic_write_text, output_folder, write_csv
@@ -245,7 +245,7 @@ def run_benchmark(
                     mesh=mesh,
                     progress=progress,
                 )
-            except (ValueError, OSError) as error:
+            except errors.USER_ERRORS as error:  # a category's bad input; Ctrl-C ends the run
                 message = str(error).splitlines()[0] if str(error) else type(error).__name__
                 result = CategoryResult(folder.name, error=message)
             category_dir = out_dir / folder.name
