@@ -507,9 +507,9 @@ def host_store(rows: np.ndarray, batch_size: int) -> FeatureStore:
     """Precomputed ``rows`` [N, P, D] (the same on every process) in a host-tier store, in
     batches of ``batch_size`` as ``fit`` stores embedded ones: each process stores its own
     contiguous share (process 0's first), in as many batches as every other process."""
-    bounds = len(rows) * np.arange(jax.process_count() + 1) // jax.process_count()
-    mine = rows[bounds[jax.process_index()] : bounds[jax.process_index() + 1]]
-    num_batches = -(-int(np.diff(bounds).max()) // batch_size)
+    share, largest = sharding.process_share(len(rows))
+    mine = rows[share]
+    num_batches = -(-largest // batch_size)
     store = FeatureStore(device_limit=0, host_limit=float("inf"))
     for start in range(0, num_batches * batch_size, batch_size):
         store.add_rows(mine[start : start + batch_size])

@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from patchcore_jax import ensemble, errors, workflows
+from patchcore_jax import ensemble, errors, sharding, workflows
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.datasets import folders
-from patchcore_jax.files import atomic_write_text, output_folder, write_csv
+from patchcore_jax.files import atomic_write_text, write_csv
 
 # The authors' results.csv columns, and where each comes from in ``metrics.evaluate``.
 COLUMNS: dict[str, str] = {
@@ -163,14 +163,15 @@ def evaluate_category(
     def stage_progress(stage: str, count: int, total: int) -> None:
         report(f"{category.name} {stage}", count, total)
 
-    ensemble.check_members(configs)
-    dataset = folders.load_dataset(category)
-    folders.validate_masks(dataset)
-    train_paths = list(dataset.train_paths)
-    if train_images is not None:
-        train_paths = folders.few_shot_subset(train_paths, train_images, train_seed)
-    masks = workflows.test_masks(dataset, configs[0])
-    model = workflows.build_model(configs, len(train_paths), backbones=backbones, mesh=mesh)
+    with sharding.agreed():  # every process's reads pass, or every process stops here
+        ensemble.check_members(configs)
+        dataset = folders.load_dataset(category)
+        folders.validate_masks(dataset)
+        train_paths = list(dataset.train_paths)
+        if train_images is not None:
+            train_paths = folders.few_shot_subset(train_paths, train_images, train_seed)
+        masks = workflows.test_masks(dataset, configs[0])
+        model = workflows.build_model(configs, len(train_paths), backbones=backbones, mesh=mesh)
     with compile_time() as compiled:
         workflows.fit_model(model, train_paths, progress=stage_progress)
         evaluation = workflows.evaluate_model(model, dataset, masks, progress=stage_progress)
@@ -213,6 +214,8 @@ def run_benchmark(
     """Runs ``evaluate_category`` on every category of ``root`` and writes ``out`` (module
     docstring). Returns the results in category order; failed ones carry ``error``.
 
+    With several processes (``workflows``) process 0 alone writes ``out``.
+
     Raises:
       ValueError / OSError before any work: no categories, an unknown category, ``out`` not
       usable, or a stored result computed with other settings (without ``recompute``).
@@ -223,10 +226,12 @@ def run_benchmark(
     settings = settings_record(configs, train_images, train_seed)
     device = device_description()
     results: list[CategoryResult] = []
-    with output_folder(out, resume=True) as out_dir:
-        stored = {
-            folder.name: _stored_result(out_dir / folder.name, settings) for folder in folders
-        }
+    with contextlib.ExitStack() as stack:
+        with sharding.agreed():
+            out_dir = stack.enter_context(workflows.primary_output_folder(out, resume=True))
+            stored = {
+                folder.name: _stored_result(out_dir / folder.name, settings) for folder in folders
+            }
         for position, folder in enumerate(folders, start=1):
             prefix = f"[{position}/{len(folders)}] {folder.name}"
             previous = stored[folder.name]
@@ -248,8 +253,6 @@ def run_benchmark(
             except errors.USER_ERRORS as error:  # a category's bad input; Ctrl-C ends the run
                 message = str(error).splitlines()[0] if str(error) else type(error).__name__
                 result = CategoryResult(folder.name, error=message)
-            category_dir = out_dir / folder.name
-            category_dir.mkdir(exist_ok=True)
             record = {
                 "category": folder.name,
                 "dataset": str(folder),
@@ -260,7 +263,11 @@ def run_benchmark(
                 "timings_s": result.timings,
                 "metrics": result.metrics,
             }
-            atomic_write_text(category_dir / RESULT_FILE, json.dumps(record, indent=2) + "\n")
+            with sharding.agreed():
+                if sharding.is_primary_process():
+                    (out_dir / folder.name).mkdir(exist_ok=True)
+                    text = json.dumps(record, indent=2) + "\n"
+                    atomic_write_text(out_dir / folder.name / RESULT_FILE, text)
             results.append(result)
             if result.error:
                 log(f"{prefix}: failed: {result.error}")
@@ -270,7 +277,9 @@ def run_benchmark(
                     for name, value in zip(COLUMNS, result.row, strict=True)
                 )
                 log(f"{prefix}: {numbers} ({time.perf_counter() - start:.1f} s)")
-        write_tables(out_dir, results, device)
+        with sharding.agreed():
+            if sharding.is_primary_process():
+                write_tables(out_dir, results, device)
     return results
 
 

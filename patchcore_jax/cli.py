@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from patchcore_jax import checkpoint, errors, interrupt, options
+from patchcore_jax import checkpoint, errors, interrupt, options, sharding
 from patchcore_jax.config import SEED_LIMIT
 from patchcore_jax.progress import ProgressBars, close_bars
 
@@ -103,26 +103,6 @@ def _add_few_shot_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--bank-shards",
-        type=_positive_int,
-        default=1,
-        help="devices that split the memory bank during scoring (default: 1, "
-        "i.e. purely data-parallel)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    parser.add_argument(
-        "--compile-cache",
-        default=os.environ.get("PATCHCORE_COMPILE_CACHE", str(cache_home / PROG / "xla")),
-        metavar="DIR",
-        help="folder of JAX's persistent compilation cache, so a later run with the same "
-        "shapes skips compilation; 'off' disables it (default: $PATCHCORE_COMPILE_CACHE or "
-        "%(default)s)",
-    )
-
-
 def _add_categories(parser: argparse.ArgumentParser, which: str) -> None:
     parser.add_argument(
         "--categories",
@@ -172,7 +152,7 @@ def _add_fit_parser(commands: Any, presets: dict[str, object] | None) -> None:
         help="calibrate on this folder instead: MVTec layout (DIR/test, DIR/ground_truth; "
         "F1-optimal thresholds) or a folder of good images (quantile thresholds)",
     )
-    _add_run_options(fit)
+    options.add_run_options(fit)
 
 
 def _add_predict_and_evaluate_parsers(commands: Any) -> None:
@@ -199,7 +179,7 @@ def _add_predict_and_evaluate_parsers(commands: Any) -> None:
     )
     overwrite = "replace the previous results in --out (only a folder patchcore-jax wrote)"
     predict.add_argument("--overwrite", action="store_true", help=overwrite)
-    _add_run_options(predict)
+    options.add_run_options(predict)
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -227,7 +207,7 @@ def _add_predict_and_evaluate_parsers(commands: Any) -> None:
         help="accept defect images without a mask; they are left out of the pixel metrics",
     )
     evaluate.add_argument("--overwrite", action="store_true", help=overwrite)
-    _add_run_options(evaluate)
+    options.add_run_options(evaluate)
 
 
 def _add_export_and_benchmark_parsers(commands: Any, presets: dict[str, object] | None) -> None:
@@ -266,7 +246,7 @@ def _add_export_and_benchmark_parsers(commands: Any, presets: dict[str, object] 
     )
     options.add_model_options(benchmark, presets)
     _add_few_shot_options(benchmark)
-    _add_run_options(benchmark)
+    options.add_run_options(benchmark)
 
 
 def _add_split_parser(commands: Any) -> None:
@@ -374,7 +354,8 @@ def build_parser(presets: dict[str, object] | None = None) -> argparse.ArgumentP
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if sharding.is_primary_process():  # one set of messages in a multi-process job
+        print(message, file=sys.stderr, flush=True)
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -567,6 +548,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from patchcore_jax.sharding import enable_compile_cache
 
                 enable_compile_cache(args.compile_cache)
+            distributed = options.distributed_arguments(args)
+            if distributed is not None:  # before anything starts a JAX backend
+                sharding.initialize_distributed(**distributed)
+                if not sharding.is_primary_process():  # process 0 alone prints results
+                    args.quiet, sys.stdout = True, open(os.devnull, "w")  # noqa: SIM115
             long = args.command in LONG_COMMANDS
             with interrupt.handling_sigint() if long else contextlib.nullcontext():
                 status = HANDLERS[args.command](args)

@@ -481,11 +481,15 @@ class PatchCore:
         """Calibrates the thresholds on a validation set, replacing the fitted calibration.
 
         Args:
-          images: uint8 [N, H, W, 3] (or batches), nominal unless ``labels`` says otherwise.
+          images: uint8 [N, H, W, 3] (or batches), nominal unless ``labels`` says otherwise
+            (with several processes: this process's share; ``labels`` and ``masks`` are of
+            every process's images, process 0's first).
           labels: [N] 0/1; with defect images the image threshold is F1-optimal.
           masks: [N, H, W] bool ground truth; with defect pixels the pixel threshold is too.
         """
         image_scores, maps = self.predict(images)
+        # With several processes each scores its own images; all calibrate on every image.
+        image_scores, maps = (sharding.gather_rows_from_processes(x) for x in (image_scores, maps))
         self.calibration = calibration.calibrate(
             image_scores,
             maps,

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import typing
+from pathlib import Path
 from typing import Any
 
 from patchcore_jax.config import PatchCoreConfig, preset_values
@@ -186,3 +188,80 @@ def in_option_words(message: str, args: argparse.Namespace) -> str:
         message = re.sub(rf"{name} '([^']*)'", rf"{flag} \1", message)
         message = re.sub(rf"PatchCoreConfig\.{field.name}\b", flag, message)
     return message
+
+
+def _integer(text: str, smallest: int, expected: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = smallest - 1
+    if value < smallest:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    return _integer(text, 1, "a positive integer")
+
+
+def _index(text: str) -> int:
+    return _integer(text, 0, "an integer >= 0")
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """How a command runs (``fit``, ``evaluate``, ``predict``, ``benchmark``): the mesh, the
+    progress bars, the compilation cache and ``--distributed`` with the values that
+    ``jax.distributed.initialize`` otherwise detects."""
+    parser.add_argument(
+        "--bank-shards",
+        type=_count,
+        default=1,
+        help="devices that split the memory bank during scoring (default: 1, "
+        "i.e. purely data-parallel)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    parser.add_argument(
+        "--compile-cache",
+        default=os.environ.get("PATCHCORE_COMPILE_CACHE", str(cache_home / "patchcore-jax/xla")),
+        metavar="DIR",
+        help="folder of JAX's persistent compilation cache, so a later run with the same "
+        "shapes skips compilation; 'off' disables it (default: $PATCHCORE_COMPILE_CACHE or "
+        "%(default)s)",
+    )
+    group = parser.add_argument_group(
+        "many hosts (README: each process reads its share of the images; process 0 writes)"
+    )
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="run as one process of a multi-process job (one per host, all with the same "
+        "command line): the coordinator, number of processes and process id are detected on "
+        "SLURM, Open MPI and Cloud TPU, or given by the options below",
+    )
+    group.add_argument(
+        "--coordinator", default=None, metavar="HOST:PORT", help="process 0's address and a port"
+    )
+    group.add_argument("--num-processes", type=_count, default=None, metavar="N")
+    group.add_argument("--process-id", type=_index, default=None, metavar="I", help="0 .. N-1")
+
+
+def distributed_arguments(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The keyword arguments of ``sharding.initialize_distributed`` for ``--distributed``
+    (those given; the others are detected), or None without it."""
+    given = {
+        "coordinator_address": getattr(args, "coordinator", None),
+        "num_processes": getattr(args, "num_processes", None),
+        "process_id": getattr(args, "process_id", None),
+    }
+    given = {name: value for name, value in given.items() if value is not None}
+    if not getattr(args, "distributed", False):
+        if given:
+            raise ValueError("--coordinator, --num-processes and --process-id need --distributed")
+        return None
+    if given.get("process_id", 0) >= given.get("num_processes", float("inf")):
+        raise ValueError(
+            f"--process-id {given['process_id']}: expected 0 .. {given['num_processes'] - 1} "
+            f"(--num-processes {given['num_processes']})"
+        )
+    return given

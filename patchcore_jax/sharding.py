@@ -12,9 +12,11 @@ single-device case; the same compiled programs run on 1, 8 or 512 devices, on on
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import jax
 import numpy as np
@@ -27,6 +29,9 @@ HIGHEST = jax.lax.Precision.HIGHEST
 DATA_AXIS = "data"
 BANK_AXIS = "bank"
 ALL_AXES = (DATA_AXIS, BANK_AXIS)
+# Bytes of an error's first line that ``agree`` passes between processes.
+_MESSAGE_BYTES = 1024
+Item = TypeVar("Item")
 
 
 def make_mesh(bank_shards: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -137,8 +142,123 @@ def initialize_distributed(**kwargs) -> None:
     Open MPI the arguments are detected; elsewhere pass ``coordinator_address="host:port"``,
     ``num_processes`` and ``process_id``. Call it before any other JAX call; afterwards
     ``make_mesh()`` spans every process's devices and the same programs run unchanged.
+    A process that dies later ends the others after ``heartbeat_timeout_seconds`` (jax's
+    default: 100). Raises ValueError (one line) if the job cannot be joined.
     """
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as error:  # no coordinator detected or reachable, a bad address, ...
+        raise ValueError(f"cannot join the multi-process job: {_first_line(error)}") from error
+
+
+def is_primary_process() -> bool:
+    """False only on the processes other than 0 of a multi-process job (those that write no
+    files and print no results); never starts a JAX backend."""
+    return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+def process_share(num_items: int) -> tuple[slice, int]:
+    """This process's contiguous share of ``num_items`` ordered items (process 0's first, so
+    that the shares in process order are the items in order; sizes differ by at most one) and
+    the largest share's size."""
+    processes, index = jax.process_count(), jax.process_index()
+    bounds = [num_items * process // processes for process in range(processes + 1)]
+    return slice(bounds[index], bounds[index + 1]), -(-num_items // processes)
+
+
+def share_batch_sizes(num_items: int, batch_size: int) -> list[int]:
+    """Sizes of the batches (each 1 .. ``batch_size``) of this process's ``process_share``:
+    as many on every process, so that all run each compiled program equally often.
+
+    Raises ValueError, alike on every process, if some process's share cannot fill that many
+    batches (fewer items than processes, or ``batch_size`` 1 with unequal shares).
+    """
+    share, largest = process_share(num_items)
+    num_batches = -(-largest // batch_size)
+    smallest = num_items // jax.process_count()
+    if smallest < num_batches:
+        raise ValueError(
+            f"{num_items} images do not split over {jax.process_count()} processes into equally "
+            f"many batches of at most {batch_size}: every process needs at least {num_batches} "
+            "images (use fewer processes or a larger --batch-size)"
+        )
+    size = share.stop - share.start
+    sizes = [batch_size] * (size // batch_size) + ([size % batch_size] if size % batch_size else [])
+    if len(sizes) < num_batches:  # one short (a full last batch of >= 2): split it in two
+        last = sizes.pop()
+        sizes += [last - last // 2, last // 2]
+    return sizes
+
+
+def rebatch(batches: Iterable[np.ndarray], sizes: Sequence[int]) -> Iterator[np.ndarray]:
+    """``batches`` cut into batches of ``sizes`` (each size within one of the batches)."""
+    remaining = iter(sizes)
+    for batch in batches:
+        while len(batch):
+            size = next(remaining)
+            yield batch[:size]
+            batch = batch[size:]
+
+
+class ProcessFailure(ValueError):
+    """An error one process of a multi-process job met, raised alike on every process by
+    ``agree``: ``process Q of N: <that error's first line>``."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if isinstance(error, ValueError | OSError):  # bad input: its message says it all
+        return text or type(error).__name__
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def agree(error: BaseException | None) -> None:
+    """Every process says whether it failed (a collective: all call it at the same point);
+    if any did, every process raises the same ``ProcessFailure`` naming the first failed
+    process and its error's first line, so none waits forever for a peer that gave up.
+
+    With one process, or for an error already agreed on (a ``ProcessFailure``), does nothing:
+    the caller raises its own error.
+    """
+    if jax.process_count() == 1 or isinstance(error, ProcessFailure):
+        return
+    local = np.zeros(_MESSAGE_BYTES, np.uint8)
+    if error is not None:
+        text = _first_line(error).encode()[: _MESSAGE_BYTES - 3]
+        local[0], local[1], local[2] = 1, len(text) // 256, len(text) % 256
+        local[3 : 3 + len(text)] = np.frombuffer(text, np.uint8)
+    everyone = gather_from_processes(local)
+    failed = np.flatnonzero(everyone[:, 0])
+    if failed.size:
+        first = everyone[failed[0]]
+        text = bytes(first[3 : 3 + int(first[1]) * 256 + int(first[2])])
+        message = text.decode("utf-8", errors="replace")
+        raise ProcessFailure(f"process {failed[0]} of {jax.process_count()}: {message}") from error
+
+
+@contextlib.contextmanager
+def agreed() -> Iterator[None]:
+    """Runs a block that every process runs, then ``agree``s on its outcome: an error in any
+    process's block ends every process's with the same ``ProcessFailure``."""
+    try:
+        yield
+    except Exception as error:
+        agree(error)
+        raise
+    agree(None)
+
+
+def agreed_items(items: Iterable[Item], count: int) -> Iterator[Item]:
+    """The ``count`` items of ``items`` (as many on every process), each produced inside
+    ``agreed``: e.g. image batches, so that an unreadable image in one process's share ends
+    every process at the same batch with the same error."""
+    iterator = iter(items)
+    for _ in range(count):
+        with agreed():
+            item = next(iterator, None)
+            if item is None:
+                raise ValueError(f"fewer than the {count} planned batches")
+        yield item
 
 
 def enable_compile_cache(folder: str | os.PathLike) -> None:

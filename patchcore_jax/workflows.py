@@ -16,10 +16,19 @@ items (images, or coreset steps) of ``total`` done in ``stage`` (``features``, `
 ``validation``, ``scoring``, ``heatmaps``), and ``log(message)`` for one-line status messages;
 by default neither reports anything. Bad input fails before any work with a one-line
 ValueError / OSError.
+
+With several processes (``sharding.initialize_distributed``; the CLI's ``--distributed``) every
+process calls the same workflow with the same arguments: each reads only its share of the
+images (``sharding.process_share`` of the sorted list), the results are gathered in the
+single-process order, and process 0 alone writes files (``primary_output_folder``). An error in
+one process (an unreadable image, a bad folder) ends every process with the same one-line
+``sharding.ProcessFailure``: they agree on success at the end of each step and each batch
+(``sharding.agreed``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -29,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import jax
 import numpy as np
 
 from patchcore_jax import calibration, checkpoint, interrupt, metrics, preprocess, sharding, viz
@@ -88,7 +98,31 @@ def _image_options(config: PatchCoreConfig) -> dict[str, Any]:
 
 
 def _batches(paths: Sequence[Path], config: PatchCoreConfig) -> Iterator[np.ndarray]:
-    return preprocess.iter_image_batches(paths, config.batch_size, **_image_options(config))
+    """This process's uint8 batches of ``paths``: all of them with one process; with several,
+    its ``process_share`` in ``share_batch_sizes`` batches, each read in ``sharding.agreed``."""
+    options = _image_options(config)
+    if jax.process_count() == 1:
+        return preprocess.iter_image_batches(paths, config.batch_size, **options)
+    sizes = sharding.share_batch_sizes(len(paths), config.batch_size)
+    share = paths[sharding.process_share(len(paths))[0]]
+    batches = preprocess.iter_image_batches(share, config.batch_size, **options)
+    return sharding.agreed_items(sharding.rebatch(batches, sizes), len(sizes))
+
+
+def _share_size(num_items: int) -> int:
+    """How many of ``num_items`` images this process reads (progress totals)."""
+    share = sharding.process_share(num_items)[0]
+    return share.stop - share.start
+
+
+def primary_output_folder(
+    path: str | os.PathLike, **options: bool
+) -> contextlib.AbstractContextManager[Path]:
+    """``files.output_folder(path, **options)`` on process 0; on the other processes of a
+    multi-process job, which write nothing, just the path."""
+    if sharding.is_primary_process():
+        return output_folder(path, **options)
+    return contextlib.nullcontext(Path(path))
 
 
 def _stage(progress: Progress, stage: str, total: int) -> Callable[[int], None]:
@@ -129,6 +163,8 @@ def build_model(
     """An unfitted model (one config) or ensemble (several), checked against a training set of
     ``num_images`` images (k and b against the bank size) before any work."""
     configs = [configs] if isinstance(configs, PatchCoreConfig) else list(configs)
+    if len(configs) > 1 and jax.process_count() > 1:
+        raise ValueError("an ensemble (several --backbone) is fitted by one process; give one")
     mesh = sharding.make_mesh() if mesh is None else mesh
     if len(configs) > 1:
         model: Model = Ensemble.from_configs(configs, backbones=backbones, mesh=mesh)
@@ -151,7 +187,8 @@ def fit_model(
     """Fits ``model`` (``build_model``) on image files; a ``validation`` set then calibrates it
     (a single model only). Returns ``model``; its phases' seconds are in ``fit_timings``."""
     config = model.config
-    num_images = len(train_paths) * len(model.members)  # every member embeds every image
+    # Every member embeds every image (this process's share of them).
+    num_images = _share_size(len(train_paths)) * len(model.members)
     coreset_steps = sum(member.bank_size(len(train_paths)) for member in model.members)
     model.fit(
         _batches(train_paths, config),
@@ -161,7 +198,8 @@ def fit_model(
         spill_dir=spill_dir,
     )
     if validation is not None:  # an ensemble refuses (its scores have no fixed threshold)
-        counted = _counted(_batches(validation.paths, config), progress, len(validation.paths))
+        total = _share_size(len(validation.paths))
+        counted = _counted(_batches(validation.paths, config), progress, total)
         model.calibrate(counted, labels=validation.labels, masks=validation.masks)
         log(f"calibration: {model.calibration.describe()}")
     return model
@@ -217,18 +255,19 @@ def fit_folder(
         if len(configs) > 1:
             raise ValueError("a validation set calibrates one model, not an ensemble of several")
         configs = [configs[0].replace(calibration="none")]  # the validation set calibrates
-    checkpoint.check_destination(out)  # a bad destination fails now, not after the work
-    if spill_dir is not None:
-        check_writable_folder(spill_dir, "--spill-dir")
-    config = configs[0]
-    paths = training_images(folder, train_images, train_seed)
-    if config.calibration == "held-out":
-        try:
-            calibration.held_out_images(len(paths), config.calibration_fraction, config.seed)
-        except ValueError as error:
-            raise ValueError(f"PatchCoreConfig.calibration_fraction: {error}") from None
-    validation_set = None if validation is None else load_validation_set(validation, config)
-    model = build_model(configs, len(paths), mesh=mesh)
+    with sharding.agreed():  # every process's checks pass, or every process stops here
+        checkpoint.check_destination(out)  # a bad destination fails now, not after the work
+        if spill_dir is not None:
+            check_writable_folder(spill_dir, "--spill-dir")
+        config = configs[0]
+        paths = training_images(folder, train_images, train_seed)
+        if config.calibration == "held-out":
+            try:
+                calibration.held_out_images(len(paths), config.calibration_fraction, config.seed)
+            except ValueError as error:
+                raise ValueError(f"PatchCoreConfig.calibration_fraction: {error}") from None
+        validation_set = None if validation is None else load_validation_set(validation, config)
+        model = build_model(configs, len(paths), mesh=mesh)
     log(f"fitting {','.join(c.backbone for c in configs)} on {len(paths)} images of {folder}")
     fit_model(
         model, paths, validation=validation_set, spill_dir=spill_dir, progress=progress, log=log
@@ -254,13 +293,14 @@ def extend_folder(
     (``PatchCore.extend``; its features spilled into ``spill_dir`` if they must) and saves it
     to ``out`` (default: replaces ``model_path``)."""
     out = model_path if out is None else out
-    checkpoint.check_destination(out)  # a bad destination fails now, not after the work
-    if spill_dir is not None:
-        check_writable_folder(spill_dir, "--spill-dir")
-    model = checkpoint.load(model_path, mesh=mesh)
-    paths = training_images(folder, train_images, train_seed)
+    with sharding.agreed():
+        checkpoint.check_destination(out)  # a bad destination fails now, not after the work
+        if spill_dir is not None:
+            check_writable_folder(spill_dir, "--spill-dir")
+        model = checkpoint.load(model_path, mesh=mesh)
+        paths = training_images(folder, train_images, train_seed)
     log(f"adding {len(paths)} images of {folder} to {model_path} ({model.config.backbone})")
-    features = _stage(progress, "features", len(paths))
+    features = _stage(progress, "features", _share_size(len(paths)))
     model.extend(_batches(paths, model.config), progress=features, log=log, spill_dir=spill_dir)
     interrupt.check()
     log(f"saved model to {checkpoint.save(model, out)}")
@@ -274,7 +314,8 @@ def score_files(
     model: Model, paths: Sequence[Path], *, keep_images: bool = False, progress: Progress
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Scores image files batch by batch: ``(image_scores [N], anomaly_maps [N, H, W], uint8
-    crops [N, H, W, 3] if keep_images (for heatmaps: no image is decoded twice) else None)``."""
+    crops [N, H, W, 3] if keep_images (for heatmaps: no image is decoded twice) else None)``.
+    With several processes each scores its share; every process gets every image's rows."""
     images: list[np.ndarray] = []
 
     def remembered(batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
@@ -283,10 +324,12 @@ def score_files(
                 images.append(batch)
             yield batch
 
-    total = len(paths) * len(model.members)
+    total = _share_size(len(paths)) * len(model.members)
     batches = remembered(_batches(paths, model.config))
     scores, maps = model.predict(batches, progress=_stage(progress, "scoring", total))
-    return scores, maps, (np.concatenate(images) if keep_images else None)
+    crops = np.concatenate(images) if keep_images else None
+    scores, maps = (sharding.gather_rows_from_processes(rows) for rows in (scores, maps))
+    return scores, maps, (sharding.gather_rows_from_processes(crops) if keep_images else None)
 
 
 # ---------------------------------------------------------------- predict
@@ -366,45 +409,24 @@ def predict_files(
     ``scores.csv`` (image, name, score, normalised score and decision when calibrated, heatmap
     and mask files), ``heatmaps/`` and with ``masks`` binary defect masks in ``masks/``
     (calibrated models only). ``overwrite`` replaces a previous run's results in ``out``."""
-    model = _load(model, mesh)
-    thresholds = model.calibration
-    if masks and thresholds is None:
-        raise ValueError(
-            "--masks needs a calibrated model; this one has no calibration (fitted with "
-            "--calibration none or by an older version, or an ensemble)"
-        )
-    paths, names = output_names(images, recursive)
-    with output_folder(out, overwrite=overwrite) as out_dir:
+    with contextlib.ExitStack() as stack:
+        with sharding.agreed():
+            model = _load(model, mesh)
+            thresholds = model.calibration
+            if masks and thresholds is None:
+                raise ValueError(
+                    "--masks needs a calibrated model; this one has no calibration (fitted with "
+                    "--calibration none or by an older version, or an ensemble)"
+                )
+            paths, names = output_names(images, recursive)
+            out_dir = stack.enter_context(primary_output_folder(out, overwrite=overwrite))
         scores, maps, crops = score_files(model, paths, keep_images=heatmaps, progress=progress)
-        heatmap_files = [""] * len(paths)
-        if heatmaps:
-            contours = [_contour_mask(path, model.config) for path in paths]
-            heatmap_files = viz.save_heatmaps(
-                out_dir / "heatmaps",
-                names,
-                paths,
-                crops,
-                scores,
-                maps,
-                contours,
-                _stage(progress, "heatmaps", len(paths)),
-            )
-        mask_files = normalized = anomalous = [""] * len(paths)
-        decisions = None
-        if thresholds is not None:
-            decisions = thresholds.decisions(scores)
-            normalized = [format_score(s) for s in thresholds.normalize_image_scores(scores)]
-            anomalous = [int(d) for d in decisions]
-            if masks:
-                mask_files = viz.save_masks(out_dir / "masks", names, thresholds.defect_masks(maps))
-        columns = zip(
-            paths, names, scores, normalized, anomalous, heatmap_files, mask_files, strict=True
-        )
-        write_csv(
-            out_dir / "scores.csv",
-            ["image", "name", "score", "normalized_score", "anomalous", "heatmap", "mask"],
-            [[str(path), name, format_score(score), *rest] for path, name, score, *rest in columns],
-        )
+        decisions = None if thresholds is None else thresholds.decisions(scores)
+        with sharding.agreed():
+            if sharding.is_primary_process():
+                _write_predictions(
+                    out_dir, model, paths, names, scores, maps, crops, masks, progress
+                )
     return Predictions(
         paths,
         names,
@@ -414,6 +436,48 @@ def predict_files(
         out_dir / "scores.csv",
         num_heatmaps=len(paths) if heatmaps else 0,
         num_masks=len(paths) if masks else 0,
+    )
+
+
+def _write_predictions(
+    out_dir: Path,
+    model: Model,
+    paths: list[Path],
+    names: list[str],
+    scores: np.ndarray,
+    maps: np.ndarray,
+    crops: np.ndarray | None,
+    masks: bool,
+    progress: Progress,
+) -> None:
+    """``predict_files``'s files: heatmaps (if ``crops``), masks, ``scores.csv``."""
+    thresholds = model.calibration
+    heatmap_files = [""] * len(paths)
+    if crops is not None:
+        contours = [_contour_mask(path, model.config) for path in paths]
+        heatmap_files = viz.save_heatmaps(
+            out_dir / "heatmaps",
+            names,
+            paths,
+            crops,
+            scores,
+            maps,
+            contours,
+            _stage(progress, "heatmaps", len(paths)),
+        )
+    mask_files = normalized = anomalous = [""] * len(paths)
+    if thresholds is not None:
+        normalized = [format_score(s) for s in thresholds.normalize_image_scores(scores)]
+        anomalous = [int(d) for d in thresholds.decisions(scores)]
+        if masks:
+            mask_files = viz.save_masks(out_dir / "masks", names, thresholds.defect_masks(maps))
+    columns = zip(
+        paths, names, scores, normalized, anomalous, heatmap_files, mask_files, strict=True
+    )
+    write_csv(
+        out_dir / "scores.csv",
+        ["image", "name", "score", "normalized_score", "anomalous", "heatmap", "mask"],
+        [[str(path), name, format_score(score), *rest] for path, name, score, *rest in columns],
     )
 
 
@@ -538,25 +602,31 @@ def evaluate_dataset(
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"{out} is a file; expected an output folder (--out)")
     model_name = None if isinstance(model, PatchCore | Ensemble) else str(model)
-    model = _load(model, mesh)  # checked first
-    config = model.config
-    if mask_threshold is not None:
-        config = config.replace(mask_threshold=mask_threshold)
-    dataset = folders.load_dataset(folder, allow_missing_masks=allow_missing_masks, train=False)
-    folders.validate_masks(dataset)
-    masks = test_masks(dataset, config)  # a broken mask is reported before any scoring
-    missing = int(np.count_nonzero(~dataset.has_pixel_labels))
-    if missing:
-        log(f"{missing} defective images without masks are left out of the pixel metrics")
-    with output_folder(out, overwrite=overwrite) as out_dir:
+    with contextlib.ExitStack() as stack:
+        with sharding.agreed():  # every process reads the model and the masks
+            model = _load(model, mesh)  # checked first
+            config = model.config
+            if mask_threshold is not None:
+                config = config.replace(mask_threshold=mask_threshold)
+            dataset = folders.load_dataset(
+                folder, allow_missing_masks=allow_missing_masks, train=False
+            )
+            folders.validate_masks(dataset)
+            masks = test_masks(dataset, config)  # a broken mask is reported before any scoring
+            out_dir = stack.enter_context(primary_output_folder(out, overwrite=overwrite))
+        missing = int(np.count_nonzero(~dataset.has_pixel_labels))
+        if missing:
+            log(f"{missing} defective images without masks are left out of the pixel metrics")
         evaluation = evaluate_model(model, dataset, masks, keep_images=heatmaps, progress=progress)
         report = {
             "dataset": str(folder),
             "model": model_name,
             **evaluation_report(evaluation, model),
         }
-        atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
-        _write_per_image(out_dir, evaluation, model, heatmaps, progress)
+        with sharding.agreed():
+            if sharding.is_primary_process():
+                atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
+                _write_per_image(out_dir, evaluation, model, heatmaps, progress)
     return report
 
 
