@@ -242,8 +242,12 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--coordinator", default=None, metavar="HOST:PORT", help="process 0's address and a port"
     )
-    group.add_argument("--num-processes", type=_count, default=None, metavar="N")
-    group.add_argument("--process-id", type=_index, default=None, metavar="I", help="0 .. N-1")
+    group.add_argument(
+        "--num-processes", type=_count, default=None, metavar="N", help="processes in the job"
+    )
+    group.add_argument(
+        "--process-id", type=_index, default=None, metavar="I", help="this process: 0 .. N-1"
+    )
 
 
 def distributed_arguments(args: argparse.Namespace) -> dict[str, Any] | None:
