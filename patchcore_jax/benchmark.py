@@ -171,6 +171,8 @@ def evaluate_category(
         if train_images is not None:
             train_paths = folders.few_shot_subset(train_paths, train_images, train_seed)
         masks = workflows.test_masks(dataset, configs[0])
+        workflows.check_usable(train_paths, configs[0], "training images")  # before any work
+        workflows.check_usable(dataset.test_image_paths, configs[0], "test images")
         model = workflows.build_model(configs, len(train_paths), backbones=backbones, mesh=mesh)
     with compile_time() as compiled:
         workflows.fit_model(model, train_paths, progress=stage_progress)

@@ -155,6 +155,12 @@ def _add_fit_parser(commands: Any, presets: dict[str, object] | None) -> None:
     options.add_run_options(fit)
 
 
+_SKIP_HELP = (
+    "score the other images when some cannot be used (unreadable, or too small), list those in "
+    "--out/unreadable.csv and exit with status 1 (default: stop before scoring, naming them)"
+)
+
+
 def _add_predict_and_evaluate_parsers(commands: Any) -> None:
     predict = commands.add_parser(
         "predict",
@@ -179,6 +185,7 @@ def _add_predict_and_evaluate_parsers(commands: Any) -> None:
     )
     overwrite = "replace the previous results in --out (only a folder patchcore-jax wrote)"
     predict.add_argument("--overwrite", action="store_true", help=overwrite)
+    predict.add_argument("--skip-unreadable", action="store_true", help=_SKIP_HELP)
     options.add_run_options(predict)
 
     evaluate = commands.add_parser(
@@ -207,6 +214,7 @@ def _add_predict_and_evaluate_parsers(commands: Any) -> None:
         help="accept defect images without a mask; they are left out of the pixel metrics",
     )
     evaluate.add_argument("--overwrite", action="store_true", help=overwrite)
+    evaluate.add_argument("--skip-unreadable", action="store_true", help=_SKIP_HELP)
     options.add_run_options(evaluate)
 
 
@@ -289,7 +297,7 @@ def _add_split_parser(commands: Any) -> None:
         help="fraction of the good images used for training (default: %(default)s)",
     )
     split.add_argument(
-        "--seed", type=int, default=0, help="seed of the train/test draw (default: 0)"
+        "--seed", type=_seed, default=0, help="seed of the train/test draw (default: 0)"
     )
     split.add_argument("--copy", action="store_true", help="copy files instead of linking to them")
 
@@ -416,6 +424,7 @@ def _predict(args: argparse.Namespace) -> int:
         heatmaps=not args.no_heatmaps,
         masks=args.masks,
         overwrite=args.overwrite,
+        skip_unreadable=args.skip_unreadable,
         **_run(args),
     )
     scores, count = result.image_scores, len(result.paths)
@@ -433,11 +442,21 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         anomalous = int(result.decisions.sum())
         _say(f"{anomalous} of {count} images anomalous ({result.calibration.describe()})")
-    return 0
+    return _skipped(result.unreadable, args.out)
+
+
+def _skipped(unreadable: list, out: Path) -> int:
+    """Exit status 1 with a summary line when images were skipped as unreadable, else 0."""
+    from patchcore_jax.preprocess import describe_unusable
+
+    if unreadable:
+        listed = f"{describe_unusable(unreadable)}; listed in {Path(out) / 'unreadable.csv'}"
+        _say(f"skipped {len(unreadable)} unreadable images: {listed}")
+    return 1 if unreadable else 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from patchcore_jax import workflows
+    from patchcore_jax import metrics, workflows
 
     out = args.out or workflows.default_evaluation_folder(args.model)
     report = workflows.evaluate_dataset(
@@ -448,14 +467,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         allow_missing_masks=args.allow_missing_masks,
         heatmaps=not args.no_heatmaps,
         overwrite=args.overwrite,
+        skip_unreadable=args.skip_unreadable,
         **_run(args),
         log=_say,
     )
-    print("\n".join(workflows.report_lines(report)))
+    print("\n".join(metrics.report_lines(report)))
     for note in report["notes"]:
         _say(f"note: {note}")
     _say(f"wrote {Path(out) / 'metrics.json'}")
-    return 0
+    return _skipped([(r["image"], r["reason"]) for r in report["unreadable"]], out)
 
 
 def _export(args: argparse.Namespace) -> int:

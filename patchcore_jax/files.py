@@ -193,3 +193,9 @@ def first_line(error: BaseException) -> str:
     kind = kind if module == "builtins" else f"{module.lstrip('_')}.{kind}"
     text = str(error).strip()
     return f"{kind}: {text.splitlines()[0][:200]}" if text else kind
+
+
+def some_of(items: Sequence[object], limit: int = 3) -> str:
+    """The first ``limit`` items as text, and how many more: ``a, b, c and 4 more``."""
+    shown = ", ".join(str(item) for item in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")

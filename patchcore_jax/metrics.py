@@ -336,3 +336,26 @@ def _masks_and_maps(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
     masks = _binary(masks, "masks", ndim=3)
     maps = _real(maps, "maps", masks.shape)
     return masks, maps
+
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    """An evaluation report as aligned text lines: the numbers, the confusion counts at each
+    threshold, the image AUROC per defect type (what ``patchcore-jax evaluate`` prints)."""
+    lines = [
+        f"{key:>28s}: {value:.4f}" if isinstance(value, float) else f"{key:>28s}: {value}"
+        for key, value in report.items()
+        if isinstance(value, float | int) and not isinstance(value, bool)
+    ]
+    for name, counts in report["confusion"].items():
+        if counts is not None:
+            lines.append(
+                f"{name + ' threshold':>28s}: {counts['threshold']:.6g}  "
+                f"TP {counts['true_positives']}  FP {counts['false_positives']}  "
+                f"TN {counts['true_negatives']}  FN {counts['false_negatives']}"
+            )
+    if report["per_defect_type"]:
+        lines.append(f"{'image AUROC by defect type':>28s}:")
+        for defect_type, values in report["per_defect_type"].items():
+            auroc = values["image_auroc"]
+            lines.append(f"{defect_type:>28s}: " + ("n/a" if auroc is None else f"{auroc:.4f}"))
+    return lines

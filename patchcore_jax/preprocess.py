@@ -11,7 +11,13 @@ device. ``to_float`` is the numpy form of ToTensor + Normalize.
 
 Masks go through the same geometry; a pixel is a defect iff it is exactly 255 afterwards (the
 reference's rule). Masks that are not 0/255 (anti-aliased or JPEG-damaged edges) are binarised
-first at ``mask_threshold``, so binary masks keep the reference's numbers exactly.
+first at ``mask_threshold``, so binary masks keep the reference's numbers exactly. A colour mask
+counts a pixel by its strongest colour channel (alpha ignored): a defect drawn in any colour is
+a defect.
+
+Before a workflow uses any image, ``check_images`` decodes each once and says which cannot be
+used: unreadable files, and images so small that reaching the model input would enlarge them
+more than ``MAX_UPSCALE`` times; images more elongated than ``MAX_ASPECT_RATIO`` are warned about.
 """
 
 from __future__ import annotations
@@ -26,19 +32,35 @@ import numpy as np
 from PIL import Image
 
 from patchcore_jax.config import RESIZE_MODES
+from patchcore_jax.files import some_of
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # Pillow modes holding more than 8 bits per sample; scaled to 8 bits (Pillow's convert clips).
 _HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Pillow modes of one gray channel (with alpha); masks of other modes are colour images.
+_GRAY_MODES = ("L", "1", "LA", "La")
 DEFAULT_MASK_THRESHOLD = 128
 
+# An image is refused when resizing it to the model input would enlarge it more than this: its
+# patches would be interpolation, not texture. Beyond MAX_ASPECT_RATIO, a warning: the centre crop
+# sees a thin slice of the image (or stretching distorts it that much).
+MAX_UPSCALE = 4.0
+MAX_ASPECT_RATIO = 4.0
+
 Size = int | tuple[int, int]
+Unusable = list[tuple[Path, str]]  # (image path, why it cannot be used)
+# What an error about unusable images adds where they may be skipped instead (predict, evaluate).
+SKIP = "; fix or remove them, or skip them (CLI --skip-unreadable, library skip_unreadable=True)"
 
 
 class MaskWarning(UserWarning):
     """A ground-truth mask was usable but suspicious (binarised, or marks no defect)."""
+
+
+class ImageWarning(UserWarning):
+    """An image is usable but will be seen in part or distorted (an extreme aspect ratio)."""
 
 
 class ImageLoadError(ValueError):
@@ -76,6 +98,109 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) of an image file, read from its header only."""
     with _open(path) as image:
         return image.size
+
+
+def geometry_problem(
+    width: int,
+    height: int,
+    resize: int = 256,
+    crop: Size = 224,
+    *,
+    resize_mode: str = "shorter-side",
+) -> tuple[str | None, str | None]:
+    """What is wrong with a ``width`` x ``height`` image as model input: ``(refusal, warning)``.
+
+    Refused (a reason): reaching the input (shorter side to ``resize``, or with ``stretch`` the
+    whole image to ``crop``) would enlarge it more than ``MAX_UPSCALE`` times, so its patches
+    would be interpolation (a 1x1, 10x10 or 10000x50 image at resize 256). Warned (a reason): an
+    aspect ratio beyond ``MAX_ASPECT_RATIO``:1, where the centre crop sees a thin slice of the
+    image (or ``stretch`` distorts it that much). Either is None when there is nothing to say.
+    """
+    crop_height, crop_width = _pair(crop)
+    if resize_mode == "stretch":
+        upscale = max(crop_width / width, crop_height / height)
+        target = f"stretched to {crop_height}x{crop_width}"
+    else:
+        upscale = resize / min(width, height)
+        target = f"shorter side resized to {resize}"
+    size = f"{width}x{height} pixels"
+    if upscale > MAX_UPSCALE:
+        refusal = (
+            f"{size} is too small for the model input ({target}): it would be enlarged "
+            f"{upscale:.3g}x, more than {MAX_UPSCALE:g}x"
+        )
+        return refusal, None
+    if resize_mode == "stretch":
+        distortion = (width / height) / (crop_width / crop_height)
+        distortion = max(distortion, 1 / distortion)
+        if distortion > MAX_ASPECT_RATIO:
+            return None, f"{size} is stretched {distortion:.3g}x more one way than the other"
+        return None, None
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        resized_width, resized_height = resized_size(width, height, resize)
+        seen = crop_width / resized_width if width > height else crop_height / resized_height
+        return None, (
+            f"{size} (aspect ratio {ratio:.3g}:1): the centre crop sees {seen:.0%} of its "
+            f"{'width' if width > height else 'height'} (--resize-mode stretch sees all of it)"
+        )
+    return None, None
+
+
+def check_images(
+    paths: Sequence[str | os.PathLike],
+    resize: int = 256,
+    crop: Size = 224,
+    *,
+    resize_mode: str = "shorter-side",
+    num_threads: int | None = None,
+) -> Unusable:
+    """Decodes every image once, as ``load_image`` does, before any is used: so one bad file
+    among thousands is named before the work, not found in the middle of it.
+
+    Returns ``(path, reason)`` of each image that cannot be used, in the order of ``paths``:
+    unreadable (truncated, corrupt, missing) or too small (``geometry_problem``). Warns once
+    (``ImageWarning``) naming the images of an extreme aspect ratio. Decoding runs on
+    ``num_threads`` threads (default ``min(8, cpu_count)``).
+    """
+    _check_sizes(resize, crop, resize_mode)
+
+    def check(path: str | os.PathLike) -> tuple[str | None, str | None]:
+        try:
+            height, width = decode_image(path).shape[:2]
+        except ImageLoadError as error:
+            return error.reason, None
+        return geometry_problem(width, height, resize, crop, resize_mode=resize_mode)
+
+    paths = [Path(path) for path in paths]
+    with ThreadPoolExecutor(max_workers=num_threads or min(8, os.cpu_count() or 1)) as pool:
+        found = list(pool.map(check, paths))
+    checked = list(zip(paths, found, strict=True))
+    elongated = [f"{path} ({warning})" for path, (_, warning) in checked if warning]
+    if elongated:
+        warnings.warn(
+            f"{len(elongated)} of {len(paths)} images are elongated: {some_of(elongated, 2)}",
+            ImageWarning,
+            stacklevel=2,
+        )
+    return [(path, refusal) for path, (refusal, _) in checked if refusal]
+
+
+def describe_unusable(unusable: Unusable) -> str:
+    """The first few unusable images with their reasons, on one line, and how many more."""
+    return some_of([f"{path} ({' '.join(reason.split())})" for path, reason in unusable])
+
+
+def refuse_unusable(
+    unusable: Unusable, num_images: int, what: str, *, skip_unreadable: bool = False, hint: str = ""
+) -> None:
+    """Raises ValueError naming the ``unusable`` images of ``num_images`` ``what`` (then
+    ``hint``), unless there are none or ``skip_unreadable`` and some images are left."""
+    if unusable and (not skip_unreadable or len(unusable) == num_images):
+        raise ValueError(
+            f"{len(unusable)} of {num_images} {what} cannot be used: "
+            f"{describe_unusable(unusable)}{'' if skip_unreadable else hint}"
+        )
 
 
 def check_mask_size(image_path: str | os.PathLike, mask_path: str | os.PathLike) -> None:
@@ -199,10 +324,19 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def decode_mask(path: str | os.PathLike) -> np.ndarray:
-    """A mask file at full resolution as ``load_mask`` decodes it: [H, W] uint8 grayscale."""
+    """A mask file at full resolution as ``load_mask`` decodes it: [H, W] uint8.
+
+    Grayscale (and binary, 16-bit, gray + alpha) masks give their gray values. A colour mask
+    (RGB, RGBA, palette, ...) gives each pixel's largest colour channel, alpha ignored: a pixel
+    is as much a defect as its strongest channel, so a red (255, 0, 0) defect is 255 (a luma
+    conversion would make it 76 and binarise it away), and a mask whose channels are 0 or 255
+    marks a defect wherever any channel is non-zero.
+    """
     with _open(path) as image:
         try:
             gray = _to_8bit(image, path)
+            if gray.mode not in _GRAY_MODES:  # colour: the strongest channel of each pixel
+                return np.asarray(gray.convert("RGB"), dtype=np.uint8).max(axis=2)
             return np.asarray(gray if gray.mode == "L" else gray.convert("L"), dtype=np.uint8)
         except ImageLoadError:
             raise

@@ -24,11 +24,15 @@ single-process order, and process 0 alone writes files (``primary_output_folder`
 one process (an unreadable image, a bad folder) ends every process with the same one-line
 ``sharding.ProcessFailure``: they agree on success at the end of each step and each batch
 (``sharding.agreed``).
+
+Every image is decoded before any work (``check_usable``; by every process): an unusable one
+fails the run, or with ``skip_unreadable`` is left out and recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -130,6 +134,16 @@ def _stage(progress: Progress, stage: str, total: int) -> Callable[[int], None]:
     return lambda count: progress(stage, count, total)
 
 
+def check_usable(
+    paths: Sequence[Path], config: PatchCoreConfig, what: str, **choice: Any
+) -> preprocess.Unusable:
+    """``preprocess.check_images`` in ``config``'s geometry, then ``preprocess.refuse_unusable``
+    (``choice``: its ``skip_unreadable`` and ``hint``): the unusable images left to skip."""
+    unusable = preprocess.check_images(paths, **_image_options(config))
+    preprocess.refuse_unusable(unusable, len(paths), what, **choice)
+    return unusable
+
+
 # ---------------------------------------------------------------- fit
 
 
@@ -143,12 +157,11 @@ class ValidationSet:
 
 
 def load_validation_set(folder: str | os.PathLike, config: PatchCoreConfig) -> ValidationSet:
-    """A validation folder: MVTec layout (``test/``, ``ground_truth/``: labels and masks, so
-    F1-optimal thresholds) or good images only (``train/good``, ``train/`` or the folder)."""
-    folder = Path(folder)
-    if not (folder / "test").is_dir():
-        return ValidationSet(folders.load_train_paths(folder))
-    dataset = folders.load_dataset(folder, train=False)
+    """A validation folder (``folders.load_validation_folder``): MVTec layout (labels and masks,
+    so F1-optimal thresholds) or good images only (quantile thresholds)."""
+    dataset = folders.load_validation_folder(folder)
+    if not dataset.test_samples:
+        return ValidationSet(list(dataset.train_paths))
     folders.validate_masks(dataset)
     return ValidationSet(dataset.test_image_paths, dataset.test_labels, test_masks(dataset, config))
 
@@ -185,7 +198,8 @@ def fit_model(
     log: Log = _no_log,
 ) -> Model:
     """Fits ``model`` (``build_model``) on image files; a ``validation`` set then calibrates it
-    (a single model only). Returns ``model``; its phases' seconds are in ``fit_timings``."""
+    (a single model only). Returns ``model``; its phases' seconds are in ``fit_timings``.
+    Callers check the images first (``check_usable``), as the folder workflows do."""
     config = model.config
     # Every member embeds every image (this process's share of them).
     num_images = _share_size(len(train_paths)) * len(model.members)
@@ -266,7 +280,11 @@ def fit_folder(
                 calibration.held_out_images(len(paths), config.calibration_fraction, config.seed)
             except ValueError as error:
                 raise ValueError(f"PatchCoreConfig.calibration_fraction: {error}") from None
+        check_usable(paths, config, "training images")
         validation_set = None if validation is None else load_validation_set(validation, config)
+        if validation_set is not None:
+            folders.check_validation_apart(paths, validation_set.paths)
+            check_usable(validation_set.paths, config, "validation images")
         model = build_model(configs, len(paths), mesh=mesh)
     log(f"fitting {','.join(c.backbone for c in configs)} on {len(paths)} images of {folder}")
     fit_model(
@@ -299,6 +317,7 @@ def extend_folder(
             check_writable_folder(spill_dir, "--spill-dir")
         model = checkpoint.load(model_path, mesh=mesh)
         paths = training_images(folder, train_images, train_seed)
+        check_usable(paths, model.config, "training images")
     log(f"adding {len(paths)} images of {folder} to {model_path} ({model.config.backbone})")
     features = _stage(progress, "features", _share_size(len(paths)))
     model.extend(_batches(paths, model.config), progress=features, log=log, spill_dir=spill_dir)
@@ -335,33 +354,6 @@ def score_files(
 # ---------------------------------------------------------------- predict
 
 
-def output_names(entries: Sequence[str | os.PathLike], recursive: bool = False):
-    """The images of files and folders, and a unique output name for each:
-    ``(paths, names)``.
-
-    A folder's images are named by their path relative to the folder, under the folder's own
-    name (``good/000.png``); a file by its name. If two entries would give the same name, every
-    name gets its entry's position as a prefix (``2/good/000.png``).
-    """
-    paths: list[Path] = []
-    names: list[str] = []
-    positions: list[int] = []
-    for position, entry in enumerate(entries, start=1):
-        entry_path = Path(entry)
-        if entry_path.is_dir():
-            found = folders.image_paths([entry_path], recursive=recursive)
-            base = Path(entry_path.absolute().name)
-            names += [(base / path.relative_to(entry_path)).as_posix() for path in found]
-        else:
-            found = folders.image_paths([entry_path])
-            names.append(entry_path.name)
-        paths += found
-        positions += [position] * len(found)
-    if len(set(names)) != len(names):
-        names = [f"{position}/{name}" for position, name in zip(positions, names, strict=True)]
-    return paths, names
-
-
 def _contour_mask(path: Path, config: PatchCoreConfig) -> np.ndarray | None:
     """The ground truth beside an MVTec-layout image, for a heatmap's contour only: a mask
     that cannot be used costs the contour and a warning, never the run."""
@@ -391,6 +383,7 @@ class Predictions:
     scores_csv: Path
     num_heatmaps: int
     num_masks: int
+    unreadable: preprocess.Unusable  # (path, reason) of the images left out (``skip_unreadable``)
 
 
 def predict_files(
@@ -402,13 +395,16 @@ def predict_files(
     heatmaps: bool = True,
     masks: bool = False,
     overwrite: bool = False,
+    skip_unreadable: bool = False,
     mesh: Mesh | None = None,
     progress: Progress = _no_progress,
 ) -> Predictions:
     """Scores image files and folders (``recursive``: sub-folders too) and writes into ``out``:
     ``scores.csv`` (image, name, score, normalised score and decision when calibrated, heatmap
     and mask files), ``heatmaps/`` and with ``masks`` binary defect masks in ``masks/``
-    (calibrated models only). ``overwrite`` replaces a previous run's results in ``out``."""
+    (calibrated models only). ``overwrite`` replaces a previous run's results in ``out``.
+    An unusable image (``check_usable``) is an error before any work, or with
+    ``skip_unreadable`` is listed in ``unreadable.csv`` and ``Predictions.unreadable``."""
     with contextlib.ExitStack() as stack:
         with sharding.agreed():
             model = _load(model, mesh)
@@ -418,12 +414,20 @@ def predict_files(
                     "--masks needs a calibrated model; this one has no calibration (fitted with "
                     "--calibration none or by an older version, or an ensemble)"
                 )
-            paths, names = output_names(images, recursive)
+            paths, names = folders.output_names(images, recursive)
+            unreadable = check_usable(
+                paths, model.config, "images", skip_unreadable=skip_unreadable, hint=preprocess.SKIP
+            )
+            skipped = dict(unreadable)
+            kept = [i for i, path in enumerate(paths) if path not in skipped]
+            paths, names = [paths[i] for i in kept], [names[i] for i in kept]
             out_dir = stack.enter_context(primary_output_folder(out, overwrite=overwrite))
         scores, maps, crops = score_files(model, paths, keep_images=heatmaps, progress=progress)
         decisions = None if thresholds is None else thresholds.decisions(scores)
         with sharding.agreed():
             if sharding.is_primary_process():
+                if unreadable:
+                    write_csv(out_dir / "unreadable.csv", ["image", "reason"], unreadable)
                 _write_predictions(
                     out_dir, model, paths, names, scores, maps, crops, masks, progress
                 )
@@ -436,6 +440,7 @@ def predict_files(
         out_dir / "scores.csv",
         num_heatmaps=len(paths) if heatmaps else 0,
         num_masks=len(paths) if masks else 0,
+        unreadable=unreadable,
     )
 
 
@@ -584,6 +589,7 @@ def evaluate_dataset(
     allow_missing_masks: bool = False,
     heatmaps: bool = True,
     overwrite: bool = False,
+    skip_unreadable: bool = False,
     mesh: Mesh | None = None,
     progress: Progress = _no_progress,
     log: Log = _no_log,
@@ -596,8 +602,11 @@ def evaluate_dataset(
     Args:
       mask_threshold: binarise masks that are not 0/255 at this value (default: the model's).
       allow_missing_masks: accept defect images without a mask (left out of pixel metrics).
+      skip_unreadable: leave unusable test images (``check_usable``) out of the metrics, listed
+        in the report's ``unreadable`` and ``unreadable.csv`` (default: an error, before scoring).
     Raises:
-      ValueError / OSError before any image is scored: an unreadable model, dataset or mask.
+      ValueError / OSError before any image is scored: an unreadable model, dataset, image or
+      mask.
     """
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"{out} is a file; expected an output folder (--out)")
@@ -611,6 +620,13 @@ def evaluate_dataset(
             dataset = folders.load_dataset(
                 folder, allow_missing_masks=allow_missing_masks, train=False
             )
+            paths, skip = dataset.test_image_paths, skip_unreadable
+            unreadable = check_usable(
+                paths, config, "test images", skip_unreadable=skip, hint=preprocess.SKIP
+            )
+            skipped = {path for path, _ in unreadable}
+            kept = tuple(s for s in dataset.test_samples if s.image_path not in skipped)
+            dataset = dataclasses.replace(dataset, test_samples=kept)
             folders.validate_masks(dataset)
             masks = test_masks(dataset, config)  # a broken mask is reported before any scoring
             out_dir = stack.enter_context(primary_output_folder(out, overwrite=overwrite))
@@ -622,35 +638,20 @@ def evaluate_dataset(
             "dataset": str(folder),
             "model": model_name,
             **evaluation_report(evaluation, model),
+            "unreadable": [{"image": str(path), "reason": why} for path, why in unreadable],
         }
+        if unreadable:
+            report["notes"].append(
+                f"{len(unreadable)} unreadable test images were left out of every metric "
+                f"({preprocess.describe_unusable(unreadable)})"
+            )
         with sharding.agreed():
             if sharding.is_primary_process():
+                if unreadable:
+                    write_csv(out_dir / "unreadable.csv", ["image", "reason"], unreadable)
                 atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
                 _write_per_image(out_dir, evaluation, model, heatmaps, progress)
     return report
-
-
-def report_lines(report: dict[str, Any]) -> list[str]:
-    """An evaluation report as aligned text lines: the numbers, the confusion counts at each
-    threshold, the image AUROC per defect type (what ``patchcore-jax evaluate`` prints)."""
-    lines = [
-        f"{key:>28s}: {value:.4f}" if isinstance(value, float) else f"{key:>28s}: {value}"
-        for key, value in report.items()
-        if isinstance(value, float | int) and not isinstance(value, bool)
-    ]
-    for name, counts in report["confusion"].items():
-        if counts is not None:
-            lines.append(
-                f"{name + ' threshold':>28s}: {counts['threshold']:.6g}  "
-                f"TP {counts['true_positives']}  FP {counts['false_positives']}  "
-                f"TN {counts['true_negatives']}  FN {counts['false_negatives']}"
-            )
-    if report["per_defect_type"]:
-        lines.append(f"{'image AUROC by defect type':>28s}:")
-        for defect_type, values in report["per_defect_type"].items():
-            auroc = values["image_auroc"]
-            lines.append(f"{defect_type:>28s}: " + ("n/a" if auroc is None else f"{auroc:.4f}"))
-    return lines
 
 
 def default_evaluation_folder(model_path: str | os.PathLike) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from patchcore_jax.datasets.folders import (
     image_paths,
     load_dataset,
     load_train_paths,
+    load_validation_folder,
+    same_files,
     validate_masks,
 )
 
@@ -333,3 +336,55 @@ def test_few_shot_subset_is_seeded_sorted_and_independent_of_input_order(tmp_pat
         few_shot_subset(paths, 21)
     with pytest.raises(ValueError, match=">= 1"):
         few_shot_subset(paths, 0)
+
+
+def test_a_gif_or_text_file_in_an_image_folder_is_skipped_with_the_broken_link_warning(tmp_path):
+    folder = tmp_path / "images"
+    write_image(folder / "a.png")
+    write_image(folder / "b.gif")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "dangling.png").symlink_to(tmp_path / "nothing.png")
+    (folder / ".DS_Store").write_text("hidden: ignored silently")
+    with pytest.warns(DatasetWarning) as caught:
+        assert image_paths([folder]) == [folder / "a.png"]
+    (message,) = [str(w.message) for w in caught]  # one warning for the folder, naming each
+    assert message.startswith(f"skipping 3 files in {folder}: ")
+    assert f"{folder / 'b.gif'}: not an image file" in message
+    assert f"{folder / 'dangling.png'}: a broken link" in message and ".DS_Store" not in message
+    (folder / "dangling.png").unlink()
+    (folder / "notes.txt").unlink()
+    with pytest.warns(DatasetWarning, match=r"^skipping .*b\.gif: not an image file \(\.png, "):
+        load_train_paths(folder)
+
+
+def test_validation_folder_errors_speak_of_the_validation_folder_not_training_or_eval_options(
+    tmp_path,
+):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "no_good/train/good").mkdir(parents=True)
+    root = make_layout(tmp_path / "unmasked", missing_mask=True)
+    for folder, reason in [
+        (empty, f"validation folder {empty} holds no images"),
+        (tmp_path / "no_good", "validation folder .*train/good contains no image files"),
+        (root, "1 defective validation images have no mask .*crack/001.bmp.*ground_truth"),
+    ]:
+        with pytest.raises((ValueError, FileNotFoundError)) as info:
+            load_validation_folder(folder)
+        message = str(info.value)
+        assert re.search(reason, message), message
+        assert "training" not in message and "--allow-missing-masks" not in message
+    good = make_layout(tmp_path / "good")
+    labelled = load_validation_folder(good)
+    assert labelled.train_paths == () and [s.label for s in labelled.test_samples] == [1, 1, 0, 0]
+    plain = load_validation_folder(good / "train/good")
+    assert plain.test_samples == () and [p.name for p in plain.train_paths] == ["a.png", "b.png"]
+
+
+def test_same_files_compares_resolved_paths(tmp_path):
+    image = write_image(tmp_path / "a" / "x.png")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "y.png").symlink_to(image)
+    other = write_image(tmp_path / "a" / "z.png")
+    second = [tmp_path / "links" / "y.png", other, tmp_path / "a" / ".." / "a" / "x.png"]
+    assert same_files([image], second) == [second[0], second[2]]

@@ -10,9 +10,13 @@ from PIL import Image
 from patchcore_jax.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    MAX_ASPECT_RATIO,
+    MAX_UPSCALE,
     ImageLoadError,
     ImageNotFoundError,
+    ImageWarning,
     MaskWarning,
+    check_images,
     check_mask_size,
     iter_image_batches,
     load_image,
@@ -351,3 +355,73 @@ def test_batches_keep_order_and_match_single_loads(tmp_path):
         list(batches)
     with pytest.raises(ValueError, match="batch_size"):
         next(iter_image_batches(paths, 0))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P"])
+def test_a_colour_mask_marks_the_pixels_of_any_non_zero_channel(tmp_path, mode):
+    """A red (or green, blue) defect is a defect: not gray 76, binarised away (luma would)."""
+    defect = np.zeros((24, 32), bool)
+    defect[3:9, 4:20] = True  # red
+    defect[12:20, 22:30] = True  # blue
+    colours = np.zeros((24, 32, 3), np.uint8)
+    colours[3:9, 4:20, 0] = 255
+    colours[12:20, 22:30, 2] = 255
+    colours[0, 0, 1] = 255  # a single green pixel
+    defect[0, 0] = True
+    image = Image.fromarray(colours)
+    if mode == "RGBA":  # an opaque alpha channel is not a defect channel
+        image.putalpha(255)
+    elif mode == "P":
+        image = image.quantize(colors=4)
+    path = tmp_path / f"mask_{mode}.png"
+    image.save(path)
+    gray = tmp_path / "gray.png"
+    Image.fromarray(defect.astype(np.uint8) * 255).save(gray)
+    # no geometry change (stretched to its own size: every pixel as stored)
+    np.testing.assert_array_equal(load_mask(path, 24, (24, 32), resize_mode="stretch"), defect)
+    # with a resize, the colour mask follows the gray mask of the same defect exactly
+    np.testing.assert_array_equal(load_mask(path, 16, 12), load_mask(gray, 16, 12))
+
+
+def test_check_images_refuses_images_too_small_for_the_input_and_warns_about_thin_ones(tmp_path):
+    def write(name, width, height):
+        Image.new("RGB", (width, height), (90, 120, 150)).save(tmp_path / name)
+        return tmp_path / name
+
+    resize = 256
+    smallest = int(resize / MAX_UPSCALE)  # enlarged exactly MAX_UPSCALE times: still accepted
+    paths = [
+        write("one.png", 1, 1),
+        write("ten.png", 10, 10),
+        write("thin.png", 10000, 50),
+        write("smallest.png", smallest, smallest),
+        write("just_below.png", smallest - 1, smallest + 40),
+        write("wide.png", int(resize * (MAX_ASPECT_RATIO + 1)), resize),
+        write("fine.png", 300, 280),
+    ]
+    with pytest.warns(ImageWarning, match=r"1 of 7 images are elongated: .*wide.png \(1280x256"):
+        refused = check_images(paths, resize, 224)
+    assert [path.name for path, _ in refused] == [
+        "one.png",
+        "ten.png",
+        "thin.png",
+        "just_below.png",
+    ]
+    reasons = dict(refused)
+    assert "1x1 pixels is too small" in reasons[paths[0]] and "256x" in reasons[paths[0]]
+    assert "10000x50 pixels is too small" in reasons[paths[2]]
+    # stretch mode: the limit is per side, against the crop
+    assert check_images([paths[3]], 256, (4 * smallest, 4 * smallest), resize_mode="stretch") == []
+    ((path, reason),) = check_images(
+        [paths[3]], 256, (224, 4 * smallest + 1), resize_mode="stretch"
+    )
+    assert path == paths[3] and "stretched to 224x257" in reason
+
+
+def test_check_images_names_unreadable_files_without_raising(tmp_path):
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(BOTTLE_IMAGE.read_bytes()[:20000])
+    missing = tmp_path / "missing.png"
+    refused = check_images([BOTTLE_IMAGE, truncated, missing], num_threads=2)
+    assert [path for path, _ in refused] == [truncated, missing]
+    assert "truncated" in refused[0][1] and "no such file" in refused[1][1]

@@ -128,3 +128,47 @@ def test_bad_input_names_the_folder_and_writes_nothing(tiles, tmp_path):
 def test_default_defect_names():
     assert default_defect_name(Path("data/MT_Blowhole/Imgs")) == "MT_Blowhole"
     assert default_defect_name(Path("data/scratch")) == "scratch"
+
+
+def test_good_and_defect_folders_sharing_files_are_refused_naming_them(tiles, tmp_path):
+    holes = tiles / "MT_Blowhole" / "Imgs"
+    links = tmp_path / "links"  # the same files through links: compared by resolved path
+    links.mkdir()
+    target = sorted(holes.glob("*.jpg"))[-1]
+    (links / "other.jpg").symlink_to(target)
+    shared = {  # --good D --defect D; a link in a good folder to a defect image
+        holes: f"{sorted(holes.glob('*.jpg'))[0]} (a good image and a 'blowhole' image)",
+        links: f"{links / 'other.jpg'} (a good image) = {target} (a 'blowhole'",
+    }
+    for folder, first in shared.items():
+        with pytest.raises(ValueError, match="would serve twice: ") as info:
+            split_dataset([tiles / "MT_Free" / "Imgs", folder], {"blowhole": holes}, tmp_path / "o")
+        assert first in str(info.value)
+        assert not (tmp_path / "o").exists()
+
+
+def test_an_image_beside_a_same_stem_image_in_a_good_folder_is_an_image_not_a_mask(tmp_path):
+    good = tmp_path / "good"
+    good.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("x.jpg", "x.png", "y.jpg"):
+        Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(good / name)
+    Image.fromarray(np.zeros((70, 90), np.uint8)).save(good / "y.png")  # y.jpg's empty mask
+    with pytest.warns(UserWarning, match=r"share a name stem \(x.jpg and x.png\)"):
+        summary = split_dataset([good], {}, tmp_path / "split", train_fraction=1.0)
+    assert summary == "train/good 3, test/good 0"
+    names = sorted(p.name for p in (tmp_path / "split/train/good").iterdir())
+    assert names == ["x.jpg", "x.png", "y.jpg"]
+
+
+def test_a_negative_seed_is_refused_naming_the_option(tiles, tmp_path, capsys):
+    from patchcore_jax import cli
+
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\), got -1"):
+        split_dataset([tiles / "MT_Free" / "Imgs"], {}, tmp_path / "out", seed=-1)
+    args = ["split", "--good", str(tiles / "MT_Free" / "Imgs"), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as info:
+        cli.main([*args, "--seed", "-1"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and "argument --seed: expected an integer in [0, 2**32)" in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()

@@ -9,6 +9,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from PIL import Image
 
 from patchcore_jax import PatchCoreConfig, benchmark, workflows
 from patchcore_jax.datasets import folders
@@ -97,4 +98,130 @@ def test_bad_input_fails_before_any_work(subset, tmp_path):
         workflows.fit_folder(subset, tmp_path / "m", CONFIG.replace(num_neighbors=10**6))
     with pytest.raises(ValueError, match="one model, not an ensemble"):
         workflows.fit_folder(subset, tmp_path / "m", [CONFIG, CONFIG], validation=subset)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.fixture(scope="module")
+def small_model(subset):
+    """A quick uncalibrated model at 128x128 on 3 of the subset's training images."""
+    config = CONFIG.replace(resize=128, crop=128, sampler="identity", calibration="none")
+    model = workflows.build_model(config, 3)
+    return workflows.fit_model(model, sorted((subset / "train/good").iterdir())[:3])
+
+
+def damaged_copy(subset, root):
+    """The subset's test side (links) plus a truncated PNG and a 10x10 image in test/good."""
+    for path in [*(subset / "test").rglob("*.png"), *(subset / "ground_truth").rglob("*.png")]:
+        target = root / path.relative_to(subset)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(path)
+    truncated = root / "test/good/100.png"
+    truncated.write_bytes((subset / "test/good/000.png").read_bytes()[:20000])
+    tiny = root / "test/good/101.png"
+    Image.new("RGB", (10, 10), (200, 200, 200)).save(tiny)
+    return root, [truncated, tiny]
+
+
+def test_an_unreadable_or_tiny_image_stops_predict_before_scoring_or_is_skipped_on_request(
+    small_model, subset, tmp_path
+):
+    root, bad = damaged_copy(subset, tmp_path / "data")
+    folders_given = [root / "test/good", root / "test/broken_large"]
+    with pytest.raises(ValueError, match=r"^2 of 6 images cannot be used: ") as info:
+        workflows.predict_files(small_model, folders_given, tmp_path / "refused")
+    message = str(info.value)
+    assert f"{bad[0]} (OSError: image file is truncated" in message
+    assert f"{bad[1]} (10x10 pixels is too small" in message and "--skip-unreadable" in message
+    assert not (tmp_path / "refused").exists()  # nothing half-written
+
+    result = workflows.predict_files(
+        small_model, folders_given, tmp_path / "pred", heatmaps=False, skip_unreadable=True
+    )
+    assert [path for path, _ in result.unreadable] == bad
+    with open(tmp_path / "pred/unreadable.csv") as f:
+        assert [row["image"] for row in csv.DictReader(f)] == [str(path) for path in bad]
+    with open(tmp_path / "pred/scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == [
+        "good/000.png", "good/001.png", "good/002.png", "broken_large/000.png"
+    ]  # fmt: skip
+    # what was scored is what a run on the readable images alone scores
+    readable = [root / "test/good" / n for n in ("000.png", "001.png", "002.png")]
+    alone = workflows.predict_files(
+        small_model, [*readable, root / "test/broken_large/000.png"], tmp_path / "alone",
+        heatmaps=False,
+    )  # fmt: skip
+    np.testing.assert_array_equal(result.image_scores, alone.image_scores)
+
+
+def test_an_unreadable_or_tiny_image_stops_evaluate_before_scoring_or_is_left_out_on_request(
+    small_model, subset, tmp_path
+):
+    root, bad = damaged_copy(subset, tmp_path / "data")
+    with pytest.raises(ValueError, match=r"^2 of 8 test images cannot be used: .*100.png"):
+        workflows.evaluate_dataset(small_model, root, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    report = workflows.evaluate_dataset(
+        small_model, root, tmp_path / "eval", heatmaps=False, skip_unreadable=True
+    )
+    assert [entry["image"] for entry in report["unreadable"]] == [str(path) for path in bad]
+    assert any(
+        note.startswith("2 unreadable test images were left out") for note in report["notes"]
+    )
+    assert (tmp_path / "eval/unreadable.csv").is_file()
+    clean = workflows.evaluate_dataset(small_model, subset, tmp_path / "clean", heatmaps=False)
+    assert clean["unreadable"] == [] and report["num_images"] == clean["num_images"] == 6
+    for key in ("image_auroc", "pixel_auroc", "pro", "f1_threshold"):
+        assert report[key] == clean[key], key
+
+
+def test_cli_predict_with_skip_unreadable_writes_a_summary_and_exits_with_status_1(
+    small_model, subset, tmp_path, capsys
+):
+    from patchcore_jax import checkpoint, cli
+
+    root, bad = damaged_copy(subset, tmp_path / "data")
+    model = checkpoint.save(small_model, tmp_path / "model")
+    images = [root / "test/good", root / "test/broken_large"]
+    args = ["predict", model, *images, "--out", tmp_path / "pred", "--quiet"]
+    args = [*map(str, args), "--no-heatmaps", "--compile-cache", "off"]
+    assert cli.main(args) == 2
+    assert not (tmp_path / "pred").exists()
+    assert cli.main([*args, "--skip-unreadable"]) == 1
+    err = capsys.readouterr().err
+    assert f"skipped 2 unreadable images: {bad[0]} (OSError: image file is truncated" in err
+    assert f"listed in {tmp_path / 'pred/unreadable.csv'}" in err and "scored 4 images" in err
+
+
+def test_fit_refuses_unreadable_tiny_and_thin_training_images_before_any_work(subset, tmp_path):
+    good = tmp_path / "good"
+    good.mkdir()
+    for source in sorted((subset / "train/good").iterdir())[:2]:
+        (good / source.name).symlink_to(source)
+    (good / "t.png").write_bytes((subset / "train/good/000.png").read_bytes()[:20000])
+    Image.new("RGB", (1, 1)).save(good / "u.png")
+    Image.new("RGB", (10000, 50), (128, 128, 128)).save(good / "v.png")
+    recorder = Recorder()
+    with pytest.raises(ValueError, match=r"^3 of 5 training images cannot be used: ") as info:
+        workflows.fit_folder(good, tmp_path / "m", CONFIG, progress=recorder)
+    message = str(info.value)
+    assert f"{good / 't.png'} (OSError: image file is truncated" in message
+    assert f"{good / 'u.png'} (1x1 pixels is too small" in message
+    assert f"{good / 'v.png'} (10000x50 pixels is too small" in message
+    assert not recorder.counts and not (tmp_path / "m").exists()
+
+
+def test_fit_refuses_a_validation_folder_sharing_the_training_images(subset, tmp_path):
+    validation = tmp_path / "validation"
+    validation.mkdir()
+    train = sorted((subset / "train/good").iterdir())
+    for index, source in enumerate([*train[:2], subset / "test/good/000.png"]):
+        (validation / f"{index}.png").symlink_to(source)  # other names, the same files
+    with pytest.raises(ValueError, match=r"^2 of 3 validation images are training images too: "):
+        workflows.fit_folder(subset, tmp_path / "m", CONFIG, validation=validation)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(OSError, match=f"validation folder {empty} holds no images") as info:
+        workflows.fit_folder(subset, tmp_path / "m", CONFIG, validation=empty)
+    assert "training" not in str(info.value)
     assert not (tmp_path / "m").exists()

@@ -13,7 +13,8 @@ named like "good" but not "good" (e.g. "goods") gets a warning; folders without 
 ignored with a warning. Image files are those with extension png, jpg, jpeg, bmp, tif, tiff or
 webp (any case); names starting with "." (files and folders, e.g. ``.ipynb_checkpoints``) are
 ignored everywhere, and so are folders that patchcore-jax wrote (they hold ``OUTPUT_MARKER``).
-Broken links are skipped with a warning. Every listing is sorted by name, so the order is
+Other files (a GIF, a text file) and broken links are skipped with one warning per folder that
+names them. Every listing is sorted by name, so the order is
 deterministic (for MVTec it is the reference's order). Only paths are collected here; decoding
 happens in ``preprocess``.
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from patchcore_jax import preprocess
-from patchcore_jax.files import OUTPUT_MARKER
+from patchcore_jax.files import OUTPUT_MARKER, some_of
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 GOOD = "good"
@@ -126,20 +127,31 @@ def _visible_dirs(folder: Path) -> list[Path]:
     )
 
 
+def _why_skipped(path: Path) -> str | None:
+    """Why a visible entry of an image folder is not an image (None: an image or a folder)."""
+    if path.is_symlink() and not path.exists():
+        return "a broken link or a link loop"
+    if path.is_file() and path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file ({', '.join(IMAGE_EXTENSIONS)})"
+    return None
+
+
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name; broken links are warned about."""
+    """Image files directly inside ``folder``, sorted by name; the other visible files (other
+    extensions, broken links) are skipped with one ``DatasetWarning`` naming them."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    images = []
-    for path in folder.iterdir():
+    images, skipped = [], []
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
         if is_image_file(path):
             images.append(path)
-        elif path.is_symlink() and not path.exists() and not path.name.startswith("."):
-            warnings.warn(
-                f"skipping {path}: a broken link or a link loop", DatasetWarning, stacklevel=2
-            )
-    return sorted(images, key=lambda p: p.name)
+        elif not path.name.startswith(".") and (reason := _why_skipped(path)):
+            skipped.append(f"{path}: {reason}")
+    if skipped:
+        many = f"{len(skipped)} files in {folder}: " if len(skipped) > 1 else ""
+        warnings.warn(f"skipping {many}{some_of(skipped, 2)}", DatasetWarning, stacklevel=2)
+    return images
 
 
 def image_paths(paths_or_dirs: Sequence[str | os.PathLike], recursive: bool = False) -> list[Path]:
@@ -170,6 +182,33 @@ def image_paths(paths_or_dirs: Sequence[str | os.PathLike], recursive: bool = Fa
     return out
 
 
+def output_names(entries: Sequence[str | os.PathLike], recursive: bool = False):
+    """The images of files and folders, and a unique output name for each:
+    ``(paths, names)``.
+
+    A folder's images are named by their path relative to the folder, under the folder's own
+    name (``good/000.png``); a file by its name. If two entries would give the same name, every
+    name gets its entry's position as a prefix (``2/good/000.png``).
+    """
+    paths: list[Path] = []
+    names: list[str] = []
+    positions: list[int] = []
+    for position, entry in enumerate(entries, start=1):
+        entry_path = Path(entry)
+        if entry_path.is_dir():
+            found = image_paths([entry_path], recursive=recursive)
+            base = Path(entry_path.absolute().name)
+            names += [(base / path.relative_to(entry_path)).as_posix() for path in found]
+        else:
+            found = image_paths([entry_path])
+            names.append(entry_path.name)
+        paths += found
+        positions += [position] * len(found)
+    if len(set(names)) != len(names):
+        names = [f"{position}/{name}" for position, name in zip(positions, names, strict=True)]
+    return paths, names
+
+
 def _images_below(folder: Path) -> list[Path]:
     """Image files in ``folder`` and its visible sub-folders (hidden and tool outputs skipped)."""
     found = list_images(folder)
@@ -191,11 +230,12 @@ def find_mask(image_path: str | os.PathLike) -> Path | None:
     return _masks_by_stem(mask_dir).get(image_path.stem)
 
 
-def load_train_paths(root: str | os.PathLike) -> list[Path]:
+def load_train_paths(root: str | os.PathLike, *, role: str = "training") -> list[Path]:
     """The nominal training images of ``root``: ``train/good/``, images directly in ``train/``,
     or, for a plain folder of good images, the images directly in ``root``.
 
     Only the training images are looked at (``test/`` and ``ground_truth/`` may be absent).
+    ``role`` names the folder's use in errors ("validation folder ... contains no images").
     """
     root = Path(root)
     if not root.is_dir():
@@ -205,10 +245,41 @@ def load_train_paths(root: str | os.PathLike) -> list[Path]:
         if loose:
             return loose
         raise FileNotFoundError(
-            f"training folder {root / 'train'} does not exist, and {root} holds no images "
-            f"(expected {root}/train/good/*.png, {root}/train/*.png or images in {root})"
+            f"{role} folder {root} holds no images (expected {root}/train/good/*.png, "
+            f"{root}/train/*.png or images in {root})"
         )
-    return _train_paths(root)
+    return _train_paths(root, role)
+
+
+def load_validation_folder(root: str | os.PathLike) -> Dataset:
+    """A validation folder: with ``test/`` (MVTec layout) its labelled ``test_samples``, every
+    defect image with its mask (a labelled threshold needs them); else its good images
+    (``load_train_paths``) as ``train_paths``, with no test samples.
+
+    Raises:
+      FileNotFoundError / ValueError naming the validation folder or the files at fault.
+    """
+    root = Path(root)
+    if not (root / "test").is_dir():
+        return Dataset(root, tuple(load_train_paths(root, role="validation")), ())
+    samples = _test_samples(root, allow_missing_masks=True)
+    unmasked = [s.image_path for s in samples if s.label and s.mask_path is None]
+    if unmasked:
+        raise ValueError(
+            f"{len(unmasked)} defective validation images have no mask ({some_of(unmasked)}); "
+            f"a labelled validation folder needs {root}/ground_truth/<type>/<stem>{MASK_SUFFIX}"
+            ".png for every defective image"
+        )
+    return Dataset(root, (), tuple(samples))
+
+
+def same_files(
+    first: Sequence[str | os.PathLike], second: Sequence[str | os.PathLike]
+) -> list[Path]:
+    """The paths of ``second`` naming a file that ``first`` names too, compared by resolved
+    path (links, ``..`` and relative paths see through), in the order of ``second``."""
+    known = {Path(path).resolve() for path in first}
+    return [Path(path) for path in second if Path(path).resolve() in known]
 
 
 def few_shot_subset(
@@ -235,6 +306,20 @@ def few_shot_subset(
         )
     chosen = np.random.default_rng(seed).choice(len(paths), size=num_images, replace=False)
     return [paths[i] for i in sorted(chosen.tolist())]
+
+
+def check_validation_apart(
+    train_paths: Sequence[str | os.PathLike], validation_paths: Sequence[str | os.PathLike]
+) -> None:
+    """Refuses validation images that are training images too (``same_files``): they score
+    low on a bank built from themselves, so a threshold calibrated on them would sit below the
+    scores of unseen good images. ValueError naming the first few and the count."""
+    shared = same_files(train_paths, validation_paths)
+    if shared:
+        raise ValueError(
+            f"{len(shared)} of {len(validation_paths)} validation images are training images "
+            f"too: {some_of(shared)}; calibrate on images the model was not fitted on"
+        )
 
 
 def load_dataset(
@@ -272,10 +357,10 @@ def validate_masks(dataset: Dataset) -> None:
             preprocess.check_mask_size(sample.image_path, sample.mask_path)
 
 
-def _train_paths(root: Path) -> list[Path]:
+def _train_paths(root: Path, role: str = "training") -> list[Path]:
     train_dir = root / "train"
     if not train_dir.is_dir():
-        raise FileNotFoundError(f"training folder {train_dir} does not exist")
+        raise FileNotFoundError(f"{role} folder {train_dir} does not exist")
     good_dir = train_dir / GOOD
     loose = list_images(train_dir)
     if good_dir.is_dir():
@@ -286,11 +371,11 @@ def _train_paths(root: Path) -> list[Path]:
             )
         paths = list_images(good_dir)
         if not paths:
-            raise ValueError(f"training folder {good_dir} contains no image files")
+            raise ValueError(f"{role} folder {good_dir} contains no image files")
         return paths
     if not loose:
         raise ValueError(
-            f"training folder {train_dir} contains no image files (expected {good_dir}/*.png "
+            f"{role} folder {train_dir} contains no image files (expected {good_dir}/*.png "
             f"or images directly in {train_dir})"
         )
     return loose

@@ -14,20 +14,27 @@ folder and renamed into place at the end, so a failed run leaves nothing half-wr
 
 Masks of a defect image ``<stem>.<ext>`` are found beside it, or in the type's mask folder, as
 ``<stem>_mask.*`` (MVTec's naming) or as ``<stem>.png`` next to a non-PNG image (the Magnetic
-Tile convention); in a mask folder also as ``<stem>.*``.
+Tile convention); in a mask folder also as ``<stem>.*``. A good image has no mask: in a good
+folder every image file is a good image, except ``<stem>_mask.*`` beside its image and an
+all-zero ``<stem>.png`` beside a non-PNG image (an empty mask, as Magnetic Tile ships them);
+other files sharing a stem are all used, with a warning. No file may serve twice (a good image
+that is also a defect image or a mask, e.g. ``--good D --defect D``): that is an error naming it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from patchcore_jax.datasets.folders import GOOD, MASK_SUFFIX, is_image_file
-from patchcore_jax.files import writing
+from patchcore_jax import preprocess
+from patchcore_jax.config import SEED_LIMIT
+from patchcore_jax.datasets.folders import GOOD, MASK_SUFFIX, DatasetWarning, list_images
+from patchcore_jax.files import some_of, writing
 
 # Folder names that say nothing about the defect type ("MT_Blowhole/Imgs" is "MT_Blowhole").
 _GENERIC_FOLDER_NAMES = frozenset({"imgs", "images", "image", "img"})
@@ -58,12 +65,52 @@ def named_folders(specs: Sequence[str], option: str) -> dict[str, Path]:
     return named
 
 
-def _images_and_masks(folder: Path, mask_dir: Path | None) -> tuple[list[Path], dict[str, Path]]:
-    """Images of ``folder`` (masks beside them excluded) and {image stem: mask path}."""
-    files = sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+def _by_stem(folder: Path) -> dict[str, list[Path]]:
+    """{name stem: the image files of ``folder`` with that stem}, sorted by name."""
     by_stem: dict[str, list[Path]] = {}
-    for path in files:
+    for path in list_images(folder):
         by_stem.setdefault(path.stem, []).append(path)
+    return by_stem
+
+
+def _is_empty_mask(path: Path) -> bool:
+    """True for a readable image file that is zero everywhere (in every channel)."""
+    try:
+        return not preprocess.decode_mask(path).any()
+    except preprocess.ImageLoadError:
+        return False
+
+
+def _good_folder_images(folder: Path) -> list[Path]:
+    """The good images of ``folder``: every image file but ``<stem>_mask.*`` beside its image
+    and an all-zero ``<stem>.png`` beside a non-PNG ``<stem>.*`` (a good image's empty mask);
+    other files sharing a stem are all images, named in a ``DatasetWarning``."""
+    by_stem = _by_stem(folder)
+    images, shared = [], []
+    for stem, paths in by_stem.items():
+        if stem.endswith(MASK_SUFFIX) and stem[: -len(MASK_SUFFIX)] in by_stem:
+            continue  # an MVTec-style mask beside its image
+        pngs = [p for p in paths if p.suffix.lower() == ".png"]
+        if len(paths) == 2 and len(pngs) == 1 and _is_empty_mask(pngs[0]):
+            images += [p for p in paths if p is not pngs[0]]
+            continue  # the Magnetic Tile convention: an empty mask beside each good image
+        images += paths
+        if len(paths) > 1:
+            shared.append(" and ".join(p.name for p in paths))
+    if shared:
+        warnings.warn(
+            f"good folder {folder}: files share a name stem ({some_of(shared)}); each is used "
+            "as a good image (a good image has no mask; only an all-zero <stem>.png beside a "
+            "non-PNG image is left out as its empty mask)",
+            DatasetWarning,
+            stacklevel=3,
+        )
+    return sorted(images, key=lambda p: p.name)
+
+
+def _images_and_masks(folder: Path, mask_dir: Path | None) -> tuple[list[Path], dict[str, Path]]:
+    """Defect images of ``folder`` (masks beside them excluded) and {image stem: mask path}."""
+    by_stem = _by_stem(folder)
     images, masks = [], {}
     for stem, paths in by_stem.items():
         if stem.endswith(MASK_SUFFIX) and stem[: -len(MASK_SUFFIX)] in by_stem:
@@ -85,7 +132,7 @@ def _images_and_masks(folder: Path, mask_dir: Path | None) -> tuple[list[Path], 
             masks[stem] = by_stem[stem + MASK_SUFFIX][0]
     if mask_dir is not None:
         candidates = {}
-        for path in sorted(p for p in mask_dir.iterdir() if is_image_file(p)):
+        for path in list_images(mask_dir):
             stem = path.stem[: -len(MASK_SUFFIX)] if path.stem.endswith(MASK_SUFFIX) else path.stem
             if stem in candidates:
                 raise ValueError(f"{mask_dir}: two masks for {stem!r}: {candidates[stem]}, {path}")
@@ -99,11 +146,14 @@ def _check_arguments(
     mask_dirs: Mapping[str, str | os.PathLike],
     out: str | os.PathLike,
     train_fraction: float,
+    seed: int,
 ) -> Path:
     """Checks the arguments themselves, before any source folder is read; returns ``out`` as
     an absolute path, which must not exist or be an empty folder."""
     if not 0.0 < train_fraction <= 1.0:
         raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     unknown = sorted(set(mask_dirs) - set(defect_dirs))
     if unknown:
         raise ValueError(f"mask folders given for unknown defect types {unknown}")
@@ -124,8 +174,7 @@ def _good_images(good_dirs: Sequence[str | os.PathLike]) -> list[Path]:
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"good-image folder {folder} does not exist")
-        images, _ = _images_and_masks(folder, None)
-        good.extend(images)
+        good.extend(_good_folder_images(folder))
     if not good:
         raise ValueError(f"no images in the good-image folders {[str(p) for p in good_dirs]}")
     names = [path.name for path in good]
@@ -136,11 +185,15 @@ def _good_images(good_dirs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def _defect_images(
-    defect_dirs: Mapping[str, str | os.PathLike], mask_dirs: Mapping[str, str | os.PathLike]
+    defect_dirs: Mapping[str, str | os.PathLike],
+    mask_dirs: Mapping[str, str | os.PathLike],
+    good: Sequence[Path],
 ) -> dict[str, tuple[list[Path], dict[str, Path]]]:
-    """{defect type: (its images, {image stem: mask})}; every type has images and every image
-    a mask, since the test split's pixel metrics need a mask for each defect image."""
+    """{defect type: (its images, {image stem: mask})}; every type has images, no file serves
+    twice (``_check_used_once``) and every image has a mask, since the test split's pixel
+    metrics need a mask for each defect image."""
     defects: dict[str, tuple[list[Path], dict[str, Path]]] = {}
+    where: dict[str, Path] = {}
     for name, folder in defect_dirs.items():
         folder = Path(folder)
         if not folder.is_dir():
@@ -148,19 +201,43 @@ def _defect_images(
         mask_dir = Path(mask_dirs[name]) if name in mask_dirs else None
         if mask_dir is not None and not mask_dir.is_dir():
             raise FileNotFoundError(f"mask folder {mask_dir} does not exist")
-        images, masks = _images_and_masks(folder, mask_dir)
-        if not images:
+        defects[name] = _images_and_masks(folder, mask_dir)
+        where[name] = folder if mask_dir is None else mask_dir
+        if not defects[name][0]:
             raise ValueError(f"defect folder {folder} contains no images")
+    _check_used_once(good, defects)
+    for name, (images, masks) in defects.items():
         missing = [image for image in images if image.stem not in masks]
         if missing:
-            where = mask_dir if mask_dir is not None else folder
             raise ValueError(
                 f"{len(missing)} of {len(images)} images of defect type {name!r} have no mask "
-                f"in {where} (e.g. {missing[0].name}; expected {missing[0].stem}_mask.<ext> or "
-                f"{missing[0].stem}.png)"
+                f"in {where[name]} (e.g. {missing[0].name}; expected {missing[0].stem}_mask.<ext> "
+                f"or {missing[0].stem}.png)"
             )
-        defects[name] = (images, masks)
     return defects
+
+
+def _check_used_once(
+    good: Sequence[Path], defects: Mapping[str, tuple[list[Path], dict[str, Path]]]
+) -> None:
+    """Refuses a source file (compared by resolved path) that would serve as two things: a
+    good image and a defect image or mask (``--good D --defect D``), or images of two types."""
+    roles = [("a good image", good)]
+    for name, (images, masks) in defects.items():
+        roles += [(f"a {name!r} image", images), (f"a {name!r} mask", list(masks.values()))]
+    seen: dict[Path, tuple[str, Path]] = {}
+    twice = []
+    for role, paths in roles:
+        for path in paths:
+            first_role, first = seen.setdefault(path.resolve(), (role, path))
+            if first_role != role:
+                same = f"{path} ({first_role} and {role})"
+                twice.append(same if first == path else f"{first} ({first_role}) = {path} ({role})")
+    if twice:
+        raise ValueError(
+            f"{len(twice)} files would serve twice: {some_of(twice)}; the --good, --defect "
+            "and --mask-dir folders must not share files"
+        )
 
 
 def _draw_train(
@@ -227,7 +304,7 @@ def split_dataset(
     """Writes the MVTec AD layout at ``out``; returns a one-line summary of the counts.
 
     Args:
-      good_dirs: folders of defect-free images (masks beside them are ignored).
+      good_dirs: folders of defect-free images (empty masks beside them are left out).
       defect_dirs: {defect type: folder of its images}.
       out: the dataset folder to create; it must not exist (or be an empty folder).
       mask_dirs: {defect type: folder of its masks}, for types whose masks are not beside
@@ -239,9 +316,9 @@ def split_dataset(
       ValueError / FileNotFoundError naming the folder or file at fault; nothing is written.
     """
     mask_dirs = dict(mask_dirs or {})
-    out = _check_arguments(defect_dirs, mask_dirs, out, train_fraction)
+    out = _check_arguments(defect_dirs, mask_dirs, out, train_fraction, seed)
     good = _good_images(good_dirs)
-    defects = _defect_images(defect_dirs, mask_dirs)
+    defects = _defect_images(defect_dirs, mask_dirs, good)
     train, test_good = _draw_train(good, train_fraction, seed)
     with writing(out):  # a full disk names the dataset being written
         _write_layout(out, train, test_good, defects, copy)
