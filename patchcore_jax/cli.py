@@ -3,7 +3,7 @@
 patchcore-jax fit DATA --out MODEL [options]
 patchcore-jax predict MODEL IMAGE_OR_FOLDER... --out DIR [--masks]
 patchcore-jax evaluate MODEL DATA [--out DIR]
-patchcore-jax export MODEL --out FILE [--platforms cpu,cuda,tpu] [--overwrite]
+patchcore-jax export MODEL --out PROGRAM [--bank-out BANK] [--platforms cpu,cuda,tpu] [--overwrite]
 patchcore-jax benchmark ROOT --out DIR [model options] [--categories a,b] [--train-images N]
 patchcore-jax split --good DIR --defect [NAME=]DIR ... --out ROOT
 patchcore-jax data fetch mvtec-ad [--categories a,b] [--out DIR]
@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from patchcore_jax import checkpoint, errors, interrupt, options, sharding
+from patchcore_jax import errors, interrupt, options, sharding
 from patchcore_jax.config import SEED_LIMIT
 from patchcore_jax.progress import ProgressBars, close_bars
 
@@ -223,12 +223,14 @@ def _add_export_and_benchmark_parsers(commands: Any, presets: dict[str, object] 
         "export",
         help="serialise a model's inference for deployment (jax.export, StableHLO)",
         description="Write MODEL's whole inference (uint8 crops -> image scores, normalised "
-        "scores, decisions, anomaly maps; weights and memory bank included, any batch size) "
-        "to FILE; run it with patchcore_jax.exported.load(FILE), which needs only jax and numpy.",
+        "scores, decisions, anomaly maps; any batch size at once) to PROGRAM, with the memory "
+        "bank inside or, with --bank-out, in BANK; run it with patchcore_jax.exported.load("
+        "PROGRAM[, bank=BANK]), which needs only jax and numpy. --bank-out alone: only BANK.",
     )
     export.add_argument("model", help="checkpoint folder written by `fit` (calibrated)")
-    export.add_argument("--out", required=True, metavar="FILE", help="export file to write")
-    export.add_argument("--overwrite", action="store_true", help="replace a non-export --out file")
+    export.add_argument("--out", metavar="PROGRAM", help="program file to write")
+    export.add_argument("--bank-out", metavar="BANK", help="bank file: the program's input")
+    export.add_argument("--overwrite", action="store_true", help="replace non-export output files")
     export.add_argument(
         "--platforms",
         type=_platforms,
@@ -479,13 +481,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from patchcore_jax.export import check_export_target, export_model
+    from patchcore_jax.export import export_checkpoint
 
-    out = check_export_target(args.out, overwrite=args.overwrite)  # before loading the model
-    metadata = export_model(
-        checkpoint.load(args.model), out, platforms=args.platforms, overwrite=args.overwrite
-    )
-    _say(f"exported {args.model} for {', '.join(metadata['platforms'])} to {out}")
+    choices = {"bank_out": args.bank_out, "platforms": args.platforms, "overwrite": args.overwrite}
+    written = export_checkpoint(args.model, args.out, **choices)
+    _say(f"exported {args.model} to {'; '.join(written)}")
     return 0
 
 

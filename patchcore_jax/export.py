@@ -1,10 +1,13 @@
 """Serialises a fitted, calibrated model's whole inference with ``jax.export`` (StableHLO).
 
 The exported program maps preprocessed uint8 crops ``[B, H, W, 3]`` (B symbolic) to image
-scores and anomaly maps; the backbone weights and the memory bank are constants inside it. The
-calibration (threshold, normalisation range) goes into the file's checksummed metadata only, and
-``patchcore_jax.exported.load`` applies it from there, with jax and numpy only: one source of
-what a deployed model decides.
+scores and anomaly maps, embedding and scoring the whole batch at once; the backbone weights are
+constants inside it. The memory bank is either a constant too (one file: the calibration goes
+into its checksummed metadata) or, with ``bank_path``, an input: then the bank's arrays, its
+calibration and its configuration go into a separate bank file, and one program serves every
+bank of its configuration and bucketed size (categories of a line, a bank grown by ``extend``).
+``patchcore_jax.exported.load`` applies the calibration from the metadata, with jax and numpy
+only: one source of what a deployed model decides.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from patchcore_jax import checkpoint, exported
+from patchcore_jax.exported import BANK_KIND
 from patchcore_jax.files import atomic_path
 from patchcore_jax.version import package_version
 
@@ -29,56 +33,94 @@ if TYPE_CHECKING:
 PLATFORMS: tuple[str, ...] = ("cpu", "cuda", "tpu")
 
 
-def export_function(model: PatchCore) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
-    """What ``export_model`` serialises: ``model.inference_function()``, uint8 ``[B, H, W, 3]``
-    -> (image_scores [B], anomaly_maps [B, H, W]).
+# Config fields that only shape the fit (bank selection, calibration, evaluation, batching):
+# a bank of a configuration runs in a program exported from any model that differs only here.
+_FIT_ONLY_FIELDS = (
+    "mask_threshold",
+    "sampler",
+    "coreset_fraction",
+    "projection_dim",
+    "num_start_points",
+    "coreset_method",
+    "seed",
+    "batch_size",
+    "calibration",
+    "calibration_fraction",
+    "threshold_quantile",
+    "feature_memory_budget",
+)
 
-    Images run one at a time (``lax.map``), so the program is the same for any batch size and
-    each image's result equals ``model.predict``'s to float32 rounding.
+
+def export_function(
+    model: PatchCore, *, bank_input: bool = False
+) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """What ``export_model`` serialises: ``model.inference_function(bank_input=...)``, uint8
+    ``[B, H, W, 3]`` (and, with ``bank_input``, ``model.bank_inputs()``'s arrays) ->
+    (image_scores [B], anomaly_maps [B, H, W]).
+
+    The whole batch is embedded and scored at once (B symbolic: one program for every batch
+    size); each image's result equals ``model.predict``'s to float32 rounding: only the
+    summation order of the backbone's and the k-NN's matmuls depends on the batch size.
     """
     if model.memory_bank is None:
         raise ValueError("cannot export an unfitted model: call fit() first")
     # The model's own program, with the numerics it chose for its platform
     # (``PatchCore.describe``): the backbone's dtype and the k-NN's candidate search.
-    embed_and_score = model.inference_function()
+    embed_and_score = model.inference_function(bank_input=bank_input)
 
-    def one_image(image: jax.Array) -> tuple[jax.Array, jax.Array]:
-        result = embed_and_score(image[None])
-        return result.image_scores[0], result.anomaly_maps[0]
-
-    def infer(images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return jax.lax.map(one_image, images)
+    def infer(images: jax.Array, *bank_arrays: jax.Array) -> tuple[jax.Array, jax.Array]:
+        result = embed_and_score(images, *bank_arrays)
+        return result.image_scores, result.anomaly_maps
 
     return infer
 
 
-def check_export_target(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """``path`` if ``export`` may write its file there; a one-line error naming it otherwise.
+def inference_configuration(model: PatchCore) -> dict[str, Any]:
+    """What a bank file must share with a program file: the config fields the inference uses
+    (all but ``_FIT_ONLY_FIELDS``), the crop shape and the platform's numerics."""
+    configuration = model.config.to_dict()
+    for name in _FIT_ONLY_FIELDS:
+        configuration.pop(name)
+    configuration["image_shape"] = list(model.image_shape)
+    configuration["backbone_dtype"] = model.backbone_dtype
+    configuration["candidate_search"] = model.candidate_search
+    return configuration
 
-    An existing export (any format version) is replaced; any other existing file only with
-    ``overwrite``; a folder, or a path inside a checkpoint folder (its ``CURRENT``, a version),
-    never.
+
+def check_export_target(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    option: str = "--out",
+    kind: str = exported.KIND,
+) -> Path:
+    """``path`` if ``export`` may write its ``kind`` file (``exported.KIND`` or ``BANK_KIND``)
+    there; a one-line error naming it (as ``option``) otherwise.
+
+    An existing file of that kind (any format version) is replaced; any other existing file only
+    with ``overwrite``; a folder, or a path inside a checkpoint folder (its ``CURRENT``, a
+    version), never.
 
     Raises:
       IsADirectoryError, FileExistsError, FileNotFoundError (missing parent folder).
     """
     target = Path(path)
     if target.is_dir():
-        raise IsADirectoryError(f"--out {target} is a folder; give a file name")
+        raise IsADirectoryError(f"{option} {target} is a folder; give a file name")
     if not target.parent.is_dir():
         raise FileNotFoundError(f"cannot write {target}: folder {target.parent} does not exist")
     model_folder = checkpoint.enclosing_checkpoint(target.parent)
     if model_folder is not None:
         raise FileExistsError(
-            f"--out {target} is inside the checkpoint folder {model_folder}; write the export "
-            "file elsewhere"
+            f"{option} {target} is inside the checkpoint folder {model_folder}; write the "
+            f"{kind} file elsewhere"
         )
     if (target.exists() or target.is_symlink()) and not (
-        overwrite or exported.is_export_file(target)
+        overwrite or exported.is_export_file(target, kind)
     ):
         raise FileExistsError(
-            f"--out {target} exists and is not a patchcore-jax export; choose another file or "
-            "pass --overwrite to replace it"
+            f"{option} {target} exists and is not a patchcore-jax {kind} file; choose another "
+            "file or pass --overwrite to replace it"
         )
     return target
 
@@ -87,31 +129,140 @@ def export_model(
     model: PatchCore,
     path: str | os.PathLike,
     *,
+    bank_path: str | os.PathLike | None = None,
     platforms: Sequence[str] | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Writes ``model``'s inference to the file ``path`` (atomically); returns its metadata.
+    """Writes ``model``'s inference program to the file ``path`` (atomically); returns its
+    metadata.
 
     Args:
+      bank_path: None: the memory bank is a constant of the program and the calibration goes
+        into its metadata. A file name: the program takes the bank as an input
+        (``bank_inputs`` in its metadata) and ``export_bank`` writes this model's bank there.
       platforms: lowering targets; default: cpu plus each of cuda and tpu that lowers on this
         machine without the hardware.
-      overwrite: replace an existing file that is not an export (``check_export_target``).
+      overwrite: replace existing files that are not exports (``check_export_target``).
     Raises:
-      ValueError: unfitted or uncalibrated model, a non-finite threshold, or a requested
-        platform that fails to lower.
-      OSError: ``path`` refused by ``check_export_target``.
+      ValueError: unfitted or uncalibrated model, a non-finite threshold, ``path`` equal to
+        ``bank_path``, or a requested platform that fails to lower.
+      OSError: ``path`` or ``bank_path`` refused by ``check_export_target``.
     """
     target = check_export_target(path, overwrite=overwrite)
-    infer = jax.jit(export_function(model))
+    if bank_path is not None:
+        check_export_target(bank_path, overwrite=overwrite, option="--bank-out", kind=BANK_KIND)
+        if Path(bank_path).resolve() == target.resolve():
+            raise ValueError(f"--out and --bank-out are the same file {target}; give two names")
     calibration = _finite_calibration(model)
+    bank_arrays = model.bank_inputs()
+    bank_specs = exported.pack_arrays(bank_arrays)[0] if bank_path is not None else []
+    program = _lower(
+        export_function(model, bank_input=bank_path is not None),
+        model.image_shape,
+        [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in bank_arrays.values()]
+        if bank_specs
+        else [],
+        platforms,
+    )
     height, width = model.image_shape
+    metadata = {
+        "package_version": package_version(),
+        "platforms": list(program.platforms),
+        "image_shape": [height, width],
+        "outputs": list(exported.OUTPUTS),
+        "config": model.config.to_dict(),
+        "configuration": inference_configuration(model),
+        "bank_inputs": bank_specs,
+        "calibration": None if bank_specs else _calibration_fields(calibration),
+        "preprocessing": _preprocessing(model),
+    }
+    check_export_target(target, overwrite=overwrite)  # again: lowering took a while
+    with atomic_path(target) as tmp:
+        exported.write_checksummed(
+            tmp, exported.KIND, exported.FORMAT_VERSION, metadata, program.serialize(), "program"
+        )
+    if bank_path is not None:
+        export_bank(model, bank_path, overwrite=overwrite)
+    return metadata
+
+
+def export_checkpoint(
+    model_path: str | os.PathLike,
+    out: str | os.PathLike | None,
+    *,
+    bank_out: str | os.PathLike | None = None,
+    platforms: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> list[str]:
+    """The ``export`` command: checks the targets, loads the checkpoint ``model_path``, writes
+    the program ``out`` (its bank inside, or ``bank_out`` as an input) and/or only the bank file
+    ``bank_out``; returns what was written, e.g. ``["p.pcjx (program for cpu)", ...]``."""
+    if out is None and bank_out is None:
+        raise ValueError("export needs --out PROGRAM, --bank-out BANK or both")
+    if out is not None:
+        check_export_target(out, overwrite=overwrite)  # before loading the model
+    if bank_out is not None:
+        check_export_target(bank_out, overwrite=overwrite, option="--bank-out", kind=BANK_KIND)
+    model = checkpoint.load(model_path)
+    written = []
+    if out is not None:
+        options = {"bank_path": bank_out, "platforms": platforms, "overwrite": overwrite}
+        metadata = export_model(model, out, **options)
+        written.append(f"{out} (program for {', '.join(metadata['platforms'])})")
+    else:
+        export_bank(model, bank_out, overwrite=overwrite)
+    if bank_out is not None:
+        written.append(f"{bank_out} (bank of {model.memory_bank.shape[0]} rows)")
+    return written
+
+
+def export_bank(
+    model: PatchCore, path: str | os.PathLike, *, overwrite: bool = False
+) -> dict[str, Any]:
+    """Writes ``model``'s bank file to ``path`` (atomically): ``model.bank_inputs()``'s arrays,
+    the calibration and ``inference_configuration``; returns its metadata. It runs in any
+    program exported with ``bank_path`` from a model of the same configuration and bucket
+    (``exported.load(PROGRAM, bank=path)``), e.g. after ``extend`` only this file is new.
+
+    Raises:
+      ValueError: unfitted or uncalibrated model, or a non-finite threshold.
+      OSError: ``path`` refused by ``check_export_target``.
+    """
+    target = check_export_target(path, overwrite=overwrite, option="--bank-out", kind=BANK_KIND)
+    calibration = _finite_calibration(model)
+    specs, payload = exported.pack_arrays(model.bank_inputs())
+    metadata = {
+        "package_version": package_version(),
+        "configuration": inference_configuration(model),
+        "config": model.config.to_dict(),
+        "bank_rows": int(model.memory_bank.shape[0]),
+        "arrays": specs,
+        "calibration": _calibration_fields(calibration),
+        "preprocessing": _preprocessing(model),
+    }
+    with atomic_path(target) as tmp:
+        exported.write_checksummed(
+            tmp, BANK_KIND, exported.BANK_FORMAT_VERSION, metadata, payload, "bank"
+        )
+    return metadata
+
+
+def _lower(
+    infer: Callable[..., Any],
+    image_shape: tuple[int, int],
+    bank_specs: Sequence[jax.ShapeDtypeStruct],
+    platforms: Sequence[str] | None,
+) -> jax.export.Exported:
+    """``jax.export`` of ``infer`` for uint8 [batch, H, W, 3] (batch symbolic) and the bank
+    inputs, for ``platforms`` (default: cpu and each other one that lowers here)."""
+    infer = jax.jit(infer)
     (batch,) = jax.export.symbolic_shape("batch")
-    spec = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8)
+    specs = (jax.ShapeDtypeStruct((batch, *image_shape, 3), jnp.uint8), *bank_specs)
     if platforms is None:
         lowered = []
         for platform in PLATFORMS:  # one failed platform must not cost the others
             try:
-                jax.export.export(infer, platforms=(platform,))(spec)
+                jax.export.export(infer, platforms=(platform,))(*specs)
             except Exception:  # lowering rules missing for this platform here
                 if platform == "cpu":
                     raise
@@ -119,41 +270,26 @@ def export_model(
             lowered.append(platform)
         platforms = lowered
     try:
-        program = jax.export.export(infer, platforms=tuple(platforms))(spec)
+        return jax.export.export(infer, platforms=tuple(platforms))(*specs)
     except Exception as error:
         raise ValueError(
             f"cannot export for {list(platforms)}: {type(error).__name__}: "
             f"{str(error).splitlines()[0][:200] if str(error) else ''}"
         ) from error
-    metadata = {
-        "package_version": package_version(),
-        "platforms": list(program.platforms),
-        "image_shape": [height, width],
-        "outputs": list(exported.OUTPUTS),
-        "config": model.config.to_dict(),
-        "calibration": {
-            "method": calibration.method,
-            "rule": calibration.rule,
-            "quantile": calibration.quantile,
-            "image_threshold": calibration.image_threshold,
-            "image_min": calibration.image_min,
-            "image_max": calibration.image_max,
-            "pixel_threshold": calibration.pixel_threshold,
-            "pixel_min": calibration.pixel_min,
-            "pixel_max": calibration.pixel_max,
-        },
-        "preprocessing": {
-            "resize_mode": model.config.resize_mode,
-            "resize": model.config.resize,
-            "image_shape": [height, width],
-        },
-    }
-    check_export_target(target, overwrite=overwrite)  # again: lowering took a while
-    with atomic_path(target) as tmp:
-        exported.write_checksummed(
-            tmp, exported.KIND, exported.FORMAT_VERSION, metadata, program.serialize(), "program"
-        )
-    return metadata
+
+
+def _calibration_fields(calibration: Calibration) -> dict[str, Any]:
+    """The calibration as the metadata records it (the loader applies the image fields)."""
+    names = ("method", "rule", "quantile", "image_threshold", "image_min", "image_max")
+    names += ("pixel_threshold", "pixel_min", "pixel_max")
+    return {name: getattr(calibration, name) for name in names}
+
+
+def _preprocessing(model: PatchCore) -> dict[str, Any]:
+    """How images become the crops the program takes (the caller's part)."""
+    config = model.config
+    image_shape = list(model.image_shape)
+    return {"resize_mode": config.resize_mode, "resize": config.resize, "image_shape": image_shape}
 
 
 def _finite_calibration(model: PatchCore) -> Calibration:

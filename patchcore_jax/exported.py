@@ -1,14 +1,17 @@
 """Runs a model written by ``patchcore-jax export`` with jax and numpy only.
 
-A deployed model needs nothing else: no flax, orbax or backbone code. The file is a checksummed
+A deployed model needs nothing else: no flax, orbax or backbone code. Each file is a checksummed
 container (``write_checksummed``): a kind-and-version line, one line per section with its byte
-length and sha256, the JSON metadata (config, calibration, platforms) and the ``jax.export``
-serialisation of the model's scoring (StableHLO with the backbone weights and the memory bank as
-constants, batch dimension symbolic). Both sections are verified before anything is parsed, and
-the threshold and normalisation applied come from the metadata alone::
+length and sha256, the JSON metadata and the payload. A program file holds the ``jax.export``
+serialisation of the model's scoring of a whole batch (StableHLO with the backbone weights as
+constants, batch dimension symbolic) and either the memory bank inside it with the calibration
+in its metadata, or (``export --bank-out``) the bank as an input: then a bank file holds the
+bank's arrays, calibration and configuration, and one program runs every bank of its
+configuration. Everything is verified before anything is parsed, and the threshold and
+normalisation applied come from the metadata alone::
 
     from patchcore_jax import exported
-    model = exported.load("bottle.pcjx")
+    model = exported.load("bottle.pcjx")  # or exported.load("line.pcjx", bank="bottle.pcjb")
     outputs = model(images)  # uint8 [B, H, W, 3] preprocessed crops
     outputs["image_scores"], outputs["normalized_scores"], outputs["decisions"],
     outputs["anomaly_maps"]
@@ -29,10 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 
 KIND = "export"
-FORMAT_VERSION = 2  # 2: checksummed sections; calibration applied from the metadata
+# 2: checksummed sections, calibration applied from the metadata; 3: the whole batch at once,
+# the bank padded to its bucket, optionally an input (``bank_inputs`` in the metadata).
+FORMAT_VERSION = 3
+BANK_KIND = "bank"
+BANK_FORMAT_VERSION = 1
 OUTPUTS: tuple[str, ...] = ("image_scores", "normalized_scores", "decisions", "anomaly_maps")
 _SECTION = re.compile(rb"([a-z]+) (\d+) sha256:([0-9a-f]{64})")
 _HEADER_LIMIT = 4096  # the text lines before the metadata are far shorter
+_PROGRAM_CACHE_SIZE = 8
+_PROGRAMS: dict[str, Any] = {}  # sha256 of a serialised program -> the deserialised program
 
 
 def normalize(values: Any, threshold: float, minimum: float, maximum: float) -> Any:
@@ -130,36 +139,94 @@ def _format_version(start: bytes, path: Path, kind: str) -> str:
     return line[len(prefix) + 1 :].decode(errors="replace")[:20]
 
 
-def is_export_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a file that begins like a patchcore-jax export (any format version,
-    damaged or not): one that ``export`` may replace without ``--overwrite``."""
+def is_export_file(path: str | os.PathLike, kind: str = KIND) -> bool:
+    """Whether ``path`` is a file that begins like a patchcore-jax ``kind`` file (any format
+    version, damaged or not): one that ``export`` may replace without ``--overwrite``."""
     try:
         with open(path, "rb") as file:
-            _format_version(file.read(_HEADER_LIMIT), Path(path), KIND)
+            _format_version(file.read(_HEADER_LIMIT), Path(path), kind)
     except (OSError, ValueError):
         return False
     return True
+
+
+def pack_arrays(arrays: dict[str, np.ndarray]) -> tuple[list[list[Any]], bytes]:
+    """``(specs, payload)``: ``[[name, dtype name, shape], ...]`` and the arrays' little-endian
+    C-order bytes one after another, as a bank file stores them (``unpack_arrays``)."""
+    specs, parts = [], []
+    for name, array in arrays.items():
+        array = np.asarray(array)
+        specs.append([name, array.dtype.name, list(array.shape)])
+        parts.append(np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes())
+    return specs, b"".join(parts)
+
+
+def unpack_arrays(specs: Any, payload: memoryview, path: Path) -> dict[str, np.ndarray]:
+    """The arrays ``pack_arrays`` wrote, read-only views of ``payload``; ValueError naming
+    ``path`` if the specs are not ``[name, dtype, shape]`` or do not add up to the payload."""
+    damaged = f"{path} is a damaged patchcore-jax {BANK_KIND} file"
+    arrays, offset = {}, 0
+    try:
+        for name, dtype_name, shape in specs:
+            dtype = np.dtype(jnp.dtype(dtype_name)).newbyteorder("<")
+            if not all(isinstance(size, int) and size >= 0 for size in shape):
+                raise ValueError(f"shape {shape}")
+            count = math.prod(shape)
+            array = np.frombuffer(payload, dtype, count, offset).reshape(shape)
+            arrays[str(name)] = array
+            offset += count * dtype.itemsize
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{damaged} (its array list cannot be read: {error})") from None
+    if offset != len(payload):
+        raise ValueError(f"{damaged} (its arrays take {offset} bytes, it holds {len(payload)})")
+    return arrays
+
+
+def read_bank(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Reads and verifies a bank file (``export --bank-out``): ``(metadata, arrays)``.
+
+    Raises:
+      FileNotFoundError: no file at ``path``.
+      ValueError (one line naming ``path``): not a bank file, damaged, another format version.
+    """
+    path = Path(path)
+    remedy = "export the bank again with this version (export MODEL --bank-out BANK)"
+    metadata, payload = read_checksummed(path, BANK_KIND, BANK_FORMAT_VERSION, remedy)
+    return metadata, unpack_arrays(metadata.get("arrays"), payload, path)
 
 
 class ExportedModel:
     """A loaded export: call it on uint8 ``[B, H, W, 3]`` crops of ``image_shape``.
 
     Attributes:
-      metadata: the file's verified JSON metadata (``format_version``, ``config``,
-        ``calibration`` thresholds, ``platforms``, ``image_shape``, ``package_version``); its
-        ``calibration`` is what the model applies.
+      metadata: the program file's verified JSON metadata (``format_version``, ``config``,
+        ``configuration``, ``platforms``, ``image_shape``, ``bank_inputs``, ``package_version``
+        and, when the bank is inside, ``calibration``).
+      bank_metadata: the bank file's (``configuration``, ``config``, ``calibration``,
+        ``arrays``, ``bank_rows``), or None when the bank is inside the program.
       image_shape: ``(H, W)`` of the crops it takes.
+    The ``calibration`` applied is the bank file's, else the program file's.
     """
 
-    def __init__(self, metadata: dict[str, Any], program: Any, path: Path) -> None:
+    def __init__(
+        self,
+        metadata: dict[str, Any],
+        program: Any,
+        path: Path,
+        bank: tuple[dict[str, Any], dict[str, np.ndarray], Path] | None = None,
+    ) -> None:
         self.metadata = metadata
-        self.image_shape, self._calibration = _applied(metadata, path)
+        self.bank_metadata = None if bank is None else bank[0]
+        source = metadata if bank is None else {**bank[0], "image_shape": metadata["image_shape"]}
+        self.image_shape, self._calibration = _applied(source, path if bank is None else bank[2])
         self._program = program
         self._path = path
+        # Placed once: every call passes the same device arrays.
+        self._bank_arrays = [] if bank is None else [jnp.asarray(x) for x in bank[1].values()]
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 ``[B, H, W, 3]`` (B >= 1) -> ``{image_scores [B] float32, normalized_scores [B]
-        float32, decisions [B] bool, anomaly_maps [B, H, W] float32}``."""
+        float32, decisions [B] bool, anomaly_maps [B, H, W] float32}``, the batch at once."""
         images = np.asarray(images)
         expected = (*self.image_shape, 3)
         if (
@@ -178,7 +245,8 @@ class ExportedModel:
                 f"{self._path} was exported for {list(self._program.platforms)}, not for this "
                 f"machine's {platform!r}; export again with that platform"
             )
-        image_scores, anomaly_maps = (np.asarray(x) for x in self._program.call(images))
+        outputs = self._program.call(images, *self._bank_arrays)
+        image_scores, anomaly_maps = (np.asarray(x) for x in outputs)
         threshold, minimum, maximum = self._calibration
         return {
             "image_scores": image_scores,
@@ -207,25 +275,92 @@ def _applied(metadata: dict[str, Any], path: Path) -> tuple[tuple[int, int], tup
     return shape, tuple(float(v) for v in values)
 
 
-def load(path: str | os.PathLike) -> ExportedModel:
-    """Reads an export file, verifying its checksums and format version before deserialising.
+def _check_bank(
+    program: Any, metadata: dict[str, Any], bank_metadata: dict[str, Any], arrays, paths
+) -> None:
+    """ValueError (one line naming both files) unless the bank file's configuration equals the
+    program's and its arrays are the names, dtypes and shapes the program takes."""
+    path, bank_path = paths
+    refit = "export the program from the bank's model (export MODEL --out PROGRAM --bank-out)"
+    ours, theirs = metadata.get("configuration"), bank_metadata.get("configuration")
+    if not isinstance(ours, dict) or not isinstance(theirs, dict):
+        raise ValueError(f"{path} or {bank_path}: its metadata lacks 'configuration'; {refit}")
+    for key in sorted(set(ours) | set(theirs)):
+        if ours.get(key) != theirs.get(key):
+            raise ValueError(
+                f"{bank_path} is a bank of another configuration than {path}: {key} "
+                f"{theirs.get(key)!r} (bank) vs {ours.get(key)!r} (program); {refit}"
+            )
+    expected = [
+        f"{name} {aval.dtype.name}{list(aval.shape)}"
+        for (name, *_), aval in zip(metadata["bank_inputs"], program.in_avals[1:], strict=False)
+    ]
+    found = [f"{name} {array.dtype.name}{list(array.shape)}" for name, array in arrays.items()]
+    if found != expected or len(expected) != len(program.in_avals) - 1:
+        raise ValueError(
+            f"{bank_path} does not fit {path}: the bank holds {', '.join(found)}; the program "
+            f"takes {', '.join(expected)} (a bank grown past its bucket needs its program "
+            f"again); {refit}"
+        )
+    rows, num_valid = arrays.get("memory_bank"), arrays.get("num_valid")
+    if rows is not None and num_valid is not None and not 1 <= int(num_valid) <= len(rows):
+        raise ValueError(f"{bank_path}: num_valid {int(num_valid)} is not in [1, {len(rows)}]")
 
+
+def _deserialize(serialized: memoryview, path: Path) -> Any:
+    """The ``jax.export`` program of ``serialized``, shared by every load of the same bytes in
+    this process (the last ``_PROGRAM_CACHE_SIZE``), so that a program loaded with many banks
+    compiles once per batch size."""
+    digest = hashlib.sha256(serialized).hexdigest()
+    if digest not in _PROGRAMS:
+        try:
+            program = jax.export.deserialize(bytearray(serialized))
+        except Exception as error:  # flatbuffer and MLIR parsers raise many types
+            raise ValueError(
+                f"{path} is a damaged patchcore-jax export file (its program cannot be read: "
+                f"{type(error).__name__})"
+            ) from None
+        if len(_PROGRAMS) >= _PROGRAM_CACHE_SIZE:
+            _PROGRAMS.pop(next(iter(_PROGRAMS)))
+        _PROGRAMS[digest] = program
+    return _PROGRAMS[digest]
+
+
+def load(path: str | os.PathLike, bank: str | os.PathLike | None = None) -> ExportedModel:
+    """Reads an export file (and a bank file), verifying checksums and format versions before
+    deserialising, and, with ``bank``, that the bank is one of the program's configuration.
+
+    Args:
+      path: a program file written by ``export --out``.
+      bank: a bank file written by ``export --bank-out``; required for a program exported with
+        ``--bank-out``, refused for one with its bank inside.
     Raises:
-      FileNotFoundError: no file at ``path``.
-      ValueError (one line naming ``path``): not an export file, damaged (a checksum, its length
-        or its header), written in another format version, or metadata without a usable
-        calibration.
+      FileNotFoundError: no file at ``path`` or ``bank``.
+      ValueError (one line naming the file, both for a mismatch): not an export or bank file,
+        damaged (a checksum, its length or its header), another format version, metadata
+        without a usable calibration, a bank of another configuration, shape or bucket.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no exported model at {path}")
     remedy = "export the model again with this version"
     metadata, serialized = read_checksummed(path, KIND, FORMAT_VERSION, remedy)
-    try:
-        program = jax.export.deserialize(bytearray(serialized))
-    except Exception as error:  # flatbuffer and MLIR parsers raise many types
+    takes_bank = bool(metadata.get("bank_inputs"))
+    if takes_bank and bank is None:
         raise ValueError(
-            f"{path} is a damaged patchcore-jax export file (its program cannot be read: "
-            f"{type(error).__name__})"
-        ) from None
-    return ExportedModel(metadata, program, path)
+            f"{path} takes its memory bank as an input (exported with --bank-out): load it "
+            "with bank=BANK, a bank file of its configuration"
+        )
+    if bank is not None and not takes_bank:
+        raise ValueError(
+            f"{path} has its memory bank inside (exported without --bank-out): load it "
+            f"without {bank}, or export the program with --bank-out"
+        )
+    bank_file = None
+    if bank is not None:
+        bank_metadata, arrays = read_bank(bank)
+        bank_file = (bank_metadata, arrays, Path(bank))
+    program = _deserialize(serialized, path)
+    if bank_file is not None:
+        _check_bank(program, metadata, bank_file[0], bank_file[1], (path, bank_file[2]))
+    return ExportedModel(metadata, program, path, bank_file)

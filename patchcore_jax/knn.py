@@ -55,8 +55,15 @@ _PADDED_QUERY, _PADDED_ROW = -2, -1
 
 
 def _tiling(num_rows: int, num_shards: int, block_size: int) -> tuple[int, int]:
-    """``(tile, rows_per_shard)``: balanced tiles of at most ~``block_size`` rows per shard."""
+    """``(tile, rows_per_shard)``: balanced tiles of at most ~``block_size`` rows per shard.
+
+    A symbolic ``num_rows`` (an exported program's batch dimension) gets tiles of
+    ``block_size`` rounded up to a multiple of 8, whatever the batch: one compiled shape per tile.
+    """
     per_shard = max(1, -(-num_rows // num_shards))
+    if not isinstance(per_shard, int):
+        tile = -(-block_size // 8) * 8
+        return tile, -(-per_shard // tile) * tile
     num_tiles = -(-per_shard // block_size)
     tile = -(-per_shard // num_tiles)
     tile = -(-tile // 8) * 8  # multiples of 8 keep the matmuls aligned

@@ -669,26 +669,38 @@ class PatchCore:
         anomaly_maps = np.concatenate([r.anomaly_maps for r in results])
         return image_scores, anomaly_maps
 
-    def inference_function(self) -> Callable[[jax.Array], scoring.ScoreResult]:
-        """The model's inference as one pure, jittable function: uint8 images [B, H, W, 3] ->
-        ``ScoreResult`` ([B] image scores, [B, H, W] maps, ...), with the backbone variables
-        (in this platform's backbone dtype), the memory bank [M, D] and its candidate-search
-        arrays as constants. The computation ``score`` compiles over the mesh, here on one
-        device and without the bank's bucket padding (equal to float32 rounding): for
-        ``jax.export`` (``patchcore_jax.export``) and other JAX programs."""
+    def bank_inputs(self) -> dict[str, np.ndarray]:
+        """The inference's per-bank arguments on the host, in order: ``memory_bank`` [bucket, D]
+        float32 (padded), ``num_valid`` int32 [] (M), ``search_0``...: the search arrays' leaves."""
+        if self.memory_bank is None:
+            raise ValueError("PatchCore.bank_inputs called before fit() or load()")
+        memory_bank, num_valid = (np.asarray(x) for x in self._scoring_bank)
+        arrays = {"memory_bank": memory_bank, "num_valid": num_valid}
+        search = jax.tree.leaves(self._search)
+        arrays.update((f"search_{i}", np.asarray(x)) for i, x in enumerate(search))
+        return arrays
+
+    def inference_function(self, *, bank_input: bool = False) -> Callable[..., scoring.ScoreResult]:
+        """The inference of a whole batch as one pure, jittable function: uint8 images
+        [B, H, W, 3] -> ``ScoreResult`` ([B] image scores, [B, H, W] maps, ...); the backbone
+        variables (this platform's dtype) are constants. ``bank_input`` False: so are
+        ``bank_inputs()``, ``infer(images)``; True: ``infer(images, *bank_inputs().values())``
+        runs any bank of this configuration and bucket. ``score``'s computation on one device
+        (equal to float32 rounding), for ``jax.export`` and other JAX programs."""
         if self.memory_bank is None:
             raise ValueError("PatchCore.inference_function called before fit() or load()")
         embed_and_score = programs.embed_and_score_function(*self._program_options, None)
         variables = features.backbone_variables(self.backbone.variables, self._backbone_precision)
-        memory_bank = jnp.asarray(np.asarray(self.memory_bank))
-        search = self.search_arrays()
-        if search is not None:
-            search = tuple(jnp.asarray(np.asarray(x)) for x in search)
+        search_structure = jax.tree.structure(self._search)
 
-        def infer(images: jax.Array) -> scoring.ScoreResult:
-            return embed_and_score(variables, images, memory_bank, None, search)
+        def infer_with_bank(images: jax.Array, memory_bank, num_valid, *search: jax.Array):
+            search_arrays = jax.tree.unflatten(search_structure, search)
+            return embed_and_score(variables, images, memory_bank, num_valid, search_arrays)
 
-        return infer
+        if bank_input:
+            return infer_with_bank
+        constants = [jnp.asarray(x) for x in self.bank_inputs().values()]
+        return lambda images: infer_with_bank(images, *constants)
 
     @property
     def members(self) -> list[PatchCore]:

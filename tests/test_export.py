@@ -9,13 +9,16 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 
+import float_rounding
+import jax
 import numpy as np
 import pytest
 from conftest import BOTTLE
 from test_cli import run_cli
 
-from patchcore_jax import PatchCore, PatchCoreConfig, checkpoint, export, exported
+from patchcore_jax import PatchCore, PatchCoreConfig, checkpoint, export, exported, scoring
 from patchcore_jax import calibration as calibration_module
 from patchcore_jax.datasets.folders import load_dataset
 from patchcore_jax.preprocess import load_images
@@ -293,3 +296,204 @@ def test_export_replaces_a_previous_export_atomically(exported_model, tmp_path, 
     metadata = export.export_model(model, previous, platforms=["cpu"])
     assert previous.stat().st_ino != inode  # a new file renamed over the old one
     assert exported.load(previous).metadata["calibration"] == metadata["calibration"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched programs and banks as inputs (tiny crops: 64 x 64, an 8 x 8 patch grid)
+
+TINY = {"backbone": "mobilenet_v2", "resize": 72, "crop": 64, "coreset_fraction": 0.03}
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory):
+    """Two "categories" of one line fitted with the same options: 34 training crops each (65
+    bank rows, bucket 66); the program exported from ``a`` with ``--bank-out``, the bank of
+    ``b`` alone (``export_bank``); 69 training and 4 test crops."""
+    folder = tmp_path_factory.mktemp("line")
+    bottle = load_dataset(BOTTLE)
+    train = load_images(bottle.train_paths[:69], 72, 64)
+    test = load_images(bottle.test_image_paths[::17][:4], 72, 64)
+    config = PatchCoreConfig(**TINY, batch_size=4)
+    first = PatchCore(config).fit(train[:34])
+    second = PatchCore(config, backbone=first.backbone).fit(train[34:68])
+    checkpoint.save(first, folder / "a")
+    program, bank = folder / "line.pcjx", folder / "a.pcjb"
+    result = run_cli(
+        "export", folder / "a", "--out", program, "--bank-out", bank, "--platforms", "cpu"
+    )
+    assert f"{program} (program for cpu); {bank} (bank of 65 rows)" in result.stderr
+    export.export_bank(second, folder / "b.pcjb")
+    return types.SimpleNamespace(
+        folder=folder, train=train, test=test, models={"a": first, "b": second}
+    )
+
+
+def with_bank(config, model, rows=None):
+    """A ``config`` model with ``model``'s backbone, calibration and first ``rows`` bank rows."""
+    bank = np.asarray(model.memory_bank)[:rows]
+    other = PatchCore(config, backbone=model.backbone, memory_bank=bank)
+    other.calibration = model.calibration
+    return other
+
+
+def rounding_bounds(model, images, image_scores):
+    """``(score bound [N], map bound [N])``: how far two float32 computations of ``images``'
+    image scores and maps may differ when only their summation orders differ (batch size,
+    tiling, kernels), for k = 1, squared L2, no reweighting.
+
+    Every float32 squared distance of a patch q to a bank row b is within
+    ``e = gamma_{D+2} (|q|^2 + |b|^2 + 2 sum |q_i b_i|)`` of the exact one in any summation
+    order (``float_rounding.squared_distance_error``), so a patch score (a min over rows) and an
+    image score (a max over patches) are within the image's largest ``e`` of the exact ones:
+    two runs differ by at most ``2 e``. A map is ``R S C^T`` with non-negative ``R`` [H, h],
+    ``C`` [W, w] applied to the patch scores ``S``: each run adds at most
+    ``gamma_{h+w} max S`` (scaled by R's and C's row sums) to ``R |dS| C^T``.
+    """
+    dim = model.config.target_embed_dimension
+    queries = np.abs(model.patch_features(images).astype(np.float64))
+    queries = queries.reshape(len(images), -1, dim)
+    bank = np.abs(np.asarray(model.memory_bank, np.float64))
+    terms = (
+        np.sum(queries**2, -1)[:, :, None] + np.sum(bank**2, -1)[None, None] + 2 * queries @ bank.T
+    )
+    distance_error = float_rounding.gamma(dim + 2) * terms.max(axis=(1, 2))
+    (grid_h, grid_w), (height, width) = model.grid_shape, model.image_shape
+    sigma = model.config.anomaly_map_sigma
+    row_sums = [
+        np.abs(scoring.anomaly_map_matrix(grid, out, sigma)).sum(1).max()
+        for grid, out in ((grid_h, height), (grid_w, width))
+    ]
+    largest_patch_score = np.abs(image_scores) + distance_error
+    map_rounding = float_rounding.gamma(grid_h + grid_w) * largest_patch_score
+    return 2 * distance_error, row_sums[0] * row_sums[1] * 2 * (distance_error + map_rounding)
+
+
+def assert_within_rounding(outputs, model, images):
+    """``outputs`` of an exported program equal ``model.predict(images)`` to float32 rounding
+    (``rounding_bounds``), and its decisions and normalisation are the model's."""
+    scores, maps = model.predict(images)
+    score_bound, map_bound = rounding_bounds(model, images, scores)
+    assert np.all(np.abs(outputs["image_scores"] - scores) <= score_bound)
+    map_error = np.abs(outputs["anomaly_maps"] - maps).max(axis=(1, 2))
+    assert np.all(map_error <= map_bound)
+    calibration = model.calibration
+    threshold = calibration.image_threshold
+    decided = np.abs(scores - threshold) > score_bound  # not within rounding of the threshold
+    np.testing.assert_array_equal(outputs["decisions"][decided], scores[decided] >= threshold)
+
+
+def test_the_exported_program_scores_the_whole_batch_at_once_within_rounding_of_predict(line):
+    """No ``lax.map`` over images: the backbone's convolutions take the whole batch; the loaded
+    program equals ``predict`` at the same batch size (4) and at batch size 1, within the
+    derived float32 rounding bound (``rounding_bounds``)."""
+    model = line.models["a"]
+    text = str(jax.make_jaxpr(export.export_function(model))(line.test[:3]))
+    convs = [line.split("=")[0] for line in text.splitlines() if "conv_general_dilated[" in line]
+    assert convs and all(":f32[3," in out.replace(" ", "") for out in convs), convs[:3]
+    loaded = exported.load(line.folder / "line.pcjx", bank=line.folder / "a.pcjb")
+    for images in (line.test, line.test[:1]):
+        assert_within_rounding(loaded(images), model, images)
+
+
+def test_one_program_runs_another_categorys_bank_with_that_models_predict_scores(line, tmp_path):
+    """The program exported from ``a`` runs ``b``'s bank: ``b``'s predict scores, maps and
+    decisions (its calibration, from the bank file). Fast models too: their low-rank search
+    arrays travel in the bank file."""
+    loaded = exported.load(line.folder / "line.pcjx", bank=line.folder / "b.pcjb")
+    outputs = loaded(line.test)
+    first, second = line.models["a"], line.models["b"]
+    assert_within_rounding(outputs, second, line.test)
+    assert not np.allclose(outputs["image_scores"], first.predict(line.test)[0])
+    calibration = second.calibration
+    assert loaded.bank_metadata["calibration"]["image_threshold"] == calibration.image_threshold
+    np.testing.assert_array_equal(
+        outputs["normalized_scores"], calibration.normalize_image_scores(outputs["image_scores"])
+    )
+    assert loaded.metadata["calibration"] is None  # the bank file's is applied
+    assert [spec[0] for spec in loaded.metadata["bank_inputs"]] == ["memory_bank", "num_valid"]
+    fast_config = first.config.replace(precision="fast")
+    fast_first, fast_second = with_bank(fast_config, first), with_bank(fast_config, second)
+    assert fast_second.candidate_search == "low-rank"
+    program, bank = tmp_path / "fast.pcjx", tmp_path / "b.pcjb"
+    export.export_model(fast_first, program, bank_path=tmp_path / "a.pcjb", platforms=["cpu"])
+    export.export_bank(fast_second, bank)
+    loaded = exported.load(program, bank=bank)
+    names = [spec[0] for spec in loaded.bank_metadata["arrays"]]
+    assert names == ["memory_bank", "num_valid", "search_0", "search_1"]
+    assert_within_rounding(loaded(line.test), fast_second, line.test)
+
+
+def test_a_bank_of_another_configuration_or_bucket_is_refused_naming_both_files(
+    line, exported_model, tmp_path
+):
+    program, first = line.folder / "line.pcjx", line.models["a"]
+    config = first.config
+    cases = {
+        "sigma.pcjb": (
+            with_bank(config.replace(anomaly_map_sigma=2.0), first),
+            "anomaly_map_sigma 2.0 (bank) vs 4.0",
+        ),
+        "smaller.pcjb": (with_bank(config, first, 60), "the bank holds memory_bank float32[60,"),
+    }
+    for name, (model, reason) in cases.items():
+        export.export_bank(model, tmp_path / name)
+        with pytest.raises(ValueError, match=re.escape(reason)) as error:
+            exported.load(program, bank=tmp_path / name)
+        message = str(error.value)
+        assert str(program) in message and str(tmp_path / name) in message and "\n" not in message
+    with pytest.raises(ValueError, match="takes its memory bank as an input") as error:
+        exported.load(program)
+    assert str(program) in str(error.value)
+    with pytest.raises(ValueError, match="has its memory bank inside"):
+        exported.load(exported_model[1], bank=line.folder / "a.pcjb")
+    with pytest.raises(ValueError, match="not a patchcore-jax bank file"):
+        exported.load(program, bank=program)
+    with pytest.raises(ValueError, match="not a patchcore-jax export file"):
+        exported.load(line.folder / "a.pcjb")
+
+
+def test_a_damaged_or_other_version_bank_file_is_refused(line, tmp_path):
+    program, bank = line.folder / "line.pcjx", line.folder / "a.pcjb"
+    data = bank.read_bytes()
+    flipped = bytearray(data)
+    flipped[-100] ^= 0x01
+    cases = {
+        "flipped.pcjb": (bytes(flipped), "its bank does not match its sha256"),
+        "short.pcjb": (data[:-4], "truncated"),
+        "long.pcjb": (data + b"\0", "longer than its header says"),
+    }
+    for name, (content, reason) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=reason) as error:
+            exported.load(program, bank=tmp_path / name)
+        assert str(tmp_path / name) in str(error.value) and "\n" not in str(error.value)
+    metadata, payload = exported.read_checksummed(bank, "bank", exported.BANK_FORMAT_VERSION, "")
+    wrong_sizes = {**metadata, "arrays": [[*metadata["arrays"][0][:2], [31, 1024]]]}
+    future = exported.BANK_FORMAT_VERSION + 1
+    for name, version, fields, reason in (
+        ("future.pcjb", future, metadata, f"bank format version {future};.*export the bank again"),
+        ("sizes.pcjb", exported.BANK_FORMAT_VERSION, wrong_sizes, "its arrays take"),
+    ):
+        exported.write_checksummed(tmp_path / name, "bank", version, fields, payload, "bank")
+        with pytest.raises(ValueError, match=reason):
+            exported.load(program, bank=tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="no bank file at"):
+        exported.load(program, bank=tmp_path / "missing.pcjb")
+
+
+def test_a_bank_grown_within_its_bucket_needs_only_its_bank_file_again(line, tmp_path):
+    """``fit --resume`` (``extend`` of the loaded checkpoint): 65 -> 66 rows, one bucket (66);
+    re-exporting the bank alone makes the old program give the grown model's scores."""
+    grown = checkpoint.load(line.folder / "a")
+    with pytest.warns(UserWarning, match="calibrated"):
+        grown.extend(line.train[68:69])
+    assert grown.memory_bank.shape[0] == 66
+    checkpoint.save(grown, tmp_path / "grown")
+    program, bank = line.folder / "line.pcjx", tmp_path / "grown.pcjb"
+    before = program.read_bytes()
+    result = run_cli("export", tmp_path / "grown", "--bank-out", bank)
+    assert result.stderr.strip().endswith(f"to {bank} (bank of 66 rows)")
+    assert program.read_bytes() == before
+    loaded = exported.load(program, bank=bank)
+    assert loaded.bank_metadata["bank_rows"] == 66
+    assert_within_rounding(loaded(line.test), grown, line.test)
