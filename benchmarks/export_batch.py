@@ -89,7 +89,9 @@ def run_tree(tree: Path, arguments: list[str]) -> subprocess.CompletedProcess:
     """``arguments`` run in a fresh process with ``PYTHONPATH`` at ``tree``; raises on failure."""
     env = {**os.environ, "PYTHONPATH": str(tree), "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    done = subprocess.run([sys.executable, *arguments], env=env, capture_output=True, text=True)
+    done = subprocess.run(  # cwd: ``-m`` puts it first on sys.path
+        [sys.executable, *arguments], env=env, capture_output=True, text=True, cwd=tree
+    )
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(arguments)} in {tree} failed:\n{done.stderr[-4000:]}")
     return done

@@ -189,7 +189,7 @@ def test_fast_model_calibrates_and_exports_in_its_precision(bottle_images):
         model.calibration.image_threshold, exact.calibration.image_threshold, rtol=1e-5
     )
     infer = export.export_function(model)
-    text = str(jax.make_jaxpr(infer)(test[:2]))  # the backbone sits inside lax.map's scan
+    text = str(jax.make_jaxpr(infer)(test[:2]))  # the whole batch through the backbone
     convs = [line.split("=")[0] for line in text.splitlines() if "conv_general_dilated[" in line]
     assert convs and all("f32[" in out for out in convs)
     scores, maps = jax.jit(infer)(test[:2])
