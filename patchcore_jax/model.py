@@ -674,33 +674,25 @@ class PatchCore:
         float32 (padded), ``num_valid`` int32 [] (M), ``search_0``...: the search arrays' leaves."""
         if self.memory_bank is None:
             raise ValueError("PatchCore.bank_inputs called before fit() or load()")
-        memory_bank, num_valid = (np.asarray(x) for x in self._scoring_bank)
-        arrays = {"memory_bank": memory_bank, "num_valid": num_valid}
-        search = jax.tree.leaves(self._search)
-        arrays.update((f"search_{i}", np.asarray(x)) for i, x in enumerate(search))
-        return arrays
+        leaves = [*self._scoring_bank, *jax.tree.leaves(self._search)]
+        names = ["memory_bank", "num_valid"] + [f"search_{i}" for i in range(len(leaves) - 2)]
+        return {name: np.asarray(leaf) for name, leaf in zip(names, leaves, strict=True)}
 
     def inference_function(self, *, bank_input: bool = False) -> Callable[..., scoring.ScoreResult]:
-        """The inference of a whole batch as one pure, jittable function: uint8 images
-        [B, H, W, 3] -> ``ScoreResult`` ([B] image scores, [B, H, W] maps, ...); the backbone
-        variables (this platform's dtype) are constants. ``bank_input`` False: so are
-        ``bank_inputs()``, ``infer(images)``; True: ``infer(images, *bank_inputs().values())``
-        runs any bank of this configuration and bucket. ``score``'s computation on one device
-        (equal to float32 rounding), for ``jax.export`` and other JAX programs."""
+        """``score``'s computation of a whole batch on one device as a pure function (for
+        ``jax.export``): uint8 images [B, H, W, 3] -> ``ScoreResult``, backbone variables as
+        constants; ``infer(images)`` with ``bank_inputs()`` as constants too, or (``bank_input``)
+        ``infer(images, *bank_inputs().values())`` for any bank of this configuration and bucket."""
         if self.memory_bank is None:
             raise ValueError("PatchCore.inference_function called before fit() or load()")
         embed_and_score = programs.embed_and_score_function(*self._program_options, None)
         variables = features.backbone_variables(self.backbone.variables, self._backbone_precision)
-        search_structure = jax.tree.structure(self._search)
-
-        def infer_with_bank(images: jax.Array, memory_bank, num_valid, *search: jax.Array):
-            search_arrays = jax.tree.unflatten(search_structure, search)
-            return embed_and_score(variables, images, memory_bank, num_valid, search_arrays)
-
+        search = jax.tree.structure(self._search)
+        infer = programs.with_bank_arguments(embed_and_score, variables, search)
         if bank_input:
-            return infer_with_bank
+            return infer
         constants = [jnp.asarray(x) for x in self.bank_inputs().values()]
-        return lambda images: infer_with_bank(images, *constants)
+        return lambda images: infer(images, *constants)
 
     @property
     def members(self) -> list[PatchCore]:

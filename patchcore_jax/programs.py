@@ -129,6 +129,21 @@ def embed_and_score_function(
     return embed_and_score
 
 
+def with_bank_arguments(
+    embed_and_score: Callable[..., scoring.ScoreResult], variables: Any, search_structure: Any
+) -> Callable[..., scoring.ScoreResult]:
+    """``(images, bank [bucket, D], rows in use [], *search leaves) -> ScoreResult``:
+    ``embed_and_score_function``'s function with the backbone ``variables`` bound and the
+    candidate-search arrays flattened (their pytree ``search_structure``), so that every bank
+    array is one positional argument (an exported program's inputs)."""
+
+    def infer(images: jax.Array, memory_bank, num_valid, *search: jax.Array):
+        search_arrays = jax.tree.unflatten(search_structure, search)
+        return embed_and_score(variables, images, memory_bank, num_valid, search_arrays)
+
+    return infer
+
+
 @functools.lru_cache(maxsize=16)
 def predict_program(
     module: Any,
