@@ -7,6 +7,12 @@ nominal score at the cost of one scoring pass, with the bank (and so every repor
 untouched. ``held-out`` keeps a seeded fraction of the training images out of the bank instead,
 and a user-given validation set (nominal or labelled) can be used after fitting.
 
+An image without a finite calibration score is left out of the thresholds and ranges, and the
+calibration says how many were (``left_out``): in self-excluded calibration an image has no
+score when the bank holds no row of any other image (identical images, a bank of a few rows).
+Fewer than ``MIN_SCORED_IMAGES`` scored images is an error, and a ``Calibration`` never holds a
+non-finite threshold or range, so none is saved, loaded, applied or exported.
+
 Thresholds are a quantile of the nominal scores, or F1-optimal on a labelled validation set.
 Normalised scores follow anomalib: ``clip((s - threshold) / (max - min) + 0.5, 0, 1)`` with min
 and max of the calibration scores, so the threshold maps to 0.5.
@@ -26,6 +32,17 @@ from patchcore_jax.config import CALIBRATION_METHODS
 from patchcore_jax.exported import normalize  # one normalisation: fit, predict and exports
 
 NUM_PIXEL_QUANTILES = 101  # the stored pixel-score distribution: its 0th..100th percentiles
+# Scored images a calibration needs once images without a finite score are left out: a
+# self-excluded one as many as it needs training images (each image is scored against the
+# others'), the others one (a held-out fraction or a validation set may be a single image).
+MIN_SCORED_IMAGES = {"self-excluded": 2, "held-out": 1, "validation": 1}
+_NO_SCORE_CAUSE = {
+    "self-excluded": "the memory bank holds no row of any other image (identical images, or a "
+    "bank of very few rows); fit on more distinct images, with a larger "
+    "PatchCoreConfig.coreset_fraction, or with calibration 'none'",
+    "held-out": "their patch features are not finite",
+    "validation": "their patch features are not finite",
+}
 
 
 def held_out_images(num_images: int, fraction: float, seed: int) -> np.ndarray:
@@ -61,6 +78,11 @@ class Calibration:
       pixel_quantiles: ``[101] float32``, percentiles 0..100 of all calibration map values.
       labels: ``[N]`` 0/1 for a labelled validation set, else None.
       images: training-image indices that were held out (``held-out``), else None.
+      left_out: calibration images without a finite score, left out of all the above.
+
+    Raises:
+      ValueError: a non-finite threshold, range or score distribution (no path can save,
+        load, apply or export one).
     """
 
     method: str
@@ -77,6 +99,17 @@ class Calibration:
     pixel_quantiles: np.ndarray
     labels: np.ndarray | None = None
     images: tuple[int, ...] | None = None
+    left_out: int = 0
+
+    def __post_init__(self) -> None:
+        for name in _FINITE_FIELDS:
+            if not np.all(np.isfinite(np.asarray(getattr(self, name), np.float64))):
+                value = getattr(self, name)
+                shown = f"{value:g}" if np.ndim(value) == 0 else "not all finite"
+                raise ValueError(
+                    f"calibration {name} is {shown}; thresholds and normalisation ranges must "
+                    "be finite numbers"
+                )
 
     def normalize_image_scores(self, image_scores: Any) -> Any:
         """``[N]`` scores -> ``[N]`` float32 in [0, 1], the threshold at 0.5."""
@@ -102,13 +135,20 @@ class Calibration:
             "held-out": "held-out training images",
             "validation": "validation images",
         }[self.method]
-        return f"threshold {self.image_threshold:.6g} ({how} {len(self.image_scores)} {source})"
+        left_out = f"; {self.left_out} image(s) without a score left out" if self.left_out else ""
+        return (
+            f"threshold {self.image_threshold:.6g} ({how} {len(self.image_scores)} {source}"
+            f"{left_out})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (arrays become lists of floats)."""
+        """JSON-ready form (arrays become lists of floats); ``left_out`` only when not 0, so the
+        records of calibrations that scored every image are the same as before it existed."""
         out: dict[str, Any] = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.name == "left_out" and not value:
+                continue
             if isinstance(value, np.ndarray):
                 value = value.tolist()
             elif isinstance(value, tuple):
@@ -131,6 +171,20 @@ class Calibration:
         return cls(**values)
 
 
+_FINITE_FIELDS = (
+    "quantile",
+    "image_threshold",
+    "image_min",
+    "image_max",
+    "pixel_threshold",
+    "pixel_min",
+    "pixel_max",
+    "image_scores",
+    "pixel_maxima",
+    "pixel_quantiles",
+)
+
+
 def calibrate(
     image_scores: np.ndarray,
     anomaly_maps: np.ndarray,
@@ -147,10 +201,13 @@ def calibrate(
     the image scores and the pixel threshold the ``quantile`` of each image's maximum map value
     (so a nominal image gets an empty mask about as often as a nominal decision). With labelled
     defect images the image threshold is F1-optimal; with ``masks`` too, so is the pixel one.
+    Images whose score or map is not finite are left out (``Calibration.left_out``).
 
     Args:
       image_scores: ``[N]``; anomaly_maps: ``[N, H, W]``; labels: ``[N]`` 0/1;
       masks: ``[N, H, W]`` bool ground truth (labelled sets only).
+    Raises:
+      ValueError: bad arguments, or fewer than ``MIN_SCORED_IMAGES[method]`` scored images.
     """
     from patchcore_jax import metrics
 
@@ -166,12 +223,19 @@ def calibrate(
         raise ValueError(f"threshold quantile must be in (0, 1], got {quantile!r}")
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
-    pixel_maxima = anomaly_maps.reshape(len(anomaly_maps), -1).max(axis=1)
-    defective = labels is not None and bool(np.any(labels))
-    if defective:
+    if labels is not None:
         labels = np.asarray(labels, np.int64)
         if labels.shape != image_scores.shape:
             raise ValueError(f"calibration: {len(image_scores)} scores but {len(labels)} labels")
+    scored = _scored_images(image_scores, anomaly_maps, method)
+    left_out = len(image_scores) - int(scored.sum())
+    if left_out:
+        image_scores, anomaly_maps = image_scores[scored], anomaly_maps[scored]
+        labels = None if labels is None else labels[scored]
+        masks = None if masks is None else np.asarray(masks)[scored]
+    pixel_maxima = anomaly_maps.reshape(len(anomaly_maps), -1).max(axis=1)
+    defective = labels is not None and bool(np.any(labels))
+    if defective:
         image_threshold, _, _ = metrics.f1_optimal_threshold(labels, image_scores)
         if masks is not None and np.any(masks):
             pixel_threshold, _, _ = metrics.f1_optimal_threshold(
@@ -200,4 +264,20 @@ def calibrate(
         ),
         labels=labels if labels is not None else None,
         images=None if images is None else tuple(int(i) for i in images),
+        left_out=left_out,
     )
+
+
+def _scored_images(image_scores: np.ndarray, anomaly_maps: np.ndarray, method: str) -> np.ndarray:
+    """``[N]`` bool: the images with a finite score and map. ValueError (one line, the cause)
+    if fewer than ``MIN_SCORED_IMAGES[method]`` are."""
+    finite_maps = np.isfinite(anomaly_maps.reshape(len(anomaly_maps), -1)).all(axis=1)
+    scored = np.isfinite(image_scores) & finite_maps
+    count, needed = int(scored.sum()), MIN_SCORED_IMAGES[method]
+    if count < needed:
+        raise ValueError(
+            f"{method} calibration: {len(scored) - count} of {len(scored)} image(s) have no "
+            f"finite score, leaving {count} (at least {needed} needed for a threshold): "
+            f"{_NO_SCORE_CAUSE[method]}"
+        )
+    return scored

@@ -2,7 +2,9 @@
 
 A single model's checkpoint holds the memory bank (an orbax array, so it restores sharded) and a
 JSON record of everything needed to reproduce the scores: the full config, the backbone's name and
-weights hash, the preprocessing, the package version and a sha256 of the bank's bytes.
+weights hash, the preprocessing, the calibration, the package version and a sha256 of the bank's
+bytes. The record carries a sha256 of itself (``record_sha256``, as does an ensemble's record), so
+an edited or damaged record is refused on load; records written before it existed load as before.
 
 Layout: the checkpoint folder holds versions and a pointer::
 
@@ -13,13 +15,15 @@ Layout: the checkpoint folder holds versions and a pointer::
     MODEL/v000002/member0/         "normalisation"} and one complete single-model checkpoint
                                    folder per member
 
-Saving writes the next version in full (``write_version``: orbax commits it), then replaces
-``CURRENT`` with one ``os.replace``, then removes the older versions. A kill at any moment leaves
-``CURRENT`` naming a complete version, old or new (a single model or an ensemble, never a mix),
-so loading always finds a model; the next save removes what a killed one left. Saving only ever
-deletes entries it wrote (versions, its staging folders and pointer temporaries); other files in
-the folder are left alone. Folders written before the pointer existed (an orbax checkpoint at
-MODEL itself) still load, and the next save replaces them in the same way.
+Saving locks the folder (``files.exclusive_lock`` on the folder itself: a second writer fails at
+once), writes the next version in full (``write_version``: orbax commits it), then replaces
+``CURRENT`` with one ``os.replace``, then removes the versions older than the new one. A kill at
+any moment leaves ``CURRENT`` naming a complete version, old or new (a single model or an
+ensemble, never a mix), so loading always finds a model; the next save removes what a killed one
+left. Saving only ever deletes entries it wrote (versions, its staging folders and pointer
+temporaries); other files in the folder are left alone. Folders written before the pointer
+existed (an orbax checkpoint at MODEL itself) still load, and the next save replaces them in the
+same way.
 
 The protocol is written here rather than with orbax's ``CheckpointManager``: that one finds the
 latest version by listing its step folders (there is no ``CURRENT`` to switch atomically), every
@@ -53,7 +57,7 @@ from patchcore_jax.backbones import Backbone, load_backbone
 from patchcore_jax.calibration import Calibration
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.ensemble import NORMALISATION, Ensemble
-from patchcore_jax.files import atomic_write_text, unwritable
+from patchcore_jax.files import atomic_write_text, exclusive_lock, unwritable
 from patchcore_jax.model import PatchCore
 from patchcore_jax.version import package_version
 
@@ -75,6 +79,27 @@ def _bank_digest(memory_bank: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(memory_bank, dtype=np.float32).tobytes()).hexdigest()
 
 
+def _record_digest(record: dict[str, Any]) -> str:
+    """sha256 of a JSON record without its ``record_sha256`` (key order and tuple/list blind)."""
+    body = {key: value for key, value in record.items() if key != "record_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _signed(record: dict[str, Any]) -> dict[str, Any]:
+    return {**record, "record_sha256": _record_digest(record)}
+
+
+def _check_digest(path: Path, record: dict[str, Any]) -> None:
+    """CheckpointError naming ``path`` if the record does not match its ``record_sha256``
+    (records written before the digest existed have none and are not checked)."""
+    if "record_sha256" in record and record["record_sha256"] != _record_digest(record):
+        raise CheckpointError(
+            f"{path} does not match its recorded sha256: the checkpoint's record was edited or "
+            "is damaged (restore the original or refit)"
+        )
+
+
 def _checkpointer():
     import orbax.checkpoint as ocp
 
@@ -86,7 +111,8 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool = True) -> Pat
 
     Cheap, and called before any work (``fit``) so a bad ``--out`` fails in a second, not after
     feature extraction: ``path`` must be a new folder (its nearest existing ancestor a writable
-    folder), an empty folder, or a writable patchcore-jax checkpoint (replaced if ``overwrite``).
+    folder), an empty folder, or a writable patchcore-jax checkpoint (replaced if ``overwrite``)
+    whose ``CURRENT`` is readable, and no other run may be saving into it.
     """
     target = Path(path).absolute()
     if target.exists() or target.is_symlink():
@@ -101,6 +127,9 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool = True) -> Pat
         problem = unwritable(target)
         if problem:
             raise CheckpointError(f"cannot write to {target}: {problem}")
+        _current_version(target)  # a damaged pointer is reported now
+        with _locked(target):  # another run saving into it is reported now
+            pass
         return target
     ancestor = target.parent
     while not ancestor.exists():
@@ -133,6 +162,16 @@ def enclosing_checkpoint(path: str | os.PathLike) -> Path | None:
     return None
 
 
+@contextlib.contextmanager
+def _locked(target: Path) -> Iterator[None]:
+    """The checkpoint folder ``target`` locked for one writer (CheckpointError if it is not)."""
+    try:
+        with exclusive_lock(target, f"checkpoint folder {target}"):
+            yield
+    except FileExistsError as error:
+        raise CheckpointError(str(error)) from None
+
+
 def _reached(point: str) -> None:
     """Called at each step of ``write_version`` (a no-op); tests replace it to kill the process
     there."""
@@ -151,7 +190,7 @@ def save(model: PatchCore | Ensemble, path: str | os.PathLike, *, overwrite: boo
         return save_ensemble(model, path, overwrite=overwrite)
     if model.memory_bank is None:
         raise CheckpointError("cannot save an unfitted PatchCore model: call fit() first")
-    record = _model_record(model)
+    record = _signed(_model_record(model))
     ocp, checkpointer = _checkpointer()
 
     def write(staging: Path) -> None:
@@ -214,7 +253,7 @@ def save_ensemble(ensemble: Ensemble, path: str | os.PathLike, *, overwrite: boo
     if any(member.memory_bank is None for member in ensemble.members):
         raise CheckpointError("cannot save an unfitted ensemble: call fit() first")
     names = [f"member{index}" for index in range(len(ensemble.members))]
-    record = {"format": ENSEMBLE_FORMAT, "members": names, "normalisation": NORMALISATION}
+    record = _signed({"format": ENSEMBLE_FORMAT, "members": names, "normalisation": NORMALISATION})
 
     def write(staging: Path) -> None:
         staging.mkdir()
@@ -233,46 +272,55 @@ def write_version(
 
     The versioned-folder protocol of every checkpoint (module docstring): ``write(staging)``
     fills the hidden folder ``.vNNNNNN.saving`` (it does not exist yet), which is then renamed
-    to ``vNNNNNN``; ``CURRENT`` is switched to it in one ``os.replace``, and the versions and
-    leftovers of earlier saves are removed. If ``write`` raises (or Ctrl-C was pressed meanwhile:
-    ``interrupt.check``), its staging folder is removed and the previous model stays current.
-    With several processes every process calls ``write`` (for orbax, which coordinates them)
-    and process 0 alone creates, switches and cleans.
+    to ``vNNNNNN``; ``CURRENT`` is switched to it in one ``os.replace``, and the versions older
+    than it are removed. The folder stays locked from before the first write to after the last
+    removal (a second writer fails at once: CheckpointError), and what killed saves left is
+    removed first. If ``write`` raises (or Ctrl-C was pressed meanwhile: ``interrupt.check``),
+    its staging folder is removed and the previous model stays current. With several processes
+    every process calls ``write`` (for orbax, which coordinates them) and process 0 alone
+    creates, locks, switches and cleans.
     """
     target = check_destination(path, overwrite=overwrite)
     is_primary = jax.process_index() == 0
     created = not target.exists()
+    if is_primary:
+        target.mkdir(parents=True, exist_ok=True)
     try:
-        if is_primary:
-            target.mkdir(parents=True, exist_ok=True)
-            _remove_leftovers(target)
-        _barrier("patchcore_jax.checkpoint.save:prepared")
-        current = _current_version(target)
-        name = f"v{(int(current[1:]) if current else 0) + 1:06d}"
-        staging = target / f".{name}.saving"
-        _reached("writing")
-        try:
-            write(staging)
-            interrupt.check()  # Ctrl-C while writing: the previous model stays current
-        except BaseException:
-            if is_primary:
-                _remove_staging(target)
-            raise
-        _reached("written")
-        if is_primary:
-            os.rename(staging, target / name)
-            _fsync_dir(target)
-            _reached("renamed")
-            _write_pointer(target, name)
-            _reached("switched")
-            _remove_leftovers(target)
-            _reached("cleaned")
+        with _locked(target) if is_primary else contextlib.nullcontext():
+            _write_locked(target, write, is_primary)
     except BaseException:
         if is_primary and created and target.is_dir() and not any(target.iterdir()):
             target.rmdir()  # nothing of ours or anyone's in it
         raise
     _barrier("patchcore_jax.checkpoint.save:done")
     return target
+
+
+def _write_locked(target: Path, write: Callable[[Path], None], is_primary: bool) -> None:
+    """``write_version``'s steps once the folder ``target`` exists and is locked."""
+    if is_primary:
+        _remove_leftovers(target)
+    _barrier("patchcore_jax.checkpoint.save:prepared")
+    current = _current_version(target)
+    name = f"v{(int(current[1:]) if current else 0) + 1:06d}"
+    staging = target / f".{name}.saving"
+    _reached("writing")
+    try:
+        write(staging)
+        interrupt.check()  # Ctrl-C while writing: the previous model stays current
+    except BaseException:
+        if is_primary:
+            shutil.rmtree(staging, ignore_errors=True)  # only this save's: the folder is locked
+        raise
+    _reached("written")
+    if is_primary:
+        os.rename(staging, target / name)
+        _fsync_dir(target)
+        _reached("renamed")
+        _write_pointer(target, name)
+        _reached("switched")
+        _remove_leftovers(target, older_than=name)
+        _reached("cleaned")
 
 
 _POINTER = "CURRENT"
@@ -339,13 +387,21 @@ def _layout(folder: Path) -> str | None:
 
 
 def _current_version(folder: Path) -> str | None:
-    """The version ``CURRENT`` names, or None if there is no pointer."""
+    """The version ``CURRENT`` names, or None if there is no pointer. CheckpointError naming
+    the file if it names none (empty, binary garbage, unreadable)."""
+    pointer = folder / _POINTER
     try:
-        name = (folder / _POINTER).read_text(encoding="utf-8").strip()
+        content = pointer.read_bytes()
     except FileNotFoundError:
         return None
+    except OSError as error:
+        raise CheckpointError(f"{pointer} cannot be read: {error.strerror}") from None
+    name = content.decode("utf-8", errors="replace").strip()
     if not _VERSION.fullmatch(name):
-        raise CheckpointError(f"{folder / _POINTER} does not name a version folder: {name[:50]!r}")
+        raise CheckpointError(
+            f"{pointer} is damaged: expected the name of a version folder (v000001 ...), found "
+            f"{content[:40]!r}; restore it, or remove the folder"
+        )
     return name
 
 
@@ -384,21 +440,19 @@ def _is_leftover(entry: Path) -> bool:
     )
 
 
-def _remove_staging(folder: Path) -> None:
-    for entry in folder.iterdir():
-        if entry.name.startswith(".v") and ".saving" in entry.name:
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _remove_leftovers(folder: Path) -> None:
+def _remove_leftovers(folder: Path, older_than: str | None = None) -> None:
     """Deletes what earlier saves wrote and no longer need: every version but the current one,
-    staging folders, pointer temporaries, and a legacy checkpoint once a pointer replaced it.
-    Nothing else is touched."""
+    staging folders, pointer temporaries, and a legacy checkpoint once a pointer replaced it;
+    with ``older_than`` (the version a save just made current) only the versions older than it
+    and a legacy checkpoint, so a writer never deletes another's newer version. Nothing else is
+    touched."""
     current = _current_version(folder)
     for entry in folder.iterdir():
-        ours = (_is_leftover(entry) and entry.name != current) or (
-            current is not None and entry.name in _LEGACY
-        )
+        if older_than is not None:
+            stale = _VERSION.fullmatch(entry.name) is not None and entry.name < older_than
+        else:
+            stale = _is_leftover(entry) and entry.name != current
+        ours = stale or (current is not None and entry.name in _LEGACY)
         if not ours:
             continue
         if entry.is_dir() and not entry.is_symlink():
@@ -461,6 +515,7 @@ def _read_record(target: Path, folder: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{target} has format {record.get('format')!r}; this version reads {FORMAT!r}"
         )
+    _check_digest(folder / _RECORD / "metadata", record)
     return record
 
 
@@ -476,6 +531,7 @@ def _read_ensemble_record(target: Path, version: Path) -> dict[str, Any] | None:
     members = record.get("members") if isinstance(record, dict) else None
     if record.get("format") != ENSEMBLE_FORMAT or not isinstance(members, list) or not members:
         raise CheckpointError(f"{target}: not a {ENSEMBLE_FORMAT} ensemble record")
+    _check_digest(path, record)
     return record
 
 
@@ -578,11 +634,7 @@ def _recorded_config(
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{target}: invalid recorded config: {error}") from error
     if expected_config is not None and expected_config != config:
-        diffs = {
-            k: (v, getattr(config, k))
-            for k, v in expected_config.to_dict().items()
-            if config.to_dict()[k] != v
-        }
+        diffs = expected_config.differences(config)
         raise CheckpointError(f"{target}: config differs from the expected one: {diffs}")
     shape = tuple(record.get("memory_bank", {}).get("shape", ()))
     if len(shape) != 2 or shape[1] != config.target_embed_dimension:

@@ -381,7 +381,8 @@ def _fit(args: argparse.Namespace) -> int:
     few_shot = {"train_images": args.train_images, "train_seed": args.train_seed}
     report = {**_run(args), "log": _say, "spill_dir": args.spill_dir}
     if args.resume is not None:
-        workflows.extend_folder(args.data, args.resume, args.out, **few_shot, **report)
+        given = {"config_values": options.resume_values(args)}
+        workflows.extend_folder(args.data, args.resume, args.out, **given, **few_shot, **report)
         return 0
     configs = options.configs_from_args(args)
     if args.out is None:

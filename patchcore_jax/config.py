@@ -402,6 +402,25 @@ class PatchCoreConfig:
         """Returns a copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    def differences(self, other: PatchCoreConfig) -> dict[str, tuple[Any, Any]]:
+        """``{field: (self's value, other's value)}`` for every field whose values differ."""
+        return {
+            field.name: (getattr(self, field.name), getattr(other, field.name))
+            for field in dataclasses.fields(self)
+            if getattr(self, field.name) != getattr(other, field.name)
+        }
+
+    def check_unchanged(self, values: dict[str, Any], what: str) -> None:
+        """ValueError ``what: NAME GIVEN (the model's: OWN), ...`` when any of ``values``
+        (config fields) differs from this config's (e.g. model options given to ``--resume``)."""
+        differing = self.differences(self.replace(**values))
+        if differing:
+            listed = ", ".join(
+                f"PatchCoreConfig.{name} {given!r} (the model's: {own!r})"
+                for name, (own, given) in differing.items()
+            )
+            raise ValueError(f"{what}: {listed}")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable form (tuples become lists)."""
         out = dataclasses.asdict(self)

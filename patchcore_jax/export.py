@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from patchcore_jax import checkpoint, exported
+from patchcore_jax.ensemble import Ensemble
 from patchcore_jax.exported import BANK_KIND
 from patchcore_jax.files import atomic_path
 from patchcore_jax.version import package_version
@@ -62,6 +63,11 @@ def export_function(
     size); each image's result equals ``model.predict``'s to float32 rounding: only the
     summation order of the backbone's and the k-NN's matmuls depends on the batch size.
     """
+    if isinstance(model, Ensemble):
+        raise ValueError(
+            "ensembles cannot be exported: their scores are normalised over each scored set, so "
+            "no fixed program gives them; export a single model"
+        )
     if model.memory_bank is None:
         raise ValueError("cannot export an unfitted model: call fit() first")
     # The model's own program, with the numerics it chose for its platform

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import io
 import os
 import sys
 import tempfile
 import urllib.request
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -108,6 +110,39 @@ _LOCK_NAME = ".patchcore-jax.lock"
 
 
 @contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Holds an advisory ``flock`` on ``path`` while the block runs: a lock file (created if
+    missing) or a folder itself (which adds no file to it). The lock goes with the process,
+    however it ends, so a killed run never leaves a folder locked.
+
+    Raises:
+      FileExistsError: "``what`` is in use by another patchcore-jax run" if another run (or
+        another thread of this one) holds it.
+    """
+    import fcntl
+
+    target = Path(path)
+    flags = os.O_RDONLY if target.is_dir() else os.O_RDWR | os.O_CREAT
+    handle = os.open(target, flags, 0o666)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"{what} is in use by another patchcore-jax run") from None
+        except OSError as error:  # NFS locks only files open for writing, never a folder
+            if not target.is_dir() or error.errno not in (errno.EBADF, errno.ENOLCK):
+                raise
+            warnings.warn(
+                f"cannot lock {what} on this file system ({error.strerror}): another run "
+                "writing into it at the same time would not be detected",
+                stacklevel=3,
+            )
+        yield
+    finally:
+        os.close(handle)
+
+
+@contextlib.contextmanager
 def output_folder(
     path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False
 ) -> Iterator[Path]:
@@ -124,20 +159,13 @@ def output_folder(
       FileExistsError / OSError naming the folder: a file in the way, a folder in use by another
       run, previous results without ``overwrite``, foreign files with ``overwrite``.
     """
-    import fcntl
     import shutil
 
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} is a file; expected an output folder (--out)")
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / _LOCK_NAME, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FileExistsError(
-                f"output folder {folder} is in use by another patchcore-jax run"
-            ) from None
+    with exclusive_lock(folder / _LOCK_NAME, f"output folder {folder}"):
         previous = [p for p in folder.iterdir() if p.name not in (_LOCK_NAME, OUTPUT_MARKER)]
         if previous and not (overwrite or resume):
             raise FileExistsError(

@@ -145,18 +145,34 @@ def _calibration_choice(args: argparse.Namespace) -> str | None:
     return args.calibration
 
 
-def configs_from_args(args: argparse.Namespace) -> list[PatchCoreConfig]:
-    """One config per backbone of ``--backbone a,b`` (more than one: an ensemble), from the
-    options given (the config's defaults for the others)."""
-    values = {
-        field.name: getattr(args, field.name)
-        for field in option_fields()
-        if getattr(args, field.name) is not None
-    }
+def given_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the options (and presets) give, by field name: ``--image-size`` as
+    ``crop``, the calibration choice as ``calibration``, ``backbone`` and ``layers`` as parsed
+    (one or several members)."""
+    values = {field.name: getattr(args, field.name) for field in option_fields()}
     if args.image_size is not None:
         values["crop"] = args.image_size
     values["calibration"] = _calibration_choice(args)
-    values = {name: value for name, value in values.items() if value is not None}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def resume_values(args: argparse.Namespace) -> dict[str, Any]:
+    """``given_values`` for the one fitted model that ``fit --resume`` extends (its options
+    cannot change: ``workflows.extend_folder`` refuses those that differ)."""
+    if getattr(args, "validation", None) is not None:
+        raise ValueError(
+            "--validation cannot be used with --resume (the model keeps its calibration)"
+        )
+    values = given_values(args)
+    if len(values.get("layers", ())) == 1:
+        values["layers"] = values["layers"][0]
+    return values
+
+
+def configs_from_args(args: argparse.Namespace) -> list[PatchCoreConfig]:
+    """One config per backbone of ``--backbone a,b`` (more than one: an ensemble), from the
+    options given (the config's defaults for the others)."""
+    values = given_values(args)
     backbone = values.pop("backbone", PatchCoreConfig.backbone)
     backbones = [name.strip() for name in backbone.split(",") if name.strip()]
     if not backbones:

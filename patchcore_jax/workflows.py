@@ -303,19 +303,31 @@ def extend_folder(
     train_images: int | None = None,
     train_seed: int = 0,
     spill_dir: str | os.PathLike | None = None,
+    config_values: dict[str, Any] | None = None,
     mesh: Mesh | None = None,
     progress: Progress = _no_progress,
     log: Log = _no_log,
 ) -> PatchCore:
     """Adds ``folder``'s training images to the model saved at ``model_path``
     (``PatchCore.extend``; its features spilled into ``spill_dir`` if they must) and saves it
-    to ``out`` (default: replaces ``model_path``)."""
+    to ``out`` (default: replaces ``model_path``).
+
+    ``config_values``: config fields given with the request (the command line's model options);
+    the model's config cannot change, so each must equal the model's (else ValueError listing
+    those that differ). Ensembles cannot be extended (ValueError)."""
     out = model_path if out is None else out
     with sharding.agreed():
         checkpoint.check_destination(out)  # a bad destination fails now, not after the work
         if spill_dir is not None:
             check_writable_folder(spill_dir, "--spill-dir")
         model = checkpoint.load(model_path, mesh=mesh)
+        if isinstance(model, Ensemble):
+            raise ValueError(
+                f"{model_path} holds an ensemble; ensembles cannot be resumed: fit anew"
+            )
+        model.config.check_unchanged(
+            config_values or {}, f"{model_path}: its options cannot change when resuming"
+        )
         paths = training_images(folder, train_images, train_seed)
         check_usable(paths, model.config, "training images")
     log(f"adding {len(paths)} images of {folder} to {model_path} ({model.config.backbone})")
