@@ -403,11 +403,13 @@ class PatchCoreConfig:
         return dataclasses.replace(self, **changes)
 
     def differences(self, other: PatchCoreConfig) -> dict[str, tuple[Any, Any]]:
-        """``{field: (self's value, other's value)}`` for every field whose values differ."""
+        """``{field: (self's value, other's value)}`` for every field whose values differ
+        (``crop`` 64 and (64, 64) are the same crop)."""
         return {
             field.name: (getattr(self, field.name), getattr(other, field.name))
             for field in dataclasses.fields(self)
             if getattr(self, field.name) != getattr(other, field.name)
+            and (field.name != "crop" or self.image_shape != other.image_shape)
         }
 
     def check_unchanged(self, values: dict[str, Any], what: str) -> None:

@@ -1,10 +1,14 @@
 """Threshold calibration: self-excluded and held-out nominal scores on real bottle images,
 thresholds and normalisation against independent computations."""
 
+import dataclasses
+import json
+
 import jax
 import numpy as np
 import pytest
 from conftest import BOTTLE
+from float_rounding import squared_distance_error
 
 from patchcore_jax import PatchCore, PatchCoreConfig, calibration, checkpoint, coreset
 from patchcore_jax.preprocess import load_images
@@ -147,3 +151,84 @@ def test_labelled_validation_gives_the_f1_optimal_threshold():
     assert result.rule == "f1" and result.image_threshold == pytest.approx(best)
     nominal_only = calibration.calibrate(scores, maps, method="validation", quantile=0.9)
     assert nominal_only.image_threshold == pytest.approx(np.quantile(scores, 0.9))
+
+
+# ----------------------------------------------------------------------------------------------
+# Images without a self-excluded score (issue 19, item 1)
+
+
+def _without_foreign_rows(sources: np.ndarray, num_images: int) -> np.ndarray:
+    """[N] bool: images every bank row of which is their own (no self-excluded score)."""
+    return np.array([np.all(sources == image) for image in range(num_images)])
+
+
+def test_copies_of_one_image_leave_the_image_holding_the_bank_out_of_the_threshold(fitted):
+    base, features = fitted
+    per_image = features.reshape(len(base.calibration.pixel_maxima), -1, features.shape[1])
+    copies = np.concatenate([per_image[0]] * 4)  # four copies of one golden sample
+    model = PatchCore(CONFIG, backbone=base.backbone).fit_features(copies)
+    left_out = _without_foreign_rows(model.bank_source_images, 4)
+    assert left_out.sum() >= 1  # the case of the issue: its score was inf and the threshold NaN
+    stored = model.calibration
+    assert stored.left_out == left_out.sum() and len(stored.image_scores) == 4 - left_out.sum()
+    assert np.isfinite(stored.image_threshold) and np.isfinite(stored.image_scores).all()
+    assert stored.image_threshold == np.quantile(stored.image_scores, CONFIG.threshold_quantile)
+    assert f"{left_out.sum()} image(s) without a score left out" in stored.describe()
+
+
+def test_a_one_row_bank_scores_the_other_images_or_refuses_when_too_few_remain(fitted):
+    base, features = fitted
+    per_image = features.reshape(len(base.calibration.pixel_maxima), -1, features.shape[1])
+    one_row = CONFIG.replace(coreset_fraction=1e-4)  # max(1, int(3 * 784 * 1e-4)) = 1 row
+    model = PatchCore(one_row, backbone=base.backbone).fit_features(
+        per_image[:3].reshape(-1, features.shape[1])
+    )
+    (source,) = model.bank_source_images
+    row = np.asarray(model.memory_bank)[0]
+    others = [image for image in range(3) if image != source]
+    # Each other image's score: its largest squared distance to the one row (k = 1).
+    expected = np.array([((per_image[i] - row) ** 2).sum(-1).max() for i in others])
+    bound = np.array([squared_distance_error(per_image[i], row[None]).max() for i in others])
+    stored = model.calibration
+    assert stored.left_out == 1 and len(stored.image_scores) == 2
+    assert np.all(np.abs(stored.image_scores - expected) <= bound)
+    with pytest.raises(ValueError, match=r"self-excluded calibration: 1 of 2 image\(s\) have no"):
+        PatchCore(one_row, backbone=base.backbone).fit_features(
+            per_image[:2].reshape(-1, features.shape[1])
+        )
+
+
+def test_calibrate_leaves_out_non_finite_scores_and_says_how_many():
+    scores = np.array([1.0, np.nan, 3.0, np.inf, 2.0], np.float32)
+    maps = np.arange(5 * 4, dtype=np.float32).reshape(5, 2, 2)
+    maps[3] = np.inf
+    labels = np.array([0, 1, 1, 0, 0])
+    kept = np.array([0, 2, 4])
+    result = calibration.calibrate(scores, maps, method="validation", quantile=0.5, labels=labels)
+    reference = calibration.calibrate(
+        scores[kept], maps[kept], method="validation", quantile=0.5, labels=labels[kept]
+    )
+    assert result.left_out == 2 and reference.left_out == 0
+    assert {**result.to_dict(), "left_out": 0} == {**reference.to_dict(), "left_out": 0}
+    assert "left_out" not in reference.to_dict()  # records of fully scored sets are unchanged
+    assert calibration.Calibration.from_dict(result.to_dict()).left_out == 2
+    with pytest.raises(ValueError, match="held-out calibration: 2 of 2 image"):
+        calibration.calibrate(scores[[1, 3]], maps[[1, 3]], method="held-out", quantile=0.5)
+
+
+@pytest.mark.parametrize("field", ["image_threshold", "image_max", "pixel_threshold", "pixel_min"])
+def test_a_calibration_never_holds_a_non_finite_threshold_or_range(fitted, field, tmp_path):
+    model, _ = fitted
+    with pytest.raises(ValueError, match=f"calibration {field} is nan"):
+        dataclasses.replace(model.calibration, **{field: float("nan")})
+    with pytest.raises(ValueError, match=f"calibration {field} is inf"):
+        calibration.Calibration.from_dict({**model.calibration.to_dict(), field: float("inf")})
+    # A checkpoint written before the record checksum existed, with a NaN threshold in it.
+    path = checkpoint.save(model, tmp_path / "model")
+    record_file = path / (path / "CURRENT").read_text().strip() / "record" / "metadata"
+    record = json.loads(record_file.read_text())
+    del record["record_sha256"]
+    record["calibration"][field] = float("nan")
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(checkpoint.CheckpointError, match=f"calibration {field} is nan"):
+        checkpoint.load(path, backbone=model.backbone)

@@ -86,7 +86,7 @@ def test_different_embedding_dimension_is_refused(fitted, tmp_path):
         tmp_path / "tampered",
         ocp.args.Composite(
             state=ocp.args.StandardSave({"memory_bank": np.asarray(fitted.memory_bank)}),
-            record=ocp.args.JsonSave(record),
+            record=ocp.args.JsonSave(checkpoint._signed(record)),  # consistent, yet wrong
         ),
     )
     with pytest.raises(CheckpointError, match="target_embed_dimension"):
@@ -145,7 +145,7 @@ def test_checkpoint_whose_bank_is_smaller_than_k_or_b_is_refused_on_load(fitted,
             path,
             ocp.args.Composite(
                 state=ocp.args.StandardSave({"memory_bank": np.asarray(fitted.memory_bank)}),
-                record=ocp.args.JsonSave(record),
+                record=ocp.args.JsonSave(checkpoint._signed(record)),  # consistent, yet wrong
             ),
         )
         with pytest.raises(CheckpointError, match=message):
@@ -438,7 +438,7 @@ def test_checkpoints_from_before_the_probe_load_with_pristine_statistics(fitted,
     path = checkpoint.save(fitted, tmp_path / "model")
     (record_path,) = path.rglob("record/metadata")
     record = json.loads(record_path.read_text())
-    del record["config"]["batch_norm_probe"]
+    del record["config"]["batch_norm_probe"], record["record_sha256"]  # as written before both
     record_path.write_text(json.dumps(record))
     assert checkpoint.load(path).config.batch_norm_probe is False
 
@@ -454,7 +454,7 @@ def test_precision_is_kept_and_checkpoints_without_it_load_exact(fitted, tmp_pat
     path = checkpoint.save(fitted, tmp_path / "old")
     (record_path,) = path.rglob("record/metadata")
     record = json.loads(record_path.read_text())
-    del record["config"]["precision"]  # as written before the field existed
+    del record["config"]["precision"], record["record_sha256"]  # as written before both existed
     record_path.write_text(json.dumps(record))
     assert checkpoint.load(path).config.precision == "exact"
 
@@ -477,3 +477,120 @@ def test_write_version_is_the_versioned_folder_protocol_of_every_save(tmp_path):
         checkpoint.write_version(path, fail)
     assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "v000001"]  # no staging left
     assert (path / "v000001" / "payload.txt").read_text() == "one"
+
+
+# ----------------------------------------------------------------------------------------------
+# Checksummed records, damaged pointers, concurrent writers (issue 19, items 3, 8 and 12)
+
+
+def _record_file(path: Path) -> Path:
+    return path / checkpoint._current_version(path) / "record" / "metadata"
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [("config", "num_neighbors", 2), ("calibration", "image_threshold", 1.0)],
+)
+def test_an_edited_record_is_refused_naming_its_file(fitted, tmp_path, section, key, value):
+    path = checkpoint.save(fitted, tmp_path / "model")
+    record_file = _record_file(path)
+    original = json.loads(record_file.read_text())
+    edited = json.loads(record_file.read_text())
+    assert edited[section][key] != value
+    edited[section][key] = value  # a change that would alter scores or decisions silently
+    record_file.write_text(json.dumps(edited))
+    with pytest.raises(CheckpointError) as error:
+        checkpoint.load(path)
+    assert str(error.value).startswith(f"{record_file} does not match its recorded sha256")
+    assert len(str(error.value).splitlines()) == 1
+    # A record written before the checksum existed (none recorded) loads as before.
+    del original["record_sha256"]
+    record_file.write_text(json.dumps(original))
+    restored = checkpoint.load(path)
+    assert restored.config == fitted.config
+    assert restored.calibration.to_dict() == fitted.calibration.to_dict()
+
+
+def test_an_edited_ensemble_record_is_refused_naming_its_file(tmp_path):
+    from patchcore_jax import Ensemble
+
+    members = [tiny_model(0)] * 2
+    path = checkpoint.save(Ensemble(members), tmp_path / "ensemble")
+    record_file = path / checkpoint._current_version(path) / checkpoint.ENSEMBLE_RECORD
+    record = json.loads(record_file.read_text())
+    record["members"] = record["members"][:1]  # would silently drop a member
+    record_file.write_text(json.dumps(record))
+    backbones = [m.backbone for m in members]
+    with pytest.raises(CheckpointError, match=f"{record_file} does not match its recorded sha256"):
+        checkpoint.load(path, backbones=backbones[:1])
+    del record["record_sha256"]  # as written before the checksum existed
+    record_file.write_text(json.dumps(record))
+    assert len(checkpoint.load(path, backbones=backbones[:1]).members) == 1
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00\x81garbage\x00", b"", b"\n", b"v12\n"])
+def test_a_damaged_current_pointer_is_one_line_naming_it(fitted, tmp_path, content):
+    path = checkpoint.save(fitted, tmp_path / "model")
+    (path / "CURRENT").write_bytes(content)
+    for call in (lambda: checkpoint.load(path), lambda: checkpoint.check_destination(path)):
+        with pytest.raises(CheckpointError) as error:
+            call()
+        message = str(error.value)
+        assert message.startswith(f"{path / 'CURRENT'} is damaged: expected the name of a version")
+        assert len(message.splitlines()) == 1
+
+
+def test_concurrent_saves_leave_a_loadable_model_and_the_second_writer_fails(tmp_path, monkeypatch):
+    import threading
+
+    first, second = tiny_model(0), tiny_model(1)
+    path = tmp_path / "model"
+    written, resume = threading.Event(), threading.Event()
+
+    def pause_the_first(point: str) -> None:
+        if point == "written" and threading.current_thread().name == "first":
+            written.set()  # the first save has written its version, not yet switched to it
+            resume.wait(timeout=120)
+
+    monkeypatch.setattr(checkpoint, "_reached", pause_the_first)
+    errors = []
+
+    def save_first() -> None:
+        try:
+            checkpoint.save(first, path)
+        except BaseException as error:  # reported by the assertion below
+            errors.append(error)
+
+    thread = threading.Thread(target=save_first, name="first")
+    thread.start()
+    try:
+        assert written.wait(timeout=120)
+        for call in (
+            lambda: checkpoint.save(second, path),
+            lambda: checkpoint.check_destination(path),
+        ):
+            with pytest.raises(CheckpointError, match="in use by another patchcore-jax run"):
+                call()
+    finally:
+        resume.set()
+        thread.join()
+    assert errors == []
+    restored = checkpoint.load(path, backbone=first.backbone, mesh=sharding.single_device_mesh())
+    np.testing.assert_array_equal(np.asarray(restored.memory_bank), np.asarray(first.memory_bank))
+    checkpoint.save(second, path)  # the lock went with the first save
+    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "v000002"]
+
+
+def test_a_save_never_deletes_a_version_newer_than_its_own(tmp_path, monkeypatch):
+    path = tmp_path / "folder"
+    checkpoint.write_version(path, lambda staging: staging.mkdir())
+
+    def another_writer(point: str) -> None:  # one that does not lock (an older version)
+        if point == "switched":
+            (path / "v000009").mkdir()
+            (path / "v000009" / "payload.txt").write_text("theirs")
+
+    monkeypatch.setattr(checkpoint, "_reached", another_writer)
+    checkpoint.write_version(path, lambda staging: staging.mkdir())
+    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "v000002", "v000009"]
+    assert (path / "v000009" / "payload.txt").read_text() == "theirs"

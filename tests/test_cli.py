@@ -334,6 +334,8 @@ def test_fit_refuses_k_larger_than_the_bank_and_saves_nothing(subset, tmp_path):
     [
         (lambda p: p.write_text("x"), "is a file, not a checkpoint folder"),
         (lambda p: (p.mkdir(), (p / "a.txt").write_text("x")), "is not a patchcore-jax checkpoint"),
+        (lambda p: (p.mkdir(), (p / "CURRENT").write_bytes(b"\xff\xfe\x00\x81")), "is damaged"),
+        (lambda p: (p.mkdir(), (p / "CURRENT").write_bytes(b"")), "CURRENT is damaged"),
     ],
 )
 def test_fit_checks_out_before_any_work(subset, tmp_path, make, reason):
@@ -687,3 +689,43 @@ def test_fit_resume_adds_nominal_images_to_a_fitted_model(subset, tmp_path):
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     no_out = run_cli("fit", halves[1], check=False)
     assert no_out.returncode == 2 and "fit needs --out" in no_out.stderr
+
+
+def test_a_second_fit_into_a_folder_being_saved_fails_at_once_in_one_line(subset, tmp_path):
+    from patchcore_jax.files import exclusive_lock
+
+    out = tmp_path / "model"
+    out.mkdir()
+    with exclusive_lock(out, "the test's run"):  # as a run saving into it holds it
+        result = run_cli("fit", subset, "--out", out, "--backbone", "mobilenet_v2", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"patchcore-jax: error: checkpoint folder {out} is in use by another patchcore-jax run"
+    ]
+    assert list(out.iterdir()) == []
+
+
+def test_resume_refuses_model_options_that_differ_from_the_model(subset, model_dir, tmp_path):
+    from patchcore_jax import options
+
+    args = build_parser().parse_args(
+        ["fit", str(subset), "--resume", "m", "--k", "3", "--image-size", "64", "--seed", "0"]
+    )
+    assert options.resume_values(args) == {"num_neighbors": 3, "crop": (64, 64), "seed": 0}
+    same = ["--backbone", "mobilenet_v2", "--coreset-fraction", "0.05", "--seed", "0"]
+    args = build_parser().parse_args(["fit", str(subset), "--resume", "m", *same])
+    assert options.resume_values(args) == {
+        "backbone": "mobilenet_v2",
+        "coreset_fraction": 0.05,
+        "seed": 0,
+    }
+    result = run_cli(
+        "fit", subset, "--resume", model_dir, "--out", tmp_path / "m", *same, "--k", "2",
+        "--reweight", check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"patchcore-jax: error: {model_dir}: its options cannot change when resuming: --k 2 "
+        "(the model's: 1), --reweight True (the model's: False)"
+    ]
+    assert not (tmp_path / "m").exists()

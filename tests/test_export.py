@@ -497,3 +497,13 @@ def test_a_bank_grown_within_its_bucket_needs_only_its_bank_file_again(line, tmp
     loaded = exported.load(program, bank=bank)
     assert loaded.bank_metadata["bank_rows"] == 66
     assert_within_rounding(loaded(line.test), grown, line.test)
+
+
+def test_an_ensemble_is_refused_as_an_ensemble_not_as_an_incomplete_checkpoint():
+    from test_checkpoint import tiny_model
+
+    from patchcore_jax import Ensemble, export
+
+    member = tiny_model(0)
+    with pytest.raises(ValueError, match="ensembles cannot be exported"):
+        export.export_function(Ensemble([member, member]))

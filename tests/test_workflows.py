@@ -225,3 +225,29 @@ def test_fit_refuses_a_validation_folder_sharing_the_training_images(subset, tmp
         workflows.fit_folder(subset, tmp_path / "m", CONFIG, validation=empty)
     assert "training" not in str(info.value)
     assert not (tmp_path / "m").exists()
+
+
+def test_resume_refuses_ensembles_and_options_that_differ_from_the_model(subset, tmp_path):
+    from patchcore_jax import Ensemble, checkpoint
+
+    train = tmp_path / "train"
+    train.mkdir()
+    for image in sorted((subset / "train/good").glob("*.png"))[:2]:
+        (train / image.name).symlink_to(image)
+    small = CONFIG.replace(resize=64, crop=64)
+    model = workflows.fit_folder(train, tmp_path / "model", small)
+    with pytest.raises(ValueError) as error:
+        workflows.extend_folder(
+            train, tmp_path / "model", config_values={"num_neighbors": 3, "resize": 64}
+        )
+    assert str(error.value) == (
+        f"{tmp_path / 'model'}: its options cannot change when resuming: "
+        "PatchCoreConfig.num_neighbors 3 (the model's: 1)"
+    )
+    same = {"backbone": "mobilenet_v2", "resize": 64, "crop": (64, 64)}  # equal: accepted,
+    (tmp_path / "empty").mkdir()  # so the next check is reached: the folder's images
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'empty'} holds no images"):
+        workflows.extend_folder(tmp_path / "empty", tmp_path / "model", config_values=same)
+    checkpoint.save(Ensemble([model, model]), tmp_path / "ensemble")
+    with pytest.raises(ValueError, match="holds an ensemble; ensembles cannot be resumed"):
+        workflows.extend_folder(train, tmp_path / "ensemble")
