@@ -494,7 +494,10 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON record of a single-model checkpoint (config, backbone, preprocessing, bank
     digest)."""
     target = Path(path).absolute()
-    return _read_record(target, _resolve(target))
+    version = _resolve(target)
+    if _read_ensemble_record(target, version) is not None:
+        raise CheckpointError(f"{target} holds an ensemble: each member folder has its record")
+    return _read_record(target, version)
 
 
 def _read_record(target: Path, folder: Path) -> dict[str, Any]:

@@ -516,6 +516,8 @@ def test_an_edited_ensemble_record_is_refused_naming_its_file(tmp_path):
 
     members = [tiny_model(0)] * 2
     path = checkpoint.save(Ensemble(members), tmp_path / "ensemble")
+    with pytest.raises(CheckpointError, match="holds an ensemble: each member folder has"):
+        checkpoint.read_record(path)  # not "incomplete"
     record_file = path / checkpoint._current_version(path) / checkpoint.ENSEMBLE_RECORD
     record = json.loads(record_file.read_text())
     record["members"] = record["members"][:1]  # would silently drop a member
