@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -359,3 +360,28 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             auroc = values["image_auroc"]
             lines.append(f"{defect_type:>28s}: " + ("n/a" if auroc is None else f"{auroc:.4f}"))
     return lines
+
+
+def evaluate_per_defect_type(
+    defect_types: Sequence[str],
+    labels: np.ndarray,
+    image_scores: np.ndarray,
+    masks: np.ndarray,
+    anomaly_maps: np.ndarray,
+    pixel_images: np.ndarray,
+) -> dict[str, dict[str, Any]]:
+    """``evaluate`` of each defect type (of the defective images, labels 1) against the good
+    images: ``{type: metrics}``, types sorted."""
+    kinds = np.asarray(defect_types)
+    names = sorted({kind for kind, label in zip(defect_types, labels, strict=True) if label})
+    results = {}
+    for name in names:
+        subset = (labels == 0) | (kinds == name)
+        results[name] = evaluate(
+            labels[subset],
+            image_scores[subset],
+            masks[subset],
+            anomaly_maps[subset],
+            pixel_images=pixel_images[subset],
+        )
+    return results

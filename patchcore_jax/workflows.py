@@ -68,12 +68,10 @@ Log = Callable[[str], None]
 ModelOrPath = Model | str | os.PathLike
 
 
-def _no_progress(stage: str, count: int, total: int) -> None:
-    return None
+def _no_progress(stage: str, count: int, total: int) -> None: ...
 
 
-def _no_log(message: str) -> None:
-    return None
+def _no_log(message: str) -> None: ...
 
 
 def format_score(score: float) -> str:
@@ -550,19 +548,11 @@ def evaluation_report(evaluation: Evaluation, model: Model) -> dict[str, Any]:
     """``metrics.json``'s content without the paths: the metrics, confusion counts at the
     calibrated and F1-optimal thresholds, per-defect-type metrics, notes and the config."""
     dataset, scores = evaluation.dataset, evaluation.image_scores
-    labels = np.asarray(dataset.test_labels)
-    defect_types = np.array([s.defect_type for s in dataset.test_samples])
-    has_pixels = dataset.has_pixel_labels
-    per_type = {}
-    for defect_type in dataset.defect_types:
-        subset = (labels == 0) | (defect_types == defect_type)
-        per_type[defect_type] = metrics.evaluate(
-            labels[subset],
-            scores[subset],
-            evaluation.masks[subset],
-            evaluation.anomaly_maps[subset],
-            pixel_images=has_pixels[subset],
-        )
+    labels, has_pixels = np.asarray(dataset.test_labels), dataset.has_pixel_labels
+    defect_types = [s.defect_type for s in dataset.test_samples]
+    per_type = metrics.evaluate_per_defect_type(
+        defect_types, labels, scores, evaluation.masks, evaluation.anomaly_maps, has_pixels
+    )
     results = evaluation.metrics
     thresholds = model.calibration
     notes = metrics.missing_metric_reasons(results)
