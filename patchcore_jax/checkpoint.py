@@ -128,8 +128,9 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool = True) -> Pat
         if problem:
             raise CheckpointError(f"cannot write to {target}: {problem}")
         _current_version(target)  # a damaged pointer is reported now
-        with _locked(target):  # another run saving into it is reported now
-            pass
+        if jax.process_index() == 0:  # the one process that locks it (``write_version``)
+            with _locked(target):  # another run saving into it is reported now
+                pass
         return target
     ancestor = target.parent
     while not ancestor.exists():
