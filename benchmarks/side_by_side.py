@@ -9,11 +9,20 @@ shared machine falls on both alike, and the best of ``--rounds`` is kept.
   fit       ``PatchCore(config, backbone).fit(iter_image_batches(train paths))``: decoding,
             backbone, features, coreset and calibration, end to end (model construction and the
             BatchNorm probe included), plus the phase times the model logs;
+  evaluate  ``workflows.evaluate_dataset`` of the fitted model on the test set (decoding,
+            the scoring program's compilation, scoring, metrics, ``per_image.csv``; no
+            heatmaps), end to end in the same fresh process right after the fit;
   predict   ``model.predict`` over the test images repeated to ``--predict-images`` (decoded
-            once beforehand), after one warm-up batch: steady-state images/s.
+            once beforehand), after one warm-up batch: steady-state images/s (library,
+            compilation excluded).
+
+Where the tree has them (``PatchCore.knn_counts``), the certified k-NN's patch queries and
+fallbacks are reported for the fit's calibration, ``evaluate`` and ``predict``; an older tree
+(e.g. the previous main) shows "-".
 
     python benchmarks/side_by_side.py --baseline /work/wt-base [--backbone wide_resnet50_2]
-        [--precision exact|fast] [--rounds 2] [--out benchmarks/results/side_by_side.md]
+        [--precision exact|fast] [--rounds 2] [--predict-images 64] [--evaluate]
+        [--out benchmarks/results/side_by_side.md]
 
 The backbone uses random weights for the ResNets (``init_backbone``; the speed does not depend on
 the weights) and the shipped weights for MobileNetV2.
@@ -67,6 +76,19 @@ def worker(args: argparse.Namespace) -> None:
     fitted = time.perf_counter()
     import patchcore_jax
 
+    knn_counts = {"fit": _counts(model)}
+    evaluate_s = None
+    if args.evaluate:
+        import tempfile
+
+        from patchcore_jax import workflows
+
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            workflows.evaluate_dataset(model, args.data, Path(out) / "eval", heatmaps=False)
+            evaluate_s = time.perf_counter() - start
+        knn_counts["evaluate"] = _counts(model, knn_counts["fit"])
+
     result = {
         "module": str(Path(patchcore_jax.__file__).parent.parent),
         "import_s": imported - start,
@@ -74,6 +96,8 @@ def worker(args: argparse.Namespace) -> None:
         "log": log_lines,
         "bank_rows": int(model.memory_bank.shape[0]),
         "bank_checksum": float(np.asarray(model.memory_bank, np.float64).sum()),
+        "evaluate_s": evaluate_s,
+        "knn_counts": knn_counts,
     }
     if args.predict_images:
         test_paths = [s.image_path for s in folders.load_dataset(args.data).test_samples]
@@ -81,12 +105,23 @@ def worker(args: argparse.Namespace) -> None:
         repeats = -(-args.predict_images // len(images))
         images = np.concatenate([images] * repeats)[: args.predict_images]
         model.predict(images[: config.batch_size])  # compile
+        before = _counts(model)
         start = time.perf_counter()
         scores, _ = model.predict(images)
         seconds = time.perf_counter() - start
         result["predict_images_per_s"] = len(images) / seconds
         result["score_checksum"] = float(np.asarray(scores[: len(test_paths)], np.float64).sum())
+        knn_counts["predict"] = _counts(model, before)
     print(json.dumps(result))
+
+
+def _counts(model, before: dict | None = None) -> dict | None:
+    """The certified k-NN's ``{"queries", "fallbacks"}`` so far (less ``before``), or None
+    where the tree does not count them."""
+    counts = getattr(model, "knn_counts", None)
+    if counts is None:
+        return None
+    return {key: value - (before or {}).get(key, 0) for key, value in counts.items()}
 
 
 def run_tree(tree: Path, args: argparse.Namespace, predict_images: int) -> dict:
@@ -106,6 +141,7 @@ def run_tree(tree: Path, args: argparse.Namespace, predict_images: int) -> dict:
         str(args.coreset_fraction),
         "--predict-images",
         str(predict_images),
+        *(["--evaluate"] if args.evaluate else []),
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tree)
     if done.returncode != 0:
@@ -139,6 +175,7 @@ def main() -> int:
     parser.add_argument("--coreset-fraction", type=float, default=0.1)
     parser.add_argument("--predict-images", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--evaluate", action="store_true", help="also time evaluate, end to end")
     parser.add_argument("--out", type=Path, default=RESULTS / "side_by_side.md")
     args = parser.parse_args()
     if args.worker:
@@ -161,32 +198,52 @@ def main() -> int:
             print(
                 f"round {round_index + 1} {name}: fit {result['fit_s']:.1f} s, "
                 f"{phase_seconds(result['log'])}, "
-                f"predict {result.get('predict_images_per_s', 0):.2f} img/s",
+                f"evaluate {result.get('evaluate_s') or 0:.1f} s, "
+                f"predict {result.get('predict_images_per_s', 0):.2f} img/s, "
+                f"k-NN {result.get('knn_counts')}",
                 flush=True,
             )
     load_after = os.getloadavg()
     best = {name: min(r["fit_s"] for r in results) for name, results in runs.items()}
     rows = [
         "| tree | precision | fit s (best) | fit s (all rounds) | phases of the best fit "
-        "(s) | predict img/s (best) | bank rows | bank checksum |",
-        "|---|---|---:|---|---|---:|---:|---:|",
+        "(s) | calibration s (best) | evaluate s (best) | predict img/s (best) | k-NN "
+        "fallbacks / patch queries (fit, evaluate, predict) | bank rows | bank checksum |",
+        "|---|---|---:|---|---|---:|---:|---:|---|---:|---:|",
     ]
+    summary = {}
     for name, results in runs.items():
         best_run = min(results, key=lambda r: r["fit_s"])
         phases = ", ".join(f"{k} {v:.1f}" for k, v in phase_seconds(best_run["log"]).items())
-        predict = max(r.get("predict_images_per_s", 0.0) for r in results)
+        summary[name] = {
+            "fit": best[name],
+            "calibration": min(phase_seconds(r["log"]).get("calibration", 0) for r in results),
+            "evaluate": min((r.get("evaluate_s") or float("inf")) for r in results),
+            "predict": max(r.get("predict_images_per_s", 0.0) for r in results),
+        }
         precision = args.precision if name == "this tree" else "exact"
         all_rounds = ", ".join(f"{r['fit_s']:.1f}" for r in results)
+        counts = best_run.get("knn_counts") or {}
+        fallbacks = ", ".join(
+            "-" if not counts.get(key) else f"{counts[key]['fallbacks']} / {counts[key]['queries']}"
+            for key in ("fit", "evaluate", "predict")
+        )
+        cells = summary[name]
         rows.append(
             f"| {name} | {precision} | {best[name]:.1f} | {all_rounds} | {phases} | "
-            f"{predict:.2f} | {best_run['bank_rows']} | {best_run['bank_checksum']:.6g} |"
+            f"{cells['calibration']:.1f} | {cells['evaluate']:.1f} | {cells['predict']:.2f} | "
+            f"{fallbacks} | {best_run['bank_rows']} | {best_run['bank_checksum']:.6g} |"
         )
     speedup = best["baseline"] / best["this tree"]
-    predict_ratio = ""
+    ours, theirs = summary["this tree"], summary["baseline"]
+    calibration = theirs["calibration"] / max(ours["calibration"], 1e-9)
+    predict_ratio = f"; calibration phase {calibration:.2f}x faster"
+    if args.evaluate:
+        predict_ratio += f"; evaluate {theirs['evaluate'] / ours['evaluate']:.2f}x faster"
     if args.predict_images:
-        ours = max(r["predict_images_per_s"] for r in runs["this tree"])
-        theirs = max(r["predict_images_per_s"] for r in runs["baseline"])
-        predict_ratio = f"; predict {ours / theirs:.2f}x the baseline's images/s"
+        predict_ratio += (
+            f"; predict {ours['predict'] / theirs['predict']:.2f}x the baseline's images/s"
+        )
     text = write_results(
         args.out,
         f"Fit and predict side by side: {args.backbone}, {args.precision}",
@@ -201,7 +258,8 @@ def main() -> int:
             "config otherwise; a fresh process per fit (compilation included, no persistent "
             f"cache), trees alternating, {args.rounds} rounds. Predict: "
             f"{args.predict_images} test images (repeated), decoded beforehand, after one "
-            "warm-up batch.",
+            "warm-up batch. Evaluate: the whole test set, right after the fit, in the same "
+            "process. Ratios: best against best.",
             "",
             *rows,
             "",

@@ -27,11 +27,19 @@ approximate distances are either bfloat16 distance matmuls accumulated in float3
 (``candidate_search="low-rank"``, for CPUs): ``|V^T q - V^T b|^2`` in float32 with ``V`` the
 bank's top ``LOW_RANK_DIMS`` principal directions (``low_rank_search``, once per bank), a lower
 bound of the true distance at ``r / D`` of the FLOPs.
+
+The certified search (``exact`` with ``candidate_search="low-rank"``) returns exact mode's
+answer bit for bit from the top-C rows by low-rank distance (not grouped): re-ranked, the best
+``k + RESCANNED`` recomputed in the scan's own arithmetic (``_rescan``), and a proof per query
+(``candidates.proven_below``) that no other row of the shard is as near (under a bank mesh:
+as the k-th over all shards). Queries without one fall back to the full scan (gathered when
+few: ``candidates.fall_back``) and are reported; non-finite queries always fall back.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +48,29 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from patchcore_jax.config import PRECISIONS
+from patchcore_jax.candidates import (  # noqa: F401 (re-exported: the k-NN's options)
+    CANDIDATE_SEARCHES,
+    LOW_RANK_DIMS,
+    candidates_for,
+    default_candidate_search,
+    default_certified_candidates,
+    default_num_candidates,
+    fall_back,
+    fallback_capacities,
+    gamma,
+    low_rank_basis,
+    low_rank_search,
+    norm_levels,
+    project_bank,
+    proven_below,
+    search_arrays,
+)
 from patchcore_jax.sharding import BANK_AXIS, DATA_AXIS, HIGHEST, single_device_mesh
 
-CANDIDATE_SEARCHES: tuple[str, ...] = ("bfloat16", "low-rank")
-LOW_RANK_DIMS = 128  # r of the low-rank candidate search (benchmarks/results/precision.md)
-CANDIDATE_GROUP = 8  # rows per group of the fast k-NN's candidate search with k = 1
+CANDIDATE_GROUP = 8  # rows per group of the candidate search with k = 1
+CERTIFIED_MIN_ROWS = 4096  # bank rows per shard from which certifying is faster (measured)
+RESCANNED = 2  # candidates the certified search rescans beyond k (see candidates.proven_below)
+RESCAN_QUERIES = 64  # queries per matmul of the certified search's _rescan
 _NO_INDEX = np.iinfo(np.int32).max  # index of "no neighbour yet"; never survives a valid bank
 # Image ids of padded queries / bank rows: never equal, so padding never excludes anything.
 _PADDED_QUERY, _PADDED_ROW = -2, -1
@@ -127,7 +152,8 @@ def _group_nearest(distances: jax.Array, indices: jax.Array) -> tuple[jax.Array,
     (``lax.top_k``) costs several times the low-rank distances themselves on a CPU. A group
     drops only rows that are not its own nearest by approximate distance, which cannot be the
     one neighbour asked for unless the approximation reorders rows inside the group (measured:
-    benchmarks/results/precision.md).
+    benchmarks/results/precision.md). The certified search does not group: a dropped row has no
+    bound but its group's second-best (measured: as fast, and fewer queries proven).
     """
     queries, columns = distances.shape
     shape = (queries, columns // CANDIDATE_GROUP, CANDIDATE_GROUP)
@@ -149,14 +175,16 @@ def _rerank(
     candidate_distances: jax.Array,
     candidate_indices: jax.Array,
     row_offset: jax.Array | int,
-    k: int,
+    width: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """The k best of ``[q, C]`` candidates by exact float32 distances, sorted (distance, index).
+    """The ``width`` best of ``[q, C]`` candidates by exact float32 distances, sorted
+    (distance, index).
 
     Each candidate's distance is recomputed in exact mode's formula, ``(|q|^2 + |b|^2) - 2 q.b``
-    at HIGHEST precision, clamped. A candidate whose approximate distance is infinite (padding,
-    an excluded row, an unfilled slot) stays infinite. ``candidate_indices`` are global; bank
-    row ``j`` is global index ``row_offset + j``.
+    at HIGHEST precision, clamped (summed in another order than the scan's tiled matmul: equal
+    to float32 rounding, ``_rescan`` gives the scan's own). A candidate whose approximate
+    distance is infinite (padding, an excluded row, an unfilled slot) stays infinite.
+    ``candidate_indices`` are global; bank row ``j`` is global index ``row_offset + j``.
     """
     local = jnp.clip(candidate_indices - row_offset, 0, bank.shape[0] - 1)
     rows = jnp.take(bank, local, axis=0)  # [q, C, D]
@@ -164,11 +192,120 @@ def _rerank(
     distances = _clamp((query_norms[:, None] + jnp.take(bank_norms, local)) - 2.0 * products)
     distances = jnp.where(jnp.isinf(candidate_distances), jnp.inf, distances)
     distances, indices = lax.sort((distances, candidate_indices), dimension=1, num_keys=2)
-    return distances[:, :k], indices[:, :k]
+    return distances[:, :width], indices[:, :width]
+
+
+def _rescan(
+    queries: jax.Array,
+    query_norms: jax.Array,
+    bank: jax.Array,
+    bank_norms: jax.Array,
+    distances: jax.Array,
+    indices: jax.Array,
+    row_offset: jax.Array | int,
+    bank_tile: int,
+) -> tuple[jax.Array, jax.Array]:
+    """The scan's own float32 distances of ``queries [q, D]`` to their rows ``indices [q, w]``
+    (global), sorted (distance, index); infinite ``distances`` stay infinite.
+
+    Computed by ``_distances`` itself on ``[RESCAN_QUERIES, D] x [D, RESCAN_QUERIES + bank_tile
+    % 64]`` matmuls (each query also meets the other queries' rows; the diagonal is kept): XLA
+    CPU sums a matmul's entries in the same order for any shape of at least 2 rows whose
+    column count is the same modulo 64 (measured; tests/test_knn.py checks it), so these are
+    the scan's distances bit for bit.
+    """
+    num_queries, width = indices.shape
+    padded = -(-num_queries // RESCAN_QUERIES) * RESCAN_QUERIES
+    local = jnp.clip(indices - row_offset, 0, bank.shape[0] - 1)
+    extra = bank_tile % 64  # more columns, so that the column count matches the scan's mod 64
+
+    def batches(x: jax.Array) -> jax.Array:
+        x = jnp.pad(x, ((0, padded - num_queries),) + ((0, 0),) * (x.ndim - 1))
+        return x.reshape(padded // RESCAN_QUERIES, RESCAN_QUERIES, *x.shape[1:])
+
+    def batch_distances(batch):
+        batch_queries, batch_norms, batch_rows = batch  # [t, D], [t], [t, w]
+        columns = []
+        for slot in range(width):
+            rows = jnp.pad(batch_rows[:, slot], (0, extra), mode="edge")
+            products = _distances(batch_queries, batch_norms, bank[rows], bank_norms[rows])
+            columns.append(jnp.diagonal(products[:, :RESCAN_QUERIES]))
+        return jnp.stack(columns, axis=1)
+
+    exact = lax.map(batch_distances, tuple(map(batches, (queries, query_norms, local))))
+    exact = exact.reshape(padded, width)[:num_queries]
+    exact = jnp.where(jnp.isinf(distances), jnp.inf, exact)
+    return lax.sort((exact, indices), dimension=1, num_keys=2)
 
 
 # ----------------------------------------------------------------------------------------------
 # The kernel (one bank shard)
+
+
+def _certified_candidates(
+    queries: jax.Array,
+    query_norms: jax.Array,
+    bank: jax.Array,
+    bank_norms: jax.Array,
+    candidate_distances: jax.Array,
+    candidate_indices: jax.Array,
+    row_offset: jax.Array | int,
+    k: int,
+    num_candidates: int,
+    bank_tile: int,
+    row_norms: tuple[jax.Array, jax.Array, jax.Array],
+    rank: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The certified search's answer from ``[q, C]`` low-rank candidates (sorted): ``([q, k]
+    distances, [q, k] indices)`` in the scan's own arithmetic, and ``[q]`` the k-th distance
+    below which they are proven exact mode's (``candidates.proven_below``; ``row_norms``: the
+    shard's ``norm_levels``, ``rank``: r of the basis)."""
+    dim = queries.shape[1]
+    args = (queries, query_norms, bank, bank_norms)
+    reranked, ranked = _rerank(
+        *args, candidate_distances, candidate_indices, row_offset, num_candidates
+    )
+    width = min(num_candidates, k + RESCANNED)  # rescanned; the rest must be farther
+    distances, indices = _rescan(
+        *args, reranked[:, :width], ranked[:, :width], row_offset, bank_tile
+    )
+    others = jnp.clip(ranked[:, width:] - row_offset, 0, bank.shape[0] - 1)
+    other_norms = jnp.sqrt(bank_norms[others] * (1.0 + 2.0 * gamma(dim)))
+    bound = candidate_distances[:, -1]  # every row that is no candidate is as far at least
+    below = proven_below(reranked[:, width:], other_norms, bound, query_norms, row_norms, dim, rank)
+    return distances[:, :k], indices[:, :k], below
+
+
+def _scan(
+    queries: jax.Array,
+    query_norms: jax.Array,
+    query_images: jax.Array | None,
+    tiles: tuple[jax.Array, ...],
+    width: int,
+    grouped: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """Running top-``width`` of ``queries [q, d]`` over the bank ``tiles`` (rows, norms, global
+    indices[, images], each ``[num_tiles, tile, ...]``): ``([q, width] distances, [q, width]
+    indices)``; ``grouped``: over each ``CANDIDATE_GROUP``'s nearest."""
+
+    def bank_step(carry, tile):
+        tile_rows, tile_norms, tile_indices, *tile_images = tile
+        distances = _distances(queries, query_norms, tile_rows, tile_norms)
+        if query_images is not None:
+            same_image = query_images[:, None] == tile_images[0][None, :]
+            distances = jnp.where(same_image, jnp.inf, distances)
+        indices = jnp.broadcast_to(tile_indices[None, :], distances.shape)
+        if grouped:  # each group of rows proposes its nearest: a top-C over 1/8 of the columns
+            distances, indices = _group_nearest(distances, indices)
+        return _merge_top_k(*carry, distances, indices), None
+
+    num_queries = queries.shape[0]
+    init = (
+        jnp.full((num_queries, width), jnp.inf, jnp.float32),
+        jnp.full((num_queries, width), _NO_INDEX, jnp.int32),
+    )
+    best, _ = lax.scan(bank_step, init, tiles)
+    return best
 
 
 def _local_top_k(
@@ -184,7 +321,10 @@ def _local_top_k(
     query_images: jax.Array | None = None,
     bank_images: jax.Array | None = None,
     rerank: bool = True,
-) -> tuple[jax.Array, jax.Array]:
+    certify: bool = False,
+    shards: tuple[Callable[..., tuple[jax.Array, jax.Array]], Callable[..., jax.Array]]
+    | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """k smallest squared distances of ``queries: [q, D]`` to ``bank: [r, D]`` (one shard).
 
     ``q`` and ``r`` are multiples of ``query_tile`` and ``bank_tile``. Bank row ``j`` has global
@@ -196,7 +336,10 @@ def _local_top_k(
     by bfloat16 distances (``search`` None) or by low-rank ones (``search`` = ``(basis [D, r],
     projected bank [rows, r])``, ``low_rank_search``), then ``_rerank`` with exact ones
     (``rerank`` False: the ``[q, C]`` candidates themselves, with their approximate distances).
-    Returns ``([q, k] float32, [q, k] int32)`` sorted by (distance, index).
+    ``certify`` (low-rank search): the certified search, exact mode's answer (see the
+    module docstring); under a bank mesh ``shards`` = ``(top k over all shards of this shard's
+    [q, k] answer, "or" of a [q] bool over all shards)``. Returns ``([q, k] float32, [q, k]
+    int32)`` sorted by (distance, index) and ``[q]`` bool: the query fell back to the full scan.
     """
     num_queries, dim = queries.shape
     num_tiles = bank.shape[0] // bank_tile
@@ -204,60 +347,101 @@ def _local_top_k(
     global_rows = row_offset + jnp.arange(bank.shape[0], dtype=jnp.int32)
     valid = global_rows < num_valid
     bank_norms = jnp.where(valid, jnp.sum(bank * bank, axis=1), jnp.inf)
-    basis, search_rows, search_norms = None, bank, bank_norms
-    if fast and search is None:
-        search_rows = bank.astype(jnp.bfloat16)
-    elif fast:
-        basis, search_rows = search
-        search_rows = search_rows.astype(jnp.float32)
+    basis, search_rows, search_norms = None, bank.astype(jnp.bfloat16), bank_norms
+    if fast and search is not None:
+        basis, search_rows = search[0], search[1].astype(jnp.float32)
         search_norms = jnp.where(valid, jnp.sum(search_rows * search_rows, axis=1), jnp.inf)
     exclude = query_images is not None
-    tiles = tuple(
-        x.reshape(num_tiles, bank_tile, *x.shape[1:])
-        for x in (search_rows, search_norms, global_rows, *([bank_images] if exclude else []))
-    )
-    width = num_candidates if fast else k
 
-    def query_block(block: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
+    def tiled(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+        arrays += (global_rows, *([bank_images] if exclude else []))
+        return tuple(x.reshape(num_tiles, bank_tile, *x.shape[1:]) for x in arrays)
+
+    exact_tiles, search_tiles = tiled(bank, bank_norms), tiled(search_rows, search_norms)
+    row_norms = norm_levels(bank_norms, valid, dim) if certify else None
+
+    def exact_scan(block_queries, query_norms, block_images):
+        return _scan(block_queries, query_norms, block_images, exact_tiles, k, False)
+
+    def exact_blocks(some_queries, query_norms, some_images):  # [n, ...]: n <= or % query_tile
+        tile = min(query_tile, some_queries.shape[0])
+        arrays = [x for x in (some_queries, query_norms, some_images) if x is not None]
+        arrays = [x.reshape(x.shape[0] // tile, tile, *x.shape[1:]) for x in arrays]
+        scanned = lax.map(lambda block: exact_scan(*block, *([None] * (not exclude))), arrays)
+        return tuple(x.reshape(-1, k) for x in scanned)
+
+    def query_block(block: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
         block_queries, *block_images = block  # block_images: [[query_tile]] or []
+        images = block_images[0] if exclude else None
         query_norms = jnp.sum(block_queries * block_queries, axis=1)
-        block_search, block_norms = block_queries, query_norms
+        no_fallback = jnp.zeros(query_tile, jnp.float32)  # thresholds: unused
+        if not fast:
+            return *exact_scan(block_queries, query_norms, images), no_fallback, query_norms
+        block_search, block_norms = block_queries.astype(jnp.bfloat16), query_norms
         if basis is not None:
             block_search = jnp.dot(block_queries, basis, precision=HIGHEST)
             block_norms = jnp.sum(block_search * block_search, axis=1)
-        elif fast:
-            block_search = block_queries.astype(jnp.bfloat16)
+        grouped = k == 1 and not certify
+        best = _scan(block_search, block_norms, images, search_tiles, num_candidates, grouped)
+        if not rerank:
+            return *best, no_fallback, query_norms
+        args = (block_queries, query_norms, bank, bank_norms, *best, row_offset)
+        if not certify:
+            return *_rerank(*args, k), no_fallback, query_norms
+        thresholds = (row_norms, basis.shape[1])
+        return *_certified_candidates(*args, k, num_candidates, bank_tile, *thresholds), query_norms
 
-        def bank_step(carry, tile):
-            tile_rows, tile_norms, tile_indices, *tile_images = tile
-            distances = _distances(block_search, block_norms, tile_rows, tile_norms)
-            if exclude:
-                same_image = block_images[0][:, None] == tile_images[0][None, :]
-                distances = jnp.where(same_image, jnp.inf, distances)
-            indices = jnp.broadcast_to(tile_indices[None, :], distances.shape)
-            if fast and k == 1:  # each group of rows proposes its nearest: a top-C over 1/8
-                distances, indices = _group_nearest(distances, indices)
-            return _merge_top_k(*carry, distances, indices), None
-
-        init = (
-            jnp.full((query_tile, width), jnp.inf, jnp.float32),
-            jnp.full((query_tile, width), _NO_INDEX, jnp.int32),
-        )
-        best, _ = lax.scan(bank_step, init, tiles)
-        if not fast or not rerank:
-            return best
-        return _rerank(block_queries, query_norms, bank, bank_norms, *best, row_offset, k)
-
-    out_width = k if rerank else width
+    out_width = num_candidates if fast and not rerank else k
     blocks = (queries.reshape(num_queries // query_tile, query_tile, dim),)
     if exclude:
         blocks += (query_images.reshape(num_queries // query_tile, query_tile),)
-    distances, indices = lax.map(query_block, blocks)
-    return distances.reshape(num_queries, out_width), indices.reshape(num_queries, out_width)
+    distances, indices, thresholds, query_norms = lax.map(query_block, blocks)
+    distances, indices = distances.reshape(-1, out_width), indices.reshape(-1, out_width)
+    if not certify:
+        return distances, indices, jnp.zeros(num_queries, bool)
+    answer = (distances, indices, thresholds.reshape(num_queries), exact_blocks)
+    arguments = (queries, query_norms.reshape(num_queries), query_images)
+    return _proven_or_scanned(*answer, arguments, query_tile, shards)
+
+
+def _proven_or_scanned(
+    distances: jax.Array,
+    indices: jax.Array,
+    thresholds: jax.Array,
+    exact_scan: Callable[..., tuple[jax.Array, jax.Array]],
+    arguments: tuple[jax.Array | None, ...],
+    query_tile: int,
+    shards: tuple[Callable[..., tuple[jax.Array, jax.Array]], Callable[..., jax.Array]] | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The certified answer ``[q, k]`` where the k-th over every shard (this shard's on one)
+    is below the shard's ``thresholds [q]`` on every shard, elsewhere ``exact_scan``'s
+    (``candidates.fall_back``); and ``[q]`` bool, the queries that fell back."""
+    kth = (distances if shards is None else shards[0](distances, indices)[0])[:, -1]
+    fallbacks = ~(kth < thresholds)
+    if shards is not None:
+        fallbacks = shards[1](fallbacks)
+    distances, indices = fall_back(
+        ~fallbacks, distances, indices, exact_scan, arguments, query_tile
+    )
+    return distances, indices, fallbacks
 
 
 # ----------------------------------------------------------------------------------------------
 # Sharded over a (data, bank) mesh
+
+
+def _gathered_top_k(
+    distances: jax.Array, indices: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array]:
+    """The top k over every bank shard of each shard's ``[q, k]`` answer (inside shard_map)."""
+    # Shards are gathered in order, so lower positions hold lower global indices.
+    distances = lax.all_gather(distances, BANK_AXIS, axis=1, tiled=True)
+    indices = lax.all_gather(indices, BANK_AXIS, axis=1, tiled=True)
+    _, positions = lax.top_k(-distances, k)
+    return (
+        jnp.take_along_axis(distances, positions, axis=1),
+        jnp.take_along_axis(indices, positions, axis=1),
+    )
 
 
 def nearest_neighbors_unchecked(
@@ -273,7 +457,8 @@ def nearest_neighbors_unchecked(
     search: tuple[jax.Array, jax.Array] | None = None,
     query_images: jax.Array | None = None,
     bank_images: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    certified: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``nearest_neighbors`` without its checks, for use inside traced programs (scoring).
 
     ``num_candidates`` None is the exact k-NN, an int the ``fast`` one with that many
@@ -282,7 +467,10 @@ def nearest_neighbors_unchecked(
     bank). ``num_valid`` (a scalar, traced): bank rows at or past it are padding (a bank padded
     to a bucketed size, so that banks of nearby sizes share one compiled program); default all.
     ``query_images: [Q]``, ``bank_images: [M]`` int32: the same-image exclusion (split like the
-    queries and the bank).
+    queries and the bank). ``certified`` with low-rank ``search``: the certified search (exact
+    mode's answer), plain exact where bank tiles are under 64 rows (see ``_rescan``) or a
+    shard has under ``CERTIFIED_MIN_ROWS`` rows (slower there). Returns ``([Q, k] distances,
+    [Q, k] indices, [Q] bool: fell back to the full scan on a shard, or None: not certified)``.
     """
     num_queries, num_bank = queries.shape[0], memory_bank.shape[0]
     valid_rows = num_bank if num_valid is None else num_valid
@@ -293,10 +481,13 @@ def nearest_neighbors_unchecked(
     bank_padding = (0, bank_shards * rows_per_shard - num_bank)
     queries = jnp.pad(queries, (query_padding, (0, 0)))
     memory_bank = jnp.pad(memory_bank, (bank_padding, (0, 0)))
-    if num_candidates is None:
-        search = None
-    if search is not None:
+    big = bank_tile >= 64 and rows_per_shard >= CERTIFIED_MIN_ROWS
+    certify = certified and search is not None and big
+    num_candidates = None if certified and not certify else num_candidates  # plain: too small
+    if num_candidates is not None and search is not None:
         search = (search[0].astype(jnp.float32), jnp.pad(search[1], (bank_padding, (0, 0))))
+    else:
+        search = None
     images = None
     if query_images is not None:
         images = (
@@ -306,7 +497,7 @@ def nearest_neighbors_unchecked(
 
     def shard_top_k(local_queries: jax.Array, local_bank: jax.Array, local_search, local_images):
         row_offset = lax.axis_index(BANK_AXIS).astype(jnp.int32) * rows_per_shard
-        distances, indices = _local_top_k(
+        distances, indices, fallbacks = _local_top_k(
             local_queries,
             local_bank,
             row_offset,
@@ -317,17 +508,15 @@ def nearest_neighbors_unchecked(
             num_candidates,
             local_search,
             *(local_images or (None, None)),
+            certify=certify,
+            shards=(
+                lambda distances, indices: _gathered_top_k(distances, indices, k),
+                lambda flags: lax.psum(flags.astype(jnp.int32), BANK_AXIS) > 0,
+            ),
         )
-        # Shards are gathered in order, so lower positions hold lower global indices.
-        distances = lax.all_gather(distances, BANK_AXIS, axis=1, tiled=True)
-        indices = lax.all_gather(indices, BANK_AXIS, axis=1, tiled=True)
-        _, positions = lax.top_k(-distances, k)
-        return (
-            jnp.take_along_axis(distances, positions, axis=1),
-            jnp.take_along_axis(indices, positions, axis=1),
-        )
+        return *_gathered_top_k(distances, indices, k), fallbacks
 
-    distances, indices = jax.shard_map(
+    distances, indices, fallbacks = jax.shard_map(
         shard_top_k,
         mesh=mesh,
         in_specs=(
@@ -336,7 +525,7 @@ def nearest_neighbors_unchecked(
             None if search is None else (P(), P(BANK_AXIS)),
             None if images is None else (P(DATA_AXIS), P(BANK_AXIS)),
         ),
-        out_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+        out_specs=(P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS)),
         # After the all_gather + top-k every bank shard holds the same result; the replication
         # checker cannot infer that through all_gather, so it is turned off.
         check_vma=False,
@@ -346,7 +535,8 @@ def nearest_neighbors_unchecked(
     finite_queries = jnp.all(jnp.isfinite(queries[:num_queries]), axis=1)
     unknown = (indices == _NO_INDEX) | ~finite_queries[:, None]
     distances = jnp.where(unknown, jnp.nan, distances)
-    return (distances if squared else jnp.sqrt(distances)), indices
+    fallbacks = fallbacks[:num_queries] if certify else None
+    return (distances if squared else jnp.sqrt(distances)), indices, fallbacks
 
 
 _nearest_neighbors_jit = jax.jit(
@@ -358,6 +548,7 @@ _nearest_neighbors_jit = jax.jit(
         "query_block_size",
         "mesh",
         "num_candidates",
+        "certified",
     ),
 )
 
@@ -392,93 +583,6 @@ def check_image_ids(query_images, bank_images, num_queries: int, num_bank: int) 
         )
 
 
-def default_num_candidates(k: int) -> int:
-    """Candidates per query of the ``fast`` k-NN when none are given: ``max(4 k, 16)``."""
-    return max(4 * k, 16)
-
-
-def candidates_for(precision: str, k: int, num_candidates: int | None = None) -> int | None:
-    """The static candidate count of the k-NN: None for ``exact``, for ``fast``
-    ``num_candidates`` (an integer >= k) or ``default_num_candidates(k)``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    integer = isinstance(num_candidates, int) and not isinstance(num_candidates, bool)
-    if num_candidates is not None and (not integer or num_candidates < k):
-        raise ValueError(f"num_candidates must be an integer >= k = {k}, got {num_candidates!r}")
-    if precision == "exact":
-        return None
-    return default_num_candidates(k) if num_candidates is None else num_candidates
-
-
-def default_candidate_search(platform: str) -> str:
-    """The ``fast`` k-NN's candidate search on ``platform``: ``low-rank`` on ``cpu`` (where
-    XLA runs bfloat16 matmuls no faster than float32), ``bfloat16`` elsewhere (GPU/TPU)."""
-    return "low-rank" if platform == "cpu" else "bfloat16"
-
-
-# ----------------------------------------------------------------------------------------------
-# The low-rank candidate search's per-bank arrays
-
-
-def low_rank_basis(memory_bank: np.ndarray | jax.Array, dims: int = LOW_RANK_DIMS) -> np.ndarray:
-    """``V: [D, min(dims, D)] float32``, orthonormal: the bank's top principal directions.
-
-    Host numpy float64 and deterministic: eigenvectors of the centred covariance by descending
-    eigenvalue (``eigh``), each signed so that its largest-magnitude component is positive.
-    """
-    bank = np.asarray(memory_bank, np.float64)
-    if bank.ndim != 2 or bank.shape[0] < 1:
-        raise ValueError(f"memory_bank must be [M >= 1, D], got shape {bank.shape}")
-    if not (isinstance(dims, int) and dims >= 1):
-        raise ValueError(f"dims must be a positive integer, got {dims!r}")
-    centred = bank - bank.mean(axis=0)
-    _, vectors = np.linalg.eigh(centred.T @ centred)
-    basis = vectors[:, ::-1][:, : min(dims, bank.shape[1])]
-    pivots = np.argmax(np.abs(basis), axis=0)
-    signs = np.sign(basis[pivots, np.arange(basis.shape[1])])
-    return (basis * np.where(signs == 0, 1.0, signs)).astype(np.float32)
-
-
-@jax.jit
-def project_bank(memory_bank: jax.Array, basis: jax.Array) -> jax.Array:
-    """``[M, r] float32``: the memory bank in the low-rank basis (``memory_bank @ basis``)."""
-    return jnp.dot(memory_bank.astype(jnp.float32), basis, precision=HIGHEST)
-
-
-def low_rank_search(
-    memory_bank: np.ndarray | jax.Array, dims: int = LOW_RANK_DIMS
-) -> tuple[jax.Array, jax.Array]:
-    """``(basis [D, r], projected bank [M, r])``, the per-bank arrays of the low-rank candidate
-    search (``candidate_search="low-rank"``): computed once per memory bank."""
-    basis = jnp.asarray(low_rank_basis(memory_bank, dims))
-    return basis, project_bank(jnp.asarray(memory_bank, jnp.float32), basis)
-
-
-def search_arrays(
-    precision: str,
-    candidate_search: str,
-    memory_bank: jax.Array | np.ndarray,
-    search: tuple[jax.Array, jax.Array] | None = None,
-) -> tuple[jax.Array, jax.Array] | None:
-    """The per-bank arrays of the k-NN's candidate search: None for ``exact`` or the
-    ``bfloat16`` search; for ``low-rank`` ``search`` if given, else ``low_rank_search`` of the
-    (concrete) ``memory_bank``."""
-    if candidate_search not in CANDIDATE_SEARCHES:
-        raise ValueError(
-            f"candidate_search must be one of {CANDIDATE_SEARCHES}, got {candidate_search!r}"
-        )
-    if precision == "exact" or candidate_search == "bfloat16":
-        return None
-    if search is not None:
-        return search
-    if isinstance(memory_bank, jax.core.Tracer):
-        raise ValueError(
-            "candidate_search='low-rank' inside a traced program needs its per-bank arrays: "
-            "pass search=knn.low_rank_search(memory_bank) computed outside"
-        )
-    return low_rank_search(memory_bank)
-
-
 # ----------------------------------------------------------------------------------------------
 # Public entry points
 
@@ -506,7 +610,7 @@ def fast_candidates(
     bank = jnp.pad(jnp.asarray(memory_bank, jnp.float32), ((0, bank_rows - num_bank), (0, 0)))
     if search is not None:
         search = (search[0], jnp.pad(search[1], ((0, bank_rows - num_bank), (0, 0))))
-    distances, indices = _local_top_k(
+    distances, indices, _ = _local_top_k(
         queries,
         bank,
         0,
@@ -536,7 +640,8 @@ def nearest_neighbors(
     search: tuple[jax.Array, jax.Array] | None = None,
     query_images: jax.Array | np.ndarray | None = None,
     bank_images: jax.Array | np.ndarray | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    with_fallbacks: bool = False,
+) -> tuple[jax.Array, ...]:
     """Exact k nearest memory-bank rows of each query, in bounded memory, sharded over ``mesh``.
 
     Distances are ``max(|q|^2 + |b|^2 - 2 q.b, 0)`` in float32 (HIGHEST precision), square-rooted
@@ -553,6 +658,11 @@ def nearest_neighbors(
     of the true distance at ``r / D`` of the FLOPs; the CPU choice): ``search`` =
     ``low_rank_search(memory_bank)``, computed here when not given.
 
+    With ``precision="exact"`` and ``candidate_search="low-rank"`` the answer is exact mode's
+    (the same indices and distances) from the certified search: low-rank candidates
+    (``num_candidates``, default ``max(4 k, 32)``), re-ranked, a proof that no other row can
+    be nearer, and the full scan for the queries without one.
+
     Args:
       queries: ``[Q, D] float32``.
       memory_bank: ``[M, D] float32``, ``M >= k``.
@@ -563,6 +673,9 @@ def nearest_neighbors(
       mesh: ``(data, bank)`` mesh (``sharding.make_mesh``); None means one device.
       query_images, bank_images: ``[Q]`` and ``[M]`` int32, or both None: a bank row whose
         image id equals the query's is never its neighbour (the same-image exclusion).
+
+      with_fallbacks: also return ``[Q]`` bool: the certified search fell back to the full
+        scan for the query (None where no certified search ran).
 
     Returns:
       ``distances: [Q, k] float32`` ascending and ``indices: [Q, k] int32`` into ``memory_bank``.
@@ -575,7 +688,8 @@ def nearest_neighbors(
     check_image_ids(query_images, bank_images, queries.shape[0], memory_bank.shape[0])
     if k > memory_bank.shape[0]:
         raise ValueError(f"k={k} exceeds the memory bank size {memory_bank.shape[0]}")
-    return _nearest_neighbors_jit(
+    candidates = candidates_for(precision, k, num_candidates, candidate_search)
+    result = _nearest_neighbors_jit(
         queries,
         memory_bank,
         k=k,
@@ -583,8 +697,10 @@ def nearest_neighbors(
         bank_block_size=bank_block_size,
         query_block_size=query_block_size,
         mesh=single_device_mesh() if mesh is None else mesh,
-        num_candidates=candidates_for(precision, k, num_candidates),
+        num_candidates=candidates,
         search=search_arrays(precision, candidate_search, memory_bank, search),
         query_images=query_images,
         bank_images=bank_images,
+        certified=precision == "exact" and candidates is not None,
     )
+    return result if with_fallbacks else result[:2]

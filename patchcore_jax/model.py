@@ -121,6 +121,10 @@ class PatchCore:
         self.bank_source_images: np.ndarray | None = None
         # Wall seconds of the last fit's phases: "features", "coreset", "calibration".
         self.fit_timings: dict[str, float] = {}
+        # Patch queries of the certified k-NN (scoring and calibration, this process) and how
+        # many of them fell back to the full scan (its certified fraction); None: not used.
+        certified = config.precision == "exact" and self.candidate_search is not None
+        self.knn_counts = {"queries": 0, "fallbacks": 0} if certified else None
         if memory_bank is not None:
             self._set_memory_bank(memory_bank)
 
@@ -144,9 +148,11 @@ class PatchCore:
 
     def describe(self) -> str:
         """What the numerics are on this platform, e.g. ``precision fast on cpu: float32
-        backbone, low-rank k-NN candidates (r <= 128, C = 16) re-ranked in float32``."""
+        backbone, low-rank (r <= 128) k-NN candidates (C = 16) re-ranked in float32``; once the
+        certified k-NN has run, its certified fraction so far (``knn_counts``)."""
         config = self.config
-        return programs.describe_numerics(config.precision, self.platform, config.num_neighbors)
+        text = programs.describe_numerics(config.precision, self.platform, config.num_neighbors)
+        return text + programs.describe_fallbacks(self.knn_counts)
 
     def search_arrays(self) -> tuple[jax.Array, jax.Array] | None:
         """The memory bank's candidate-search arrays, ``(basis [D, r], projected bank [M, r])``
@@ -351,6 +357,7 @@ class PatchCore:
         self.fit_timings["coreset"] = time.perf_counter() - start
         start = time.perf_counter()
         self.calibration = self.bank_source_images = None
+        counted = None if self.knn_counts is None else dict(self.knn_counts)
         if config.calibration != "none":
             if source_images is not None:  # learned proxies are no image's rows
                 self.bank_source_images = source_images.astype(np.int32)
@@ -364,9 +371,11 @@ class PatchCore:
             )
         self.fit_timings["calibration"] = time.perf_counter() - start
         if log is not None and self.calibration is not None:
+            if counted is not None:  # this calibration's queries only
+                counted = {key: self.knn_counts[key] - counted[key] for key in counted}
             log(
                 f"calibration: {self.calibration.describe()} in "
-                f"{self.fit_timings['calibration']:.1f} s"
+                f"{self.fit_timings['calibration']:.1f} s{programs.describe_fallbacks(counted)}"
             )
 
     def _select_bank(
@@ -442,9 +451,9 @@ class PatchCore:
         scores, maps = [], []
         for batch, ids, num_valid in batches:
             interrupt.check()
-            result = score(batch, ids)
-            scores.append(sharding.process_local_rows(result.image_scores)[:num_valid])
-            maps.append(sharding.process_local_rows(result.anomaly_maps)[:num_valid])
+            result = programs.host_rows(score(batch, ids), num_valid, self.knn_counts)
+            scores.append(result.image_scores)
+            maps.append(result.anomaly_maps)
         return tuple(
             sharding.gather_rows_from_processes(np.concatenate(x), every_process=False)
             for x in (scores, maps)
@@ -648,10 +657,10 @@ class PatchCore:
             for leaf in jax.tree.leaves(result):
                 leaf.copy_to_host_async()
             if pending is not None:
-                yield programs.host_rows(*pending)
+                yield programs.host_rows(*pending, self.knn_counts)
             pending = (result, num_valid)
         if pending is not None:
-            yield programs.host_rows(*pending)
+            yield programs.host_rows(*pending, self.knn_counts)
 
     def predict(
         self, images: ImageBatches, *, progress: Callable[[int], None] | None = None

@@ -22,31 +22,61 @@ from patchcore_jax import features, knn, scoring, sharding
 
 def backend_numerics(precision: str, platform: str) -> tuple[str, str | None]:
     """``(backbone dtype, k-NN candidate search)`` of ``precision`` on ``platform`` (a jax
-    device platform: ``cpu``, ``gpu``, ``tpu``...).
+    device platform: ``cpu``, ``gpu``, ``tpu``...), each the fastest the backend has (measured:
+    benchmarks/results/precision.md, knn.md).
 
-    ``exact``: ``("float32", None)`` (exact k-NN) everywhere. ``fast`` takes the fastest
-    approximation the backend has: on ``cpu``, where XLA runs bfloat16 no faster than float32,
+    ``exact``: a float32 backbone; on ``cpu`` the certified k-NN (``low-rank`` candidates,
+    exact re-rank, full scan where unproven: exact mode's answer at a fraction of the work),
+    elsewhere the plain scan (None; the certified search is not measured faster there yet).
+    ``fast``: on ``cpu``, where XLA runs bfloat16 no faster than float32,
     ``("float32", "low-rank")``; elsewhere ``("bfloat16", "bfloat16")``.
     """
     if precision == "exact":
-        return "float32", None
+        return "float32", ("low-rank" if platform == "cpu" else None)
     if precision != "fast":
         raise ValueError(f"precision must be 'exact' or 'fast', got {precision!r}")
     return ("float32" if platform == "cpu" else "bfloat16"), knn.default_candidate_search(platform)
 
 
-def host_rows(result: scoring.ScoreResult, num_valid: int) -> scoring.ScoreResult:
-    """This process's first ``num_valid`` rows of every field of a batch result, on the host."""
-    return jax.tree.map(lambda x: sharding.process_local_rows(x)[:num_valid], result)
+def host_rows(
+    result: scoring.ScoreResult, num_valid: int, knn_counts: dict[str, int] | None = None
+) -> scoring.ScoreResult:
+    """This process's first ``num_valid`` rows of every field of a batch result, on the host;
+    their patch queries and certified-search fallbacks are added to ``knn_counts``."""
+    result = jax.tree.map(lambda x: sharding.process_local_rows(x)[:num_valid], result)
+    if knn_counts is not None and result.fallbacks is not None:  # -1: no certified search
+        certified = np.asarray(result.fallbacks) >= 0
+        knn_counts["queries"] += int(certified.sum()) * result.patch_scores.shape[1]
+        knn_counts["fallbacks"] += int(np.asarray(result.fallbacks)[certified].sum())
+    return result
+
+
+def describe_fallbacks(knn_counts: dict[str, int] | None) -> str:
+    """``"; k-NN certified for 99.8724% of 784 patch queries (1 fell back to the full scan)"``,
+    or "" before any query or without the certified search (``knn_counts`` None)."""
+    if not knn_counts or not knn_counts["queries"]:
+        return ""
+    queries, fallbacks = knn_counts["queries"], knn_counts["fallbacks"]
+    return (
+        f"; k-NN certified for {1 - fallbacks / queries:.4%} of {queries} patch queries "
+        f"({fallbacks} fell back to the full scan)"
+    )
 
 
 def describe_numerics(precision: str, platform: str, num_neighbors: int) -> str:
     """What ``precision`` means on ``platform`` (``backend_numerics``) in words, e.g.
-    ``precision fast on cpu: float32 backbone, low-rank k-NN candidates (r <= 128, C = 16)
+    ``precision fast on cpu: float32 backbone, low-rank (r <= 128) k-NN candidates (C = 16)
     re-ranked in float32``."""
-    if precision == "exact":
-        return f"precision exact on {platform}: float32 backbone and k-NN"
     backbone_dtype, candidate_search = backend_numerics(precision, platform)
+    if precision == "exact" and candidate_search is None:
+        return f"precision exact on {platform}: float32 backbone and k-NN"
+    if precision == "exact":
+        count = knn.default_certified_candidates(num_neighbors)
+        return (
+            f"precision exact on {platform}: float32 backbone and k-NN, certified from "
+            f"{knn.CERTIFIED_MIN_ROWS} bank rows per device (low-rank (r <= {knn.LOW_RANK_DIMS}) "
+            f"candidates (C = {count}) re-ranked in float32, the full scan where no proof)"
+        )
     count = knn.default_num_candidates(num_neighbors)
     search = (
         f"low-rank (r <= {knn.LOW_RANK_DIMS})" if candidate_search == "low-rank" else "bfloat16"
@@ -84,7 +114,7 @@ def score_program(
     """``(patch features [B, P, D], bank [bucket, D], rows in use [], search=None) ->
     ScoreResult`` split like the batch (so each process reads its own rows); see
     ``bank_bucket``; ``search``: the bank's candidate-search arrays (``PatchCore.search_arrays``),
-    None for exact or bfloat16 candidates."""
+    None for the plain exact scan or bfloat16 candidates."""
     options = dict(scoring_options)
 
     def score(patch_features: jax.Array, memory_bank: jax.Array, num_valid: jax.Array, search=None):

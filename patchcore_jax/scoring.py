@@ -35,12 +35,15 @@ class ScoreResult(NamedTuple):
       anomaly_maps: ``[B, H, W] float32``, upsampled and blurred patch scores.
       patch_scores: ``[B, P] float32``, mean distance to the k nearest bank rows.
       nearest_indices: ``[B, P, k] int32``, bank rows of those neighbours, nearest first.
+      fallbacks: ``[B] int32``, patches whose certified k-NN fell back to the full scan (-1
+        where no certified search ran; None where not computed).
     """
 
     image_scores: jax.Array
     anomaly_maps: jax.Array
     patch_scores: jax.Array
     nearest_indices: jax.Array
+    fallbacks: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +84,7 @@ def _reweighted_image_scores(
     star_index = nearest_indices[images, top_patch]  # m*: [B]
     star_features = memory_bank[star_index]
     support_size = reweight_neighbors  # 2 <= b <= M (checked by score_patch_features)
-    _, support = knn.nearest_neighbors_unchecked(
+    _, support, _ = knn.nearest_neighbors_unchecked(
         star_features,
         memory_bank,
         support_size,
@@ -169,6 +172,7 @@ def anomaly_maps(patch_scores: jax.Array, out_shape: tuple[int, int], sigma: flo
         "query_block_size",
         "mesh",
         "num_candidates",
+        "certified",
     ),
 )
 def _score_patch_features(
@@ -189,12 +193,13 @@ def _score_patch_features(
     search: tuple[jax.Array, jax.Array] | None = None,
     image_ids: jax.Array | None = None,
     bank_source_images: jax.Array | None = None,
+    certified: bool = False,
 ) -> ScoreResult:
     batch, num_patches, dim = patch_features.shape
     query_images = None
     if image_ids is not None:  # every patch of an image carries the image's id
         query_images = jnp.repeat(image_ids.astype(jnp.int32), num_patches)
-    distances, indices = knn.nearest_neighbors_unchecked(
+    distances, indices, fallbacks = knn.nearest_neighbors_unchecked(
         patch_features.reshape(batch * num_patches, dim),
         memory_bank,
         num_neighbors,
@@ -207,8 +212,9 @@ def _score_patch_features(
         search,
         query_images,
         bank_source_images,
+        certified,
     )
-    return scores_from_neighbors(
+    result = scores_from_neighbors(
         patch_features,
         memory_bank,
         distances,
@@ -223,6 +229,9 @@ def _score_patch_features(
         mesh=mesh,
         num_valid=num_valid,
     )
+    if fallbacks is None:
+        return result
+    return result._replace(fallbacks=fallbacks.reshape(batch, num_patches).sum(axis=1))
 
 
 def scores_from_neighbors(
@@ -263,7 +272,8 @@ def scores_from_neighbors(
     else:
         image_scores = patch_scores.max(axis=1)
     maps = anomaly_maps(patch_scores.reshape(batch, *grid_shape), out_shape, sigma)
-    return ScoreResult(image_scores, maps, patch_scores, nearest_indices)
+    fallbacks = jnp.full(batch, -1, jnp.int32)
+    return ScoreResult(image_scores, maps, patch_scores, nearest_indices, fallbacks)
 
 
 def score_patch_features(
@@ -305,12 +315,15 @@ def score_patch_features(
       mesh: ``(data, bank)`` mesh; None means one device.
       precision: ``exact`` or ``fast`` (bfloat16 k-NN candidates re-ranked in float32, see
         ``nearest_neighbors``); Eq. 7 and the maps are float32 either way.
-      num_candidates: candidates per query of the ``fast`` k-NN (default ``max(4 k, 16)``).
+      num_candidates: candidates per query of the ``fast`` k-NN (default ``max(4 k, 16)``) or
+        of the certified search (default ``max(4 k, 32)``).
       num_valid: the bank's first ``num_valid`` rows are used, the rest is padding (never a
         neighbour): an int, or a traced int32 scalar so that banks padded to one bucketed size
         share a compiled program (``PatchCore`` does this). Default: every row.
       candidate_search: how the ``fast`` k-NN finds its candidates: ``bfloat16`` (full
         dimension; GPUs/TPUs) or ``low-rank`` (the bank's top principal directions; CPUs).
+        ``exact`` with ``low-rank``: the certified search (exact mode's answer, faster on
+        CPUs); with ``bfloat16``: the plain scan.
       search: the low-rank search's per-bank arrays, ``knn.low_rank_search(memory_bank)``
         (computed here when not given and the bank is concrete).
       image_ids, bank_source_images: ``[B]`` and ``[M]`` int32, or both None: each image's k-NN
@@ -340,6 +353,7 @@ def score_patch_features(
     knn.check_image_ids(
         image_ids, bank_source_images, patch_features.shape[0], memory_bank.shape[0]
     )
+    candidates = knn.candidates_for(precision, num_neighbors, num_candidates, candidate_search)
     return _score_patch_features(
         patch_features,
         memory_bank,
@@ -353,11 +367,12 @@ def score_patch_features(
         bank_block_size=bank_block_size,
         query_block_size=query_block_size,
         mesh=single_device_mesh() if mesh is None else mesh,
-        num_candidates=knn.candidates_for(precision, num_neighbors, num_candidates),
+        num_candidates=candidates,
         num_valid=None if num_valid is None else jnp.asarray(num_valid, jnp.int32),
         search=knn.search_arrays(precision, candidate_search, memory_bank, search),
         image_ids=image_ids,
         bank_source_images=bank_source_images,
+        certified=precision == "exact" and candidates is not None,
     )
 
 

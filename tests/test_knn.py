@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from float_rounding import low_rank_distance_bound, squared_distance_error
 
-from patchcore_jax import knn, sharding
+from patchcore_jax import candidates, knn, sharding
 
 NO_INDEX = np.iinfo(np.int32).max
 
@@ -360,3 +360,127 @@ def test_exclusion_ids_are_validated():
         knn.nearest_neighbors(
             bank, bank, query_images=np.zeros(9, np.int32), bank_images=np.zeros(10, np.int32)
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# The certified search: exact mode's answer from low-rank candidates, a proof, a fallback
+
+
+@pytest.fixture
+def certify_small_banks(monkeypatch):
+    """Certified search on this test's small banks (it runs from ``CERTIFIED_MIN_ROWS`` rows
+    per shard, where it is measured faster)."""
+    monkeypatch.setattr(knn, "CERTIFIED_MIN_ROWS", 0)
+
+
+def _certified(queries, bank, k, mesh=None, **options):
+    """Plain exact scan, certified search (with its fallback flags), both as numpy."""
+    options = {"bank_block_size": 300, "query_block_size": 120, "mesh": mesh, **options}
+    plain = knn.nearest_neighbors(queries, bank, k, **options)
+    certified = knn.nearest_neighbors(
+        queries, bank, k, candidate_search="low-rank", with_fallbacks=True, **options
+    )
+    return [np.asarray(x) for x in plain], [None if x is None else np.asarray(x) for x in certified]
+
+
+def _adversarial(rng, num_rows=800, dim=160):
+    """A bank with decaying scales (low rank captures most of it), duplicates, exact ties, a
+    far outlier and a NaN row; queries next to rows, equal to rows, random, and non-finite."""
+    scales = np.geomspace(1.0, 1e-2, dim)
+    centres = np.repeat(rng.standard_normal((num_rows // 5, dim)), 5, axis=0)  # clusters of 5
+    bank = ((centres + 0.1 * rng.standard_normal((num_rows, dim))) * scales).astype(np.float32)
+    bank[100:110] = bank[:10]  # duplicates: ties go to the lower index
+    bank[200] = 50.0  # a far outlier
+    bank[300, 7] = np.nan  # never anyone's neighbour
+    queries = (rng.standard_normal((400, dim)) * scales).astype(np.float32)
+    queries[:40] = bank[:40]  # equal to bank rows (with duplicates among them)
+    queries[40:80] = bank[40:80] + 1e-3 * queries[40:80]
+    queries[80] = bank[200] * 0.9  # nearest the outlier
+    queries[81] = bank[300] + 1e-3  # next to the NaN row
+    queries[81, 7] = 0.0
+    queries[90, 3], queries[91, 0] = np.nan, np.inf
+    # Most like test patches: near some bank row (the rest, random, are far from every row).
+    near = rng.choice(num_rows, 250)
+    queries[100:350] = bank[near] + 0.05 * queries[100:350]
+    queries[100:350][near == 300] = 0.0
+    return queries, bank
+
+
+@pytest.mark.parametrize("k,bank_shards", [(1, 1), (3, 2), (1, 8)])
+def test_certified_knn_is_exact_mode_bit_for_bit_and_the_float64_brute_force(
+    k, bank_shards, certify_small_banks
+):
+    rng = np.random.default_rng(k + bank_shards)
+    queries, bank = _adversarial(rng)
+    mesh = sharding.make_mesh(bank_shards=bank_shards)
+    plain, (distances, indices, fallbacks) = _certified(queries, bank, k, mesh)
+    # The plain scan's arithmetic, bit for bit: same indices, same float32 distances, NaNs too.
+    np.testing.assert_array_equal(indices, plain[1])
+    np.testing.assert_array_equal(distances, plain[0])
+    # Against float64: the lowest index on ties, distances within the derived rounding bound.
+    finite = np.all(np.isfinite(queries), axis=1)
+    kept = np.delete(np.arange(len(bank)), 300)
+    expected_distances, positions = _dense_knn(queries[finite], bank[kept], k)
+    np.testing.assert_array_equal(indices[finite], kept[positions])
+    np.testing.assert_array_equal(indices[:10, 0], np.arange(10))  # not their duplicates
+    bound = squared_distance_error(queries[finite][:, None, :], bank[kept[positions]])
+    assert np.all(np.abs(distances[finite] - expected_distances) <= bound)
+    assert np.all(np.isnan(distances[~finite])) and np.all(indices[~finite] == NO_INDEX)
+    # Most queries are proven; non-finite ones always fall back (to the plain scan's NaN).
+    assert fallbacks[~finite].all() and 0.5 < 1 - fallbacks.mean() < 1
+    print(f"k={k}, {bank_shards} bank shards: {fallbacks.sum()} of {len(queries)} fell back")
+
+
+@pytest.mark.parametrize("num_failing", [3, 60, 700])
+def test_certified_knn_falls_back_to_the_exact_scan_for_few_some_or_all_queries(
+    num_failing, certify_small_banks
+):
+    rng = np.random.default_rng(num_failing)
+    queries, bank = _adversarial(rng, dim=128)
+    # 32 more dimensions, where the bank barely varies: the low-rank search (r = 128) misses
+    # them, so queries far out in them cannot be proven (and all other queries are).
+    extra = 1e-3 * rng.standard_normal((len(bank), 32)).astype(np.float32)
+    wide_bank = np.concatenate([bank, extra], axis=1)
+    wide = np.concatenate([queries[rng.choice(250, 700) + 100], np.zeros((700, 32))], axis=1)
+    failing = rng.choice(700, num_failing, replace=False)
+    wide[failing, 128:] = rng.standard_normal((num_failing, 32))
+    wide = wide.astype(np.float32)
+    plain, (distances, indices, fallbacks) = _certified(wide, wide_bank, 2)
+    np.testing.assert_array_equal(indices, plain[1])
+    np.testing.assert_array_equal(distances, plain[0])
+    assert fallbacks[failing].mean() > 0.9 and fallbacks.sum() <= num_failing + 10
+    capacities = candidates.fallback_capacities(720, 120)  # 700 queries in tiles of 120 (6 x 120)
+    branch = np.searchsorted(capacities, fallbacks.sum())  # the gathered set (or all) used
+    print(f"{fallbacks.sum()} fell back: capacities {capacities}, branch {branch}")
+    assert branch == {3: 0, 60: 1, 700: 2}[num_failing]
+
+
+def test_certified_knn_with_the_same_image_exclusion_equals_the_plain_scan(certify_small_banks):
+    rng = np.random.default_rng(30)
+    queries, bank = _adversarial(rng)
+    bank_images = rng.integers(0, 8, size=len(bank)).astype(np.int32)
+    query_images = rng.integers(0, 8, size=len(queries)).astype(np.int32)
+    query_images[:40] = bank_images[:40]  # queries equal to a row of their own image
+    exclusion = dict(query_images=query_images, bank_images=bank_images)
+    plain, (distances, indices, fallbacks) = _certified(queries, bank, 2, **exclusion)
+    np.testing.assert_array_equal(indices, plain[1])
+    np.testing.assert_array_equal(distances, plain[0])
+    own = bank_images[np.minimum(indices, len(bank) - 1)] == query_images[:, None]
+    assert not np.any(own & (indices != NO_INDEX))
+    assert fallbacks.mean() < 0.5
+
+
+def test_certified_search_is_plain_exact_where_banks_or_tiles_are_small_and_validates():
+    rng = np.random.default_rng(32)
+    queries, bank = _adversarial(rng, num_rows=400, dim=64)  # tiles of 48 rows
+    plain, (distances, indices, fallbacks) = _certified(queries, bank, 1, bank_block_size=48)
+    np.testing.assert_array_equal(indices, plain[1])
+    np.testing.assert_array_equal(distances, plain[0])
+    assert fallbacks is None  # no certified search ran
+    plain, (distances, indices, fallbacks) = _certified(queries, bank, 1, bank_block_size=64)
+    assert fallbacks is None  # 400 rows: under CERTIFIED_MIN_ROWS
+    assert knn.candidates_for("exact", 2) is None
+    assert knn.candidates_for("exact", 2, candidate_search="low-rank") == 32
+    assert knn.candidates_for("exact", 9, candidate_search="low-rank") == 36
+    with pytest.raises(ValueError, match="num_candidates must be an integer >= k = 3"):
+        knn.nearest_neighbors(bank, bank, 3, candidate_search="low-rank", num_candidates=2)

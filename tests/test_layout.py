@@ -16,6 +16,7 @@ DEVICE = {
     "features",
     "coreset",
     "knn",
+    "candidates",
     "scoring",
     "sharding",
     "config",

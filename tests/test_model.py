@@ -65,7 +65,8 @@ def test_fused_predict_equals_embedding_then_scoring_and_is_shared(small_split):
     config = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05, batch_size=4)
     model = PatchCore(config, mesh=sharding.make_mesh(1, jax.devices()[:2])).fit(train)
     scores, maps = model.predict(test)
-    two_step = [model._score(features, *model._scoring_bank) for features, _ in model.embed(test)]
+    scoring_bank = (*model._scoring_bank, model._search)  # the certified k-NN on CPU: its arrays
+    two_step = [model._score(features, *scoring_bank) for features, _ in model.embed(test)]
     np.testing.assert_allclose(
         scores, np.concatenate([r.image_scores for r in two_step]), rtol=1e-6
     )

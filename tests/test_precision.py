@@ -150,13 +150,59 @@ def test_fast_backbone_computes_in_bfloat16_and_returns_float32(name):
 
 
 def test_backend_choice_of_the_fast_precision():
-    assert backend_numerics("exact", "cpu") == ("float32", None)
+    assert backend_numerics("exact", "cpu") == ("float32", "low-rank")  # the certified k-NN
     assert backend_numerics("exact", "gpu") == ("float32", None)
     assert backend_numerics("fast", "cpu") == ("float32", "low-rank")
     assert backend_numerics("fast", "gpu") == ("bfloat16", "bfloat16")
     assert backend_numerics("fast", "tpu") == ("bfloat16", "bfloat16")
     with pytest.raises(ValueError, match="precision must be"):
         backend_numerics("half", "cpu")
+
+
+def _plain_and_certified(model, features, **exclusion):
+    """``score_patch_features`` of ``features [B, P, D]`` with ``model``'s options, by the plain
+    exact scan and by the certified search (the model's own on CPU)."""
+    options = dict(model.scoring_options(), mesh=model.mesh, **exclusion)
+    bank = model.memory_bank
+    plain = scoring.score_patch_features(
+        features, bank, **dict(options, candidate_search="bfloat16")
+    )
+    certified = scoring.score_patch_features(
+        features, bank, **options, search=model.search_arrays()
+    )
+    return plain, certified
+
+
+def test_exact_model_on_cpu_scores_with_the_certified_knn_equal_to_the_plain_scan(
+    bottle_models, bottle_images, monkeypatch
+):
+    """Real bottle features (MobileNetV2, 40 train images, 12 good and 12 defective test
+    images): the certified k-NN of exact mode gives the plain scan's scores, maps and
+    neighbours bit for bit, for test images and for the self-excluded calibration."""
+    models, results = bottle_models
+    model = models["exact"]
+    assert model.candidate_search == "low-rank" and "certified" in model.describe()
+    # A 3,136-row bank: under CERTIFIED_MIN_ROWS, the model's programs scanned it plainly.
+    assert model.knn_counts["queries"] == 0
+    monkeypatch.setattr(knn, "CERTIFIED_MIN_ROWS", 0)  # certify it here all the same
+    features = np.concatenate([np.asarray(f)[:n] for f, n in model.embed(bottle_images[1])])
+    plain, certified = _plain_and_certified(model, features)
+    for name in ("image_scores", "anomaly_maps", "patch_scores", "nearest_indices"):
+        np.testing.assert_array_equal(getattr(certified, name), getattr(plain, name), name)
+    np.testing.assert_array_equal(results["exact"][0], plain.image_scores)
+    print(f"test patches that fell back: {np.asarray(certified.fallbacks).sum()}")
+    # The self-excluded calibration's k-NN: each training image against the others' rows.
+    train = model.patch_features(bottle_images[0][:8]).reshape(8, -1, features.shape[-1])
+    rows = np.random.default_rng(0).choice(train.shape[0] * train.shape[1], 600, replace=False)
+    bank_model = PatchCore(model.config, backbone=model.backbone, mesh=model.mesh)
+    bank_model.memory_bank = train.reshape(-1, train.shape[-1])[rows]
+    exclusion = dict(image_ids=np.arange(8), bank_source_images=rows // train.shape[1])
+    plain, certified = _plain_and_certified(bank_model, train, **exclusion)
+    for name in ("image_scores", "anomaly_maps", "nearest_indices"):
+        np.testing.assert_array_equal(getattr(certified, name), getattr(plain, name), name)
+    fell_back = np.asarray(certified.fallbacks).sum()
+    print(f"calibration patches that fell back: {fell_back} of {train.shape[0] * train.shape[1]}")
+    assert fell_back < 0.05 * train.shape[0] * train.shape[1]
 
 
 def test_fast_model_calibrates_and_exports_in_its_precision(bottle_images):

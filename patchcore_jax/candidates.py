@@ -1,0 +1,301 @@
+"""The k-NN's candidate searches (device code, but the basis): their options, the low-rank
+search's per-bank arrays, what the low-rank distance proves, and the certified search's
+fallback where it proves nothing.
+
+The bank's top ``LOW_RANK_DIMS`` principal directions ``V`` (orthonormal) give a distance
+``|V^T q - V^T b|^2`` at ``r / D`` of the FLOPs that is a lower bound of the true squared
+distance: the ``fast`` k-NN finds its candidates with it, and the certified k-NN (``knn``)
+proves its answer exact with it. The proof needs float32 rounding margins, derived here once:
+``squared_distance_margin`` (the exact formula), ``low_rank_lower_bound`` (the low-rank
+distance), ``proven_below`` (the certificate of one shard's answer).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from patchcore_jax.config import PRECISIONS
+from patchcore_jax.sharding import HIGHEST
+
+CANDIDATE_SEARCHES: tuple[str, ...] = ("bfloat16", "low-rank")
+CERTIFIED_CANDIDATES = 32  # least C of the certified search (measured: benchmarks/knn.py)
+LOW_RANK_DIMS = 128  # r of the low-rank candidate search (benchmarks/results/precision.md)
+UNIT_ROUNDOFF = 2.0**-24  # float32: |fl(x) - x| <= u |x|
+
+
+def low_rank_basis(memory_bank: np.ndarray | jax.Array, dims: int = LOW_RANK_DIMS) -> np.ndarray:
+    """``V: [D, min(dims, D)] float32``, orthonormal: the bank's top principal directions.
+
+    Host numpy float64 and deterministic: eigenvectors of the centred covariance of the finite
+    rows (a NaN row is never a neighbour) by descending eigenvalue (``eigh``), each signed so
+    that its largest-magnitude component is positive.
+    """
+    bank = np.asarray(memory_bank, np.float64)
+    if bank.ndim != 2 or bank.shape[0] < 1:
+        raise ValueError(f"memory_bank must be [M >= 1, D], got shape {bank.shape}")
+    finite = np.all(np.isfinite(bank), axis=1)
+    bank = bank[finite] if finite.any() else np.zeros_like(bank[:1])
+    if not (isinstance(dims, int) and dims >= 1):
+        raise ValueError(f"dims must be a positive integer, got {dims!r}")
+    centred = bank - bank.mean(axis=0)
+    _, vectors = np.linalg.eigh(centred.T @ centred)
+    basis = vectors[:, ::-1][:, : min(dims, bank.shape[1])]
+    pivots = np.argmax(np.abs(basis), axis=0)
+    signs = np.sign(basis[pivots, np.arange(basis.shape[1])])
+    return (basis * np.where(signs == 0, 1.0, signs)).astype(np.float32)
+
+
+@jax.jit
+def project_bank(memory_bank: jax.Array, basis: jax.Array) -> jax.Array:
+    """``[M, r] float32``: the memory bank in the low-rank basis (``memory_bank @ basis``)."""
+    return jnp.dot(memory_bank.astype(jnp.float32), basis, precision=HIGHEST)
+
+
+def low_rank_search(
+    memory_bank: np.ndarray | jax.Array, dims: int = LOW_RANK_DIMS
+) -> tuple[jax.Array, jax.Array]:
+    """``(basis [D, r], projected bank [M, r])``, the per-bank arrays of the low-rank candidate
+    search (``candidate_search="low-rank"``): computed once per memory bank."""
+    basis = jnp.asarray(low_rank_basis(memory_bank, dims))
+    return basis, project_bank(jnp.asarray(memory_bank, jnp.float32), basis)
+
+
+# ----------------------------------------------------------------------------------------------
+# The certificate of the certified search
+
+
+def squared_distance_margin(query_norms: jax.Array, row_norm: jax.Array, dim: int) -> jax.Array:
+    """``[q]``: a bound on ``|computed - exact|`` of every float32 squared distance
+    ``(|q|^2 + |b|^2) - 2 q.b`` (clamped at 0, summed in any order) of queries with Euclidean
+    norms ``query_norms [q]`` to rows of norm at most ``row_norm``, in ``dim`` dimensions.
+
+    Derivation (u = 2^-24, gamma_n = n u / (1 - n u), Higham): each of the three D-term sums
+    is within gamma_D of the sum of its terms' magnitudes (|q|^2, |b|^2, sum |q_i b_i| <=
+    |q| |b|), and the two additions round once more each, so the error is at most
+    gamma_{D+2} (|q| + |b|)^2; the clamp only moves a value towards the exact one (>= 0).
+    A further 32 u (|q| + R)^2 covers the float32 evaluation of this bound and of the
+    comparisons it enters (a few roundings of quantities <= (|q| + R)^2).
+    """
+    scale = jnp.square(query_norms + row_norm)
+    return (gamma(dim + 2) + 32 * UNIT_ROUNDOFF) * scale
+
+
+def low_rank_lower_bound(
+    low_rank_distances: jax.Array,
+    query_norms: jax.Array,
+    row_norm: jax.Array,
+    dim: int,
+    rank: int,
+) -> jax.Array:
+    """``[q]``: a lower bound on the exact squared distance of a query (Euclidean norm
+    ``query_norms [q]``) to any row of norm at most ``row_norm`` whose float32 low-rank distance
+    (``|V^T q - V^T b|^2``, ``V [dim, rank]`` from ``low_rank_basis``) was computed as at least
+    ``low_rank_distances [q]``.
+
+    Derivation: V in float32 is an orthonormal V64 rounded, |dV| <= u |V64|, so
+    |V^T z| <= s |z| with s = 1 + u sqrt(r). A float32 projected point is within
+    delta = gamma_D |(|V|^T |z|)| <= gamma_D s sqrt(r) |z| of the exact one, and the float32
+    squared distance of the projected points is within E = gamma_{r+2} (|q'| + |b'|)^2 of
+    theirs, with |z'| <= s |z| + delta. Hence a computed low-rank distance l satisfies
+    sqrt(l - E) <= s |q - b| + delta_q + delta_b, i.e. |q - b|^2 >=
+    ((sqrt(max(l - E, 0)) - delta_q - delta_b) / s)^2, decreasing in |b| (take R); a further
+    32 u (|q'| + |b'|)^2 is subtracted for the float32 evaluation of this bound itself.
+    """
+    stretch = 1.0 + UNIT_ROUNDOFF * math.sqrt(rank)
+    spread = gamma(dim) * stretch * math.sqrt(rank)
+    delta = spread * (query_norms + row_norm)
+    projected = stretch * (query_norms + row_norm) + delta  # >= |q'| + |b'|
+    error = (gamma(rank + 2) + 32 * UNIT_ROUNDOFF) * jnp.square(projected)
+    root = jnp.sqrt(jnp.maximum(low_rank_distances - error, 0.0))
+    bound = jnp.square(jnp.maximum(root - delta, 0.0) / stretch)
+    return bound - 32 * UNIT_ROUNDOFF * jnp.square(projected)
+
+
+def gamma(num_terms: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u) for float32 (u = 2^-24)."""
+    return num_terms * UNIT_ROUNDOFF / (1.0 - num_terms * UNIT_ROUNDOFF)
+
+
+def proven_below(
+    others: jax.Array,
+    other_norms: jax.Array,
+    bound: jax.Array,
+    query_norms: jax.Array,
+    row_norms: tuple[jax.Array, jax.Array, jax.Array],
+    dim: int,
+    rank: int,
+) -> jax.Array:
+    """``[q]``: a k-th distance below this (strictly) proves the rescanned candidates' top k
+    exact mode's: in the scan's arithmetic no other row of the shard can be as near.
+
+    ``others [q, n]``: the re-ranked distances (``knn._rerank``) of the candidates not rescanned,
+    ``other_norms [q, n]`` bounds of their rows' norms; ``bound [q]``: the smallest low-rank
+    distance of any row that is no candidate; ``query_norms [q]``: squared; ``row_norms``:
+    bounds of the shard's row norms ``(largest, level above, level below)``
+    (``norm_levels``). Every float32 distance is within ``squared_distance_margin`` of the
+    exact one, so the k-th must be below (1) ``other - 2 margin`` of each other candidate and
+    (2) ``low_rank_lower_bound(bound) - margin`` with the largest row norm, or that with the
+    level's norm (the rows below it) if the rows above it are farther by their norms alone:
+    ``(|b| - |q|)^2 - margin`` (a far outlier). NaN anywhere: -inf or NaN (nothing proven).
+    """
+    norms = jnp.sqrt(query_norms)
+    margins = squared_distance_margin(norms[:, None], other_norms, dim)
+    candidates = jnp.min(others - 2.0 * margins, axis=1, initial=jnp.inf)
+
+    def below(row_norm: jax.Array) -> jax.Array:
+        margin = squared_distance_margin(norms, row_norm, dim)
+        return low_rank_lower_bound(bound, norms, row_norm, dim, rank) - margin
+
+    largest, level_above, level_below = row_norms
+    # Rows above the level: |q - b|^2 >= (|b| - |q|)^2, increasing in |b| past ~|q|, so its
+    # value at the level (less the margin there) bounds them all.
+    gap = level_below - norms
+    far = jnp.where(gap > 1e-3 * norms, gap * gap, -jnp.inf)
+    far = far - squared_distance_margin(norms, level_above, dim)
+    rows = jnp.maximum(below(largest), jnp.minimum(below(level_above), far))
+    return jnp.minimum(candidates, rows)
+
+
+def norm_levels(bank_norms: jax.Array, valid: jax.Array, dim: int) -> tuple[jax.Array, ...]:
+    """``(largest, level above, level below)``: bounds of the Euclidean norms of a shard's
+    finite rows (from their float32 squared norms ``bank_norms [r]``, within gamma_D): the
+    largest, and the 1 - 1/64 quantile from above and from below (``proven_below``)."""
+    finite = valid & jnp.isfinite(bank_norms)
+    squared = jnp.sort(jnp.where(finite, bank_norms, 0.0))
+    count = jnp.sum(finite)
+    level = squared[jnp.maximum(squared.shape[0] - 1 - count // 64, 0)]
+    up, down = 1.0 + 2.0 * gamma(dim), 1.0 - 2.0 * gamma(dim)
+    return jnp.sqrt(squared[-1] * up), jnp.sqrt(level * up), jnp.sqrt(level * down)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fallback of what the certified search cannot prove
+
+
+def fall_back(
+    certified: jax.Array,
+    distances: jax.Array,
+    indices: jax.Array,
+    exact_scan: Callable[..., tuple[jax.Array, jax.Array]],
+    arguments: tuple[jax.Array | None, ...],
+    query_tile: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Exact mode's answer for the queries that are not ``certified [q]``, through
+    ``exact_scan(*arguments)`` (``arguments``: per-query arrays ``[q, ...]`` or None): none,
+    or the fewest of ``fallback_capacities`` gathered into one smaller set of queries, or
+    (more) all of them; a rare uncertified query costs a small scan, not a full one."""
+    capacities = fallback_capacities(certified.shape[0], query_tile)
+    failing = jnp.sum(~certified)
+
+    def keep():
+        return distances, indices
+
+    def gathered(capacity: int):
+        order = jnp.argsort(certified, stable=True)[:capacity]  # the uncertified ones first
+        scanned = exact_scan(*(None if a is None else a[order] for a in arguments))
+        kept = certified[order][:, None]
+        return tuple(
+            x.at[order].set(jnp.where(kept, x[order], y))
+            for x, y in zip((distances, indices), scanned, strict=True)
+        )
+
+    def everything():
+        scanned = exact_scan(*arguments)
+        return tuple(
+            jnp.where(certified[:, None], x, y)
+            for x, y in zip((distances, indices), scanned, strict=True)
+        )
+
+    branches = (keep, *(functools.partial(gathered, c) for c in capacities), everything)
+    branch = jnp.where(failing == 0, 0, 1 + jnp.sum(failing > jnp.asarray(capacities)))
+    return lax.switch(branch, [lambda _, f=f: f() for f in branches], None)
+
+
+def fallback_capacities(num_queries: int, query_tile: int) -> tuple[int, ...]:
+    """How many uncertified queries of ``num_queries`` (a multiple of ``query_tile``) the
+    certified search re-scans as one gathered set (more: all of them): about 1/32 and 1/4 of
+    them (nominal images certify nearly every patch, defective ones ~90%), multiples of 8 up to
+    one tile, of ``query_tile`` beyond."""
+    sizes = set()
+    for fraction in (32, 4):
+        size = -(-num_queries // (8 * fraction)) * 8
+        if size > query_tile:
+            size = -(-size // query_tile) * query_tile
+        if size < num_queries:
+            sizes.add(size)
+    return tuple(sorted(sizes))
+
+
+# ----------------------------------------------------------------------------------------------
+# Options
+
+
+def default_num_candidates(k: int) -> int:
+    """Candidates per query of the ``fast`` k-NN when none are given: ``max(4 k, 16)``."""
+    return max(4 * k, 16)
+
+
+def default_certified_candidates(k: int) -> int:
+    """Candidates per query of the certified search when none are given: ``max(4 k, 32)``."""
+    return max(4 * k, CERTIFIED_CANDIDATES)
+
+
+def candidates_for(
+    precision: str, k: int, num_candidates: int | None = None, candidate_search: str = "bfloat16"
+) -> int | None:
+    """The static candidate count of the k-NN. ``fast``: ``num_candidates`` (an integer >= k)
+    or ``default_num_candidates(k)``. ``exact``: None (the plain scan) unless
+    ``candidate_search`` is ``low-rank``, the certified search: ``num_candidates`` (>= k) or
+    ``default_certified_candidates(k)`` (bfloat16 distances bound nothing: no certificate)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    certified = precision == "exact" and candidate_search == "low-rank"
+    integer = isinstance(num_candidates, int) and not isinstance(num_candidates, bool)
+    if num_candidates is not None and (not integer or num_candidates < k):
+        raise ValueError(f"num_candidates must be an integer >= k = {k}, got {num_candidates!r}")
+    if precision == "exact" and not certified:
+        return None
+    if num_candidates is not None:
+        return num_candidates
+    return default_certified_candidates(k) if certified else default_num_candidates(k)
+
+
+def default_candidate_search(platform: str) -> str:
+    """The ``fast`` k-NN's candidate search on ``platform``: ``low-rank`` on ``cpu`` (where
+    XLA runs bfloat16 matmuls no faster than float32), ``bfloat16`` elsewhere (GPU/TPU)."""
+    return "low-rank" if platform == "cpu" else "bfloat16"
+
+
+def search_arrays(
+    precision: str,
+    candidate_search: str,
+    memory_bank: jax.Array | np.ndarray,
+    search: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array] | None:
+    """The per-bank arrays of the k-NN's candidate search: None for the ``bfloat16`` search;
+    for ``low-rank`` (``fast``, or ``exact``'s certified search) ``search`` if given, else
+    ``low_rank_search`` of the (concrete) ``memory_bank``. The certified search relies on
+    them being ``low_rank_search(memory_bank)``'s (an orthonormal basis, this bank)."""
+    if candidate_search not in CANDIDATE_SEARCHES:
+        raise ValueError(
+            f"candidate_search must be one of {CANDIDATE_SEARCHES}, got {candidate_search!r}"
+        )
+    if precision not in PRECISIONS or candidate_search == "bfloat16":
+        return None
+    if search is not None:
+        return search
+    if isinstance(memory_bank, jax.core.Tracer) and precision == "exact":
+        return None  # no arrays, no certificate: the plain scan (the same answer)
+    if isinstance(memory_bank, jax.core.Tracer):
+        raise ValueError(
+            "candidate_search='low-rank' inside a traced program needs its per-bank arrays: "
+            "pass search=knn.low_rank_search(memory_bank) computed outside"
+        )
+    return low_rank_search(memory_bank)
