@@ -121,10 +121,7 @@ class PatchCore:
         self.bank_source_images: np.ndarray | None = None
         # Wall seconds of the last fit's phases: "features", "coreset", "calibration".
         self.fit_timings: dict[str, float] = {}
-        # Patch queries of the certified k-NN (scoring and calibration, this process) and how
-        # many of them fell back to the full scan (its certified fraction); None: not used.
-        certified = config.precision == "exact" and self.candidate_search is not None
-        self.knn_counts = {"queries": 0, "fallbacks": 0} if certified else None
+        self.knn_counts: dict[str, int] = {"queries": 0, "fallbacks": 0}  # certified k-NN
         if memory_bank is not None:
             self._set_memory_bank(memory_bank)
 
@@ -147,12 +144,10 @@ class PatchCore:
         }
 
     def describe(self) -> str:
-        """What the numerics are on this platform, e.g. ``precision fast on cpu: float32
-        backbone, low-rank (r <= 128) k-NN candidates (C = 16) re-ranked in float32``; once the
-        certified k-NN has run, its certified fraction so far (``knn_counts``)."""
-        config = self.config
-        text = programs.describe_numerics(config.precision, self.platform, config.num_neighbors)
-        return text + programs.describe_fallbacks(self.knn_counts)
+        """What the numerics are on this platform, e.g. ``precision fast on cpu: float32 backbone,
+        ...``; once the certified k-NN has run, its certified fraction (``knn_counts``)."""
+        numerics = (self.config.precision, self.platform, self.config.num_neighbors)
+        return programs.describe_numerics(*numerics) + programs.describe_fallbacks(self.knn_counts)
 
     def search_arrays(self) -> tuple[jax.Array, jax.Array] | None:
         """The memory bank's candidate-search arrays, ``(basis [D, r], projected bank [M, r])``
@@ -357,7 +352,6 @@ class PatchCore:
         self.fit_timings["coreset"] = time.perf_counter() - start
         start = time.perf_counter()
         self.calibration = self.bank_source_images = None
-        counted = None if self.knn_counts is None else dict(self.knn_counts)
         if config.calibration != "none":
             if source_images is not None:  # learned proxies are no image's rows
                 self.bank_source_images = source_images.astype(np.int32)
@@ -369,14 +363,10 @@ class PatchCore:
                 quantile=config.threshold_quantile,
                 images=held_out,
             )
-        self.fit_timings["calibration"] = time.perf_counter() - start
+        self.fit_timings["calibration"] = seconds = time.perf_counter() - start
         if log is not None and self.calibration is not None:
-            if counted is not None:  # this calibration's queries only
-                counted = {key: self.knn_counts[key] - counted[key] for key in counted}
-            log(
-                f"calibration: {self.calibration.describe()} in "
-                f"{self.fit_timings['calibration']:.1f} s{programs.describe_fallbacks(counted)}"
-            )
+            knn = programs.describe_fallbacks(self.knn_counts)  # the calibration's k-NN
+            log(f"calibration: {self.calibration.describe()} in {seconds:.1f} s{knn}")
 
     def _select_bank(
         self,
@@ -636,6 +626,7 @@ class PatchCore:
         self._scoring_bank, self._search = programs.scoring_bank(
             memory_bank, self.candidate_search, self.mesh
         )
+        self.knn_counts = {"queries": 0, "fallbacks": 0}  # counted where a certified k-NN ran
 
     # ------------------------------------------------------------------ inference
 

@@ -53,7 +53,7 @@ def host_rows(
 
 def describe_fallbacks(knn_counts: dict[str, int] | None) -> str:
     """``"; k-NN certified for 99.8724% of 784 patch queries (1 fell back to the full scan)"``,
-    or "" before any query or without the certified search (``knn_counts`` None)."""
+    or "" before any certified query (``knn_counts`` None or none counted)."""
     if not knn_counts or not knn_counts["queries"]:
         return ""
     queries, fallbacks = knn_counts["queries"], knn_counts["fallbacks"]
