@@ -28,12 +28,11 @@ approximate distances are either bfloat16 distance matmuls accumulated in float3
 bank's top ``LOW_RANK_DIMS`` principal directions (``low_rank_search``, once per bank), a lower
 bound of the true distance at ``r / D`` of the FLOPs.
 
-The certified search (``exact`` with ``candidate_search="low-rank"``) returns exact mode's
-answer bit for bit from the top-C rows by low-rank distance (not grouped): re-ranked, the best
-``k + RESCANNED`` recomputed in the scan's own arithmetic (``_rescan``), and a proof per query
-(``candidates.proven_below``) that no other row of the shard is as near (under a bank mesh:
-as the k-th over all shards). Queries without one fall back to the full scan (gathered when
-few: ``candidates.fall_back``) and are reported; non-finite queries always fall back.
+The certified search (``exact`` with ``candidate_search="low-rank"``): exact mode's answer
+bit for bit from the top-C rows by low-rank distance, re-ranked, the best ``k + RESCANNED``
+recomputed in the scan's arithmetic (``_rescan``), and per query a proof that no other row is as
+near (``candidates.proven_below``; per shard, against the k-th over all shards). Queries without
+one (non-finite ones always) fall back to the full scan (``candidates.fall_back``), reported.
 """
 
 from __future__ import annotations
@@ -152,8 +151,7 @@ def _group_nearest(distances: jax.Array, indices: jax.Array) -> tuple[jax.Array,
     (``lax.top_k``) costs several times the low-rank distances themselves on a CPU. A group
     drops only rows that are not its own nearest by approximate distance, which cannot be the
     one neighbour asked for unless the approximation reorders rows inside the group (measured:
-    benchmarks/results/precision.md). The certified search does not group: a dropped row has no
-    bound but its group's second-best (measured: as fast, and fewer queries proven).
+    benchmarks/results/precision.md). The certified search does not: fewer proofs, no faster.
     """
     queries, columns = distances.shape
     shape = (queries, columns // CANDIDATE_GROUP, CANDIDATE_GROUP)
@@ -208,11 +206,9 @@ def _rescan(
     """The scan's own float32 distances of ``queries [q, D]`` to their rows ``indices [q, w]``
     (global), sorted (distance, index); infinite ``distances`` stay infinite.
 
-    Computed by ``_distances`` itself on ``[RESCAN_QUERIES, D] x [D, RESCAN_QUERIES + bank_tile
-    % 64]`` matmuls (each query also meets the other queries' rows; the diagonal is kept): XLA
-    CPU sums a matmul's entries in the same order for any shape of at least 2 rows whose
-    column count is the same modulo 64 (measured; tests/test_knn.py checks it), so these are
-    the scan's distances bit for bit.
+    By ``_distances`` on ``[RESCAN_QUERIES, D] x [D, RESCAN_QUERIES + bank_tile % 64]`` matmuls
+    (their diagonals): XLA CPU sums a matmul's entries in one order for any shape of 2+ rows and
+    the same column count modulo 64 (measured; tests check it): the scan's distances exactly.
     """
     num_queries, width = indices.shape
     padded = -(-num_queries // RESCAN_QUERIES) * RESCAN_QUERIES
@@ -256,10 +252,9 @@ def _certified_candidates(
     row_norms: tuple[jax.Array, jax.Array, jax.Array],
     rank: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The certified search's answer from ``[q, C]`` low-rank candidates (sorted): ``([q, k]
-    distances, [q, k] indices)`` in the scan's own arithmetic, and ``[q]`` the k-th distance
-    below which they are proven exact mode's (``candidates.proven_below``; ``row_norms``: the
-    shard's ``norm_levels``, ``rank``: r of the basis)."""
+    """From ``[q, C]`` low-rank candidates (sorted): ``([q, k] distances, [q, k] indices)`` in
+    the scan's own arithmetic, and ``[q]`` the k-th distance below which they are exact mode's
+    (``candidates.proven_below``; ``row_norms``: ``norm_levels``, ``rank``: r of the basis)."""
     dim = queries.shape[1]
     args = (queries, query_norms, bank, bank_norms)
     reranked, ranked = _rerank(
@@ -467,10 +462,10 @@ def nearest_neighbors_unchecked(
     bank). ``num_valid`` (a scalar, traced): bank rows at or past it are padding (a bank padded
     to a bucketed size, so that banks of nearby sizes share one compiled program); default all.
     ``query_images: [Q]``, ``bank_images: [M]`` int32: the same-image exclusion (split like the
-    queries and the bank). ``certified`` with low-rank ``search``: the certified search (exact
-    mode's answer), plain exact where bank tiles are under 64 rows (see ``_rescan``) or a
-    shard has under ``CERTIFIED_MIN_ROWS`` rows (slower there). Returns ``([Q, k] distances,
-    [Q, k] indices, [Q] bool: fell back to the full scan on a shard, or None: not certified)``.
+    queries and the bank). ``certified`` with low-rank ``search``: the certified search, plain
+    exact (the same answer) under 64-row tiles (``_rescan``), ``CERTIFIED_MIN_ROWS`` rows per
+    shard (slower) or a symbolic ``Q``. Returns ``([Q, k] distances, [Q, k] indices, [Q] bool:
+    fell back to the full scan on a shard, or None: not certified)``.
     """
     num_queries, num_bank = queries.shape[0], memory_bank.shape[0]
     valid_rows = num_bank if num_valid is None else num_valid
@@ -481,8 +476,8 @@ def nearest_neighbors_unchecked(
     bank_padding = (0, bank_shards * rows_per_shard - num_bank)
     queries = jnp.pad(queries, (query_padding, (0, 0)))
     memory_bank = jnp.pad(memory_bank, (bank_padding, (0, 0)))
-    big = bank_tile >= 64 and rows_per_shard >= CERTIFIED_MIN_ROWS
-    certify = certified and search is not None and big
+    big = bank_tile >= 64 and rows_per_shard >= CERTIFIED_MIN_ROWS  # symbolic batch: plain
+    certify = certified and search is not None and big and isinstance(num_queries, int)
     num_candidates = None if certified and not certify else num_candidates  # plain: too small
     if num_candidates is not None and search is not None:
         search = (search[0].astype(jnp.float32), jnp.pad(search[1], (bank_padding, (0, 0))))
