@@ -252,9 +252,8 @@ def _certified_candidates(
     row_norms: tuple[jax.Array, jax.Array, jax.Array],
     rank: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """From ``[q, C]`` low-rank candidates (sorted): ``([q, k] distances, [q, k] indices)`` in
-    the scan's own arithmetic, and ``[q]`` the k-th distance below which they are exact mode's
-    (``candidates.proven_below``; ``row_norms``: ``norm_levels``, ``rank``: r of the basis)."""
+    """From ``[q, C]`` low-rank candidates: ``([q, k] distances, [q, k] indices)`` in the scan's
+    arithmetic, and ``[q]`` the k-th below which they are exact mode's (``proven_below``)."""
     dim = queries.shape[1]
     args = (queries, query_norms, bank, bank_norms)
     reranked, ranked = _rerank(
