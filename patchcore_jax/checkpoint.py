@@ -57,7 +57,7 @@ from patchcore_jax.backbones import Backbone, load_backbone
 from patchcore_jax.calibration import Calibration
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.ensemble import NORMALISATION, Ensemble
-from patchcore_jax.files import atomic_write_text, exclusive_lock, unwritable
+from patchcore_jax.files import atomic_write_text, exclusive_lock, nearest_existing, unwritable
 from patchcore_jax.model import PatchCore
 from patchcore_jax.version import package_version
 
@@ -132,9 +132,7 @@ def check_destination(path: str | os.PathLike, *, overwrite: bool = True) -> Pat
             with _locked(target):  # another run saving into it is reported now
                 pass
         return target
-    ancestor = target.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = nearest_existing(target.parent)
     if not ancestor.is_dir():
         raise CheckpointError(f"cannot create {target}: {ancestor} is a file, not a folder")
     problem = unwritable(ancestor)

@@ -41,6 +41,13 @@ def unwritable(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists: where a folder to be created would go."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def check_writable_folder(path: str | os.PathLike, what: str) -> Path:
     """``path`` (absolute) if files can be written in it: a writable folder, or a folder that
     can be created (its nearest existing ancestor is a writable folder; nothing is created
@@ -49,9 +56,7 @@ def check_writable_folder(path: str | os.PathLike, what: str) -> Path:
     folder = Path(path).absolute()
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{what} {folder} is a file; expected a folder")
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         raise NotADirectoryError(f"{what} {folder} cannot be created: {existing} is a file")
     problem = unwritable(existing)
