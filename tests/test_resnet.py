@@ -98,6 +98,7 @@ TORCHVISION_PARAMETERS = {
     "resnet18": 11_689_512,
     "resnet50": 25_557_032,
     "wide_resnet101_2": 126_886_696,
+    "resnext101_32x8d": 88_791_336,
 }
 
 

@@ -42,6 +42,7 @@ TORCHVISION_FILES = {
     "resnet18": "resnet18-f37072fd.pth",
     "resnet50": "resnet50-0676ba61.pth",
     "wide_resnet101_2": "wide_resnet101_2-32ee1156.pth",
+    "resnext101_32x8d": "resnext101_32x8d-8ba56ff5.pth",
 }
 MOBILENET_TFLITE = "mobilenet_v2_1.0_224_ptq.tflite"
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")

@@ -1,4 +1,5 @@
-"""torchvision's ResNet family as a Flax linen module (NHWC, eval-mode BatchNorm).
+"""torchvision's ResNet family (ResNet, WideResNet, ResNeXt) as a Flax linen module (NHWC,
+eval-mode BatchNorm).
 
 Submodules are named after torchvision's state-dict keys, so a key maps mechanically onto the
 Flax tree: ``layer1.0.downsample.1.running_var`` -> ``batch_stats/layer1/0/downsample/1/var``,
@@ -40,14 +41,16 @@ def normalize_imagenet(images: jax.Array) -> jax.Array:
     return (scaled - mean) / std
 
 
-def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
-    """torchvision conv without bias: padding kernel // 2 on every side."""
+def _conv(features: int, kernel: int, stride: int, name: str, groups: int = 1) -> nn.Conv:
+    """torchvision conv without bias: padding kernel // 2 on every side; ``groups`` input and
+    output channel groups (torch's ``groups``, Flax's ``feature_group_count``)."""
     pad = kernel // 2
     return nn.Conv(
         features,
         (kernel, kernel),
         strides=(stride, stride),
         padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups,
         use_bias=False,
         precision=HIGHEST,
         name=name,
@@ -119,11 +122,14 @@ class BasicBlock(nn.Module):
     planes: int
     stride: int = 1
     width_per_group: int = 64
+    groups: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train_batch_norm: bool = False) -> jax.Array:
-        if self.width_per_group != 64:
-            raise ValueError("BasicBlock only supports width_per_group=64 (as torchvision)")
+        if self.width_per_group != 64 or self.groups != 1:
+            raise ValueError(
+                "BasicBlock only supports width_per_group=64 and groups=1 (as torchvision)"
+            )
         train = train_batch_norm
         out = _conv(self.planes, 3, self.stride, "conv1")(x)
         out = nn.relu(_batch_norm("bn1")(out, train))
@@ -135,21 +141,26 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 -> 3x3 (strided) -> 1x1 bottleneck; ``4 * planes`` output channels."""
+    """1x1 -> 3x3 (strided, ``groups`` channel groups) -> 1x1 bottleneck; ``4 * planes`` output
+    channels. The inner width is torchvision's ``int(planes * width_per_group / 64) * groups``:
+    ResNeXt-101 32x8d is ``groups=32, width_per_group=8``, wide ResNets ``width_per_group=128``.
+    """
 
     expansion: ClassVar[int] = 4
 
     planes: int
     stride: int = 1
     width_per_group: int = 64
+    groups: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train_batch_norm: bool = False) -> jax.Array:
-        width = int(self.planes * (self.width_per_group / 64.0))
+        width = int(self.planes * (self.width_per_group / 64.0)) * self.groups
         out_features = self.planes * self.expansion
         train = train_batch_norm
         out = nn.relu(_batch_norm("bn1")(_conv(width, 1, 1, "conv1")(x), train))
-        out = nn.relu(_batch_norm("bn2")(_conv(width, 3, self.stride, "conv2")(out), train))
+        conv2 = _conv(width, 3, self.stride, "conv2", self.groups)
+        out = nn.relu(_batch_norm("bn2")(conv2(out), train))
         out = _batch_norm("bn3")(_conv(out_features, 1, 1, "conv3")(out), train)
         identity = x
         if self.stride != 1 or x.shape[-1] != out_features:
@@ -165,18 +176,22 @@ class ResNetStage(nn.Module):
     planes: int
     stride: int
     width_per_group: int
+    groups: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train_batch_norm: bool = False) -> jax.Array:
         for index in range(self.num_blocks):
             stride = self.stride if index == 0 else 1
-            block = self.block(self.planes, stride, self.width_per_group, name=str(index))
+            block = self.block(
+                self.planes, stride, self.width_per_group, self.groups, name=str(index)
+            )
             x = block(x, train_batch_norm)
         return x
 
 
 class ResNet(nn.Module):
-    """torchvision ``ResNet(block, stage_sizes, width_per_group, num_classes)``, NHWC.
+    """torchvision ``ResNet(block, stage_sizes, num_classes, groups, width_per_group)``, NHWC
+(ResNeXt is the same network with ``groups`` > 1).
 
     Returns an ordered dict (network order) of the stages named in ``layers`` (any of
     ``layer1``..``layer4``, ``logits``); nothing after the deepest requested stage is computed
@@ -191,6 +206,7 @@ class ResNet(nn.Module):
     width_per_group: int = 64
     num_classes: int = 1000
     layers: tuple[str, ...] = ("layer2", "layer3")
+    groups: int = 1
 
     def __call__(self, images: jax.Array, train_batch_norm: bool = False) -> dict[str, jax.Array]:
         """images: [B, H, W, 3] uint8/float RGB 0..255 -> {stage: [B, h, w, C] float32}."""
@@ -222,7 +238,7 @@ class ResNet(nn.Module):
         for index, (num_blocks, planes, stride) in enumerate(stages):
             name = RESNET_STAGES[index]
             x = ResNetStage(
-                self.block, num_blocks, planes, stride, self.width_per_group, name=name
+                self.block, num_blocks, planes, stride, self.width_per_group, self.groups, name=name
             )(x, train_batch_norm)
             if name in self.layers:
                 outputs[name] = x
@@ -233,12 +249,13 @@ class ResNet(nn.Module):
         return outputs
 
 
-# name -> (block, stage sizes, width_per_group); torchvision's definitions.
-RESNET_ARCHITECTURES: dict[str, tuple[type[nn.Module], tuple[int, ...], int]] = {
-    "wide_resnet50_2": (Bottleneck, (3, 4, 6, 3), 128),
-    "resnet18": (BasicBlock, (2, 2, 2, 2), 64),
-    "resnet50": (Bottleneck, (3, 4, 6, 3), 64),
-    "wide_resnet101_2": (Bottleneck, (3, 4, 23, 3), 128),
+# name -> (block, stage sizes, width_per_group, groups); torchvision's definitions.
+RESNET_ARCHITECTURES: dict[str, tuple[type[nn.Module], tuple[int, ...], int, int]] = {
+    "wide_resnet50_2": (Bottleneck, (3, 4, 6, 3), 128, 1),
+    "resnet18": (BasicBlock, (2, 2, 2, 2), 64, 1),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), 64, 1),
+    "wide_resnet101_2": (Bottleneck, (3, 4, 23, 3), 128, 1),
+    "resnext101_32x8d": (Bottleneck, (3, 4, 23, 3), 8, 32),
 }
 
 
@@ -246,8 +263,8 @@ def resnet(name: str, layers: Sequence[str] = ("layer2", "layer3")) -> ResNet:
     """The torchvision architecture ``name`` (ImageNet head, 1000 classes)."""
     if name not in RESNET_ARCHITECTURES:
         raise ValueError(f"unknown ResNet {name!r}; available: {tuple(RESNET_ARCHITECTURES)}")
-    block, stage_sizes, width_per_group = RESNET_ARCHITECTURES[name]
-    return ResNet(block, stage_sizes, width_per_group, 1000, tuple(layers))
+    block, stage_sizes, width_per_group, groups = RESNET_ARCHITECTURES[name]
+    return ResNet(block, stage_sizes, width_per_group, 1000, tuple(layers), groups)
 
 
 def probe_batch_stats(module: ResNet, variables: dict, image_shape: tuple[int, int]) -> dict:
