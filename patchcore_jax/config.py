@@ -58,7 +58,7 @@ class PatchCoreConfig:
 
     Attributes:
       backbone: registered backbone name (``wide_resnet50_2``, ``resnet18``, ``resnet50``,
-        ``wide_resnet101_2``, ``mobilenet_v2``).
+        ``wide_resnet101_2``, ``resnext101_32x8d``, ``mobilenet_v2``).
       layers: backbone stages whose features are aggregated; ``None`` means the backbone's
         default pair (stride 8 and 16, e.g. ``layer2``/``layer3`` for ResNets).
       resize_mode: ``shorter-side`` (the reference: the shorter side is resized to ``resize``,
@@ -120,8 +120,8 @@ class PatchCoreConfig:
     backbone: str = _option(
         "wide_resnet50_2",
         "backbone: wide_resnet50_2 (paper; needs `weights fetch`), resnet18, resnet50, "
-        "wide_resnet101_2, or mobilenet_v2 (bundled, offline); several comma-separated "
-        "backbones make an ensemble",
+        "wide_resnet101_2, resnext101_32x8d, or mobilenet_v2 (bundled, offline); several "
+        "comma-separated backbones make an ensemble",
     )
     layers: tuple[str, ...] | None = _option(
         None,

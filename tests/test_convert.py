@@ -13,6 +13,7 @@ from conftest import FIXTURES, WEIGHTS
 from safetensors.numpy import load_file, save_file
 
 from patchcore_jax.backbones import (
+    convert,
     convert_weights,
     fetch_weights,
     init_backbone,
@@ -244,3 +245,36 @@ def test_failed_downloads_name_the_url(tmp_path):
     with pytest.raises(OSError, match=f"cannot download {refused}: .*refused"):
         fetch_weights("resnet18", tmp_path / "weights", url=refused)
     assert list((tmp_path / "weights").iterdir()) == []
+
+
+def test_fetch_resnext101_32x8d_asks_for_torchvision_file_and_its_hash_prefix(
+    tmp_path, monkeypatch
+):
+    """The entry names torchvision's IMAGENET1K_V1 file; a file of that name whose sha256 does
+    not start with its 8 digits is refused and deleted."""
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "resnext101_32x8d-8ba56ff5.pth").write_bytes(b"not the weights")
+    monkeypatch.setattr(convert, "TORCHVISION_URL", served.as_uri() + "/")
+    out = tmp_path / "weights"
+    with pytest.raises(ValueError, match="resnext101_32x8d-8ba56ff5.pth: sha256 .* 8ba56ff5"):
+        fetch_weights("resnext101_32x8d", out)
+    assert list(out.iterdir()) == []
+
+
+def test_fetch_resnext101_32x8d_converts_the_download_as_resnext(tmp_path):
+    """A download with the right hash prefix is converted as the 101-layer ResNeXt: a state dict
+    of another architecture is one error listing ResNeXt's keys, and nothing is left behind
+    (a complete 356 MB conversion is the resnet18 test's path with other shapes)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    source = served / "partial.safetensors"
+    save_file({"conv1.weight": np.zeros((64, 3, 7, 7), np.float32)}, str(source))
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    named = source.rename(served / f"resnext101_32x8d-{digest[:8]}.safetensors")
+    out = tmp_path / "weights"
+    with pytest.raises(ValueError, match="does not match the ResNet") as error:
+        fetch_weights("resnext101_32x8d", out, url=named.as_uri())
+    assert "missing: layer3.22.conv2.weight (1024, 32, 3, 3)" in str(error.value)
+    assert "missing: layer1.0.conv2.weight (256, 8, 3, 3)" in str(error.value)
+    assert list(out.iterdir()) == []

@@ -49,9 +49,7 @@ BATCH_NORM_ROUNDINGS = 10
 
 
 def tiny_resnext(layers=("layer1", "layer2", "layer3")) -> ResNet:
-    return ResNet(
-        Bottleneck, (1, 2, 1, 1), WIDTH_PER_GROUP, 10, tuple(layers), groups=GROUPS
-    )
+    return ResNet(Bottleneck, (1, 2, 1, 1), WIDTH_PER_GROUP, 10, tuple(layers), groups=GROUPS)
 
 
 @functools.cache
@@ -247,8 +245,9 @@ def test_resnext101_32x8d_has_torchvision_keys_and_shapes():
     }
     ours = {
         torch_key(path): _torch_shape(tuple(leaf.shape))
-        for path, leaf in _flatten(variable_shapes(resnet("resnext101_32x8d", RESNET_STAGES)))
-        .items()
+        for path, leaf in _flatten(
+            variable_shapes(resnet("resnext101_32x8d", RESNET_STAGES))
+        ).items()
     }
     assert ours == expected and len(ours) == 522
     assert ours["layer1.0.conv2.weight"] == (256, 8, 3, 3)  # 32 groups of 8 channels

@@ -190,9 +190,9 @@ class ResNetStage(nn.Module):
 
 
 class ResNet(nn.Module):
-    """torchvision ``ResNet(block, stage_sizes, num_classes, groups, width_per_group)``, NHWC
-(ResNeXt is the same network with ``groups`` > 1).
+    """torchvision ``ResNet(block, layers, groups=..., width_per_group=...)``, NHWC.
 
+    ResNeXt is the same network with ``groups`` > 1 (grouped 3x3 convolutions).
     Returns an ordered dict (network order) of the stages named in ``layers`` (any of
     ``layer1``..``layer4``, ``logits``); nothing after the deepest requested stage is computed
     (its parameters are not even created by ``init``).
