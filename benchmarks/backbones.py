@@ -3,7 +3,10 @@
 ResNets use random weights (same cost as the real ones); MobileNetV2 uses the shipped TFLite
 weights. Compile time is measured separately from the timed runs.
 
-    python benchmarks/backbones.py [--names resnet18 ...] [--seconds 10] [--out PATH]
+    python benchmarks/backbones.py [--names resnet18 ...] [--seconds 10] [--out PATH] [--append]
+
+``--append`` adds the run as a new section below the file's earlier ones (e.g. a new backbone
+next to WideResNet-50-2, measured under the load of its day) instead of replacing the file.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ def main() -> None:
         "--seconds", type=float, default=10.0, help="timing budget per backbone (at least 2 runs)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "backbones.md")
+    parser.add_argument(
+        "--append", action="store_true", help="add a section to --out instead of replacing it"
+    )
     args = parser.parse_args()
 
     load_before = os.getloadavg()[0]
@@ -94,7 +100,11 @@ def main() -> None:
         "|" + "---|" * len(columns),
         *("| " + " | ".join(str(row[key]) for _, key in columns) + " |" for row in rows),
     ]
-    write_results(args.out, "Backbone forward pass", machine(), notes, body)
+    earlier = args.out.read_text(encoding="utf-8") if args.append and args.out.exists() else ""
+    title = "Backbone forward pass" + (f": {', '.join(args.names)}" if earlier else "")
+    text = write_results(args.out, title, machine(), notes, body)
+    if earlier:  # the new run becomes a second-level section below the earlier ones
+        args.out.write_text(earlier.rstrip("\n") + "\n\n#" + text, encoding="utf-8")
     print(f"wrote {args.out}")
 
 
