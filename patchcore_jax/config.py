@@ -120,8 +120,8 @@ class PatchCoreConfig:
     backbone: str = _option(
         "wide_resnet50_2",
         "backbone: wide_resnet50_2 (paper; needs `weights fetch`), resnet18, resnet50, "
-        "wide_resnet101_2, resnext101_32x8d, or mobilenet_v2 (bundled, offline); several "
-        "comma-separated backbones make an ensemble",
+        "wide_resnet101_2, resnext101_32x8d, densenet201, or mobilenet_v2 (bundled, offline); "
+        "several comma-separated backbones make an ensemble",
     )
     layers: tuple[str, ...] | None = _option(
         None,

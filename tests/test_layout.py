@@ -23,6 +23,7 @@ DEVICE = {
     "programs",
     "backbones.resnet",
     "backbones.mobilenet_v2",
+    "backbones.densenet",
     "interrupt",  # checked inside the device loops' host boundaries
     "errors",
 }

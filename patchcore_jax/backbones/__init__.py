@@ -34,6 +34,12 @@ from patchcore_jax.backbones.convert import (
     weights_dir,
 )
 from patchcore_jax.backbones.convert import weights_dir as _default_weights_dir
+from patchcore_jax.backbones.densenet import (
+    DENSENET_ARCHITECTURES,
+    DENSENET_DEFAULT_LAYERS,
+    DENSENET_STAGES,
+    densenet,
+)
 from patchcore_jax.backbones.mobilenet_v2 import (
     DEFAULT_LAYOUT,
     MOBILENET_STAGES,
@@ -61,7 +67,7 @@ __all__ = [
     "weights_dir",
 ]
 
-_BACKBONES: tuple[str, ...] = (*RESNET_ARCHITECTURES, "mobilenet_v2")
+_BACKBONES: tuple[str, ...] = (*RESNET_ARCHITECTURES, "mobilenet_v2", *DENSENET_ARCHITECTURES)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -113,12 +119,16 @@ def _check_name(name: str) -> None:
 def stage_names(name: str) -> tuple[str, ...]:
     """All stages ``name`` can return, in network order."""
     _check_name(name)
+    if name in DENSENET_ARCHITECTURES:
+        return DENSENET_STAGES
     return MOBILENET_STAGES if name == "mobilenet_v2" else RESNET_STAGES
 
 
 def default_layers(name: str) -> tuple[str, ...]:
     """The stride-8 and stride-16 stages PatchCore aggregates."""
     _check_name(name)
+    if name in DENSENET_ARCHITECTURES:
+        return DENSENET_DEFAULT_LAYERS
     return ("stride8", "stride16") if name == "mobilenet_v2" else ("layer2", "layer3")
 
 
@@ -139,6 +149,8 @@ def _resolve_layers(name: str, layers: Sequence[str] | None) -> tuple[str, ...]:
 def _module(name: str, layers: tuple[str, ...], layout: MobileNetV2Layout | None) -> nn.Module:
     if name == "mobilenet_v2":
         return MobileNetV2(layout or DEFAULT_LAYOUT, layers)
+    if name in DENSENET_ARCHITECTURES:
+        return densenet(name, layers)
     return resnet(name, layers)
 
 

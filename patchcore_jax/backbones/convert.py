@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from patchcore_jax.backbones.densenet import DENSENET_ARCHITECTURES, DENSENET_STAGES, densenet
 from patchcore_jax.backbones.mobilenet_v2 import MOBILENET_STAGES, MobileNetV2, MobileNetV2Layout
 from patchcore_jax.backbones.resnet import RESNET_ARCHITECTURES, RESNET_STAGES, ResNet, resnet
 from patchcore_jax.backbones.tflite import read_tflite
@@ -43,6 +44,7 @@ TORCHVISION_FILES = {
     "resnet50": "resnet50-0676ba61.pth",
     "wide_resnet101_2": "wide_resnet101_2-32ee1156.pth",
     "resnext101_32x8d": "resnext101_32x8d-8ba56ff5.pth",
+    "densenet201": "densenet201-c1103571.pth",
 }
 MOBILENET_TFLITE = "mobilenet_v2_1.0_224_ptq.tflite"
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -82,12 +84,15 @@ def full_module(arch: str, layout: MobileNetV2Layout | None = None) -> nn.Module
     """``arch`` with every stage requested, so its variables cover the whole file."""
     if arch in RESNET_ARCHITECTURES:
         return resnet(arch, RESNET_STAGES)
+    if arch in DENSENET_ARCHITECTURES:
+        return densenet(arch, DENSENET_STAGES)
     if arch == "mobilenet_v2":
         if layout is None:
             raise ValueError("mobilenet_v2 needs the layout read from its TFLite file")
         return MobileNetV2(layout, MOBILENET_STAGES)
     raise ValueError(
-        f"unknown architecture {arch!r}; available: {(*RESNET_ARCHITECTURES, 'mobilenet_v2')}"
+        f"unknown architecture {arch!r}; available: "
+        f"{(*RESNET_ARCHITECTURES, 'mobilenet_v2', *DENSENET_ARCHITECTURES)}"
     )
 
 
@@ -180,6 +185,38 @@ def resnet_variables_from_state_dict(
     Every key and shape is checked; one ValueError names all missing, unexpected and mis-shaped
     keys.
     """
+    return _variables_from_torch_keys(state_dict, module, "ResNet")
+
+
+# torchvision's first DenseNet files (densenet201-c1103571.pth among them) name a dense layer's
+# submodules ``norm.1``/``relu.1``/``conv.1``; its ``_load_state_dict`` renames them ``norm1``...
+_OLD_DENSE_LAYER_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12])\.(weight|bias|running_mean|running_var|"
+    r"num_batches_tracked)$"
+)
+
+
+def densenet_variables_from_state_dict(
+    state_dict: Mapping[str, Any], module: nn.Module
+) -> dict[str, Any]:
+    """torchvision/timm DenseNet state dict -> Flax variables {'params', 'batch_stats'}.
+
+    ``module`` (a ``densenet.DenseNet``) should request every stage (``DENSENET_STAGES``).
+    Accepts torchvision's old-style dense-layer keys (``norm.1.weight``), timm's names (the same
+    as torchvision's current ones) and a leading ``module.``; checks every key and shape like
+    ``resnet_variables_from_state_dict``.
+    """
+    renamed = {
+        _OLD_DENSE_LAYER_KEY.sub(r"\1\2.\3", key): value for key, value in state_dict.items()
+    }
+    return _variables_from_torch_keys(renamed, module, "DenseNet")
+
+
+def _variables_from_torch_keys(
+    state_dict: Mapping[str, Any], module: nn.Module, what: str
+) -> dict[str, Any]:
+    """The shared conversion: keys named after the Flax paths (``torch_key``), every key and
+    shape checked, conv/dense kernels transposed."""
     tensors = {}
     for key, value in state_dict.items():
         name = key.removeprefix("module.")
@@ -201,7 +238,7 @@ def resnet_variables_from_state_dict(
     ]
     if problems:
         raise ValueError(
-            f"state dict does not match the ResNet ({len(problems)} problems):\n  "
+            f"state dict does not match the {what} ({len(problems)} problems):\n  "
             + "\n  ".join(problems)
         )
     flat = {
@@ -306,8 +343,9 @@ def load_converted(arch: str, directory: str | Path) -> tuple[dict[str, Any], di
 
 
 def convert_weights(source: str | Path, arch: str, out_dir: str | Path | None = None) -> Path:
-    """Converts a torchvision/timm ResNet state dict (.safetensors/.pth) or a MobileNetV2
-    .tflite into ``<out_dir>/<arch>.msgpack`` + ``<arch>.json``; returns the .msgpack path.
+    """Converts a torchvision/timm ResNet or DenseNet state dict (.safetensors/.pth) or a
+    MobileNetV2 .tflite into ``<out_dir>/<arch>.msgpack`` + ``<arch>.json``; returns the
+    .msgpack path.
 
     out_dir defaults to ``weights_dir()``.
     """
@@ -323,15 +361,17 @@ def _convert(source: Path, arch: str, out_dir: str | Path | None, source_name: s
             raise ValueError(f"mobilenet_v2 weights come from a .tflite file, got {source.name}")
         layout, variables = read_tflite(source)
         check_variables(variables, variable_shapes(full_module(arch, layout)), source_name)
-    elif arch in RESNET_ARCHITECTURES:
+    elif arch in RESNET_ARCHITECTURES or arch in DENSENET_ARCHITECTURES:
         if source.suffix not in STATE_DICT_SUFFIXES:
             raise ValueError(
                 f"{arch} weights come from one of {STATE_DICT_SUFFIXES}, got {source.name}"
             )
-        layout, variables = (
-            None,
-            resnet_variables_from_state_dict(read_state_dict(source), full_module(arch)),
+        from_state_dict = (
+            resnet_variables_from_state_dict
+            if arch in RESNET_ARCHITECTURES
+            else densenet_variables_from_state_dict
         )
+        layout, variables = None, from_state_dict(read_state_dict(source), full_module(arch))
     else:
         full_module(arch)  # raises the ValueError listing the architectures
     return save_converted(variables, arch, out_dir, source_name, sha256_file(source), layout)

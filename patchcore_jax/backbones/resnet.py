@@ -41,7 +41,7 @@ def normalize_imagenet(images: jax.Array) -> jax.Array:
     return (scaled - mean) / std
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, groups: int = 1) -> nn.Conv:
+def torch_conv(features: int, kernel: int, stride: int, name: str, groups: int = 1) -> nn.Conv:
     """torchvision conv without bias: padding kernel // 2 on every side; ``groups`` input and
     output channel groups (torch's ``groups``, Flax's ``feature_group_count``)."""
     pad = kernel // 2
@@ -110,7 +110,7 @@ class Downsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train_batch_norm: bool = False) -> jax.Array:
-        x = _conv(self.features, 1, self.stride, name="0")(x)
+        x = torch_conv(self.features, 1, self.stride, name="0")(x)
         return _batch_norm(name="1")(x, train_batch_norm)
 
 
@@ -131,9 +131,9 @@ class BasicBlock(nn.Module):
                 "BasicBlock only supports width_per_group=64 and groups=1 (as torchvision)"
             )
         train = train_batch_norm
-        out = _conv(self.planes, 3, self.stride, "conv1")(x)
+        out = torch_conv(self.planes, 3, self.stride, "conv1")(x)
         out = nn.relu(_batch_norm("bn1")(out, train))
-        out = _batch_norm("bn2")(_conv(self.planes, 3, 1, "conv2")(out), train)
+        out = _batch_norm("bn2")(torch_conv(self.planes, 3, 1, "conv2")(out), train)
         identity = x
         if self.stride != 1 or x.shape[-1] != self.planes:
             identity = Downsample(self.planes, self.stride, name="downsample")(x, train)
@@ -158,10 +158,10 @@ class Bottleneck(nn.Module):
         width = int(self.planes * (self.width_per_group / 64.0)) * self.groups
         out_features = self.planes * self.expansion
         train = train_batch_norm
-        out = nn.relu(_batch_norm("bn1")(_conv(width, 1, 1, "conv1")(x), train))
-        conv2 = _conv(width, 3, self.stride, "conv2", self.groups)
+        out = nn.relu(_batch_norm("bn1")(torch_conv(width, 1, 1, "conv1")(x), train))
+        conv2 = torch_conv(width, 3, self.stride, "conv2", self.groups)
         out = nn.relu(_batch_norm("bn2")(conv2(out), train))
-        out = _batch_norm("bn3")(_conv(out_features, 1, 1, "conv3")(out), train)
+        out = _batch_norm("bn3")(torch_conv(out_features, 1, 1, "conv3")(out), train)
         identity = x
         if self.stride != 1 or x.shape[-1] != out_features:
             identity = Downsample(out_features, self.stride, name="downsample")(x, train)
@@ -232,7 +232,7 @@ class ResNet(nn.Module):
         deepest = max(RESNET_STAGES.index(name) for name in self.layers)
         outputs: dict[str, jax.Array] = collections.OrderedDict()
 
-        x = nn.relu(_batch_norm("bn1")(_conv(64, 7, 2, "conv1")(x), train_batch_norm))
+        x = nn.relu(_batch_norm("bn1")(torch_conv(64, 7, 2, "conv1")(x), train_batch_norm))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         stages = zip(self.stage_sizes, (64, 128, 256, 512), (1, 2, 2, 2), strict=True)
         for index, (num_blocks, planes, stride) in enumerate(stages):
@@ -267,8 +267,8 @@ def resnet(name: str, layers: Sequence[str] = ("layer2", "layer3")) -> ResNet:
     return ResNet(block, stage_sizes, width_per_group, 1000, tuple(layers), groups)
 
 
-def probe_batch_stats(module: ResNet, variables: dict, image_shape: tuple[int, int]) -> dict:
-    """The reference's BatchNorm probe (SPEC section 2), as a pure function of ``variables``.
+def probe_batch_stats(module: nn.Module, variables: dict, image_shape: tuple[int, int]) -> dict:
+    """The reference's BatchNorm probe, as a pure function of ``variables``.
 
     The authors' ``PatchCore.load`` runs the backbone once, in torch's train mode, on
     ``ones([1, 3, H, W])`` in the already-normalised input space, stopping after the last
@@ -277,7 +277,9 @@ def probe_batch_stats(module: ResNet, variables: dict, image_shape: tuple[int, i
     statistics. The published numbers were made that way.
 
     Args:
-      module: the ResNet whose ``layers`` decide where the probe stops.
+      module: a torchvision-layout backbone (ResNet, DenseNet) with a
+        ``forward_normalized(x, train_batch_norm)`` method; its ``layers`` decide where the probe
+        stops.
       variables: {'params', 'batch_stats'}; may hold more layers than ``module`` uses.
       image_shape: (H, W) of the model's input images.
     Returns:
@@ -286,6 +288,6 @@ def probe_batch_stats(module: ResNet, variables: dict, image_shape: tuple[int, i
     """
     ones = jnp.ones((1, *image_shape, 3), jnp.float32)
     _, updates = module.apply(
-        variables, ones, True, method=ResNet.forward_normalized, mutable=["batch_stats"]
+        variables, ones, True, method="forward_normalized", mutable=["batch_stats"]
     )
     return {**variables, "batch_stats": updates["batch_stats"]}
