@@ -1,7 +1,9 @@
 """Backbone forward-pass speed: images/second at batch 8, 224 px, default (PatchCore) stages.
 
-ResNets use random weights (same cost as the real ones); MobileNetV2 uses the shipped TFLite
-weights. Compile time is measured separately from the timed runs.
+Also the embedding (backbone + locally aware patch features, 1024/1024, patch 3: what fit and
+predict run per batch). ResNets and DenseNets use random weights (same cost as the real ones);
+MobileNetV2 uses the shipped TFLite weights. Compile time is measured separately from the timed
+runs.
 
     python benchmarks/backbones.py [--names resnet18 ...] [--seconds 10] [--out PATH] [--append]
 
@@ -12,6 +14,7 @@ next to WideResNet-50-2, measured under the load of its day) instead of replacin
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ import jax
 import numpy as np
 from common import RESULTS, machine, write_results
 
+from patchcore_jax import features
 from patchcore_jax.backbones import available_backbones, init_backbone, load_backbone
 
 BATCH = 8
@@ -35,16 +39,19 @@ def measure(name: str, seconds: float) -> dict[str, object]:
     images = np.random.default_rng(0).integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8)
     variables = jax.device_put(backbone.variables)
     images = jax.device_put(images)
-    start = time.perf_counter()
-    compiled = jax.jit(backbone.module.apply).lower(variables, images).compile()
-    compile_seconds = time.perf_counter() - start
-    jax.block_until_ready(compiled(variables, images))  # warm-up
-    timings = []
-    while len(timings) < 2 or (sum(timings) < seconds and len(timings) < 50):
-        start = time.perf_counter()
-        outputs = jax.block_until_ready(compiled(variables, images))
-        timings.append(time.perf_counter() - start)
-    per_batch = float(np.median(timings))
+    embed = functools.partial(
+        features.embed_images,
+        backbone.module,
+        pretrain_embed_dimension=1024,
+        target_embed_dimension=1024,
+        patch_size=3,
+    )
+    compile_seconds, per_batch, runs, outputs = time_program(
+        backbone.module.apply, variables, images, seconds / 2
+    )
+    embed_compile_seconds, embed_per_batch, _, _ = time_program(
+        embed, variables, images, seconds / 2
+    )
     shapes = ", ".join(f"{k} {'x'.join(map(str, v.shape[1:]))}" for k, v in outputs.items())
     parameters = sum(leaf.size for leaf in jax.tree.leaves(backbone.variables.get("params", {})))
     return {
@@ -54,9 +61,25 @@ def measure(name: str, seconds: float) -> dict[str, object]:
         "parameters": f"{parameters / 1e6:.1f} M",
         "compile_s": f"{compile_seconds:.1f}",
         "batch_s": f"{per_batch:.3f}",
-        "runs": len(timings),
+        "runs": runs,
         "images_per_s": f"{BATCH / per_batch:.1f}",
+        "embed_compile_s": f"{embed_compile_seconds:.1f}",
+        "embed_images_per_s": f"{BATCH / embed_per_batch:.1f}",
     }
+
+
+def time_program(function, variables, images, seconds: float) -> tuple[float, float, int, object]:
+    """(compile seconds, median seconds per batch, timed runs, outputs) of ``jit(function)``."""
+    start = time.perf_counter()
+    compiled = jax.jit(function).lower(variables, images).compile()
+    compile_seconds = time.perf_counter() - start
+    jax.block_until_ready(compiled(variables, images))  # warm-up
+    timings = []
+    while len(timings) < 2 or (sum(timings) < seconds and len(timings) < 50):
+        start = time.perf_counter()
+        outputs = jax.block_until_ready(compiled(variables, images))
+        timings.append(time.perf_counter() - start)
+    return compile_seconds, float(np.median(timings)), len(timings), outputs
 
 
 def main() -> None:
@@ -86,6 +109,8 @@ def main() -> None:
         ("s / batch of 8", "batch_s"),
         ("timed runs", "runs"),
         ("images / s", "images_per_s"),
+        ("embed compile s", "embed_compile_s"),
+        ("embed images / s", "embed_images_per_s"),
     ]
     notes = [
         f"1-minute load average before / after: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
@@ -94,7 +119,8 @@ def main() -> None:
     body = [
         f"Batch {BATCH} uint8 images at {SIZE}x{SIZE} px, the default (PatchCore) stages only, "
         "jitted `module.apply`; time per batch is the median of the timed runs after one "
-        "warm-up run; compile time is `lower().compile()`.",
+        "warm-up run; compile time is `lower().compile()`. The embed columns time "
+        "`features.embed_images` (backbone + patch features, 1024/1024, patch 3) the same way.",
         "",
         "| " + " | ".join(title for title, _ in columns) + " |",
         "|" + "---|" * len(columns),
