@@ -48,19 +48,12 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from patchcore_jax.candidates import (  # noqa: F401 (re-exported: the k-NN's options)
-    CANDIDATE_SEARCHES,
     LOW_RANK_DIMS,
     candidates_for,
-    default_candidate_search,
-    default_certified_candidates,
-    default_num_candidates,
     fall_back,
-    fallback_capacities,
     gamma,
-    low_rank_basis,
     low_rank_search,
     norm_levels,
-    project_bank,
     proven_below,
     search_arrays,
 )
@@ -383,14 +376,21 @@ def _local_top_k(
         if not certify:
             return *_rerank(*args, k), no_fallback, query_norms
         thresholds = (row_norms, basis.shape[1])
-        return *_certified_candidates(*args, k, num_candidates, bank_tile, *thresholds), query_norms
+        answer = _certified_candidates(*args, k, num_candidates, bank_tile, *thresholds)
+        if per_tile:  # a symbolic number of queries (an export): each tile falls back alone
+            tile_args = (block_queries, query_norms, images)
+            answer = _proven_or_scanned(*answer, exact_scan, tile_args, query_tile, shards)
+        return *answer, query_norms
 
+    per_tile = certify and not isinstance(num_queries, int)
     out_width = num_candidates if fast and not rerank else k
     blocks = (queries.reshape(num_queries // query_tile, query_tile, dim),)
     if exclude:
         blocks += (query_images.reshape(num_queries // query_tile, query_tile),)
     distances, indices, thresholds, query_norms = lax.map(query_block, blocks)
     distances, indices = distances.reshape(-1, out_width), indices.reshape(-1, out_width)
+    if per_tile:
+        return distances, indices, thresholds.reshape(num_queries)
     if not certify:
         return distances, indices, jnp.zeros(num_queries, bool)
     answer = (distances, indices, thresholds.reshape(num_queries), exact_blocks)
@@ -461,10 +461,10 @@ def nearest_neighbors_unchecked(
     bank). ``num_valid`` (a scalar, traced): bank rows at or past it are padding (a bank padded
     to a bucketed size, so that banks of nearby sizes share one compiled program); default all.
     ``query_images: [Q]``, ``bank_images: [M]`` int32: the same-image exclusion (split like the
-    queries and the bank). ``certified`` with low-rank ``search``: the certified search, plain
-    exact (the same answer) under 64-row tiles (``_rescan``), ``CERTIFIED_MIN_ROWS`` rows per
-    shard (slower) or a symbolic ``Q``. Returns ``([Q, k] distances, [Q, k] indices, [Q] bool:
-    fell back to the full scan on a shard, or None: not certified)``.
+    queries and the bank). ``certified`` with low-rank ``search``: the certified search (plain
+    exact, the same answer, under 64-row tiles or ``CERTIFIED_MIN_ROWS`` rows per shard); a
+    symbolic ``Q`` (an export's batch) falls back tile by tile. Returns ``([Q, k] distances,
+    [Q, k] indices, [Q] bool: fell back to the full scan on a shard, or None: not certified)``.
     """
     num_queries, num_bank = queries.shape[0], memory_bank.shape[0]
     valid_rows = num_bank if num_valid is None else num_valid
@@ -475,8 +475,8 @@ def nearest_neighbors_unchecked(
     bank_padding = (0, bank_shards * rows_per_shard - num_bank)
     queries = jnp.pad(queries, (query_padding, (0, 0)))
     memory_bank = jnp.pad(memory_bank, (bank_padding, (0, 0)))
-    big = bank_tile >= 64 and rows_per_shard >= CERTIFIED_MIN_ROWS  # symbolic batch: plain
-    certify = certified and search is not None and big and isinstance(num_queries, int)
+    big = bank_tile >= 64 and rows_per_shard >= CERTIFIED_MIN_ROWS
+    certify = certified and search is not None and big
     num_candidates = None if certified and not certify else num_candidates  # plain: too small
     if num_candidates is not None and search is not None:
         search = (search[0].astype(jnp.float32), jnp.pad(search[1], (bank_padding, (0, 0))))

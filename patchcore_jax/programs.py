@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from patchcore_jax import features, knn, scoring, sharding
+from patchcore_jax import candidates, features, knn, scoring, sharding
 
 
 def backend_numerics(precision: str, platform: str) -> tuple[str, str | None]:
@@ -35,7 +35,8 @@ def backend_numerics(precision: str, platform: str) -> tuple[str, str | None]:
         return "float32", ("low-rank" if platform == "cpu" else None)
     if precision != "fast":
         raise ValueError(f"precision must be 'exact' or 'fast', got {precision!r}")
-    return ("float32" if platform == "cpu" else "bfloat16"), knn.default_candidate_search(platform)
+    dtype = "float32" if platform == "cpu" else "bfloat16"
+    return dtype, candidates.default_candidate_search(platform)
 
 
 def host_rows(
@@ -71,13 +72,13 @@ def describe_numerics(precision: str, platform: str, num_neighbors: int) -> str:
     if precision == "exact" and candidate_search is None:
         return f"precision exact on {platform}: float32 backbone and k-NN"
     if precision == "exact":
-        count = knn.default_certified_candidates(num_neighbors)
+        count = candidates.default_certified_candidates(num_neighbors)
         return (
             f"precision exact on {platform}: float32 backbone and k-NN, certified from "
             f"{knn.CERTIFIED_MIN_ROWS} bank rows per device (low-rank (r <= {knn.LOW_RANK_DIMS}) "
             f"candidates (C = {count}) re-ranked in float32, the full scan where no proof)"
         )
-    count = knn.default_num_candidates(num_neighbors)
+    count = candidates.default_num_candidates(num_neighbors)
     search = (
         f"low-rank (r <= {knn.LOW_RANK_DIMS})" if candidate_search == "low-rank" else "bfloat16"
     )
