@@ -1,6 +1,6 @@
 """The k-NN's candidate searches (device code, but the basis): their options, the low-rank
-search's per-bank arrays, what the low-rank distance proves, and the certified search's
-fallback where it proves nothing.
+search's per-bank arrays, what the low-rank distance proves, the certified search's
+fallback where it proves nothing, and the k-NN's argument checks.
 
 The bank's top ``LOW_RANK_DIMS`` principal directions ``V`` (orthonormal) give a distance
 ``|V^T q - V^T b|^2`` at ``r / D`` of the FLOPs that is a lower bound of the true squared
@@ -299,3 +299,34 @@ def search_arrays(
             "pass search=knn.low_rank_search(memory_bank) computed outside"
         )
     return low_rank_search(memory_bank)
+
+
+# ----------------------------------------------------------------------------------------------
+# The k-NN's argument checks (``knn.nearest_neighbors``, ``scoring``)
+
+
+def check_positive_integers(**values: int) -> None:
+    """Raises ValueError naming the first of ``values`` that is not a positive int."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_rows(name: str, array: jax.Array, dim: int | None = None) -> None:
+    """Raises ValueError unless ``array`` is ``[N >= 1, dim]`` (any ``D`` when ``dim`` is None)."""
+    if array.ndim != 2 or array.shape[0] < 1 or (dim is not None and array.shape[1] != dim):
+        expected = f"[N, {dim}]" if dim is not None else "[N, D] with N >= 1"
+        raise ValueError(f"{name} must be {expected}, got shape {array.shape}")
+
+
+def check_image_ids(query_images, bank_images, num_queries: int, num_bank: int) -> None:
+    """Raises ValueError unless the same-image exclusion's ids are both None or ``[Q]``, ``[M]``."""
+    if (query_images is None) != (bank_images is None):
+        raise ValueError("the same-image exclusion needs both query and bank-row image ids")
+    if query_images is None:
+        return
+    shapes = (np.shape(query_images), np.shape(bank_images))
+    if shapes != ((num_queries,), (num_bank,)):
+        raise ValueError(
+            f"image ids must have shapes ({num_queries},) and ({num_bank},), got {shapes}"
+        )

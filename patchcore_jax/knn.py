@@ -50,6 +50,9 @@ from jax.sharding import PartitionSpec as P
 from patchcore_jax.candidates import (  # noqa: F401 (re-exported: the k-NN's options)
     LOW_RANK_DIMS,
     candidates_for,
+    check_image_ids,
+    check_positive_integers,
+    check_rows,
     fall_back,
     gamma,
     low_rank_search,
@@ -295,6 +298,33 @@ def _scan(
     return best
 
 
+def _bank_tiles(
+    bank: jax.Array,
+    row_offset: jax.Array | int,
+    num_valid: jax.Array | int,
+    bank_tile: int,
+    search: tuple[jax.Array, jax.Array] | None,
+    bank_images: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """One bank shard ``[r, D]`` as ``_local_top_k`` scans it: ``(squared norms [r], inf on
+    padding rows; valid [r] bool; exact tiles; search tiles)``, tiles being ``_scan``'s (rows,
+    norms, global indices[, images], each ``[r // bank_tile, bank_tile, ...]``), the search's
+    rows bfloat16 (``search`` None) or low-rank (``search[1]``)."""
+    global_rows = row_offset + jnp.arange(bank.shape[0], dtype=jnp.int32)
+    valid = global_rows < num_valid
+    bank_norms = jnp.where(valid, jnp.sum(bank * bank, axis=1), jnp.inf)
+    search_rows, search_norms = bank.astype(jnp.bfloat16), bank_norms
+    if search is not None:
+        search_rows = search[1].astype(jnp.float32)
+        search_norms = jnp.where(valid, jnp.sum(search_rows * search_rows, axis=1), jnp.inf)
+
+    def tiled(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+        arrays += (global_rows, *([] if bank_images is None else [bank_images]))
+        return tuple(x.reshape(-1, bank_tile, *x.shape[1:]) for x in arrays)
+
+    return bank_norms, valid, tiled(bank, bank_norms), tiled(search_rows, search_norms)
+
+
 def _local_top_k(
     queries: jax.Array,
     bank: jax.Array,
@@ -329,22 +359,11 @@ def _local_top_k(
     int32)`` sorted by (distance, index) and ``[q]`` bool: the query fell back to the full scan.
     """
     num_queries, dim = queries.shape
-    num_tiles = bank.shape[0] // bank_tile
-    fast = num_candidates is not None
-    global_rows = row_offset + jnp.arange(bank.shape[0], dtype=jnp.int32)
-    valid = global_rows < num_valid
-    bank_norms = jnp.where(valid, jnp.sum(bank * bank, axis=1), jnp.inf)
-    basis, search_rows, search_norms = None, bank.astype(jnp.bfloat16), bank_norms
-    if fast and search is not None:
-        basis, search_rows = search[0], search[1].astype(jnp.float32)
-        search_norms = jnp.where(valid, jnp.sum(search_rows * search_rows, axis=1), jnp.inf)
-    exclude = query_images is not None
-
-    def tiled(*arrays: jax.Array) -> tuple[jax.Array, ...]:
-        arrays += (global_rows, *([bank_images] if exclude else []))
-        return tuple(x.reshape(num_tiles, bank_tile, *x.shape[1:]) for x in arrays)
-
-    exact_tiles, search_tiles = tiled(bank, bank_norms), tiled(search_rows, search_norms)
+    fast, exclude = num_candidates is not None, query_images is not None
+    search = search if fast else None
+    basis = None if search is None else search[0]
+    prepared = _bank_tiles(bank, row_offset, num_valid, bank_tile, search, bank_images)
+    bank_norms, valid, exact_tiles, search_tiles = prepared
     row_norms = norm_levels(bank_norms, valid, dim) if certify else None
 
     def exact_scan(block_queries, query_norms, block_images):
@@ -545,37 +564,6 @@ _nearest_neighbors_jit = jax.jit(
         "certified",
     ),
 )
-
-# ----------------------------------------------------------------------------------------------
-# Options and validation
-
-
-def check_positive_integers(**values: int) -> None:
-    """Raises ValueError naming the first of ``values`` that is not a positive int."""
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def check_rows(name: str, array: jax.Array, dim: int | None = None) -> None:
-    """Raises ValueError unless ``array`` is ``[N >= 1, dim]`` (any ``D`` when ``dim`` is None)."""
-    if array.ndim != 2 or array.shape[0] < 1 or (dim is not None and array.shape[1] != dim):
-        expected = f"[N, {dim}]" if dim is not None else "[N, D] with N >= 1"
-        raise ValueError(f"{name} must be {expected}, got shape {array.shape}")
-
-
-def check_image_ids(query_images, bank_images, num_queries: int, num_bank: int) -> None:
-    """Raises ValueError unless the same-image exclusion's ids are both None or ``[Q]``, ``[M]``."""
-    if (query_images is None) != (bank_images is None):
-        raise ValueError("the same-image exclusion needs both query and bank-row image ids")
-    if query_images is None:
-        return
-    shapes = (np.shape(query_images), np.shape(bank_images))
-    if shapes != ((num_queries,), (num_bank,)):
-        raise ValueError(
-            f"image ids must have shapes ({num_queries},) and ({num_bank},), got {shapes}"
-        )
-
 
 # ----------------------------------------------------------------------------------------------
 # Public entry points

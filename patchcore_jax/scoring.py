@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from patchcore_jax import knn
+from patchcore_jax import candidates, knn
 from patchcore_jax.config import DISTANCES
 from patchcore_jax.features import bilinear_resize_matrix
 from patchcore_jax.sharding import HIGHEST, single_device_mesh
@@ -350,10 +350,10 @@ def score_patch_features(
         query_block_size=query_block_size,
         num_valid=num_valid,
     )
-    knn.check_image_ids(
+    candidates.check_image_ids(
         image_ids, bank_source_images, patch_features.shape[0], memory_bank.shape[0]
     )
-    candidates = knn.candidates_for(precision, num_neighbors, num_candidates, candidate_search)
+    count = candidates.candidates_for(precision, num_neighbors, num_candidates, candidate_search)
     return _score_patch_features(
         patch_features,
         memory_bank,
@@ -367,12 +367,12 @@ def score_patch_features(
         bank_block_size=bank_block_size,
         query_block_size=query_block_size,
         mesh=single_device_mesh() if mesh is None else mesh,
-        num_candidates=candidates,
+        num_candidates=count,
         num_valid=None if num_valid is None else jnp.asarray(num_valid, jnp.int32),
         search=knn.search_arrays(precision, candidate_search, memory_bank, search),
         image_ids=image_ids,
         bank_source_images=bank_source_images,
-        certified=precision == "exact" and candidates is not None,
+        certified=precision == "exact" and count is not None,
     )
 
 
@@ -394,7 +394,7 @@ def _check_arguments(
     """Raises ValueError for arguments ``score_patch_features`` cannot score with."""
     if patch_features.ndim != 3:
         raise ValueError(f"patch_features must be [B, P, D], got shape {patch_features.shape}")
-    knn.check_rows("memory_bank", memory_bank, patch_features.shape[2])
+    candidates.check_rows("memory_bank", memory_bank, patch_features.shape[2])
     grid_shape, out_shape = tuple(int(s) for s in grid_shape), tuple(int(s) for s in out_shape)
     if len(grid_shape) != 2 or math.prod(grid_shape) != patch_features.shape[1]:
         raise ValueError(
@@ -404,7 +404,7 @@ def _check_arguments(
         raise ValueError(f"out_shape must be (H, W) of positive sizes, got {out_shape}")
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
-    knn.check_positive_integers(
+    candidates.check_positive_integers(
         num_neighbors=num_neighbors,
         reweight_neighbors=reweight_neighbors,
         bank_block_size=bank_block_size,
