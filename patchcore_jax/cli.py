@@ -417,7 +417,8 @@ def _benchmark(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from patchcore_jax.workflows import format_score, predict_files
+    from patchcore_jax.reports import format_score
+    from patchcore_jax.workflows import predict_files
 
     result = predict_files(
         args.model,

@@ -430,7 +430,7 @@ def test_version_prints_the_package_version():
 
 
 def test_scores_never_print_as_minus_zero():
-    from patchcore_jax.workflows import format_score
+    from patchcore_jax.reports import format_score
 
     assert format_score(-0.0) == "0" and format_score(0.0) == "0"
     assert format_score(float("nan")) == "nan"
