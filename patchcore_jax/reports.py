@@ -1,5 +1,6 @@
-"""The files a workflow writes about its results: ``scores.csv`` (predict) and
-``per_image.csv`` (evaluate), with the heatmaps and masks they name.
+"""The files a workflow writes about its results: ``scores.csv`` (predict), ``per_image.csv``
+and the operating-point pictures (evaluate), ``calibration.png`` (fit), with the heatmaps and
+masks they name. The columns of every CSV are listed in the README ("Output files").
 
 Host code after scoring: arrays and paths in, files out (``workflows`` calls it on process 0).
 """
@@ -12,13 +13,23 @@ from pathlib import Path
 
 import numpy as np
 
-from patchcore_jax import preprocess, viz
+from patchcore_jax import plots, preprocess, viz
 from patchcore_jax.calibration import Calibration
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.datasets import folders
 from patchcore_jax.ensemble import Ensemble
 from patchcore_jax.files import write_csv
 from patchcore_jax.model import PatchCore
+
+# per_image.csv: ``anomalous`` is the calibrated decision (what a deployed model decides);
+# ``f1_optimal_oracle`` the decision at the F1-optimal threshold chosen on these very labels,
+# which no deployed model knows: an upper bound, never a result to report.
+PER_IMAGE_COLUMNS = (
+    "image", "defect_type", "label", "score", "anomalous", "f1_optimal_oracle", "heatmap"
+)  # fmt: skip
+SCORE_DISTRIBUTIONS = "score_distributions.png"  # evaluate: scores by defect type
+ROC = "roc.png"  # evaluate: the ROC curve with the operating points
+CALIBRATION_FIGURE = "calibration.png"  # fit: in the model folder
 
 
 def format_score(score: float) -> str:
@@ -69,7 +80,15 @@ def write_predictions(
     if crops is not None:
         contours = [contour_mask(path, model.config) for path in paths]
         heatmap_files = viz.save_heatmaps(
-            out_dir / "heatmaps", names, paths, crops, scores, maps, contours, progress
+            out_dir / "heatmaps",
+            names,
+            paths,
+            crops,
+            scores,
+            maps,
+            contours,
+            progress,
+            calibration=thresholds,
         )
     mask_files = normalized = anomalous = [""] * len(paths)
     if thresholds is not None:
@@ -117,20 +136,64 @@ def write_per_image(
             maps,
             masks,
             progress,
+            calibration=thresholds,
         )
     write_csv(
         out_dir / "per_image.csv",
-        ["image", "defect_type", "label", "score", "predicted", "anomalous", "heatmap"],
+        PER_IMAGE_COLUMNS,
         [
             [
                 str(s.image_path),
                 s.defect_type,
                 s.label,
                 format_score(score),
-                "" if f1_threshold is None else int(score >= f1_threshold),
                 "" if thresholds is None else int(score >= thresholds.image_threshold),
+                "" if f1_threshold is None else int(score >= f1_threshold),
                 heatmap,
             ]
             for s, score, heatmap in zip(samples, scores, heatmap_files, strict=True)
         ],
     )
+
+
+def score_figures(labels: Sequence[int]) -> dict[str, str | None]:
+    """metrics.json's ``figures``: the pictures ``write_score_figures`` draws, relative to the
+    evaluation folder (``roc``: None when the test set lacks a class)."""
+    both_classes = 0 < int(np.sum(labels)) < len(labels)
+    return {"score_distributions": SCORE_DISTRIBUTIONS, "roc": ROC if both_classes else None}
+
+
+def write_score_figures(
+    out_dir: Path,
+    figures: dict[str, str | None],
+    samples: Sequence[folders.Sample],
+    scores: np.ndarray,
+    confusion: dict[str, dict | None],
+) -> None:
+    """The ``figures`` (``score_figures``) of an evaluation: the score distributions per defect
+    type and the ROC curve, with the thresholds of ``confusion`` (metrics.json's: calibrated
+    and F1-optimal, None where there is none).
+
+    Args:
+      samples: the test samples scored; scores: [N] their image scores.
+    """
+    thresholds = {name: None if c is None else c["threshold"] for name, c in confusion.items()}
+    defect_types = [s.defect_type for s in samples]
+    plots.save_score_distributions(
+        out_dir / figures["score_distributions"], scores, defect_types, thresholds
+    )
+    if figures["roc"] is not None:
+        labels = np.array([s.label for s in samples])
+        plots.save_roc(out_dir / figures["roc"], labels, scores, thresholds)
+
+
+def write_calibration_figure(model_folder: Path, thresholds: Calibration | None) -> Path | None:
+    """``calibration.png`` in a saved model's folder: the calibration scores and the threshold
+    (``plots.save_calibration_scores``); for a model without calibration, a picture left by an
+    earlier model saved there is removed. Checkpoints ignore files they did not write, so the
+    model loads as before. Returns the picture's path, or None."""
+    path = Path(model_folder) / CALIBRATION_FIGURE
+    if thresholds is None:
+        path.unlink(missing_ok=True)
+        return None
+    return plots.save_calibration_scores(path, thresholds)

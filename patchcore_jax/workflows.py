@@ -212,6 +212,18 @@ def _counted(batches: Iterable[np.ndarray], progress: Progress, total: int) -> I
         progress("validation", len(batch), total)
 
 
+def save_model(model: Model, out: str | os.PathLike, log: Log = _no_log) -> Path:
+    """``checkpoint.save(model, out)``, then (process 0) its calibration picture in the folder
+    (``reports.write_calibration_figure``); returns the folder."""
+    saved = checkpoint.save(model, out)
+    log(f"saved model to {saved}")
+    if sharding.is_primary_process():
+        figure = reports.write_calibration_figure(saved, model.calibration)
+        if figure is not None:
+            log(f"calibration scores: {figure} ({model.calibration.describe_false_alarms()})")
+    return saved
+
+
 def training_images(
     folder: str | os.PathLike, train_images: int | None = None, train_seed: int = 0
 ) -> list[Path]:
@@ -277,7 +289,7 @@ def fit_folder(
         model, paths, validation=validation_set, spill_dir=spill_dir, progress=progress, log=log
     )
     interrupt.check()
-    log(f"saved model to {checkpoint.save(model, out)}")
+    save_model(model, out, log)
     return model
 
 
@@ -320,7 +332,7 @@ def extend_folder(
     features = _stage(progress, "features", _share_size(len(paths)))
     model.extend(_batches(paths, model.config), progress=features, log=log, spill_dir=spill_dir)
     interrupt.check()
-    log(f"saved model to {checkpoint.save(model, out)}")
+    save_model(model, out, log)
     return model
 
 
@@ -528,8 +540,9 @@ def evaluate_dataset(
 ) -> dict[str, Any]:
     """Evaluates a model on ``folder``'s test set (MVTec AD layout) and writes into ``out``
     (``default_evaluation_folder`` for a saved model): ``metrics.json`` (the
-    returned report: ``evaluation_report`` plus the dataset and model), ``per_image.csv``
-    (score, F1-optimal and calibrated decisions, heatmap) and ``heatmaps/``.
+    returned report: ``evaluation_report`` plus the dataset, the model and the ``figures``),
+    ``per_image.csv`` (score, calibrated and F1-optimal-oracle decisions, heatmap),
+    ``heatmaps/`` and the pictures of the operating point (``reports.score_figures``).
 
     Args:
       mask_threshold: binarise masks that are not 0/255 at this value (default: the model's).
@@ -571,6 +584,7 @@ def evaluate_dataset(
             "model": model_name,
             **evaluation_report(evaluation, model),
             "unreadable": [{"image": str(path), "reason": why} for path, why in unreadable],
+            "figures": reports.score_figures(dataset.test_labels),
         }
         if unreadable:
             report["notes"].append(
@@ -581,6 +595,13 @@ def evaluate_dataset(
             if sharding.is_primary_process():
                 if unreadable:
                     write_csv(out_dir / "unreadable.csv", ["image", "reason"], unreadable)
+                reports.write_score_figures(
+                    out_dir,
+                    report["figures"],
+                    dataset.test_samples,
+                    evaluation.image_scores,
+                    report["confusion"],
+                )
                 atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
                 reports.write_per_image(
                     out_dir,
