@@ -127,6 +127,40 @@ class Calibration:
         """``[N, H, W]`` bool defect masks at the pixel threshold."""
         return np.asarray(anomaly_maps) >= self.pixel_threshold
 
+    def false_alarms(self) -> tuple[int, int]:
+        """(nominal calibration images scoring at or above the threshold, nominal calibration
+        images): the false alarms the threshold makes on the scores it came from."""
+        scores = np.asarray(self.image_scores, np.float32)
+        nominal = scores if self.labels is None else scores[np.asarray(self.labels) == 0]
+        return int(np.count_nonzero(self.decisions(nominal))), len(nominal)
+
+    def expected_false_alarm_rate(self) -> float | None:
+        """The share of new nominal images expected at or above the threshold (None: no
+        nominal calibration image).
+
+        A quantile ``q`` of N nominal scores (linear interpolation) lies at rank
+        ``h = (N - 1) q`` among them; a new nominal score, exchangeable with them, exceeds it
+        with probability about ``(N - h) / (N + 1)`` (``1 - q`` for large N, more for few
+        images). An F1-optimal threshold: the share of the nominal validation images above it.
+        """
+        flagged, nominal = self.false_alarms()
+        if not nominal:
+            return None
+        if self.rule == "quantile":
+            return (nominal - (nominal - 1) * self.quantile) / (nominal + 1)
+        return flagged / nominal
+
+    def describe_false_alarms(self) -> str:
+        """One line: the false-alarm rate to expect on nominal images at this threshold."""
+        rate = self.expected_false_alarm_rate()
+        if rate is None:
+            return "expected false-alarm rate unknown (no nominal calibration image)"
+        flagged, nominal = self.false_alarms()
+        return (
+            f"expected false-alarm rate {rate:.2%} ({flagged} of {nominal} nominal calibration "
+            "images at or above the threshold)"
+        )
+
     def describe(self) -> str:
         """One line: where the threshold came from."""
         how = "F1-optimal on" if self.rule == "f1" else f"{self.quantile:g} quantile of"

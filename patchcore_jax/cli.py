@@ -191,7 +191,8 @@ def _add_predict_and_evaluate_parsers(commands: Any) -> None:
     evaluate = commands.add_parser(
         "evaluate",
         help="MVTec AD metrics of a model on DATA/test",
-        description="Score DATA/test; print and write metrics.json, per_image.csv and heatmaps.",
+        description="Score DATA/test; print and write metrics.json, per_image.csv, heatmaps "
+        "and the operating-point pictures (score_distributions.png, roc.png).",
     )
     evaluate.add_argument("model", help="checkpoint folder written by `fit`")
     evaluate.add_argument("data", type=_existing_dir, help="dataset folder (MVTec AD layout)")
@@ -417,7 +418,8 @@ def _benchmark(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from patchcore_jax.workflows import format_score, predict_files
+    from patchcore_jax.reports import format_score
+    from patchcore_jax.workflows import predict_files
 
     result = predict_files(
         args.model,
@@ -445,6 +447,7 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         anomalous = int(result.decisions.sum())
         _say(f"{anomalous} of {count} images anomalous ({result.calibration.describe()})")
+        _say(result.calibration.describe_false_alarms())
     return _skipped(result.unreadable, args.out)
 
 

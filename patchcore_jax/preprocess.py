@@ -27,12 +27,16 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from patchcore_jax.config import RESIZE_MODES
 from patchcore_jax.files import some_of
+
+if TYPE_CHECKING:
+    from patchcore_jax.config import PatchCoreConfig
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -74,6 +78,11 @@ class ImageLoadError(ValueError):
 
 class ImageNotFoundError(ImageLoadError, FileNotFoundError):
     """The image or mask file does not exist (also a ``FileNotFoundError``)."""
+
+
+def image_options(config: PatchCoreConfig) -> dict[str, Any]:
+    """The preprocessing arguments of ``config`` (``iter_image_batches``, ``load_mask`` & co.)."""
+    return {"resize": config.resize, "crop": config.crop, "resize_mode": config.resize_mode}
 
 
 def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:

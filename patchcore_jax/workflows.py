@@ -36,7 +36,6 @@ import dataclasses
 import json
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from patchcore_jax import calibration, checkpoint, interrupt, metrics, preprocess, sharding, viz
+from patchcore_jax import calibration, checkpoint, interrupt, metrics, preprocess, reports, sharding
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.datasets import folders
 from patchcore_jax.ensemble import Ensemble
@@ -74,12 +73,6 @@ def _no_progress(stage: str, count: int, total: int) -> None: ...
 def _no_log(message: str) -> None: ...
 
 
-def format_score(score: float) -> str:
-    """A score as text: six significant digits; -0 prints as 0 (a score is never negative),
-    NaN as nan."""
-    return f"{float(score) + 0.0:.6g}"
-
-
 def fit_timings(model: Model) -> dict[str, float]:
     """Seconds of the last fit's phases (``features``, ``coreset``, ``calibration``), summed
     over an ensemble's members."""
@@ -94,15 +87,10 @@ def _load(model: ModelOrPath, mesh: Mesh | None) -> Model:
     return model if isinstance(model, PatchCore | Ensemble) else checkpoint.load(model, mesh=mesh)
 
 
-def _image_options(config: PatchCoreConfig) -> dict[str, Any]:
-    """The preprocessing arguments of ``config`` (``preprocess.iter_image_batches`` & co.)."""
-    return {"resize": config.resize, "crop": config.crop, "resize_mode": config.resize_mode}
-
-
 def _batches(paths: Sequence[Path], config: PatchCoreConfig) -> Iterator[np.ndarray]:
     """This process's uint8 batches of ``paths``: all of them with one process; with several,
     its ``process_share`` in ``share_batch_sizes`` batches, each read in ``sharding.agreed``."""
-    options = _image_options(config)
+    options = preprocess.image_options(config)
     if jax.process_count() == 1:
         return preprocess.iter_image_batches(paths, config.batch_size, **options)
     sizes = sharding.share_batch_sizes(len(paths), config.batch_size)
@@ -137,7 +125,7 @@ def check_usable(
 ) -> preprocess.Unusable:
     """``preprocess.check_images`` in ``config``'s geometry, then ``preprocess.refuse_unusable``
     (``choice``: its ``skip_unreadable`` and ``hint``): the unusable images left to skip."""
-    unusable = preprocess.check_images(paths, **_image_options(config))
+    unusable = preprocess.check_images(paths, **preprocess.image_options(config))
     preprocess.refuse_unusable(unusable, len(paths), what, **choice)
     return unusable
 
@@ -224,6 +212,18 @@ def _counted(batches: Iterable[np.ndarray], progress: Progress, total: int) -> I
         progress("validation", len(batch), total)
 
 
+def save_model(model: Model, out: str | os.PathLike, log: Log = _no_log) -> Path:
+    """``checkpoint.save(model, out)``, then (process 0) its calibration picture in the folder
+    (``reports.write_calibration_figure``); returns the folder."""
+    saved = checkpoint.save(model, out)
+    log(f"saved model to {saved}")
+    if sharding.is_primary_process():
+        figure = reports.write_calibration_figure(saved, model.calibration)
+        if figure is not None:
+            log(f"calibration scores: {figure} ({model.calibration.describe_false_alarms()})")
+    return saved
+
+
 def training_images(
     folder: str | os.PathLike, train_images: int | None = None, train_seed: int = 0
 ) -> list[Path]:
@@ -289,7 +289,7 @@ def fit_folder(
         model, paths, validation=validation_set, spill_dir=spill_dir, progress=progress, log=log
     )
     interrupt.check()
-    log(f"saved model to {checkpoint.save(model, out)}")
+    save_model(model, out, log)
     return model
 
 
@@ -332,7 +332,7 @@ def extend_folder(
     features = _stage(progress, "features", _share_size(len(paths)))
     model.extend(_batches(paths, model.config), progress=features, log=log, spill_dir=spill_dir)
     interrupt.check()
-    log(f"saved model to {checkpoint.save(model, out)}")
+    save_model(model, out, log)
     return model
 
 
@@ -362,23 +362,6 @@ def score_files(
 
 
 # ---------------------------------------------------------------- predict
-
-
-def _contour_mask(path: Path, config: PatchCoreConfig) -> np.ndarray | None:
-    """The ground truth beside an MVTec-layout image, for a heatmap's contour only: a mask
-    that cannot be used costs the contour and a warning, never the run."""
-    try:
-        mask_path = folders.find_mask(path)
-        if mask_path is None:
-            return None
-        return preprocess.load_mask(
-            mask_path, **_image_options(config), image_path=path, threshold=config.mask_threshold
-        )
-    except (ValueError, OSError) as error:
-        warnings.warn(
-            f"heatmap of {path} drawn without its ground-truth contour: {error}", stacklevel=2
-        )
-        return None
 
 
 @dataclass
@@ -438,8 +421,9 @@ def predict_files(
             if sharding.is_primary_process():
                 if unreadable:
                     write_csv(out_dir / "unreadable.csv", ["image", "reason"], unreadable)
-                _write_predictions(
-                    out_dir, model, paths, names, scores, maps, crops, masks, progress
+                heatmap_progress = _stage(progress, "heatmaps", len(paths))
+                reports.write_predictions(
+                    out_dir, model, paths, names, scores, maps, crops, masks, heatmap_progress
                 )
     return Predictions(
         paths,
@@ -454,48 +438,6 @@ def predict_files(
     )
 
 
-def _write_predictions(
-    out_dir: Path,
-    model: Model,
-    paths: list[Path],
-    names: list[str],
-    scores: np.ndarray,
-    maps: np.ndarray,
-    crops: np.ndarray | None,
-    masks: bool,
-    progress: Progress,
-) -> None:
-    """``predict_files``'s files: heatmaps (if ``crops``), masks, ``scores.csv``."""
-    thresholds = model.calibration
-    heatmap_files = [""] * len(paths)
-    if crops is not None:
-        contours = [_contour_mask(path, model.config) for path in paths]
-        heatmap_files = viz.save_heatmaps(
-            out_dir / "heatmaps",
-            names,
-            paths,
-            crops,
-            scores,
-            maps,
-            contours,
-            _stage(progress, "heatmaps", len(paths)),
-        )
-    mask_files = normalized = anomalous = [""] * len(paths)
-    if thresholds is not None:
-        normalized = [format_score(s) for s in thresholds.normalize_image_scores(scores)]
-        anomalous = [int(d) for d in thresholds.decisions(scores)]
-        if masks:
-            mask_files = viz.save_masks(out_dir / "masks", names, thresholds.defect_masks(maps))
-    columns = zip(
-        paths, names, scores, normalized, anomalous, heatmap_files, mask_files, strict=True
-    )
-    write_csv(
-        out_dir / "scores.csv",
-        ["image", "name", "score", "normalized_score", "anomalous", "heatmap", "mask"],
-        [[str(path), name, format_score(score), *rest] for path, name, score, *rest in columns],
-    )
-
-
 # ---------------------------------------------------------------- evaluate
 
 
@@ -504,7 +446,7 @@ def test_masks(dataset: folders.Dataset, config: PatchCoreConfig) -> np.ndarray:
     (all-normal where an image has no mask); read before any image is scored."""
     return preprocess.load_masks(
         dataset.test_mask_paths,
-        **_image_options(config),
+        **preprocess.image_options(config),
         image_paths=dataset.test_image_paths,
         threshold=config.mask_threshold,
     )
@@ -598,8 +540,9 @@ def evaluate_dataset(
 ) -> dict[str, Any]:
     """Evaluates a model on ``folder``'s test set (MVTec AD layout) and writes into ``out``
     (``default_evaluation_folder`` for a saved model): ``metrics.json`` (the
-    returned report: ``evaluation_report`` plus the dataset and model), ``per_image.csv``
-    (score, F1-optimal and calibrated decisions, heatmap) and ``heatmaps/``.
+    returned report: ``evaluation_report`` plus the dataset, the model and the ``figures``),
+    ``per_image.csv`` (score, calibrated and F1-optimal-oracle decisions, heatmap),
+    ``heatmaps/`` and the pictures of the operating point (``reports.score_figures``).
 
     Args:
       mask_threshold: binarise masks that are not 0/255 at this value (default: the model's).
@@ -641,6 +584,7 @@ def evaluate_dataset(
             "model": model_name,
             **evaluation_report(evaluation, model),
             "unreadable": [{"image": str(path), "reason": why} for path, why in unreadable],
+            "figures": reports.score_figures(dataset.test_labels),
         }
         if unreadable:
             report["notes"].append(
@@ -651,8 +595,25 @@ def evaluate_dataset(
             if sharding.is_primary_process():
                 if unreadable:
                     write_csv(out_dir / "unreadable.csv", ["image", "reason"], unreadable)
+                reports.write_score_figures(
+                    out_dir,
+                    report["figures"],
+                    dataset.test_samples,
+                    evaluation.image_scores,
+                    report["confusion"],
+                )
                 atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
-                _write_per_image(out_dir, evaluation, model, heatmaps, progress)
+                reports.write_per_image(
+                    out_dir,
+                    evaluation.dataset.test_samples,
+                    evaluation.image_scores,
+                    evaluation.anomaly_maps,
+                    evaluation.images if heatmaps else None,
+                    evaluation.masks,
+                    evaluation.metrics["f1_threshold"],
+                    model.calibration,
+                    _stage(progress, "heatmaps", len(evaluation.dataset.test_samples)),
+                )
     return report
 
 
@@ -660,41 +621,3 @@ def default_evaluation_folder(model_path: str | os.PathLike) -> Path:
     """``MODEL_evaluation`` beside a saved model (which stays untouched)."""
     model_path = Path(model_path).absolute()
     return model_path.with_name(f"{model_path.name}_evaluation")
-
-
-def _write_per_image(
-    out_dir: Path, evaluation: Evaluation, model: Model, heatmaps: bool, progress: Progress
-) -> None:
-    """``per_image.csv`` (and the heatmaps it names) of an evaluation."""
-    samples = evaluation.dataset.test_samples
-    scores = evaluation.image_scores
-    heatmap_files = [""] * len(samples)
-    if heatmaps:
-        heatmap_files = viz.save_heatmaps(
-            out_dir / "heatmaps",
-            [f"{s.defect_type}/{s.image_path.name}" for s in samples],
-            [s.image_path for s in samples],
-            evaluation.images,
-            scores,
-            evaluation.anomaly_maps,
-            evaluation.masks,
-            _stage(progress, "heatmaps", len(samples)),
-        )
-    f1_threshold = evaluation.metrics["f1_threshold"]
-    thresholds = model.calibration
-    write_csv(
-        out_dir / "per_image.csv",
-        ["image", "defect_type", "label", "score", "predicted", "anomalous", "heatmap"],
-        [
-            [
-                str(s.image_path),
-                s.defect_type,
-                s.label,
-                format_score(score),
-                "" if f1_threshold is None else int(score >= f1_threshold),
-                "" if thresholds is None else int(score >= thresholds.image_threshold),
-                heatmap,
-            ]
-            for s, score, heatmap in zip(samples, scores, heatmap_files, strict=True)
-        ],
-    )

@@ -232,3 +232,33 @@ def test_a_calibration_never_holds_a_non_finite_threshold_or_range(fitted, field
     record_file.write_text(json.dumps(record))
     with pytest.raises(checkpoint.CheckpointError, match=f"calibration {field} is nan"):
         checkpoint.load(path, backbone=model.backbone)
+
+
+@pytest.mark.parametrize("num_images, quantile", [(30, 0.995), (209, 0.995), (12, 0.9)])
+def test_the_expected_false_alarm_rate_is_what_new_nominal_images_get(num_images, quantile):
+    """Exchangeable nominal scores: the share of new ones at or above the quantile threshold of
+    ``num_images`` calibration scores matches ``expected_false_alarm_rate`` within 4 standard
+    errors of the simulation (not ``1 - quantile`` when images are few)."""
+    rng = np.random.default_rng(0)
+    trials = 20000
+    scores = rng.standard_normal((trials, num_images + 1)).astype(np.float32)
+    thresholds = np.quantile(scores[:, :num_images], quantile, axis=1)
+    simulated = float(np.mean(scores[:, num_images] >= thresholds))
+    calibrated = calibration.calibrate(
+        scores[0, :num_images], np.zeros((num_images, 2, 2)), method="held-out", quantile=quantile
+    )
+    rate = calibrated.expected_false_alarm_rate()
+    assert abs(simulated - rate) <= 4 * np.sqrt(rate * (1 - rate) / trials)
+    flagged, nominal = calibrated.false_alarms()
+    assert nominal == num_images and flagged == np.sum(scores[0, :num_images] >= thresholds[0])
+    assert f"expected false-alarm rate {rate:.2%}" in calibrated.describe_false_alarms()
+
+
+def test_the_expected_false_alarm_rate_of_an_f1_threshold_is_the_validation_share():
+    scores = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], np.float32)
+    labels = np.array([0, 0, 0, 1, 0, 1])  # F1-optimal: 4.0, one nominal (5.0) above it
+    calibrated = calibration.calibrate(
+        scores, np.zeros((6, 2, 2)), method="validation", quantile=0.995, labels=labels
+    )
+    assert calibrated.rule == "f1" and calibrated.image_threshold == 4.0
+    assert calibrated.false_alarms() == (1, 4) and calibrated.expected_false_alarm_rate() == 0.25

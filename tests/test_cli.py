@@ -78,6 +78,7 @@ def test_fit_evaluate_predict_write_what_they_promise(subset, model_dir, tmp_pat
     assert [r["heatmap"] for r in predicted] == [f"heatmaps/{name}" for name in names]
     assert all((tmp_path / "pred" / r["heatmap"]).is_file() for r in predicted)
     assert "scored 4 images" in result.stderr and "4 heatmaps" in result.stderr
+    assert "expected false-alarm rate" in result.stderr  # of the threshold in use
     scores = {Path(r["image"]).parent.name: float(r["score"]) for r in predicted}
     # The defective image scores above every good one, as in `evaluate`.
     evaluated = {Path(r["image"]).name + r["defect_type"]: float(r["score"]) for r in rows}
@@ -362,7 +363,8 @@ def test_fit_over_a_checkpoint_replaces_the_model_and_keeps_other_files(
         "--coreset-fraction", "0.01", "--seed", "3", "--quiet",
     )  # fmt: skip
     assert (out / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in out.iterdir()) == ["CURRENT", "notes.txt", "v000002"]
+    names = ["CURRENT", "calibration.png", "notes.txt", "v000002"]  # the fit's picture too
+    assert sorted(p.name for p in out.iterdir()) == names
     run_cli("predict", out, subset / "test/good", "--out", tmp_path / "pred", "--no-heatmaps")
     assert (tmp_path / "pred/scores.csv").read_text().count("\n") == 4
 
@@ -430,7 +432,7 @@ def test_version_prints_the_package_version():
 
 
 def test_scores_never_print_as_minus_zero():
-    from patchcore_jax.workflows import format_score
+    from patchcore_jax.reports import format_score
 
     assert format_score(-0.0) == "0" and format_score(0.0) == "0"
     assert format_score(float("nan")) == "nan"

@@ -109,7 +109,8 @@ def test_two_processes_fit_and_evaluate_like_one_and_only_process_0_writes(subse
         )
         for n in (1, 2)
     ]
-    assert heatmaps[1] == heatmaps[0] and len(heatmaps[0]) == 6
+    # 6 heatmaps, score_distributions.png and roc.png
+    assert heatmaps[1] == heatmaps[0] and len(heatmaps[0]) == 6 + 2
 
     # Process 0 reports; process 1 prints nothing of its own. Both hold the evaluate folder's
     # lock only if they write, and a second writer would have failed on it.

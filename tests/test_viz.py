@@ -114,16 +114,14 @@ def test_missing_folder_is_named(tmp_path):
 
 
 def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
-    from matplotlib.figure import Figure
-
     path = tmp_path / "heatmap.png"
     path.write_bytes(b"previous picture")
 
-    def failing_savefig(self, file, **kwargs):
-        file.write(b"\x89PNG partial")
+    def failing_save(self, file, **kwargs):
+        Path(file).write_bytes(b"\x89PNG partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(Figure, "savefig", failing_savefig)
+    monkeypatch.setattr(Image.Image, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
         viz.save_anomaly_figure(path, gray_image(), hot_square(0, 0))
     assert path.read_bytes() == b"previous picture"
@@ -131,3 +129,56 @@ def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     viz.save_anomaly_figure(path, gray_image(), hot_square(0, 0))
     assert read_rgb(path).shape[0] > 100  # replaced by a complete picture
+
+
+def small_calibration():
+    """A calibration from 20 nominal images: image threshold 0.995 quantile of their scores,
+    pixel threshold that of their maps' maxima."""
+    from patchcore_jax.calibration import calibrate
+
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(1.0, 2.0, 20).astype(np.float32)
+    maps = rng.uniform(0.0, 1.0, (20, SIZE, SIZE)).astype(np.float32)
+    return calibrate(scores, maps, method="self-excluded", quantile=0.995)
+
+
+def test_calibrated_colours_are_the_calibration_normalisation_with_the_threshold_at_the_middle():
+    calibration = small_calibration()
+    anomaly_map = np.linspace(-1.0, 3.0, SIZE * SIZE, dtype=np.float32).reshape(SIZE, SIZE)
+    scale = viz.colour_scale(anomaly_map, calibration)
+    np.testing.assert_array_equal(scale.positions, calibration.normalize_maps(anomaly_map))
+    assert (0.5, "0.5 threshold") in scale.ticks and "threshold" in scale.caption
+    # the same value has the same colour whatever the map around it
+    assert viz.colour_scale(anomaly_map[:8], calibration).positions[3, 5] == scale.positions[3, 5]
+    with pytest.raises(ValueError, match="vmin"):
+        viz.colour_scale(anomaly_map, calibration, vmin=0.0)
+    # uncalibrated: the image's own range, stated on the bar
+    own = viz.colour_scale(anomaly_map)
+    assert own.positions.min() == 0.0 and own.positions.max() == 1.0
+    assert own.ticks == ((0.0, "-1"), (1.0, "3")) and "own range" in own.caption
+
+
+def test_the_heading_states_score_normalised_score_and_decision():
+    calibration = small_calibration()
+    threshold = calibration.image_threshold
+    for score in (float(np.float32(threshold * 0.9)), float(np.float32(threshold * 1.1))):
+        (title, line) = viz.heading("part.png", score, calibration)
+        normalised = float(calibration.normalize_image_scores(np.float32(score)))
+        decision = "anomalous" if score >= threshold else "normal"
+        assert title == "part.png"
+        assert line.split() == [
+            "score",
+            f"{score:.6g}",
+            "normalised",
+            f"{normalised:.3f}",
+            decision,
+        ]
+    assert viz.heading(None, 2.0, None) == ["score 2   uncalibrated: no decision"]
+
+
+def test_the_colour_table_is_matplotlibs_jet():
+    from matplotlib import colormaps
+
+    reference = colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3]
+    # both sample the same piecewise-linear segments; ours rounds once to uint8
+    assert np.abs(viz.colour_map_table() - reference * 255).max() <= 0.5 + 1e-9
