@@ -15,7 +15,8 @@ either (``patchcore_jax.load`` opens both) never asks which it has:
 - ``members``: the PatchCore models that score (a PatchCore: ``[self]``); the ``progress``
   callbacks of ``fit`` and ``predict`` count images per member, ``len(paths) * len(members)``
   in all.
-- ``fit(images, progress=, log=, coreset_progress=, spill_dir=)``; ``bank_size(num_images)``.
+- ``fit(images, progress=, log=, coreset_progress=, calibration_progress=, spill_dir=)``;
+  ``bank_size(num_images)``.
 - ``predict(images, progress=)`` -> ``(image_scores [N], anomaly_maps [N, H, W])``;
   ``score(images)`` yields ``scoring.ScoreResult`` per batch.
 - ``calibration``: the thresholds, or None: decisions and masks only where it is not None.
@@ -178,6 +179,7 @@ class Ensemble:
         progress: Callable[[int], None] | None = None,
         log: Callable[[str], None] | None = None,
         coreset_progress: Callable[[int], None] | None = None,
+        calibration_progress: Callable[[int], None] | None = None,
         spill_dir: str | os.PathLike | None = None,
     ) -> Ensemble:
         """Fits every member on ``images`` (uint8 [N, H, W, 3] or batches of them; an iterator
@@ -192,6 +194,7 @@ class Ensemble:
                 progress=progress,
                 log=log,
                 coreset_progress=coreset_progress,
+                calibration_progress=calibration_progress,
                 spill_dir=spill_dir,
             )
         return self
