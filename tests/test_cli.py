@@ -41,8 +41,8 @@ def run_cli_timed(*args) -> tuple[list[tuple[float, str]], float]:
     command = [sys.executable, "-m", "patchcore_jax.cli", *map(str, args)]
     start = time.monotonic()
     with subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, newline=""
-    ) as process:
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+    ) as process:  # binary: lines split at "\n" only, a "\r" stays in its line
         lines = [(time.monotonic() - start, line.decode()) for line in process.stderr]
     wall = time.monotonic() - start
     text = "".join(line for _, line in lines)
