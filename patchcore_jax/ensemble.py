@@ -184,11 +184,13 @@ class Ensemble:
     ) -> Ensemble:
         """Fits every member on ``images`` (uint8 [N, H, W, 3] or batches of them; an iterator
         is read once into host memory, as every member needs it) with ``PatchCore.fit``'s
-        options. ``progress`` counts images per member (members x N in all)."""
+        options. ``progress`` counts images per member (members x N in all), 0 as each starts."""
         images = _reusable(images)
         for member in self.members:
             if log is not None:
                 log(f"ensemble member {member.config.backbone} {list(member.backbone.layers)}")
+            if progress is not None:
+                progress(0)  # this member's embedding starts (PatchCore.fit: none)
             member.fit(
                 images,
                 progress=progress,

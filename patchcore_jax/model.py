@@ -204,9 +204,9 @@ class PatchCore:
 
         Args:
           images: uint8 [N, H, W, 3] (``config.image_shape``), or an iterable of such batches.
-          progress, coreset_progress, calibration_progress: called with 0 when the embedding,
-            the greedy coreset selection and the calibration start, then with the number of
-            images embedded, steps done and training images scored after each batch or chunk.
+          progress: called with the number of images embedded after each batch (computed).
+          coreset_progress, calibration_progress: called with 0 when the greedy selection and
+            the calibration start, then with the steps done / images scored after each chunk.
           log: called with one-line status messages (where the features are, coreset size and
             timing, calibration), first ``describe()`` (the numerics on this platform).
           spill_dir: folder for the spill file.

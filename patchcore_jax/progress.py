@@ -61,8 +61,8 @@ def counted(batches: Iterable[Item], progress: Progress, stage: str, total: int)
 def report_done(
     batches: Iterable[tuple[Any, int]], progress: Callable[[int], None] | None
 ) -> Iterator[tuple[Any, int]]:
-    """Passes ``(device array, count)`` pairs through; ``progress`` gets 0 first, then each
-    count once its array is computed (waited for after the next pair is taken: one batch in
+    """Passes ``(device array, count)`` pairs through; ``progress`` gets each count once its
+    array is computed (waited for after the next pair is taken: one batch in
     flight), so that a stage's counts and seconds are those of finished work, not of work
     queued on the devices."""
     if progress is None:
@@ -75,7 +75,6 @@ def report_done(
             jax.block_until_ready(pending[0])
             progress(pending[1])
 
-    progress(0)
     pending: tuple[Any, int] | None = None
     for array, count in batches:
         yield array, count

@@ -191,6 +191,7 @@ def fit_model(
     num_images = _share_size(len(train_paths)) * len(model.members)
     coreset_steps = sum(member.bank_size(len(train_paths)) for member in model.members)
     calibrated = _calibrated_images(model, len(train_paths))
+    progress("features", 0, num_images)  # an ensemble's next members: Ensemble.fit
     model.fit(
         _batches(train_paths, config),
         progress=stage_counter(progress, "features", num_images),

@@ -113,5 +113,5 @@ def test_report_done_counts_a_batch_once_it_is_computed_one_in_flight():
     for array, _ in progress.report_done(batches(), events.append):
         events.append(f"used {int(array[0, 0])}")
     assert events == [
-        0, "queued 0", "used 0", "queued 1", "used 1", 2, "queued 2", "used 2", 2, 2
+        "queued 0", "used 0", "queued 1", "used 1", 2, "queued 2", "used 2", 2, 2
     ]  # fmt: skip
