@@ -530,6 +530,36 @@ def project_batches(
     ]
 
 
+def store_features(
+    rows: np.ndarray | jax.Array,
+    num_patches: int,
+    batch_size: int,
+    *,
+    mesh: Mesh,
+    projection: jax.Array | None = None,
+    project: bool = False,
+    whole_images_for: str | None = None,
+) -> tuple[FeatureStore, ImageLayout, list[jax.Array]]:
+    """Precomputed features [N, D] (checked: finite) stored as ``fit`` stores embedded ones:
+    ``(host-tier store, layout, projected rows per batch (``project_batches`` if ``project``,
+    else none))``. Whole images [num_patches, D] in batches of ``batch_size``; rows that are not
+    whole images (refused when ``whole_images_for`` names what needs them) as single rows
+    [1, D] in batches of ``batch_size * num_patches``."""
+    check_finite_rows(rows, "patch features")
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or rows.shape[0] % num_patches:
+        if whole_images_for is not None:
+            raise ValueError(
+                f"{whole_images_for} needs the patch features of whole "
+                f"images ([num_images * {num_patches}, D], as patch_features returns), got "
+                f"{rows.shape}; or use calibration='none'"
+            )
+        num_patches, batch_size = 1, batch_size * num_patches
+    store = host_store(rows.reshape(-1, num_patches, rows.shape[-1]), batch_size)
+    projected = project_batches(store, batch_size, projection, mesh=mesh) if project else []
+    return store, ImageLayout.of(store, sharding.row_sharding(mesh), batch_size), projected
+
+
 def select_bank(
     store: FeatureStore,
     layout: ImageLayout,
@@ -545,13 +575,16 @@ def select_bank(
     """``(memory bank rows [M, D] float32, source image of each row [M] or None)``:
     ``config.sampler`` (``coreset.select_rows``) on the stored rows of ``images`` (sorted
     image numbers), M = ``config.bank_rows``. The greedy coreset runs on the ``projected``
-    batches (``assemble_projected``; the list is emptied once they are assembled), continued
+    batches (``assemble_projected``; the list is emptied once they are assembled; ``progress``
+    gets 0 first, then the steps done after each chunk), continued
     from ``selected_rows`` (projected rows already in the bank) if given; ``learned_proxies``
     trains on every row of ``images`` (read into host memory) and has no source images."""
     num_patches = store.row_shape[0]
     num_rows = len(images) * num_patches
 
     def greedy(num_samples: int) -> jax.Array:
+        if progress is not None:
+            progress(0)  # the selection starts: assembling the rows, then the steps
         rows_on_mesh = assemble_projected(projected, layout, images, mesh=mesh)
         projected.clear()  # only the assembled rows stay on the devices
         return coreset.greedy_coreset_from_projected(

@@ -31,7 +31,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from patchcore_jax import ensemble, errors, sharding, workflows
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.datasets import folders
 from patchcore_jax.files import atomic_write_text, write_csv
+from patchcore_jax.progress import compile_time
 
 # The authors' results.csv columns, and where each comes from in ``metrics.evaluate``.
 COLUMNS: dict[str, str] = {
@@ -108,24 +109,6 @@ def find_categories(
             "the MVTec AD layout)"
         )
     return categories, notes
-
-
-@contextlib.contextmanager
-def compile_time() -> Iterator[list[float]]:
-    """Collects the seconds JAX spends compiling inside the block (``[total]``)."""
-    from jax import monitoring
-
-    total = [0.0]
-
-    def listener(event: str, duration: float, **kwargs: Any) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            total[0] += duration
-
-    monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield total
-    finally:
-        monitoring.unregister_event_duration_listener(listener)
 
 
 def device_description() -> str:

@@ -61,6 +61,24 @@ def held_out_images(num_images: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(order[:count]).astype(np.int64)
 
 
+def fit_held_out(method: str, num_images: int, fraction: float, seed: int) -> np.ndarray | None:
+    """The training images a fit's ``method`` calibration keeps out of the bank and scores
+    (``held-out``: ``held_out_images``); None where it keeps none out (``self-excluded`` scores
+    every image against the others' bank rows, ``none`` scores none).
+
+    Raises:
+      ValueError: ``held_out_images``'s, or ``self-excluded`` with fewer than 2 images.
+    """
+    if method == "held-out":
+        return held_out_images(num_images, fraction, seed)
+    if method == "self-excluded" and num_images < 2:
+        raise ValueError(
+            "self-excluded calibration needs at least 2 training images (each is scored "
+            "against the others' bank rows), got 1; use calibration='none'"
+        )
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Calibration:
     """Calibrated thresholds of a fitted model and the score distributions they came from.

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from patchcore_jax import errors, interrupt, options, sharding
+from patchcore_jax import errors, interrupt, options, progress, sharding
 from patchcore_jax.config import SEED_LIMIT
 from patchcore_jax.progress import ProgressBars, close_bars
 
@@ -366,7 +366,7 @@ def build_parser(presets: dict[str, object] | None = None) -> argparse.ArgumentP
 
 def _say(message: str) -> None:
     if sharding.is_primary_process():  # one set of messages in a multi-process job
-        print(message, file=sys.stderr, flush=True)
+        progress.say(message)  # above the progress bar, if one is drawn
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -488,7 +488,8 @@ def _export(args: argparse.Namespace) -> int:
     from patchcore_jax.export import export_checkpoint
 
     choices = {"bank_out": args.bank_out, "platforms": args.platforms, "overwrite": args.overwrite}
-    written = export_checkpoint(args.model, args.out, **choices)
+    with progress.phase(ProgressBars(quiet=False), "export"):
+        written = export_checkpoint(args.model, args.out, **choices)
     _say(f"exported {args.model} to {'; '.join(written)}")
     return 0
 
@@ -543,8 +544,8 @@ def _weights(args: argparse.Namespace) -> int:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Library warnings as one line each, in the tool's voice."""
-    sys.stderr.write(f"{PROG}: warning: {message}\n")
+    """Library warnings as one line each, in the tool's voice (above the progress bar)."""
+    progress.say(f"{PROG}: warning: {message}")
 
 
 LONG_COMMANDS = ("fit", "predict", "evaluate", "benchmark")  # Ctrl-C: stop at a safe point
@@ -591,6 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         close_bars()
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
+    finally:
+        close_bars()  # the last stage's line, and the progress timers
 
 
 if __name__ == "__main__":

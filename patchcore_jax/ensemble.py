@@ -15,7 +15,8 @@ either (``patchcore_jax.load`` opens both) never asks which it has:
 - ``members``: the PatchCore models that score (a PatchCore: ``[self]``); the ``progress``
   callbacks of ``fit`` and ``predict`` count images per member, ``len(paths) * len(members)``
   in all.
-- ``fit(images, progress=, log=, coreset_progress=, spill_dir=)``; ``bank_size(num_images)``.
+- ``fit(images, progress=, log=, coreset_progress=, calibration_progress=, spill_dir=)``;
+  ``bank_size(num_images)``.
 - ``predict(images, progress=)`` -> ``(image_scores [N], anomaly_maps [N, H, W])``;
   ``score(images)`` yields ``scoring.ScoreResult`` per batch.
 - ``calibration``: the thresholds, or None: decisions and masks only where it is not None.
@@ -178,20 +179,24 @@ class Ensemble:
         progress: Callable[[int], None] | None = None,
         log: Callable[[str], None] | None = None,
         coreset_progress: Callable[[int], None] | None = None,
+        calibration_progress: Callable[[int], None] | None = None,
         spill_dir: str | os.PathLike | None = None,
     ) -> Ensemble:
         """Fits every member on ``images`` (uint8 [N, H, W, 3] or batches of them; an iterator
         is read once into host memory, as every member needs it) with ``PatchCore.fit``'s
-        options. ``progress`` counts images per member (members x N in all)."""
+        options. ``progress`` counts images per member (members x N in all), 0 as each starts."""
         images = _reusable(images)
         for member in self.members:
             if log is not None:
                 log(f"ensemble member {member.config.backbone} {list(member.backbone.layers)}")
+            if progress is not None:
+                progress(0)  # this member's embedding starts (PatchCore.fit: none)
             member.fit(
                 images,
                 progress=progress,
                 log=log,
                 coreset_progress=coreset_progress,
+                calibration_progress=calibration_progress,
                 spill_dir=spill_dir,
             )
         return self

@@ -34,6 +34,7 @@ from patchcore_jax import (
 )
 from patchcore_jax.backbones import Backbone, model_backbone
 from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax.progress import report_done
 
 ImageBatches = np.ndarray | jax.Array | Iterable[np.ndarray]
 
@@ -184,6 +185,7 @@ class PatchCore:
         progress: Callable[[int], None] | None = None,
         log: Callable[[str], None] | None = None,
         coreset_progress: Callable[[int], None] | None = None,
+        calibration_progress: Callable[[int], None] | None = None,
         spill_dir: str | os.PathLike | None = None,
     ) -> PatchCore:
         """Builds the memory bank from nominal images, then calibrates the thresholds; the same
@@ -202,15 +204,17 @@ class PatchCore:
 
         Args:
           images: uint8 [N, H, W, 3] (``config.image_shape``), or an iterable of such batches.
-          progress: called with the number of images embedded after each batch.
+          progress: called with the number of images embedded after each batch (computed).
+          coreset_progress, calibration_progress: called with 0 when the greedy selection and
+            the calibration start, then with the steps done / images scored after each chunk.
           log: called with one-line status messages (where the features are, coreset size and
             timing, calibration), first ``describe()`` (the numerics on this platform).
-          coreset_progress: called with the number of greedy coreset steps after each chunk.
           spill_dir: folder for the spill file.
         """
         if log is not None:
             log(self.describe())
-        return self._stream(self._fit_store, images, progress, log, coreset_progress, spill_dir)
+        finish = functools.partial(self._fit_store, calibration_progress=calibration_progress)
+        return self._stream(finish, images, progress, log, coreset_progress, spill_dir)
 
     def _stream(self, finish, images, progress, log, coreset_progress, spill_dir) -> PatchCore:
         """Embeds ``images`` into a feature store within the memory budget, then ``finish``es
@@ -255,27 +259,17 @@ class PatchCore:
     def _store_features(
         self, rows: np.ndarray | jax.Array, *, whole_images: bool
     ) -> tuple[bank.FeatureStore, bank.ImageLayout, list[jax.Array]]:
-        """Precomputed features [N, D] (checked: finite) stored as ``fit`` stores embedded ones:
-        ``(host-tier store, layout, projected rows per batch (greedy sampler only))``. Whole
-        images [P, D] in batches of ``batch_size``; rows that are not whole images (refused
-        with ``whole_images``) as single rows [1, D] in batches of ``batch_size * P``."""
-        bank.check_finite_rows(rows, "patch features")
-        rows = np.asarray(rows)
-        num_patches, batch_size = math.prod(self.grid_shape), self._batch_size
-        if rows.ndim != 2 or rows.shape[0] % num_patches:
-            if whole_images:
-                raise ValueError(
-                    f"calibration {self.config.calibration!r} needs the patch features of whole "
-                    f"images ([num_images * {num_patches}, D], as patch_features returns), got "
-                    f"{rows.shape}; or use calibration='none'"
-                )
-            num_patches, batch_size = 1, batch_size * num_patches
-        store = bank.host_store(rows.reshape(-1, num_patches, rows.shape[-1]), batch_size)
-        projected = []
-        if self.config.sampler == "approx_greedy_coreset":
-            projection = self._replicated_projection()
-            projected = bank.project_batches(store, batch_size, projection, mesh=self.mesh)
-        return store, bank.ImageLayout.of(store, self._batch_sharding, batch_size), projected
+        """``bank.store_features`` in this model's batches (whole images refused or not)."""
+        greedy = self.config.sampler == "approx_greedy_coreset"
+        return bank.store_features(
+            rows,
+            math.prod(self.grid_shape),
+            self._batch_size,
+            mesh=self.mesh,
+            projection=self._replicated_projection() if greedy else None,
+            project=greedy,
+            whole_images_for=f"calibration {self.config.calibration!r}" if whole_images else None,
+        )
 
     @functools.cached_property
     def _projection(self) -> np.ndarray | None:
@@ -299,12 +293,10 @@ class PatchCore:
         greedy = self.config.sampler == "approx_greedy_coreset"
         projection = self._replicated_projection() if greedy else None
         projected = []
-        for batch, num_valid in self.embed(images):
+        for batch, num_valid in report_done(self.embed(images), progress):
             if greedy:  # [G * P, projection_dim], split over the mesh like the batch
                 projected.append(coreset.project_rows(batch, projection, mesh=self.mesh))
             store.append(batch, num_valid)
-            if progress is not None:
-                progress(num_valid)
             interrupt.check()
         store.finish()
         layout = bank.ImageLayout.of(store, self._batch_sharding, self._batch_size)
@@ -328,22 +320,16 @@ class PatchCore:
         projected: list[jax.Array],
         log: Callable[[str], None] | None,
         progress: Callable[[int], None] | None,
+        calibration_progress: Callable[[int], None] | None = None,
     ) -> None:
         """The fit engine once the features are stored: held-out split, memory bank,
         calibration (``fit_timings`` gets ``coreset`` and ``calibration``)."""
         config = self.config
         num_images = layout.num_images
         config.check_bank_size(config.bank_rows(num_images * store.row_shape[0]))  # no work yet
-        held_out = None
-        if config.calibration == "held-out":
-            held_out = calibration.held_out_images(
-                num_images, config.calibration_fraction, config.seed
-            )
-        elif config.calibration == "self-excluded" and num_images < 2:
-            raise ValueError(
-                "self-excluded calibration needs at least 2 training images (each is scored "
-                "against the others' bank rows), got 1; use calibration='none'"
-            )
+        held_out = calibration.fit_held_out(
+            config.calibration, num_images, config.calibration_fraction, config.seed
+        )
         all_images = np.arange(num_images)
         bank_images = all_images if held_out is None else np.setdiff1d(all_images, held_out)
         start = time.perf_counter()
@@ -354,7 +340,9 @@ class PatchCore:
         if config.calibration != "none":
             if source_images is not None:  # learned proxies are no image's rows
                 self.bank_source_images = source_images.astype(np.int32)
-            image_scores, maps = self._calibration_scores(store, layout, held_out)
+            image_scores, maps = self._calibration_scores(
+                store, layout, held_out, calibration_progress
+            )
             self.calibration = calibration.calibrate(
                 image_scores,
                 maps,
@@ -406,12 +394,18 @@ class PatchCore:
         return source_images
 
     def _calibration_scores(
-        self, store: bank.FeatureStore, layout: bank.ImageLayout, held_out: np.ndarray | None
+        self,
+        store: bank.FeatureStore,
+        layout: bank.ImageLayout,
+        held_out: np.ndarray | None,
+        progress: Callable[[int], None] | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``([N], [N, H, W])`` calibration scores, in image order, read back batch by batch
         (each process scores its own images): the ``held_out`` images against the bank, or,
         with ``held_out`` None, every training image without its own bank rows
-        (``scoring.score_patch_features`` with image ids)."""
+        (``scoring.score_patch_features`` with image ids). ``progress``: 0, then images scored."""
+        if progress is not None:
+            progress(0)
         if held_out is None:
             sources = sharding.replicate(self.bank_source_images, self.mesh)
             search, options = self.search_arrays(), self.scoring_options()
@@ -443,6 +437,8 @@ class PatchCore:
             result = programs.host_rows(score(batch, ids), num_valid, self.knn_counts)
             scores.append(result.image_scores)
             maps.append(result.anomaly_maps)
+            if progress is not None:
+                progress(num_valid)
         return tuple(
             sharding.gather_rows_from_processes(np.concatenate(x), every_process=False)
             for x in (scores, maps)

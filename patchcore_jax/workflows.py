@@ -11,11 +11,11 @@ calls, and a Python user calls them the same way::
     predictions = workflows.predict_files(model, ["data/bottle/test/broken_large"], "runs/pred")
 
 A model argument is a fitted ``PatchCore`` or ``Ensemble``, or the path of a checkpoint of
-either kind. Every workflow takes ``progress(stage, count, total)``, called with ``count`` more
-items (images, or coreset steps) of ``total`` done in ``stage`` (``features``, ``coreset``,
-``validation``, ``scoring``, ``heatmaps``), and ``log(message)`` for one-line status messages;
-by default neither reports anything. Bad input fails before any work with a one-line
-ValueError / OSError.
+either kind. Every workflow takes ``progress(stage, count, total)`` (``patchcore_jax.progress``:
+``count`` more items of ``total`` done in ``stage``, 0 when it starts; stages ``features``,
+``coreset``, ``calibration``, ``validation``, ``scoring``, ``heatmaps``), and ``log(message)``
+for one-line status messages; by default neither reports anything. Bad input fails before any
+work with a one-line ValueError / OSError.
 
 With several processes (``sharding.initialize_distributed``; the CLI's ``--distributed``) every
 process calls the same workflow with the same arguments: each reads only its share of the
@@ -36,7 +36,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +55,7 @@ from patchcore_jax.files import (
     write_csv,
 )
 from patchcore_jax.model import PatchCore
+from patchcore_jax.progress import Log, Progress, counted, no_log, no_progress, stage_counter
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -62,15 +63,7 @@ if TYPE_CHECKING:
     from patchcore_jax.backbones import Backbone
 
 Model = PatchCore | Ensemble
-Progress = Callable[[str, int, int], None]
-Log = Callable[[str], None]
 ModelOrPath = Model | str | os.PathLike
-
-
-def _no_progress(stage: str, count: int, total: int) -> None: ...
-
-
-def _no_log(message: str) -> None: ...
 
 
 def fit_timings(model: Model) -> dict[str, float]:
@@ -113,11 +106,6 @@ def primary_output_folder(
     if sharding.is_primary_process():
         return output_folder(path, **options)
     return contextlib.nullcontext(Path(path))
-
-
-def _stage(progress: Progress, stage: str, total: int) -> Callable[[int], None]:
-    """``progress`` of one stage as a ``count`` callback."""
-    return lambda count: progress(stage, count, total)
 
 
 def check_usable(
@@ -180,8 +168,8 @@ def fit_model(
     *,
     validation: ValidationSet | None = None,
     spill_dir: str | os.PathLike | None = None,
-    progress: Progress = _no_progress,
-    log: Log = _no_log,
+    progress: Progress = no_progress,
+    log: Log = no_log,
 ) -> Model:
     """Fits ``model`` (``build_model``) on image files; a ``validation`` set then calibrates it
     (a single model only). Returns ``model``; its phases' seconds are in ``fit_timings``.
@@ -190,29 +178,39 @@ def fit_model(
     # Every member embeds every image (this process's share of them).
     num_images = _share_size(len(train_paths)) * len(model.members)
     coreset_steps = sum(member.bank_size(len(train_paths)) for member in model.members)
+    calibrated = _calibrated_images(model, len(train_paths))
+    progress("features", 0, num_images)  # an ensemble's next members: Ensemble.fit
     model.fit(
         _batches(train_paths, config),
-        progress=_stage(progress, "features", num_images),
+        progress=stage_counter(progress, "features", num_images),
         log=log,
-        coreset_progress=_stage(progress, "coreset", coreset_steps),  # greedy samplers only
+        coreset_progress=stage_counter(progress, "coreset", coreset_steps),  # greedy samplers only
+        calibration_progress=stage_counter(progress, "calibration", calibrated),
         spill_dir=spill_dir,
     )
     if validation is not None:  # an ensemble refuses (its scores have no fixed threshold)
         total = _share_size(len(validation.paths))
-        counted = _counted(_batches(validation.paths, config), progress, total)
-        model.calibrate(counted, labels=validation.labels, masks=validation.masks)
+        batches = counted(_batches(validation.paths, config), progress, "validation", total)
+        model.calibrate(batches, labels=validation.labels, masks=validation.masks)
         log(f"calibration: {model.calibration.describe()}")
     return model
 
 
-def _counted(batches: Iterable[np.ndarray], progress: Progress, total: int) -> Iterator[np.ndarray]:
-    """Passes ``batches`` through, reporting each batch's size as ``validation`` progress."""
-    for batch in batches:
-        yield batch
-        progress("validation", len(batch), total)
+def _calibrated_images(model: Model, num_images: int) -> int:
+    """How many of this process's ``num_images`` training images the fit's calibrations score,
+    over the members (``progress`` totals)."""
+    share = np.arange(num_images)[sharding.process_share(num_images)[0]]
+    total = 0
+    for config in (member.config for member in model.members):
+        held_out = calibration.fit_held_out(
+            config.calibration, num_images, config.calibration_fraction, config.seed
+        )
+        scored = share if held_out is None else np.intersect1d(share, held_out)
+        total += len(scored) if config.calibration != "none" else 0
+    return total
 
 
-def save_model(model: Model, out: str | os.PathLike, log: Log = _no_log) -> Path:
+def save_model(model: Model, out: str | os.PathLike, log: Log = no_log) -> Path:
     """``checkpoint.save(model, out)``, then (process 0) its calibration picture in the folder
     (``reports.write_calibration_figure``); returns the folder."""
     saved = checkpoint.save(model, out)
@@ -245,8 +243,8 @@ def fit_folder(
     validation: str | os.PathLike | None = None,
     spill_dir: str | os.PathLike | None = None,
     mesh: Mesh | None = None,
-    progress: Progress = _no_progress,
-    log: Log = _no_log,
+    progress: Progress = no_progress,
+    log: Log = no_log,
 ) -> Model:
     """Fits a model on ``folder``'s nominal training images and saves it to ``out``.
 
@@ -303,8 +301,8 @@ def extend_folder(
     spill_dir: str | os.PathLike | None = None,
     config_values: dict[str, Any] | None = None,
     mesh: Mesh | None = None,
-    progress: Progress = _no_progress,
-    log: Log = _no_log,
+    progress: Progress = no_progress,
+    log: Log = no_log,
 ) -> PatchCore:
     """Adds ``folder``'s training images to the model saved at ``model_path``
     (``PatchCore.extend``; its features spilled into ``spill_dir`` if they must) and saves it
@@ -329,7 +327,7 @@ def extend_folder(
         paths = training_images(folder, train_images, train_seed)
         check_usable(paths, model.config, "training images")
     log(f"adding {len(paths)} images of {folder} to {model_path} ({model.config.backbone})")
-    features = _stage(progress, "features", _share_size(len(paths)))
+    features = stage_counter(progress, "features", _share_size(len(paths)))
     model.extend(_batches(paths, model.config), progress=features, log=log, spill_dir=spill_dir)
     interrupt.check()
     save_model(model, out, log)
@@ -355,7 +353,8 @@ def score_files(
 
     total = _share_size(len(paths)) * len(model.members)
     batches = remembered(_batches(paths, model.config))
-    scores, maps = model.predict(batches, progress=_stage(progress, "scoring", total))
+    progress("scoring", 0, total)  # the clock starts with the first batch's decoding
+    scores, maps = model.predict(batches, progress=stage_counter(progress, "scoring", total))
     crops = np.concatenate(images) if keep_images else None
     scores, maps = (sharding.gather_rows_from_processes(rows) for rows in (scores, maps))
     return scores, maps, (sharding.gather_rows_from_processes(crops) if keep_images else None)
@@ -390,7 +389,7 @@ def predict_files(
     overwrite: bool = False,
     skip_unreadable: bool = False,
     mesh: Mesh | None = None,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> Predictions:
     """Scores image files and folders (``recursive``: sub-folders too) and writes into ``out``:
     ``scores.csv`` (image, name, score, normalised score and decision when calibrated, heatmap
@@ -421,7 +420,7 @@ def predict_files(
             if sharding.is_primary_process():
                 if unreadable:
                     write_csv(out_dir / "unreadable.csv", ["image", "reason"], unreadable)
-                heatmap_progress = _stage(progress, "heatmaps", len(paths))
+                heatmap_progress = stage_counter(progress, "heatmaps", len(paths))
                 reports.write_predictions(
                     out_dir, model, paths, names, scores, maps, crops, masks, heatmap_progress
                 )
@@ -471,7 +470,7 @@ def evaluate_model(
     masks: np.ndarray,
     *,
     keep_images: bool = False,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> Evaluation:
     """Scores ``dataset``'s test images and computes the MVTec AD metrics (``metrics.evaluate``)
     against ``masks`` (``test_masks``); defect images without a mask stay out of the pixel
@@ -535,8 +534,8 @@ def evaluate_dataset(
     overwrite: bool = False,
     skip_unreadable: bool = False,
     mesh: Mesh | None = None,
-    progress: Progress = _no_progress,
-    log: Log = _no_log,
+    progress: Progress = no_progress,
+    log: Log = no_log,
 ) -> dict[str, Any]:
     """Evaluates a model on ``folder``'s test set (MVTec AD layout) and writes into ``out``
     (``default_evaluation_folder`` for a saved model): ``metrics.json`` (the
@@ -612,7 +611,7 @@ def evaluate_dataset(
                     evaluation.masks,
                     evaluation.metrics["f1_threshold"],
                     model.calibration,
-                    _stage(progress, "heatmaps", len(evaluation.dataset.test_samples)),
+                    stage_counter(progress, "heatmaps", len(evaluation.dataset.test_samples)),
                 )
     return report
 

@@ -3,10 +3,12 @@
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,22 +33,62 @@ def run_cli(*args, check=True):
     return result
 
 
+def run_cli_timed(*args) -> tuple[list[tuple[float, str]], float]:
+    """``run_cli`` with stderr read line by line as it comes (not a terminal): ``([(seconds
+    since the start when the line arrived, line)], wall seconds of the run)``."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.setdefault("PATCHCORE_COMPILE_CACHE", str(Path(tempfile.gettempdir()) / "pcj-test-xla"))
+    command = [sys.executable, "-m", "patchcore_jax.cli", *map(str, args)]
+    start = time.monotonic()
+    with subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+    ) as process:  # binary: lines split at "\n" only, a "\r" stays in its line
+        lines = [(time.monotonic() - start, line.decode()) for line in process.stderr]
+    wall = time.monotonic() - start
+    text = "".join(line for _, line in lines)
+    assert process.returncode == 0, f"exit {process.returncode}\n{text}"
+    return lines, wall
+
+
 @pytest.fixture(scope="module")
-def model_dir(subset, tmp_path_factory) -> Path:
+def fit_log(subset, tmp_path_factory) -> tuple[Path, list[tuple[float, str]], float]:
+    """A fit with its progress on (stderr not a terminal): ``(model folder, timed stderr
+    lines, wall seconds)``."""
     out = tmp_path_factory.mktemp("cli") / "model"
-    result = run_cli(
-        "fit",
-        subset,
-        "--out",
-        out,
-        "--backbone",
-        "mobilenet_v2",
-        "--coreset-fraction",
-        "0.05",
-        "--quiet",
-    )
-    assert "saved model" in result.stderr
-    return out
+    args = ["fit", subset, "--out", out, "--backbone", "mobilenet_v2", "--coreset-fraction", "0.05"]
+    lines, wall = run_cli_timed(*args)
+    assert "saved model" in lines[-1][1]
+    return out, lines, wall
+
+
+@pytest.fixture(scope="module")
+def model_dir(fit_log) -> Path:
+    return fit_log[0]
+
+
+def test_progress_off_a_terminal_is_plain_lines_one_per_stage_start_and_end(fit_log):
+    """Piped stderr gets no carriage returns or escape codes (tqdm's bars wrote both), each
+    stage one start and one end line, and the seconds an end line gives are the time between
+    the two lines as the reader saw them arrive (bounded by how late a line can be read)."""
+    _, lines, wall = fit_log
+    text = "".join(line for _, line in lines)
+    assert "\r" not in text and "\x1b" not in text, text
+    seconds = {}
+    for stage, unit in [("features", "images"), ("coreset", "steps"), ("calibration", "images")]:
+        starts = [(t, line) for t, line in lines if line.startswith(f"{stage}: started, 0/")]
+        ends = [
+            (t, re.fullmatch(rf"{stage}: (\d+)/(\d+) {unit} in ([\d.]+) s.*\n", line))
+            for t, line in lines
+        ]
+        ends = [(t, match) for t, match in ends if match]
+        assert len(starts) == 1 and len(ends) == 1, (stage, text)
+        (started, _), (ended, match) = starts[0], ends[0]
+        done, total, reported = int(match[1]), int(match[2]), float(match[3])
+        assert done == total > 0, (stage, text)
+        # Rounded to 0.1 s; a line may reach the reader late (a loaded machine): up to 1 s.
+        assert abs(reported - (ended - started)) <= 0.05 + 1.0, (stage, reported, text)
+        seconds[stage] = reported
+    assert sum(seconds.values()) <= wall
 
 
 def test_fit_evaluate_predict_write_what_they_promise(subset, model_dir, tmp_path):
