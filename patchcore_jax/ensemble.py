@@ -37,6 +37,7 @@ import numpy as np
 
 from patchcore_jax import sharding
 from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax.exported import ENSEMBLE_COMBINATION, combine
 from patchcore_jax.model import ImageBatches, PatchCore
 from patchcore_jax.scoring import ScoreResult
 
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
     from patchcore_jax.backbones import Backbone
 
-NORMALISATION = "per member min-max over the scored set (scores and maps separately), then mean"
+NORMALISATION = ENSEMBLE_COMBINATION
 # Fields that fix the image frame: members must agree, so their maps line up pixel by pixel.
 SHARED_FIELDS = ("resize_mode", "resize", "crop", "mask_threshold")
 
@@ -64,47 +65,6 @@ def check_members(configs: Sequence[PatchCoreConfig]) -> None:
                     f"{getattr(first, name)!r}, member {index} ({config.backbone}) has "
                     f"{getattr(config, name)!r}"
                 )
-
-
-def _min_max(values: np.ndarray) -> np.ndarray:
-    """(values - min) / (max - min) over the whole array; NaN entries stay NaN and are ignored
-    for min and max; a constant array becomes zeros (the reference would divide by zero)."""
-    values = np.asarray(values, np.float32)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return values.copy()
-    low, high = finite.min(), finite.max()
-    if high == low:
-        return np.where(np.isnan(values), values, 0.0).astype(np.float32)
-    return (values - low) / (high - low)
-
-
-def combine(
-    member_scores: Sequence[np.ndarray], member_maps: Sequence[np.ndarray]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The reference's ensemble combination.
-
-    Args:
-      member_scores: per member, image scores [N].
-      member_maps: per member, anomaly maps [N, H, W].
-    Returns:
-      (image_scores [N], anomaly_maps [N, H, W]) float32: the mean over members of each
-      member's scores (maps) min-max normalised over all N images (all N*H*W pixels).
-    """
-    if not member_scores or len(member_scores) != len(member_maps):
-        raise ValueError(
-            f"combine needs scores and maps of the same members, got {len(member_scores)} "
-            f"and {len(member_maps)}"
-        )
-    shapes = {np.shape(s) for s in member_scores}, {np.shape(m) for m in member_maps}
-    if len(shapes[0]) != 1 or len(shapes[1]) != 1:
-        raise ValueError(
-            f"members scored different image sets: score shapes {sorted(shapes[0])}, "
-            f"map shapes {sorted(shapes[1])}"
-        )
-    scores = np.mean([_min_max(s) for s in member_scores], axis=0)
-    maps = np.mean([_min_max(m) for m in member_maps], axis=0)
-    return scores.astype(np.float32), maps.astype(np.float32)
 
 
 class Ensemble:

@@ -52,24 +52,38 @@ _FIT_ONLY_FIELDS = (
 )
 
 
+ENSEMBLE_BANKS = (
+    "--bank-out exports one model's bank; an ensemble's banks stay inside its program "
+    "(export it with --out only)"
+)
+
+
 def export_function(
-    model: PatchCore, *, bank_input: bool = False
+    model: PatchCore | Ensemble, *, bank_input: bool = False
 ) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """What ``export_model`` serialises: ``model.inference_function(bank_input=...)``, uint8
     ``[B, H, W, 3]`` (and, with ``bank_input``, ``model.bank_inputs()``'s arrays) ->
-    (image_scores [B], anomaly_maps [B, H, W]).
+    (image_scores [B], anomaly_maps [B, H, W]); an ensemble's members' raw outputs stacked,
+    ([members, B], [members, B, H, W]), banks inside (the loader combines them per batch).
 
     The whole batch is embedded and scored at once (B symbolic: one program for every batch
     size); each image's result equals ``model.predict``'s to float32 rounding: only the
     summation order of the backbone's and the k-NN's matmuls depends on the batch size.
     """
+    for member in model.members:
+        if member.memory_bank is None:
+            raise ValueError("cannot export an unfitted model: call fit() first")
     if isinstance(model, Ensemble):
-        raise ValueError(
-            "ensembles cannot be exported: their scores are normalised over each scored set, so "
-            "no fixed program gives them; export a single model"
-        )
-    if model.memory_bank is None:
-        raise ValueError("cannot export an unfitted model: call fit() first")
+        if bank_input:
+            raise ValueError(ENSEMBLE_BANKS)
+        members = [member.inference_function() for member in model.members]
+
+        def infer_members(images: jax.Array) -> tuple[jax.Array, jax.Array]:
+            results = [member(images) for member in members]
+            scores = jnp.stack([result.image_scores for result in results])
+            return scores, jnp.stack([result.anomaly_maps for result in results])
+
+        return infer_members
     # The model's own program, with the numerics it chose for its platform
     # (``PatchCore.describe``): the backbone's dtype and the k-NN's candidate search.
     embed_and_score = model.inference_function(bank_input=bank_input)
@@ -81,9 +95,12 @@ def export_function(
     return infer
 
 
-def inference_configuration(model: PatchCore) -> dict[str, Any]:
+def inference_configuration(model: PatchCore | Ensemble) -> dict[str, Any]:
     """What a bank file must share with a program file: the config fields the inference uses
-    (all but ``_FIT_ONLY_FIELDS``), the crop shape and the platform's numerics."""
+    (all but ``_FIT_ONLY_FIELDS``), the crop shape and the platform's numerics (an ensemble:
+    ``{"members": [each member's]}``)."""
+    if isinstance(model, Ensemble):
+        return {"members": [inference_configuration(member) for member in model.members]}
     configuration = model.config.to_dict()
     for name in _FIT_ONLY_FIELDS:
         configuration.pop(name)
@@ -132,7 +149,7 @@ def check_export_target(
 
 
 def export_model(
-    model: PatchCore,
+    model: PatchCore | Ensemble,
     path: str | os.PathLike,
     *,
     bank_path: str | os.PathLike | None = None,
@@ -143,6 +160,9 @@ def export_model(
     metadata.
 
     Args:
+      model: a fitted, calibrated PatchCore, or an Ensemble: its members' programs in one,
+        banks inside and no calibration (``exported.load`` combines their outputs over each
+        called batch, as ``Ensemble.predict`` does; no decisions).
       bank_path: None: the memory bank is a constant of the program and the calibration goes
         into its metadata. A file name: the program takes the bank as an input
         (``bank_inputs`` in its metadata) and ``export_bank`` writes this model's bank there.
@@ -159,17 +179,13 @@ def export_model(
         check_export_target(bank_path, overwrite=overwrite, option="--bank-out", kind=BANK_KIND)
         if Path(bank_path).resolve() == target.resolve():
             raise ValueError(f"--out and --bank-out are the same file {target}; give two names")
-    calibration = _finite_calibration(model)
-    bank_arrays = model.bank_inputs()
-    bank_specs = exported.pack_arrays(bank_arrays)[0] if bank_path is not None else []
-    program = _lower(
-        export_function(model, bank_input=bank_path is not None),
-        model.image_shape,
-        [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in bank_arrays.values()]
-        if bank_specs
-        else [],
-        platforms,
-    )
+    infer = export_function(model, bank_input=bank_path is not None)
+    ensemble = isinstance(model, Ensemble)
+    calibration = None if ensemble else _finite_calibration(model)
+    bank_arrays = {} if bank_path is None else model.bank_inputs()
+    bank_specs = exported.pack_arrays(bank_arrays)[0] if bank_arrays else []
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in bank_arrays.values()]
+    program = _lower(infer, model.image_shape, specs, platforms)
     height, width = model.image_shape
     metadata = {
         "package_version": package_version(),
@@ -179,9 +195,15 @@ def export_model(
         "config": model.config.to_dict(),
         "configuration": inference_configuration(model),
         "bank_inputs": bank_specs,
-        "calibration": None if bank_specs else _calibration_fields(calibration),
+        "calibration": None if bank_specs or ensemble else _calibration_fields(calibration),
         "preprocessing": _preprocessing(model),
     }
+    if ensemble:  # no calibration: the loader combines the members' outputs over each batch
+        metadata["ensemble"] = {
+            "members": len(model.members),
+            "combination": exported.ENSEMBLE_COMBINATION,
+            "member_configs": [member.config.to_dict() for member in model.members],
+        }
     check_export_target(target, overwrite=overwrite)  # again: lowering took a while
     with atomic_path(target) as tmp:
         exported.write_checksummed(
@@ -235,6 +257,8 @@ def export_bank(
       OSError: ``path`` refused by ``check_export_target``.
     """
     target = check_export_target(path, overwrite=overwrite, option="--bank-out", kind=BANK_KIND)
+    if isinstance(model, Ensemble):
+        raise ValueError(ENSEMBLE_BANKS)
     calibration = _finite_calibration(model)
     specs, payload = exported.pack_arrays(model.bank_inputs())
     metadata = {

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,10 @@ FORMAT_VERSION = 3
 BANK_KIND = "bank"
 BANK_FORMAT_VERSION = 1
 OUTPUTS: tuple[str, ...] = ("image_scores", "normalized_scores", "decisions", "anomaly_maps")
+# An ensemble's scores and maps (``combine``): one definition, the model's and the loader's.
+ENSEMBLE_COMBINATION = (
+    "per member min-max over the scored set (scores and maps separately), then mean"
+)
 _SECTION = re.compile(rb"([a-z]+) (\d+) sha256:([0-9a-f]{64})")
 _HEADER_LIMIT = 4096  # the text lines before the metadata are far shorter
 _PROGRAM_CACHE_SIZE = 8
@@ -54,6 +59,48 @@ def normalize(values: Any, threshold: float, minimum: float, maximum: float) -> 
     span = maximum - minimum if maximum > minimum else 1.0
     values = xp.asarray(values, dtype=xp.float32)
     return xp.clip((values - xp.float32(threshold)) / xp.float32(span) + xp.float32(0.5), 0, 1)
+
+
+def min_max(values: np.ndarray) -> np.ndarray:
+    """(values - min) / (max - min) over the whole array; NaN entries stay NaN and are ignored
+    for min and max; a constant array becomes zeros (the reference would divide by zero)."""
+    values = np.asarray(values, np.float32)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return values.copy()
+    low, high = finite.min(), finite.max()
+    if high == low:
+        return np.where(np.isnan(values), values, 0.0).astype(np.float32)
+    return (values - low) / (high - low)
+
+
+def combine(
+    member_scores: Sequence[Any], member_maps: Sequence[Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's ensemble combination (``Ensemble.predict``; an exported ensemble's
+    loader applies it to each called batch).
+
+    Args:
+      member_scores: per member, image scores [N].
+      member_maps: per member, anomaly maps [N, H, W].
+    Returns:
+      (image_scores [N], anomaly_maps [N, H, W]) float32: the mean over members of each
+      member's scores (maps) min-max normalised over all N images (all N*H*W pixels).
+    """
+    if not member_scores or len(member_scores) != len(member_maps):
+        raise ValueError(
+            f"combine needs scores and maps of the same members, got {len(member_scores)} "
+            f"and {len(member_maps)}"
+        )
+    shapes = {np.shape(s) for s in member_scores}, {np.shape(m) for m in member_maps}
+    if len(shapes[0]) != 1 or len(shapes[1]) != 1:
+        raise ValueError(
+            f"members scored different image sets: score shapes {sorted(shapes[0])}, "
+            f"map shapes {sorted(shapes[1])}"
+        )
+    scores = np.mean([min_max(s) for s in member_scores], axis=0)
+    maps = np.mean([min_max(m) for m in member_maps], axis=0)
+    return scores.astype(np.float32), maps.astype(np.float32)
 
 
 def write_checksummed(
@@ -205,6 +252,7 @@ class ExportedModel:
       bank_metadata: the bank file's (``configuration``, ``config``, ``calibration``,
         ``arrays``, ``bank_rows``), or None when the bank is inside the program.
       image_shape: ``(H, W)`` of the crops it takes.
+      members: None, or an exported ensemble's member count (``metadata["ensemble"]``).
     The ``calibration`` applied is the bank file's, else the program file's.
     """
 
@@ -218,15 +266,22 @@ class ExportedModel:
         self.metadata = metadata
         self.bank_metadata = None if bank is None else bank[0]
         source = metadata if bank is None else {**bank[0], "image_shape": metadata["image_shape"]}
-        self.image_shape, self._calibration = _applied(source, path if bank is None else bank[2])
+        self.members = _ensemble_members(metadata, path)
+        self.image_shape, self._calibration = _applied(
+            source, path if bank is None else bank[2], calibrated=self.members is None
+        )
         self._program = program
         self._path = path
         # Placed once: every call passes the same device arrays.
         self._bank_arrays = [] if bank is None else [jnp.asarray(x) for x in bank[1].values()]
 
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray | None]:
         """uint8 ``[B, H, W, 3]`` (B >= 1) -> ``{image_scores [B] float32, normalized_scores [B]
-        float32, decisions [B] bool, anomaly_maps [B, H, W] float32}``, the batch at once."""
+        float32, decisions [B] bool, anomaly_maps [B, H, W] float32}``, the batch at once.
+
+        An ensemble (``members``): its scores and maps are ``combine``d over these B images
+        (as ``Ensemble.predict`` of them), ``member_scores [members, B]`` the raw ones, and
+        ``normalized_scores`` and ``decisions`` are None (an ensemble has no calibration)."""
         images = np.asarray(images)
         expected = (*self.image_shape, 3)
         if (
@@ -247,6 +302,15 @@ class ExportedModel:
             )
         outputs = self._program.call(images, *self._bank_arrays)
         image_scores, anomaly_maps = (np.asarray(x) for x in outputs)
+        if self.members is not None:  # [members, B]: combined over this batch, no decisions
+            combined_scores, combined_maps = combine(list(image_scores), list(anomaly_maps))
+            return {
+                "image_scores": combined_scores,
+                "normalized_scores": None,
+                "decisions": None,
+                "anomaly_maps": combined_maps,
+                "member_scores": image_scores,
+            }
         threshold, minimum, maximum = self._calibration
         return {
             "image_scores": image_scores,
@@ -256,17 +320,33 @@ class ExportedModel:
         }
 
 
-def _applied(metadata: dict[str, Any], path: Path) -> tuple[tuple[int, int], tuple[float, ...]]:
+def _ensemble_members(metadata: dict[str, Any], path: Path) -> int | None:
+    """The number of members of an exported ensemble (>= 1), or None for a single model."""
+    ensemble = metadata.get("ensemble")
+    if ensemble is None:
+        return None
+    members = ensemble.get("members") if isinstance(ensemble, dict) else None
+    if not isinstance(members, int) or members < 1:
+        raise ValueError(f"{path}: its metadata's ensemble {ensemble!r} has no member count")
+    return members
+
+
+def _applied(
+    metadata: dict[str, Any], path: Path, calibrated: bool = True
+) -> tuple[tuple[int, int], tuple[float, ...] | None]:
     """The crop shape and the (image_threshold, image_min, image_max) the model applies, checked
-    (finite numbers, two positive sizes)."""
+    (finite numbers, two positive sizes); None for an ensemble (not ``calibrated``)."""
     try:
         shape = tuple(metadata["image_shape"])
-        calibration = metadata["calibration"]
-        values = tuple(calibration[k] for k in ("image_threshold", "image_min", "image_max"))
+        calibration = metadata["calibration"] if calibrated else {}
+        keys = ("image_threshold", "image_min", "image_max") if calibrated else ()
+        values = tuple(calibration[k] for k in keys)
     except (KeyError, TypeError) as error:
         raise ValueError(f"{path}: its metadata lacks {error}; export the model again") from None
     if len(shape) != 2 or not all(isinstance(s, int) and s > 0 for s in shape):
         raise ValueError(f"{path}: its metadata image_shape {list(shape)} is not [H, W]")
+    if not calibrated:
+        return shape, None
     if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
         raise ValueError(
             f"{path}: its calibration (image_threshold, image_min, image_max) = {values} is not "

@@ -518,11 +518,32 @@ def test_a_bank_grown_within_its_bucket_needs_only_its_bank_file_again(line, tmp
     assert_within_rounding(loaded(line.test), grown, line.test)
 
 
-def test_an_ensemble_is_refused_as_an_ensemble_not_as_an_incomplete_checkpoint():
-    from test_checkpoint import tiny_model
+def test_an_ensemble_exports_its_members_and_the_loader_combines_each_batch(line, tmp_path):
+    """One program holds every member (banks inside); the loader combines their outputs over
+    the called batch as ``Ensemble.predict`` does (``exported.combine``): each member's raw
+    outputs are its ``predict``'s to float32 rounding, and there is no calibration."""
+    from patchcore_jax import Ensemble
 
-    from patchcore_jax import Ensemble, export
-
-    member = tiny_model(0)
-    with pytest.raises(ValueError, match="ensembles cannot be exported"):
-        export.export_function(Ensemble([member, member]))
+    first, second = line.models["a"], line.models["b"]
+    ensemble = Ensemble([first, second])
+    program = tmp_path / "ensemble.pcjx"
+    with pytest.raises(ValueError, match="--bank-out exports one model's bank"):
+        export.export_model(ensemble, program, bank_path=tmp_path / "e.pcjb", platforms=["cpu"])
+    assert not program.exists()
+    metadata = export.export_model(ensemble, program, platforms=["cpu"])
+    assert metadata["ensemble"]["members"] == 2 and metadata["calibration"] is None
+    loaded = exported.load(program)
+    assert loaded.members == 2
+    outputs = loaded(line.test)
+    assert outputs["decisions"] is None and outputs["normalized_scores"] is None
+    member_maps = []
+    for member, raw in zip((first, second), outputs["member_scores"], strict=True):
+        scores, maps = member.predict(line.test)
+        score_bound, _ = rounding_bounds(member, line.test, scores)
+        assert np.all(np.abs(raw - scores) <= score_bound)
+        member_maps.append(maps)
+    combined, _ = exported.combine(list(outputs["member_scores"]), member_maps)
+    np.testing.assert_array_equal(outputs["image_scores"], combined)
+    assert outputs["anomaly_maps"].shape == (len(line.test), *ensemble.image_shape)
+    reference_scores, _ = ensemble.predict(line.test)
+    assert np.array_equal(np.argsort(outputs["image_scores"]), np.argsort(reference_scores))
