@@ -20,7 +20,6 @@ from patchcore_jax.cli import build_parser
 
 def run_cli(*args, check=True):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device: fastest here
-    env.setdefault("PATCHCORE_COMPILE_CACHE", str(Path(tempfile.gettempdir()) / "pcj-test-xla"))
     result = subprocess.run(
         [sys.executable, "-m", "patchcore_jax.cli", *map(str, args)],
         capture_output=True,
