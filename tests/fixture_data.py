@@ -31,7 +31,7 @@ WEIGHTS = REPO_ROOT / "patchcore_jax" / "weights"  # the bundled MobileNetV2 TFL
 def load_fixture(name: str, group: str | None = None) -> dict[str, np.ndarray]:
     """Arrays of ``fixtures/<name>.npz``; with ``group``, only ``group/*`` keys, prefix removed.
 
-    float16 arrays (stored exactly) come back as float32, as SPEC section 7 prescribes.
+    float16 arrays (stored exactly) come back as float32 (float32 values stored exactly).
     """
     path = FIXTURES / f"{name}.npz"
     if not path.exists():

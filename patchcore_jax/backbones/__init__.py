@@ -199,7 +199,7 @@ def init_backbone(name: str, layers: Sequence[str] | None = None, seed: int = 0)
 
 
 def probe_batch_norm(backbone: Backbone, image_shape: tuple[int, int]) -> Backbone:
-    """The backbone after the reference's one-off BatchNorm probe (SPEC section 2).
+    """The backbone after the reference's one-off BatchNorm probe (README).
 
     The authors' ``PatchCore.load`` runs the (train-mode) backbone once on a normalised
     ``ones([1, 3, H, W])`` before anything else, which moves every BatchNorm's running
