@@ -282,6 +282,30 @@ def test_help_documents_every_option():
             assert action.help, action.option_strings
 
 
+def test_fit_usage_shows_out_as_needed_and_weights_fetch_lists_what_it_fetches(capsys):
+    from patchcore_jax.backbones import fetchable_backbones
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", "--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert "fit DATA --out DIR [options]" in usage and "--resume MODEL [--out DIR]" in usage
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["weights", "fetch", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"architecture: {', '.join(fetchable_backbones())}" in help_text
+    assert "wide_resnet50_2" in fetchable_backbones()
+
+
+def test_weights_fetch_of_an_unknown_name_lists_the_known_ones_in_one_line(capsys):
+    from patchcore_jax import cli
+    from patchcore_jax.backbones import fetchable_backbones
+
+    assert cli.main(["weights", "fetch", "vgg16"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("patchcore-jax: error: no download for 'vgg16'")
+    assert str(fetchable_backbones()) in line
+
+
 def test_split_then_stretch_fit_and_evaluate_a_non_square_dataset_with_soft_masks(tmp_path):
     """A Magnetic-Tile-like set: no split, 283x105 tiles, anti-aliased masks, holes at the ends."""
     from synthetic_data import make_magnetic_tiles

@@ -271,7 +271,7 @@ def describe_weights() -> list[str]:
     backbone saying where its weights are or the command that gets them."""
     lines = [f"weights folder: {_default_weights_dir()} (another: set PATCHCORE_WEIGHTS)"]
     for name in _BACKBONES:
-        get = "fetch" if name in TORCHVISION_FILES else "convert FILE --arch"
+        get = "fetch" if name in fetchable_backbones() else "convert FILE --arch"
         how = {
             "converted": "converted, in the weights folder",
             "tflite": "the bundled TFLite file (offline)",
