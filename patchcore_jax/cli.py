@@ -24,7 +24,7 @@ from typing import Any
 
 from patchcore_jax import errors, interrupt, options, progress, sharding
 from patchcore_jax.config import SEED_LIMIT
-from patchcore_jax.files import counted
+from patchcore_jax.files import quantity
 from patchcore_jax.progress import ProgressBars, close_bars
 
 PROG = "patchcore-jax"
@@ -348,9 +348,7 @@ def _add_download_parsers(commands: Any) -> None:
     )
     fetch.add_argument("name", help=f"architecture: {', '.join(fetchable_backbones())}")
     fetch.add_argument("--out-dir", default=None, help="weights folder (default: `weights list`)")
-    weight_commands.add_parser(
-        "list", help="list the backbones and where their weights are (or how to get them)"
-    )
+    weight_commands.add_parser("list", help="list the backbones and where their weights are")
 
 
 def build_parser(presets: dict[str, object] | None = None) -> argparse.ArgumentParser:
@@ -418,7 +416,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     failed = [r.name for r in results if r.error]
     _say(
         f"wrote {Path(args.out) / 'results.csv'}: {len(results) - len(failed)} of "
-        f"{counted(len(results), 'category', 'categories')} ok"
+        f"{quantity(len(results), 'category', 'categories')} ok"
         + (f", {len(failed)} failed ({', '.join(failed)})" if failed else "")
     )
     return 1 if failed else 0
@@ -441,10 +439,10 @@ def _predict(args: argparse.Namespace) -> int:
     )
     scores, count = result.image_scores, len(result.paths)
     _say(
-        f"scored {counted(count, 'image')} (scores {format_score(scores.min())} .. "
+        f"scored {quantity(count, 'image')} (scores {format_score(scores.min())} .. "
         f"{format_score(scores.max())}); wrote {result.scores_csv}"
-        + (f" and {counted(result.num_heatmaps, 'heatmap')}" if result.num_heatmaps else "")
-        + (f" and {counted(result.num_masks, 'mask')}" if result.num_masks else "")
+        + (f" and {quantity(result.num_heatmaps, 'heatmap')}" if result.num_heatmaps else "")
+        + (f" and {quantity(result.num_masks, 'mask')}" if result.num_masks else "")
     )
     if result.calibration is None:
         _say(
@@ -454,7 +452,7 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         anomalous = int(result.decisions.sum())
         rule = result.calibration.describe()
-        _say(f"{anomalous} of {counted(count, 'image')} anomalous ({rule})")
+        _say(f"{anomalous} of {quantity(count, 'image')} anomalous ({rule})")
         _say(result.calibration.describe_false_alarms())
     return _skipped(result.unreadable, args.out)
 
@@ -465,7 +463,7 @@ def _skipped(unreadable: list, out: Path) -> int:
 
     if unreadable:
         listed = f"{describe_unusable(unreadable)}; listed in {Path(out) / 'unreadable.csv'}"
-        _say(f"skipped {counted(len(unreadable), 'unreadable image')}: {listed}")
+        _say(f"skipped {quantity(len(unreadable), 'unreadable image')}: {listed}")
     return 1 if unreadable else 0
 
 

@@ -234,7 +234,7 @@ def some_of(items: Sequence[object], limit: int = 3) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def counted(count: int, noun: str, plural: str | None = None) -> str:
+def quantity(count: int, noun: str, plural: str | None = None) -> str:
     """``count`` with its noun, plural unless it is one: ``1 image``, ``0 images``, ``3 images``
-    (``plural`` for irregular nouns: ``counted(2, "category", "categories")``)."""
+    (``plural`` for irregular nouns: ``quantity(2, "category", "categories")``)."""
     return f"{count} {noun if count == 1 else plural or noun + 's'}"

@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +35,6 @@ def run_cli_timed(*args) -> tuple[list[tuple[float, str]], float]:
     """``run_cli`` with stderr read line by line as it comes (not a terminal): ``([(seconds
     since the start when the line arrived, line)], wall seconds of the run)``."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.setdefault("PATCHCORE_COMPILE_CACHE", str(Path(tempfile.gettempdir()) / "pcj-test-xla"))
     command = [sys.executable, "-m", "patchcore_jax.cli", *map(str, args)]
     start = time.monotonic()
     with subprocess.Popen(
