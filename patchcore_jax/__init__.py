@@ -15,11 +15,6 @@ imported on first use, so ``patchcore_jax.exported`` (the deployment loader) run
 numpy alone.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
 _LAZY = {
     "CheckpointError": "patchcore_jax.checkpoint",
     "Ensemble": "patchcore_jax.ensemble",
@@ -42,7 +37,10 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
+    """The public names, imported on first use."""
+    import importlib
+
     if name == "__version__":
         from patchcore_jax.version import package_version
 
@@ -56,4 +54,8 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    """The public names and the submodules imported so far; no helpers."""
+    import types
+
+    modules = {name for name, value in globals().items() if isinstance(value, types.ModuleType)}
+    return sorted(set(__all__) | {name for name in modules if not name.startswith("_")})

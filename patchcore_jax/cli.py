@@ -24,6 +24,7 @@ from typing import Any
 
 from patchcore_jax import errors, interrupt, options, progress, sharding
 from patchcore_jax.config import SEED_LIMIT
+from patchcore_jax.files import quantity
 from patchcore_jax.progress import ProgressBars, close_bars
 
 PROG = "patchcore-jax"
@@ -116,6 +117,8 @@ def _add_categories(parser: argparse.ArgumentParser, which: str) -> None:
 def _add_fit_parser(commands: Any, presets: dict[str, object] | None) -> None:
     fit = commands.add_parser(
         "fit",
+        usage=f"{PROG} fit DATA --out DIR [options]\n"
+        f"       {PROG} fit DATA --resume MODEL [--out DIR] [options]",
         help="fit a model on the nominal training images of DATA",
         description="Fit a PatchCore memory bank on DATA's nominal "
         "images (DATA/train/good, or DATA/train) and save it.",
@@ -126,7 +129,7 @@ def _add_fit_parser(commands: Any, presets: dict[str, object] | None) -> None:
         help="dataset folder (MVTec AD layout: only train/ is read) or a folder of good images",
     )
     fit.add_argument(
-        "--out", default=None, help="checkpoint folder to write (required without --resume)"
+        "--out", metavar="DIR", help="checkpoint folder to write (required without --resume)"
     )
     fit.add_argument(
         "--resume",
@@ -328,6 +331,8 @@ def _add_download_parsers(commands: Any) -> None:
         "--sha256", default=None, help="expected sha256 of --url (default: the official one)"
     )
 
+    from patchcore_jax.backbones import fetchable_backbones
+
     weights = commands.add_parser("weights", help="convert or download backbone weights")
     weight_commands = weights.add_subparsers(
         dest="weights_command", required=True, parser_class=_Parser
@@ -337,13 +342,13 @@ def _add_download_parsers(commands: Any) -> None:
     )
     convert.add_argument("file", help="weights file to convert")
     convert.add_argument("--arch", required=True, help="architecture, e.g. wide_resnet50_2")
-    convert.add_argument("--out-dir", default=None, help="weights folder (default: the project's)")
+    convert.add_argument("--out-dir", default=None, help="weights folder (default: `weights list`)")
     fetch = weight_commands.add_parser(
         "fetch", help="download torchvision's ImageNet weights, verify and convert them"
     )
-    fetch.add_argument("name", help="architecture, e.g. wide_resnet50_2")
-    fetch.add_argument("--out-dir", default=None, help="weights folder (default: the project's)")
-    weight_commands.add_parser("list", help="list backbones and whether their weights are here")
+    fetch.add_argument("name", help=f"architecture: {', '.join(fetchable_backbones())}")
+    fetch.add_argument("--out-dir", default=None, help="weights folder (default: `weights list`)")
+    weight_commands.add_parser("list", help="list the backbones and where their weights are")
 
 
 def build_parser(presets: dict[str, object] | None = None) -> argparse.ArgumentParser:
@@ -411,7 +416,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     failed = [r.name for r in results if r.error]
     _say(
         f"wrote {Path(args.out) / 'results.csv'}: {len(results) - len(failed)} of "
-        f"{len(results)} categories ok"
+        f"{quantity(len(results), 'category', 'categories')} ok"
         + (f", {len(failed)} failed ({', '.join(failed)})" if failed else "")
     )
     return 1 if failed else 0
@@ -434,10 +439,10 @@ def _predict(args: argparse.Namespace) -> int:
     )
     scores, count = result.image_scores, len(result.paths)
     _say(
-        f"scored {count} images (scores {format_score(scores.min())} .. "
+        f"scored {quantity(count, 'image')} (scores {format_score(scores.min())} .. "
         f"{format_score(scores.max())}); wrote {result.scores_csv}"
-        + (f" and {result.num_heatmaps} heatmaps" if result.num_heatmaps else "")
-        + (f" and {result.num_masks} masks" if result.num_masks else "")
+        + (f" and {quantity(result.num_heatmaps, 'heatmap')}" if result.num_heatmaps else "")
+        + (f" and {quantity(result.num_masks, 'mask')}" if result.num_masks else "")
     )
     if result.calibration is None:
         _say(
@@ -446,7 +451,8 @@ def _predict(args: argparse.Namespace) -> int:
         )
     else:
         anomalous = int(result.decisions.sum())
-        _say(f"{anomalous} of {count} images anomalous ({result.calibration.describe()})")
+        rule = result.calibration.describe()
+        _say(f"{anomalous} of {quantity(count, 'image')} anomalous ({rule})")
         _say(result.calibration.describe_false_alarms())
     return _skipped(result.unreadable, args.out)
 
@@ -457,7 +463,7 @@ def _skipped(unreadable: list, out: Path) -> int:
 
     if unreadable:
         listed = f"{describe_unusable(unreadable)}; listed in {Path(out) / 'unreadable.csv'}"
-        _say(f"skipped {len(unreadable)} unreadable images: {listed}")
+        _say(f"skipped {quantity(len(unreadable), 'unreadable image')}: {listed}")
     return 1 if unreadable else 0
 
 
@@ -533,13 +539,7 @@ def _weights(args: argparse.Namespace) -> int:
         path = backbones.fetch_weights(args.name, args.out_dir)
         print(f"fetched and converted {args.name} -> {path}")
     else:
-        for name in backbones.available_backbones():
-            try:
-                backbones.load_backbone(name)
-                status = "available"
-            except FileNotFoundError as error:
-                status = f"missing: {error}"
-            print(f"{name:18s} {status}")
+        print("\n".join(backbones.describe_weights()))
     return 0
 
 

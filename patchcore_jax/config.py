@@ -67,7 +67,7 @@ class PatchCoreConfig:
       resize: the shorter image side is resized to this many pixels (Pillow bilinear).
       crop: the model's input size in pixels: an int (square) or (height, width). Anomaly maps
         and masks have this size; ``image_shape`` gives it as (height, width).
-      batch_norm_probe: run the reference's one-off BatchNorm probe (SPEC section 2) before
+      batch_norm_probe: run the reference's one-off BatchNorm probe (README) before
         fitting, as the authors' ``PatchCore.load`` does; False keeps the pristine eval-mode
         statistics. Backbones without BatchNorm statistics are unaffected.
       mask_threshold: ground-truth masks that are not 0/255 are binarised at this value

@@ -1,7 +1,7 @@
 """Memory-bank subsampling: approximate greedy coreset, random subsampling, learned proxies.
 
-Approximate greedy coreset (SPEC section 4): features are projected to ``projection_dim`` dims
-by a random linear map, every point starts at its mean Euclidean distance to
+Approximate greedy coreset (the paper's Algorithm 1): features are projected to
+``projection_dim`` dims by a random linear map, every point starts at its mean Euclidean distance to
 ``num_start_points`` random points, and each step selects the farthest point (lowest index on
 ties) and lowers every point's distance to its distance from the selected one. Distances are
 ``sqrt(max((-2 a.b + |a|^2) + |b|^2, 0))`` in float32, in the reference's operation order, and
@@ -863,7 +863,7 @@ def approximate_greedy_coreset(
     progress: Callable[[int], None] | None = None,
     selected_rows: np.ndarray | jax.Array | None = None,
 ) -> jax.Array:
-    """Indices of the approximate greedy coreset, in selection order (SPEC section 4).
+    """Indices of the approximate greedy coreset, in selection order (the paper's Algorithm 1).
 
     Args:
       features: [N, D] memory-bank rows (any float dtype; computed in float32). A host array,

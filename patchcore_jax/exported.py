@@ -15,6 +15,10 @@ normalisation applied come from the metadata alone::
     outputs = model(images)  # uint8 [B, H, W, 3] preprocessed crops
     outputs["image_scores"], outputs["normalized_scores"], outputs["decisions"],
     outputs["anomaly_maps"]
+
+A program compiles once per batch size B in a process (H, W and the bank are fixed by the
+export); ``load`` turns on JAX's persistent compilation cache (the CLI's folder,
+``sharding.default_compile_cache``) so that later processes reuse those compilations.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from patchcore_jax.sharding import default_compile_cache, enable_compile_cache
 
 KIND = "export"
 # 2: checksummed sections, calibration applied from the metadata; 3: the whole batch at once,
@@ -406,7 +412,11 @@ def _deserialize(serialized: memoryview, path: Path) -> Any:
     return _PROGRAMS[digest]
 
 
-def load(path: str | os.PathLike, bank: str | os.PathLike | None = None) -> ExportedModel:
+def load(
+    path: str | os.PathLike,
+    bank: str | os.PathLike | None = None,
+    compile_cache: bool | str | os.PathLike = True,
+) -> ExportedModel:
     """Reads an export file (and a bank file), verifying checksums and format versions before
     deserialising, and, with ``bank``, that the bank is one of the program's configuration.
 
@@ -414,6 +424,11 @@ def load(path: str | os.PathLike, bank: str | os.PathLike | None = None) -> Expo
       path: a program file written by ``export --out``.
       bank: a bank file written by ``export --bank-out``; required for a program exported with
         ``--bank-out``, refused for one with its bank inside.
+      compile_cache: the folder of JAX's persistent compilation cache, turned on for this
+        process unless one is already set (``jax_compilation_cache_dir``): True is
+        ``$PATCHCORE_COMPILE_CACHE`` (``off``: none), else ``~/.cache/patchcore-jax/xla``;
+        False turns nothing on. Programs that compile in >= 1 s (JAX's threshold: each batch
+        size's compilation, typically 10-30 s) are kept, so a new process skips them.
     Raises:
       FileNotFoundError: no file at ``path`` or ``bank``.
       ValueError (one line naming the file, both for a mismatch): not an export or bank file,
@@ -441,6 +456,9 @@ def load(path: str | os.PathLike, bank: str | os.PathLike | None = None) -> Expo
         bank_metadata, arrays = read_bank(bank)
         bank_file = (bank_metadata, arrays, Path(bank))
     program = _deserialize(serialized, path)
+    folder = default_compile_cache() if compile_cache is True else compile_cache
+    if folder not in (False, "off") and jax.config.jax_compilation_cache_dir is None:
+        enable_compile_cache(folder, every_program=False)
     if bank_file is not None:
         _check_bank(program, metadata, bank_file[0], bank_file[1], (path, bank_file[2]))
     return ExportedModel(metadata, program, path, bank_file)

@@ -1,4 +1,4 @@
-"""Locally aware patch features (SPEC section 3), on the device.
+"""Locally aware patch features (the paper's Sec. 3.1), on the device.
 
 For every position of the first (reference) feature map the reference PatchCore code takes the
 zero-padded ``patch_size`` x ``patch_size`` neighbourhood of each layer, brings later layers onto
@@ -118,7 +118,7 @@ def _patch_features_general(
     target_embed_dimension: int,
     patch_size: int,
 ) -> jax.Array:
-    """SPEC 3 for any layers and dimensions; ``feature_maps[i]: [B, h_i, w_i, C_i]``."""
+    """Patch features for any layers and dimensions; ``feature_maps[i]: [B, h_i, w_i, C_i]``."""
     batch, height, width, _ = feature_maps[0].shape
     rows, cols = _patch_grid(height, patch_size), _patch_grid(width, patch_size)
     per_layer = []
@@ -140,7 +140,7 @@ def _box_sum_3x3(maps: jax.Array) -> jax.Array:
 
 @jax.jit
 def _patch_features_default(layer2: jax.Array, layer3: jax.Array) -> jax.Array:
-    """Closed form of SPEC 3 for 512 + 1024 channels, dims 1024/1024, patch 3.
+    """Closed form of the patch features for 512 + 1024 channels, dims 1024/1024, patch 3.
 
     ``layer2: [B, h, w, 512]``, ``layer3: [B, h3, w3, 1024]`` -> ``[B, h * w, 1024]``.
     Dims 0..511: layer2 smoothed with 0.2 at the centre and 0.1 on the 8 neighbours. Dims
@@ -161,7 +161,7 @@ def patch_features(
     target_embed_dimension: int = 1024,
     patch_size: int = 3,
 ) -> jax.Array:
-    """Locally aware patch features of a batch of images (SPEC section 3).
+    """Locally aware patch features of a batch of images (the paper's Sec. 3.1).
 
     Args:
       feature_maps: backbone outputs, each ``[B, h_i, w_i, C_i] float32`` (NHWC); the first sets

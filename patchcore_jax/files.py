@@ -232,3 +232,9 @@ def some_of(items: Sequence[object], limit: int = 3) -> str:
     """The first ``limit`` items as text, and how many more: ``a, b, c and 4 more``."""
     shown = ", ".join(str(item) for item in items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def quantity(count: int, noun: str, plural: str | None = None) -> str:
+    """``count`` with its noun, plural unless it is one: ``1 image``, ``0 images``, ``3 images``
+    (``plural`` for irregular nouns: ``quantity(2, "category", "categories")``)."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"

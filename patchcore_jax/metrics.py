@@ -1,4 +1,4 @@
-"""MVTec AD evaluation metrics (SPEC section 6), exact and memory-bounded, on the host.
+"""MVTec AD evaluation metrics (the paper's protocol), exact and memory-bounded, on the host.
 
 - AUROCs are computed exactly as the Mann-Whitney statistic (ties count one half), which equals
   the trapezoidal area under the ROC curve that ``sklearn.metrics.roc_auc_score`` returns. Only

@@ -34,6 +34,7 @@ from patchcore_jax import (
 )
 from patchcore_jax.backbones import Backbone, model_backbone
 from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax.files import quantity
 from patchcore_jax.progress import report_done
 
 ImageBatches = np.ndarray | jax.Array | Iterable[np.ndarray]
@@ -306,8 +307,8 @@ class PatchCore:
         if log is not None:
             log(
                 f"features: {num_rows} x {dim} float32 ({num_rows * dim * 4 / 2**20:.0f} MB) "
-                f"of {layout.num_images} images in {self.fit_timings['features']:.1f} s; this "
-                f"process's {store.describe()}"
+                f"of {quantity(layout.num_images, 'image')} in "
+                f"{self.fit_timings['features']:.1f} s; this process's {store.describe()}"
             )
         if bad:
             raise ValueError(bank.non_finite_message("patch features", bad, num_rows))

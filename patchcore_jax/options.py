@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 import typing
-from pathlib import Path
 from typing import Any
 
+from patchcore_jax import sharding
 from patchcore_jax.config import PatchCoreConfig, preset_values
 
 
@@ -236,10 +235,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         "i.e. purely data-parallel)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     parser.add_argument(
         "--compile-cache",
-        default=os.environ.get("PATCHCORE_COMPILE_CACHE", str(cache_home / "patchcore-jax/xla")),
+        default=sharding.default_compile_cache(),
         metavar="DIR",
         help="folder of JAX's persistent compilation cache, so a later run with the same "
         "shapes skips compilation; 'off' disables it (default: $PATCHCORE_COMPILE_CACHE or "

@@ -1,6 +1,6 @@
 """Host-side input pipeline: read images and ground-truth masks, resize, centre-crop.
 
-Reproduces the reference's torchvision pipeline on PIL images (SPEC section 1):
+Reproduces the reference's torchvision pipeline on PIL images (README, "Image geometry"):
 ``Resize(resize)`` (shorter side to ``resize``, Pillow bilinear with antialiasing, longer side
 ``int(resize * long / short)``), then ``CenterCrop(crop)`` (top-left corner
 ``int(round((size - crop) / 2.0))``, Python's round-half-to-even). ``resize_mode="stretch"``

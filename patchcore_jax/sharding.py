@@ -261,9 +261,18 @@ def agreed_items(items: Iterable[Item], count: int) -> Iterator[Item]:
         yield item
 
 
-def enable_compile_cache(folder: str | os.PathLike) -> None:
-    """Turns on JAX's persistent compilation cache in ``folder`` (every program is cached), so
-    a later process with the same shapes skips compilation."""
+def default_compile_cache() -> str:
+    """The project's compilation-cache folder: ``$PATCHCORE_COMPILE_CACHE`` (``off``: none),
+    else ``$XDG_CACHE_HOME/patchcore-jax/xla`` (``~/.cache/patchcore-jax/xla``)."""
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return os.environ.get("PATCHCORE_COMPILE_CACHE", str(cache_home / "patchcore-jax" / "xla"))
+
+
+def enable_compile_cache(folder: str | os.PathLike, every_program: bool = True) -> None:
+    """Turns on JAX's persistent compilation cache in ``folder`` (process-wide), so a later
+    process with the same shapes skips compilation: every program, or with ``every_program``
+    False only those JAX's own thresholds keep (compiling >= 1 s by default)."""
     jax.config.update("jax_compilation_cache_dir", str(Path(folder).expanduser()))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if every_program:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -52,6 +52,7 @@ from patchcore_jax.files import (
     atomic_write_text,
     check_writable_folder,
     output_folder,
+    quantity,
     write_csv,
 )
 from patchcore_jax.model import PatchCore
@@ -282,7 +283,8 @@ def fit_folder(
             folders.check_validation_apart(paths, validation_set.paths)
             check_usable(validation_set.paths, config, "validation images")
         model = build_model(configs, len(paths), mesh=mesh)
-    log(f"fitting {','.join(c.backbone for c in configs)} on {len(paths)} images of {folder}")
+    backbones = ",".join(c.backbone for c in configs)
+    log(f"fitting {backbones} on {quantity(len(paths), 'image')} of {folder}")
     fit_model(
         model, paths, validation=validation_set, spill_dir=spill_dir, progress=progress, log=log
     )
@@ -326,7 +328,8 @@ def extend_folder(
         )
         paths = training_images(folder, train_images, train_seed)
         check_usable(paths, model.config, "training images")
-    log(f"adding {len(paths)} images of {folder} to {model_path} ({model.config.backbone})")
+    added = quantity(len(paths), "image")
+    log(f"adding {added} of {folder} to {model_path} ({model.config.backbone})")
     features = stage_counter(progress, "features", _share_size(len(paths)))
     model.extend(_batches(paths, model.config), progress=features, log=log, spill_dir=spill_dir)
     interrupt.check()

@@ -4,11 +4,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Every test process sees 8 CPU devices so sharded stages are exercised; single-device
 # behaviour is tested with explicit one-device meshes. Must happen before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation cache for the whole run, never the user's: the command-line runs and the
+# exported-model loader (which turns JAX's persistent cache on by default) keep programs here.
+os.environ.setdefault(
+    "PATCHCORE_COMPILE_CACHE", os.path.join(tempfile.gettempdir(), "pcj-test-xla")
+)
 
 from pathlib import Path  # noqa: E402
 

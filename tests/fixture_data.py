@@ -25,13 +25,13 @@ DEMO_BOTTLE = REPO_ROOT / "data" / "mvtec_ad_demo" / "bottle"
 HAVE_SHARED = FULL_BOTTLE.is_dir()
 # The complete category where it is available, else the demo subset (same file names).
 BOTTLE = FULL_BOTTLE if HAVE_SHARED else DEMO_BOTTLE
-WEIGHTS = REPO_ROOT / "weights"
+WEIGHTS = REPO_ROOT / "patchcore_jax" / "weights"  # the bundled MobileNetV2 TFLite
 
 
 def load_fixture(name: str, group: str | None = None) -> dict[str, np.ndarray]:
     """Arrays of ``fixtures/<name>.npz``; with ``group``, only ``group/*`` keys, prefix removed.
 
-    float16 arrays (stored exactly) come back as float32, as SPEC section 7 prescribes.
+    float16 arrays (stored exactly) come back as float32 (float32 values stored exactly).
     """
     path = FIXTURES / f"{name}.npz"
     if not path.exists():

@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from patchcore_jax.cli import build_parser
 
 def run_cli(*args, check=True):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device: fastest here
-    env.setdefault("PATCHCORE_COMPILE_CACHE", str(Path(tempfile.gettempdir()) / "pcj-test-xla"))
     result = subprocess.run(
         [sys.executable, "-m", "patchcore_jax.cli", *map(str, args)],
         capture_output=True,
@@ -37,7 +35,6 @@ def run_cli_timed(*args) -> tuple[list[tuple[float, str]], float]:
     """``run_cli`` with stderr read line by line as it comes (not a terminal): ``([(seconds
     since the start when the line arrived, line)], wall seconds of the run)``."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.setdefault("PATCHCORE_COMPILE_CACHE", str(Path(tempfile.gettempdir()) / "pcj-test-xla"))
     command = [sys.executable, "-m", "patchcore_jax.cli", *map(str, args)]
     start = time.monotonic()
     with subprocess.Popen(
@@ -281,6 +278,30 @@ def test_help_documents_every_option():
     for action in fit._actions:
         if action.option_strings and action.dest != "help":
             assert action.help, action.option_strings
+
+
+def test_fit_usage_shows_out_as_needed_and_weights_fetch_lists_what_it_fetches(capsys):
+    from patchcore_jax.backbones import fetchable_backbones
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", "--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert "fit DATA --out DIR [options]" in usage and "--resume MODEL [--out DIR]" in usage
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["weights", "fetch", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"architecture: {', '.join(fetchable_backbones())}" in help_text
+    assert "wide_resnet50_2" in fetchable_backbones()
+
+
+def test_weights_fetch_of_an_unknown_name_lists_the_known_ones_in_one_line(capsys):
+    from patchcore_jax import cli
+    from patchcore_jax.backbones import fetchable_backbones
+
+    assert cli.main(["weights", "fetch", "vgg16"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("patchcore-jax: error: no download for 'vgg16'")
+    assert str(fetchable_backbones()) in line
 
 
 def test_split_then_stretch_fit_and_evaluate_a_non_square_dataset_with_soft_masks(tmp_path):

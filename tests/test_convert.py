@@ -13,12 +13,15 @@ from conftest import FIXTURES, WEIGHTS
 from safetensors.numpy import load_file, save_file
 
 from patchcore_jax.backbones import (
+    available_backbones,
     convert,
     convert_weights,
+    describe_weights,
     fetch_weights,
     init_backbone,
     load_backbone,
     weights_dir,
+    weights_status,
 )
 from patchcore_jax.backbones.convert import (
     check_variables,
@@ -214,7 +217,38 @@ def test_weights_dir_default(monkeypatch, tmp_path):
     monkeypatch.setenv("PATCHCORE_WEIGHTS", str(tmp_path))
     assert weights_dir() == tmp_path
     monkeypatch.delenv("PATCHCORE_WEIGHTS")
-    assert weights_dir() == WEIGHTS  # editable install: the checkout's weights/
+    assert weights_dir() == WEIGHTS  # editable install: the checkout's patchcore_jax/weights/
+
+
+def test_mobilenet_v2_loads_from_the_package_when_the_weights_folder_is_elsewhere(
+    monkeypatch, tmp_path
+):
+    """An installed package's weights folder (here $PATCHCORE_WEIGHTS, empty) holds no TFLite
+    file: the default load reads the copy shipped with the package, the same weights."""
+    monkeypatch.setenv("PATCHCORE_WEIGHTS", str(tmp_path))
+    assert weights_status("mobilenet_v2") == "tflite"
+    assert weights_status("mobilenet_v2", weights_dir=tmp_path) == "missing"  # a given folder
+    assert weights_status("resnet18") == "missing"
+    default = load_backbone("mobilenet_v2", ["stride8"])
+    shipped = load_backbone("mobilenet_v2", ["stride8"], weights_dir=WEIGHTS)
+    assert default.weights_sha256 == shipped.weights_sha256
+    convert_weights(WEIGHTS / "mobilenet_v2_1.0_224_ptq.tflite", "mobilenet_v2", tmp_path)
+    assert weights_status("mobilenet_v2") == "converted"
+
+
+def test_weights_list_is_one_short_line_per_backbone_with_the_command_that_gets_it(
+    monkeypatch, tmp_path
+):
+    monkeypatch.setenv("PATCHCORE_WEIGHTS", str(tmp_path))
+    lines = describe_weights()
+    assert lines[0].startswith(f"weights folder: {tmp_path}")
+    rows = dict(line.split(maxsplit=1) for line in lines[1:])
+    assert list(rows) == list(available_backbones())
+    assert rows["wide_resnet50_2"] == (
+        "missing: get it with `patchcore-jax weights fetch wide_resnet50_2`"
+    )
+    assert rows["mobilenet_v2"] == "the bundled TFLite file (offline)"
+    assert all(len(line) <= 100 for line in lines[1:])  # no multi-sentence errors
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ METHODS = ("full", "pruned")
 
 
 def numpy_greedy(features, num_samples, start_indices, projection=None):
-    """Plain float64 greedy coreset (SPEC section 4), independent of the JAX implementation."""
+    """Plain float64 greedy coreset (the paper's Algorithm 1), independent of the JAX code."""
     points = features.astype(np.float64)
     if projection is not None:
         points = points @ projection.astype(np.float64).T

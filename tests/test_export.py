@@ -88,6 +88,51 @@ def test_exported_program_equals_predict_in_a_process_without_flax_or_orbax(
     assert 0 < outputs["decisions"].sum() < len(images)  # good and defective images in the set
 
 
+CACHED_LOADER = textwrap.dedent(
+    """
+    import sys
+    import jax
+    import numpy as np
+    from jax import monitoring
+    from patchcore_jax import exported
+
+    events = []
+    monitoring.register_event_listener(lambda event, **kwargs: events.append(event))
+    exported.load(sys.argv[1], compile_cache=False)
+    opted_out = jax.config.jax_compilation_cache_dir
+    model = exported.load(sys.argv[1])  # the default: $PATCHCORE_COMPILE_CACHE
+    model(np.load(sys.argv[2]))
+    print(opted_out, jax.config.jax_compilation_cache_dir,
+          events.count("/jax/compilation_cache/cache_hits"))
+    """
+)
+
+
+def test_a_new_process_reuses_the_exported_programs_compilation_from_the_cache(
+    exported_model, tmp_path
+):
+    """``exported.load`` turns on the persistent compilation cache (opt-out): a second process
+    calling the same batch size reads the compiled program instead of compiling it again."""
+    _, path, images = exported_model
+    np.save(tmp_path / "images.npy", images[:2])
+    cache = tmp_path / "xla"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # JAX keeps programs that compile in >= 1 s; this small model's may be faster.
+    env.update(PATCHCORE_COMPILE_CACHE=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    runs = []
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-c", CACHED_LOADER, path, tmp_path / "images.npy"],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        runs.append((result.stdout.split(), sorted(p.name for p in cache.iterdir())))
+    (first, first_entries), (second, second_entries) = runs
+    assert first == ["None", str(cache), "0"] and first_entries  # compiled, then stored
+    assert second[:2] == ["None", str(cache)] and int(second[2]) >= 1  # read back
+    assert second_entries == first_entries  # nothing compiled anew
+
+
 def test_export_records_the_format_version_and_config(exported_model):
     model, path, _ = exported_model
     loaded = exported.load(path)

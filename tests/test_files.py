@@ -46,3 +46,10 @@ def test_check_writable_folder_names_the_option_and_creates_nothing(tmp_path):
     missing = tmp_path / "new" / "spill"
     assert files.check_writable_folder(missing, "--spill-dir") == missing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # created later, by use
+
+
+def test_counts_in_messages_take_the_singular_only_for_one():
+    assert files.quantity(1, "image") == "1 image"
+    assert [files.quantity(n, "image") for n in (0, 2)] == ["0 images", "2 images"]
+    assert files.quantity(3, "category", "categories") == "3 categories"
+    assert files.quantity(1, "category", "categories") == "1 category"

@@ -5,6 +5,7 @@ read in one sitting."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from conftest import REPO_ROOT
@@ -156,3 +157,24 @@ def test_modules_and_functions_are_short():
                     long_functions.append(f"{name}.{node.name}: {length} lines")
     assert not long_modules, long_modules
     assert not long_functions, long_functions
+
+
+def test_sources_cite_nothing_outside_the_repository():
+    """Docstrings cite the README or the paper, not a specification file the repository lacks."""
+    cited = [
+        f"{path.relative_to(REPO_ROOT)}:{number}"
+        for folder in ("patchcore_jax", "tests", "benchmarks", "scripts")
+        for path in sorted((REPO_ROOT / folder).rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\bSPEC( section)? \d", line)
+    ]
+    assert not cited, cited
+
+
+def test_the_package_namespace_lists_its_public_names_and_no_helpers():
+    import patchcore_jax
+
+    names = set(dir(patchcore_jax))
+    assert set(patchcore_jax.__all__) <= names
+    assert not {"importlib", "Any", "annotations", "_LAZY"} & names
+    assert all(not name.startswith("_") or name == "__version__" for name in names)

@@ -22,9 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from patchcore_jax.backbones.convert import (
+    BUNDLED_WEIGHTS,
     MOBILENET_TFLITE,
+    TORCHVISION_FILES,
     check_variables,
     convert_weights,
+    converted_paths,
     fetch_weights,
     full_module,
     load_converted,
@@ -59,12 +62,15 @@ __all__ = [
     "available_backbones",
     "convert_weights",
     "default_layers",
+    "describe_weights",
     "fetch_weights",
+    "fetchable_backbones",
     "init_backbone",
     "load_backbone",
     "probe_batch_norm",
     "stage_names",
     "weights_dir",
+    "weights_status",
 ]
 
 _BACKBONES: tuple[str, ...] = (*RESNET_ARCHITECTURES, "mobilenet_v2", *DENSENET_ARCHITECTURES)
@@ -193,7 +199,7 @@ def init_backbone(name: str, layers: Sequence[str] | None = None, seed: int = 0)
 
 
 def probe_batch_norm(backbone: Backbone, image_shape: tuple[int, int]) -> Backbone:
-    """The backbone after the reference's one-off BatchNorm probe (SPEC section 2).
+    """The backbone after the reference's one-off BatchNorm probe (README).
 
     The authors' ``PatchCore.load`` runs the (train-mode) backbone once on a normalised
     ``ones([1, 3, H, W])`` before anything else, which moves every BatchNorm's running
@@ -224,7 +230,8 @@ def probe_batch_norm(backbone: Backbone, image_shape: tuple[int, int]) -> Backbo
 def _missing_weights(name: str, directory: Path) -> FileNotFoundError:
     if name == "mobilenet_v2":
         how = (
-            f"put {MOBILENET_TFLITE} there (it ships in the repository's weights/), or run "
+            f"put {MOBILENET_TFLITE} there (the package ships it in {BUNDLED_WEIGHTS}, "
+            "read when no folder is given), or run "
             "`patchcore-jax weights convert FILE.tflite --arch mobilenet_v2`"
         )
     else:
@@ -240,6 +247,45 @@ def _missing_weights(name: str, directory: Path) -> FileNotFoundError:
     )
 
 
+def _tflite_file(name: str, directory: Path, bundled: bool) -> Path | None:
+    """The TFLite file ``mobilenet_v2`` converts: ``directory``'s, else (``bundled``) the
+    package's; None for other backbones or when there is none."""
+    folders = (directory, BUNDLED_WEIGHTS) if bundled else (directory,)
+    paths = [folder / MOBILENET_TFLITE for folder in folders if name == "mobilenet_v2"]
+    return next((path for path in paths if path.is_file()), None)
+
+
+def weights_status(name: str, weights_dir: str | Path | None = None) -> str:
+    """Where ``load_backbone(name, weights_dir=weights_dir)`` would read its weights, without
+    reading them: ``"converted"`` (``<name>.msgpack`` + ``.json`` in the folder), ``"tflite"``
+    (mobilenet_v2's TFLite file, the folder's or the package's) or ``"missing"``."""
+    _check_name(name)
+    directory = Path(weights_dir) if weights_dir is not None else _default_weights_dir()
+    if all(path.is_file() for path in converted_paths(name, directory)):
+        return "converted"
+    return "tflite" if _tflite_file(name, directory, weights_dir is None) else "missing"
+
+
+def describe_weights() -> list[str]:
+    """Lines for ``patchcore-jax weights list``: the default weights folder, then one line per
+    backbone saying where its weights are or the command that gets them."""
+    lines = [f"weights folder: {_default_weights_dir()} (another: set PATCHCORE_WEIGHTS)"]
+    for name in _BACKBONES:
+        get = "fetch" if name in fetchable_backbones() else "convert FILE --arch"
+        how = {
+            "converted": "converted, in the weights folder",
+            "tflite": "the bundled TFLite file (offline)",
+            "missing": f"missing: get it with `patchcore-jax weights {get} {name}`",
+        }[weights_status(name)]
+        lines.append(f"{name:18s} {how}")
+    return lines
+
+
+def fetchable_backbones() -> tuple[str, ...]:
+    """Backbones whose ImageNet weights ``fetch_weights`` downloads (torchvision's files)."""
+    return tuple(TORCHVISION_FILES)
+
+
 def load_backbone(
     name: str,
     layers: Sequence[str] | None = None,
@@ -249,8 +295,9 @@ def load_backbone(
     ``weights_dir()`` function's folder).
 
     ResNets read ``<name>.msgpack`` + ``<name>.json`` (made by convert/fetch). ``mobilenet_v2``
-    reads a converted ``mobilenet_v2.msgpack`` if present, else converts the shipped
-    ``mobilenet_v2_1.0_224_ptq.tflite`` in memory (well under a second).
+    reads a converted ``mobilenet_v2.msgpack`` if present, else converts
+    ``mobilenet_v2_1.0_224_ptq.tflite`` in memory (well under a second): the folder's, else,
+    when ``weights_dir`` is None, the copy shipped with the package (``BUNDLED_WEIGHTS``).
     Raises ValueError for unknown names/layers, FileNotFoundError (naming the command that gets
     the weights) when they are missing.
     """
@@ -260,8 +307,8 @@ def load_backbone(
     try:
         variables, manifest = load_converted(name, directory)
     except FileNotFoundError:
-        tflite_path = directory / MOBILENET_TFLITE
-        if name != "mobilenet_v2" or not tflite_path.is_file():
+        tflite_path = _tflite_file(name, directory, bundled=weights_dir is None)
+        if tflite_path is None:
             raise _missing_weights(name, directory) from None
         layout, variables = read_tflite(tflite_path)
         source, source_sha256 = tflite_path.name, sha256_file(tflite_path)

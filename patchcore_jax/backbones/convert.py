@@ -47,18 +47,20 @@ TORCHVISION_FILES = {
     "densenet201": "densenet201-c1103571.pth",
 }
 MOBILENET_TFLITE = "mobilenet_v2_1.0_224_ptq.tflite"
+# Package data: the offline MobileNetV2 TFLite file (and its README), in every install.
+BUNDLED_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 def weights_dir() -> Path:
-    """Default weights folder: $PATCHCORE_WEIGHTS, else the source checkout's ``weights/``
-    (beside the package, for editable installs), else ``~/.cache/patchcore_jax/weights``."""
+    """Default folder of converted weights: $PATCHCORE_WEIGHTS, else, in a source checkout
+    (editable install), the package's ``weights/`` (``BUNDLED_WEIGHTS``), else
+    ``~/.cache/patchcore_jax/weights`` (an installed package's folder may be read-only)."""
     from_env = os.environ.get("PATCHCORE_WEIGHTS")
     if from_env:
         return Path(from_env).expanduser()
-    checkout = Path(__file__).resolve().parents[2]
-    if (checkout / "weights").is_dir() and (checkout / "pyproject.toml").is_file():
-        return checkout / "weights"
+    if (BUNDLED_WEIGHTS.parents[1] / "pyproject.toml").is_file():
+        return BUNDLED_WEIGHTS
     return Path.home() / ".cache" / "patchcore_jax" / "weights"
 
 
@@ -389,7 +391,7 @@ def fetch_weights(name: str, out_dir: str | Path | None = None, url: str | None 
     """
     if name not in TORCHVISION_FILES:
         hint = (
-            " (its TFLite file ships in weights/; nothing to fetch)"
+            " (its TFLite file ships with the package; nothing to fetch)"
             if name == "mobilenet_v2"
             else ""
         )

@@ -10,7 +10,7 @@ the max pool pads with -inf), and the bottleneck puts its stride on the 3x3 conv
 Every module's ``__call__`` takes ``train_batch_norm`` (default False, eval mode). True runs
 BatchNorm as torch does in train mode: each layer normalises with its batch statistics and
 updates its running statistics once (``mutable=["batch_stats"]``); ``probe_batch_stats`` uses it
-for the reference's one-off probe (SPEC section 2).
+for the reference's one-off probe (the README's "The BatchNorm probe").
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ def resnet(name: str, layers: Sequence[str] = ("layer2", "layer3")) -> ResNet:
 
 
 def probe_batch_stats(module: nn.Module, variables: dict, image_shape: tuple[int, int]) -> dict:
-    """The reference's BatchNorm probe, as a pure function of ``variables``.
+    """The reference's BatchNorm probe (README), as a pure function of ``variables``.
 
     The authors' ``PatchCore.load`` runs the backbone once, in torch's train mode, on
     ``ones([1, 3, H, W])`` in the already-normalised input space, stopping after the last
