@@ -1034,7 +1034,10 @@ def traceable_greedy_coreset(
     mesh = single_device_mesh() if mesh is None else mesh
     rows = jnp.pad(features, ((0, padded_rows(num_rows, mesh) - num_rows), (0, 0)))
     on_shard = functools.partial(
-        traceable_greedy_coreset_on_shard, num_samples=num_samples, num_valid=num_rows, method=method
+        traceable_greedy_coreset_on_shard,
+        num_samples=num_samples,
+        num_valid=num_rows,
+        method=method,
     )
     return jax.shard_map(
         lambda rows, projection, start_indices: on_shard(
