@@ -1,11 +1,14 @@
 """PatchCore end to end on real MVTec AD bottle images with the bundled MobileNetV2."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
-from conftest import BOTTLE
+from conftest import BOTTLE, REPO_ROOT
 from sklearn.metrics import roc_auc_score
 
+import patchcore_jax
 from patchcore_jax import PatchCore, PatchCoreConfig, sharding
 from patchcore_jax.datasets.folders import load_dataset
 from patchcore_jax.preprocess import load_images, load_mask
@@ -185,6 +188,31 @@ def test_predict_returns_raw_and_normalised_scores_decisions_and_maps(small_spli
     assert "an iterable of such batches" in str(error.value) and "\n" not in str(error.value)
     with pytest.raises(ValueError, match=r"got \(1, 256, 256, 3\).*preprocess\.image_from_array"):
         model.predict(np.zeros((1, 256, 256, 3), np.uint8))
+
+
+def test_readme_array_example_runs_as_written(subset, tmp_path, monkeypatch):
+    """README's ``PatchCore`` example on arrays, run as written on conftest's subset of bottle
+    (10 training images; 3 good and 3 defective test images)."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = readme[readme.index("<!-- readme-example: arrays -->") :]
+    code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    assert '"data/mvtec_ad_demo/bottle"' in code
+    monkeypatch.chdir(tmp_path)  # the example saves into runs/lib/arrays
+    namespace = {}
+    exec(code.replace('"data/mvtec_ad_demo/bottle"', repr(str(subset))), namespace)
+    model, prediction, one = namespace["model"], namespace["prediction"], namespace["one"]
+    labels = namespace["data"].test_labels
+    assert prediction.image_scores.shape == (6,) and prediction.anomaly_maps.shape == (6, 224, 224)
+    assert roc_auc_score(labels, prediction.image_scores) >= 0.8
+    np.testing.assert_array_equal(
+        prediction.decisions, prediction.image_scores >= model.calibration.image_threshold
+    )
+    assert one.image_scores.shape == (1,) and one.decisions.shape == (1,)
+    restored = patchcore_jax.load(tmp_path / "runs/lib/arrays", mesh=model.mesh)
+    test_images = load_images(namespace["data"].test_image_paths[:2])
+    np.testing.assert_array_equal(
+        restored.predict(test_images).image_scores, model.predict(test_images).image_scores
+    )
 
 
 def _bottle_aurocs(bottle, coreset_fraction: float) -> tuple[float, float]:
