@@ -16,7 +16,10 @@ chunks, donated and updated in place): memory is O(N), there is never an N x N m
 host only waits once per chunk, to report ``progress`` and to let Ctrl-C through
 (``interrupt.check``). Each device's
 rows are padded to a multiple of 256 (see ``_CHUNK_ROWS``); padded rows start at distance -inf
-and are never selected.
+and are never selected. Those drivers (``approximate_greedy_coreset``,
+``greedy_coreset_from_projected``, ``build_memory_bank``) are host code and cannot be traced;
+``traceable_greedy_coreset`` runs the same step functions as one traceable program (a fixed
+number of steps, no callback) for use inside ``jax.jit`` and ``jax.shard_map``.
 
 Two exact algorithms select the same indices (``method``):
 
