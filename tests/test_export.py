@@ -540,12 +540,13 @@ def test_an_ensemble_exports_its_members_and_the_loader_combines_each_batch(line
     assert outputs["decisions"] is None and outputs["normalized_scores"] is None
     member_maps = []
     for member, raw in zip((first, second), outputs["member_scores"], strict=True):
-        scores, maps = member.predict(line.test)
+        prediction = member.predict(line.test)
+        scores, maps = prediction.image_scores, prediction.anomaly_maps
         score_bound, _ = rounding_bounds(member, line.test, scores)
         assert np.all(np.abs(raw - scores) <= score_bound)
         member_maps.append(maps)
     combined, _ = exported.combine(list(outputs["member_scores"]), member_maps)
     np.testing.assert_array_equal(outputs["image_scores"], combined)
     assert outputs["anomaly_maps"].shape == (len(line.test), *ensemble.image_shape)
-    reference_scores, _ = ensemble.predict(line.test)
+    reference_scores = ensemble.predict(line.test).image_scores
     assert np.array_equal(np.argsort(outputs["image_scores"]), np.argsort(reference_scores))
