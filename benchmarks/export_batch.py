@@ -61,7 +61,7 @@ def worker(args: argparse.Namespace) -> None:
         }
 
         def run(images):
-            return models[len(images)].predict(images)
+            return models[len(images)].predict(images).image_scores
     else:
         from patchcore_jax import exported
 

@@ -25,9 +25,10 @@ from patchcore_jax.datasets import folders  # noqa: E402
 
 
 def evaluate(model: PatchCore, dataset: folders.Dataset) -> dict[str, float]:
-    scores, maps = model.predict(
+    prediction = model.predict(
         preprocess.iter_image_batches(dataset.test_image_paths, model.config.batch_size)
     )
+    scores, maps = prediction.image_scores, prediction.anomaly_maps
     masks = preprocess.load_masks(dataset.test_mask_paths, image_paths=dataset.test_image_paths)
     return metrics.evaluate(dataset.test_labels, scores, masks, maps)
 

@@ -51,7 +51,8 @@ def candidate_recall(queries, bank):
 
 def timed_predict(model, images):
     start = time.perf_counter()
-    result = model.predict(images)
+    prediction = model.predict(images)
+    result = prediction.image_scores, prediction.anomaly_maps
     return result, time.perf_counter() - start
 
 

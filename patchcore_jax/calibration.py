@@ -223,6 +223,44 @@ class Calibration:
         return cls(**values)
 
 
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """What ``PatchCore.predict`` / ``Ensemble.predict`` return for N images: the raw scores and
+    maps, and what the calibration decides (the keys of an exported model's outputs).
+
+    Attributes:
+      image_scores: ``[N] float32`` raw image scores (distances to the memory bank).
+      anomaly_maps: ``[N, H, W] float32`` raw anomaly maps in the crop's frame.
+      normalized_scores: ``[N] float32`` in [0, 1] with the threshold at 0.5
+        (``Calibration.normalize_image_scores``); None without a calibration.
+      decisions: ``[N] bool``, True for anomalous images (score >= the image threshold); None
+        without a calibration (``calibration none``, an older model, an ensemble).
+      calibration: the ``Calibration`` applied, or None.
+    """
+
+    image_scores: np.ndarray
+    anomaly_maps: np.ndarray
+    normalized_scores: np.ndarray | None
+    decisions: np.ndarray | None
+    calibration: Calibration | None
+
+    @classmethod
+    def from_scores(
+        cls, image_scores: np.ndarray, anomaly_maps: np.ndarray, calibration: Calibration | None
+    ) -> Prediction:
+        """Raw ``image_scores`` [N] and ``anomaly_maps`` [N, H, W] with ``calibration``'s
+        normalised scores and decisions (None without one)."""
+        if calibration is None:
+            return cls(image_scores, anomaly_maps, None, None, None)
+        return cls(
+            image_scores,
+            anomaly_maps,
+            calibration.normalize_image_scores(image_scores),
+            calibration.decisions(image_scores),
+            calibration,
+        )
+
+
 _FINITE_FIELDS = (
     "quantile",
     "image_threshold",

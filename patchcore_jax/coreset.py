@@ -16,7 +16,10 @@ chunks, donated and updated in place): memory is O(N), there is never an N x N m
 host only waits once per chunk, to report ``progress`` and to let Ctrl-C through
 (``interrupt.check``). Each device's
 rows are padded to a multiple of 256 (see ``_CHUNK_ROWS``); padded rows start at distance -inf
-and are never selected.
+and are never selected. Those drivers (``approximate_greedy_coreset``,
+``greedy_coreset_from_projected``, ``build_memory_bank``) are host code and cannot be traced;
+``traceable_greedy_coreset`` runs the same step functions as one traceable program (a fixed
+number of steps, no callback) for use inside ``jax.jit`` and ``jax.shard_map``.
 
 Two exact algorithms select the same indices (``method``):
 
@@ -680,15 +683,19 @@ def projection_matrix(key: jax.Array, dim: int, projection_dim: int = 128) -> np
     """The default projection ``approximate_greedy_coreset`` draws from ``key``: float32
     uniform(-1/sqrt(D), 1/sqrt(D)) [projection_dim, D] from ``jax.random.split(key)[0]``, or
     None (no projection) when ``dim == projection_dim``."""
+    projection = _drawn_projection(key, dim, projection_dim)
+    return None if projection is None else np.asarray(projection)
+
+
+def _drawn_projection(key: jax.Array, dim: int, projection_dim: int) -> jax.Array | None:
+    """``projection_matrix`` as a traceable function of ``key`` (a device array)."""
     if dim == projection_dim:
         return None
     if projection_dim < 1:
         raise ValueError(f"projection_dim must be >= 1, got {projection_dim}")
     projection_key, _ = jax.random.split(key)
     bound = 1.0 / np.sqrt(dim)
-    return np.asarray(
-        jax.random.uniform(projection_key, (projection_dim, dim), jnp.float32, -bound, bound)
-    )
+    return jax.random.uniform(projection_key, (projection_dim, dim), jnp.float32, -bound, bound)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",))
@@ -934,6 +941,116 @@ def approximate_greedy_coreset(
         progress=progress,
         anchors=None if anchors is None else replicate(anchors, mesh),
     )
+
+
+# --------------------------------------------------------------------------- traceable
+
+
+def traceable_greedy_coreset_on_shard(
+    rows: jax.Array,
+    num_samples: int,
+    *,
+    projection: jax.Array | None,
+    start_indices: jax.Array,
+    num_valid: int,
+    method: str = "auto",
+) -> jax.Array:
+    """This device's part of ``traceable_greedy_coreset``, for your own ``jax.shard_map``.
+
+    Call it inside ``jax.shard_map(..., check_vma=False)`` over a mesh whose axes include
+    ``sharding.ALL_AXES``, with the rows split by ``P(ALL_AXES)`` (device i holds global rows
+    ``i * n .. (i + 1) * n``). The same step functions as ``approximate_greedy_coreset``, in one
+    ``fori_loop`` of ``num_samples`` steps: the same indices.
+
+    Args:
+      rows: [n, D] this device's rows of the [padded_rows(num_valid, mesh), D] rows (padded with
+        any values at the end: rows at or past ``num_valid`` are never selected); n must be a
+        multiple of ``_CHUNK_ROWS`` (256), the chunks the projection runs in.
+      num_samples: static number of steps, 1 <= num_samples <= num_valid.
+      projection: [p, D] replicated, or None (select on the rows as they are).
+      start_indices: [s] int32 replicated distinct global rows below ``num_valid``.
+      num_valid: static number of global rows that count (N).
+      method: "full", "pruned" or "auto" (``resolve_method``); the same indices.
+
+    Returns:
+      [num_samples] int32 global indices in selection order, equal on every device.
+    """
+    num_local, dim = rows.shape
+    if num_local % _CHUNK_ROWS:
+        raise ValueError(
+            f"rows per device must be a multiple of {_CHUNK_ROWS} (pad the [N, D] rows to "
+            f"coreset.padded_rows(N, mesh)), got {num_local}"
+        )
+    if not 1 <= num_samples <= num_valid:
+        raise ValueError(f"num_samples must be in [1, N={num_valid}], got {num_samples}")
+    if method not in CORESET_METHODS:
+        raise ValueError(f"method must be one of {CORESET_METHODS}, got {method!r}")
+    init_on_shard, steps_on_shard = _METHODS[resolve_method(method, num_samples, num_valid, dim)]
+    constants, carry = init_on_shard(
+        rows, projection, start_indices.astype(jnp.int32), None, num_valid=num_valid
+    )
+    selected = jnp.zeros((num_samples,), jnp.int32)
+    _, selected = steps_on_shard(constants, carry, selected, 0, num_samples)
+    return selected
+
+
+def traceable_greedy_coreset(
+    features: jax.Array,
+    num_samples: int,
+    *,
+    key: jax.Array | None = None,
+    projection: jax.Array | None = None,
+    start_indices: jax.Array | None = None,
+    projection_dim: int = 128,
+    num_start_points: int = 10,
+    mesh: Mesh | None = None,
+    method: str = "auto",
+) -> jax.Array:
+    """``approximate_greedy_coreset``'s indices as a pure function, for your own jitted programs.
+
+    A fixed number of steps (``num_samples``, static) in one program: no progress callback, no
+    host chunks, no Ctrl-C check, no host copies, so it can be traced by ``jax.jit`` (the
+    selection then runs as one ``fori_loop``, O(N) memory). The arguments are
+    ``approximate_greedy_coreset``'s; ``projection``, ``start_indices`` and ``key`` may be
+    traced arrays, ``features`` a traced [N, D] array (N static). Inside your own
+    ``shard_map`` use ``traceable_greedy_coreset_on_shard``.
+
+    Returns:
+      [num_samples] int32 indices into ``features``, in selection order.
+    """
+    num_rows, dim = _check_features(features)
+    need_projection = projection is None and dim != projection_dim
+    if key is None and (need_projection or start_indices is None):
+        raise ValueError(
+            "traceable_greedy_coreset needs `key` unless projection and start_indices are both "
+            "given"
+        )
+    if projection is None and need_projection:
+        projection = _drawn_projection(key, dim, projection_dim)
+    if projection is not None and (projection.ndim != 2 or projection.shape[1] != dim):
+        raise ValueError(f"projection must be [p, D={dim}], got shape {projection.shape}")
+    if start_indices is None:
+        if num_start_points < 1:
+            raise ValueError(f"num_start_points must be >= 1, got {num_start_points}")
+        _, start_key = jax.random.split(key)
+        start_indices = random_subsample(num_rows, min(num_start_points, num_rows), start_key)
+    mesh = single_device_mesh() if mesh is None else mesh
+    rows = jnp.pad(features, ((0, padded_rows(num_rows, mesh) - num_rows), (0, 0)))
+    on_shard = functools.partial(
+        traceable_greedy_coreset_on_shard,
+        num_samples=num_samples,
+        num_valid=num_rows,
+        method=method,
+    )
+    return jax.shard_map(
+        lambda rows, projection, start_indices: on_shard(
+            rows, projection=projection, start_indices=start_indices
+        ),
+        mesh=mesh,
+        in_specs=(P(ALL_AXES, None), None if projection is None else P(), P()),
+        out_specs=P(),
+        check_vma=False,  # the indices come from all-gathered proposals: replicated
+    )(rows, projection, jnp.asarray(start_indices))
 
 
 # --------------------------------------------------------------------------- other samplers

@@ -17,8 +17,9 @@ either (``patchcore_jax.load`` opens both) never asks which it has:
   in all.
 - ``fit(images, progress=, log=, coreset_progress=, calibration_progress=, spill_dir=)``;
   ``bank_size(num_images)``.
-- ``predict(images, progress=)`` -> ``(image_scores [N], anomaly_maps [N, H, W])``;
-  ``score(images)`` yields ``scoring.ScoreResult`` per batch.
+- ``predict(images, progress=)`` -> ``calibration.Prediction`` (``image_scores`` [N],
+  ``anomaly_maps`` [N, H, W], and, with a calibration, ``normalized_scores`` and
+  ``decisions``); ``score(images)`` yields ``scoring.ScoreResult`` per batch.
 - ``calibration``: the thresholds, or None: decisions and masks only where it is not None.
   An ensemble has none: its scores are normalised over each scored set, so no fixed threshold
   applies to them (``calibrate`` says so). Its members keep their own calibrations.
@@ -36,6 +37,7 @@ import jax
 import numpy as np
 
 from patchcore_jax import sharding
+from patchcore_jax.calibration import Prediction
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.exported import ENSEMBLE_COMBINATION, combine
 from patchcore_jax.model import ImageBatches, PatchCore
@@ -73,7 +75,7 @@ class Ensemble:
     >>> ensemble = Ensemble.from_configs([PatchCoreConfig(backbone="mobilenet_v2"),
     ...                                   PatchCoreConfig(backbone="resnet18", seed=1)])
     >>> ensemble.fit(train_images)
-    >>> image_scores, anomaly_maps = ensemble.predict(test_images)  # normalised over this set
+    >>> ensemble.predict(test_images).image_scores  # normalised over this set
     """
 
     def __init__(self, members: Sequence[PatchCore]) -> None:
@@ -176,18 +178,20 @@ class Ensemble:
         images = _reusable(images)
         member_scores, member_maps = [], []
         for member in self.members:
-            scores, maps = member.predict(images, progress=progress)
-            member_scores.append(scores)
-            member_maps.append(maps)
+            prediction = member.predict(images, progress=progress)
+            member_scores.append(prediction.image_scores)
+            member_maps.append(prediction.anomaly_maps)
         return member_scores, member_maps
 
     def predict(
         self, images: ImageBatches, *, progress: Callable[[int], None] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> Prediction:
         """Scores ``images`` as one set: ``combine`` of the members' predictions,
-        (image_scores [N], anomaly_maps [N, H, W]), normalised over these N images.
-        ``progress`` counts images per member (members x N in all)."""
-        return combine(*self.predict_members(images, progress=progress))
+        ``image_scores`` [N] and ``anomaly_maps`` [N, H, W] normalised over these N images (no
+        calibration: no normalised scores or decisions). ``progress`` counts images per member
+        (members x N in all)."""
+        scores, maps = combine(*self.predict_members(images, progress=progress))
+        return Prediction.from_scores(scores, maps, None)
 
     def score(self, images: ImageBatches) -> Iterator[ScoreResult]:
         """``predict``'s results as host-side ``ScoreResult`` batches of ``config.batch_size``
@@ -198,7 +202,8 @@ class Ensemble:
         images = _reusable(images)
         if len(images) == 0:
             return
-        image_scores, anomaly_maps = self.predict(images)
+        prediction = self.predict(images)
+        image_scores, anomaly_maps = prediction.image_scores, prediction.anomaly_maps
         step = self.config.batch_size
         for start in range(0, len(image_scores), step):
             yield ScoreResult(

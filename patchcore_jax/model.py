@@ -2,8 +2,8 @@
 
 This module only orchestrates the device stages (backbone -> features -> bank -> coreset ->
 scoring); the pure, jittable functions underneath (``features.embed_images``,
-``coreset.build_memory_bank``, ``scoring.score_patch_features``) are public for use inside other
-JAX programs.
+``coreset.traceable_greedy_coreset``, ``scoring.score_patch_features``) are public for use inside
+other JAX programs.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class PatchCore:
 
     >>> model = PatchCore(PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.1))
     >>> model.fit(train_images)                      # uint8 [N, 224, 224, 3], or batches of them
-    >>> image_scores, anomaly_maps = model.predict(test_images)
+    >>> prediction = model.predict(test_images)       # calibration.Prediction
+    >>> prediction.image_scores, prediction.decisions, prediction.anomaly_maps
 
     Images are preprocessed uint8 crops (see ``patchcore_jax.preprocess``) of
     ``config.image_shape``. Work is spread over ``mesh`` (default: every device, data-parallel);
@@ -129,21 +130,8 @@ class PatchCore:
 
     def scoring_options(self) -> dict[str, Any]:
         """The keyword arguments (all but ``mesh``) of ``scoring.score_patch_features`` with
-        which this model scores: one place for the scoring, calibration and export programs."""
-        config = self.config
-        return {
-            "grid_shape": self.grid_shape,
-            "out_shape": self.image_shape,
-            "num_neighbors": config.num_neighbors,
-            "distance": config.distance,
-            "reweight": config.reweight,
-            "reweight_neighbors": config.reweight_neighbors,
-            "sigma": config.anomaly_map_sigma,
-            "bank_block_size": config.bank_block_size,
-            "query_block_size": config.query_block_size,
-            "precision": config.precision,
-            "candidate_search": self.candidate_search or "bfloat16",
-        }
+        which this model scores (``programs.scoring_options``)."""
+        return programs.scoring_options(self.config, self.grid_shape, self.candidate_search)
 
     def describe(self) -> str:
         """The numerics on this platform (``describe_numerics``), the certified k-NN's fraction."""
@@ -482,9 +470,12 @@ class PatchCore:
           labels: [N] 0/1; with defect images the image threshold is F1-optimal.
           masks: [N, H, W] bool ground truth; with defect pixels the pixel threshold is too.
         """
-        image_scores, maps = self.predict(images)
+        prediction = self.predict(images)
         # With several processes each scores its own images; all calibrate on every image.
-        image_scores, maps = (sharding.gather_rows_from_processes(x) for x in (image_scores, maps))
+        image_scores, maps = (
+            sharding.gather_rows_from_processes(x)
+            for x in (prediction.image_scores, prediction.anomaly_maps)
+        )
         self.calibration = calibration.calibrate(
             image_scores,
             maps,
@@ -651,8 +642,9 @@ class PatchCore:
 
     def predict(
         self, images: ImageBatches, *, progress: Callable[[int], None] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Scores images: returns ``(image_scores [N] float32, anomaly_maps [N, H, W])``.
+    ) -> calibration.Prediction:
+        """Scores images: raw ``image_scores`` [N] and ``anomaly_maps`` [N, H, W] with the
+        calibrated ``normalized_scores`` and ``decisions`` (None without a calibration).
         ``progress`` is called with the number of images scored after each batch."""
         results = []
         for result in self.score(images):
@@ -663,7 +655,7 @@ class PatchCore:
             raise ValueError("predict() received no images")
         image_scores = np.concatenate([r.image_scores for r in results])
         anomaly_maps = np.concatenate([r.anomaly_maps for r in results])
-        return image_scores, anomaly_maps
+        return calibration.Prediction.from_scores(image_scores, anomaly_maps, self.calibration)
 
     def bank_inputs(self) -> dict[str, np.ndarray]:
         """The inference's per-bank arguments on the host, in order: ``memory_bank`` [bucket, D]

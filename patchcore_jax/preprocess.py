@@ -630,13 +630,24 @@ def checked_batches(
     jax) or an iterable of such batches: what ``PatchCore`` embeds and scores.
 
     Every batch must be uint8 [B, *image_shape] (the preprocessed crops the model was built
-    for): other dtypes and ranges are refused rather than scored differently.
+    for): other dtypes and ranges are refused rather than scored differently, and a list of
+    single images (not batches) is refused with the convention.
     """
+    expected = ", ".join(map(str, ("B", *image_shape)))
     for batch in [images] if hasattr(images, "shape") else images:
         batch = np.asarray(batch)
+        if batch.shape == image_shape:
+            raise ValueError(
+                f"images must be an array [{expected}] or an iterable of such batches, got one "
+                f"image {batch.shape} where a batch was expected: pass np.stack(images) for a "
+                "list of images (image[None] for one)"
+            )
         if batch.ndim != 4 or batch.shape[1:] != image_shape:
-            expected = ", ".join(map(str, ("B", *image_shape)))
-            raise ValueError(f"images must be preprocessed crops [{expected}], got {batch.shape}")
+            raise ValueError(
+                f"images must be preprocessed crops [{expected}], got {batch.shape}: read files "
+                "with preprocess.load_images or iter_image_batches, or resize and crop decoded "
+                "pixels with preprocess.image_from_array (the model's resize and crop)"
+            )
         if batch.dtype != np.uint8:
             raise ValueError(_not_uint8_message(batch))
         for start in range(0, batch.shape[0], batch_size):

@@ -18,6 +18,28 @@ import numpy as np
 from jax.sharding import Mesh
 
 from patchcore_jax import candidates, features, knn, scoring, sharding
+from patchcore_jax.config import PatchCoreConfig
+
+
+def scoring_options(
+    config: PatchCoreConfig, grid_shape: tuple[int, int], candidate_search: str | None
+) -> dict[str, Any]:
+    """The keyword arguments (all but ``mesh``) of ``scoring.score_patch_features`` for a model
+    of ``config`` with this patch grid and candidate search (``backend_numerics``): one place for
+    the scoring, calibration and export programs."""
+    return {
+        "grid_shape": grid_shape,
+        "out_shape": config.image_shape,
+        "num_neighbors": config.num_neighbors,
+        "distance": config.distance,
+        "reweight": config.reweight,
+        "reweight_neighbors": config.reweight_neighbors,
+        "sigma": config.anomaly_map_sigma,
+        "bank_block_size": config.bank_block_size,
+        "query_block_size": config.query_block_size,
+        "precision": config.precision,
+        "candidate_search": candidate_search or "bfloat16",
+    }
 
 
 def backend_numerics(precision: str, platform: str) -> tuple[str, str | None]:

@@ -357,10 +357,10 @@ def score_files(
     total = _share_size(len(paths)) * len(model.members)
     batches = remembered(_batches(paths, model.config))
     progress("scoring", 0, total)  # the clock starts with the first batch's decoding
-    scores, maps = model.predict(batches, progress=stage_counter(progress, "scoring", total))
-    crops = np.concatenate(images) if keep_images else None
-    scores, maps = (sharding.gather_rows_from_processes(rows) for rows in (scores, maps))
-    return scores, maps, (sharding.gather_rows_from_processes(crops) if keep_images else None)
+    gather = sharding.gather_rows_from_processes
+    prediction = model.predict(batches, progress=stage_counter(progress, "scoring", total))
+    scores, maps = gather(prediction.image_scores), gather(prediction.anomaly_maps)
+    return scores, maps, (gather(np.concatenate(images)) if keep_images else None)
 
 
 # ---------------------------------------------------------------- predict

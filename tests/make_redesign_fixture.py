@@ -77,7 +77,8 @@ def main(out: Path) -> None:
                 model.fit(train)
             else:
                 model.fit_features(model.patch_features(train))
-            scores, maps = model.predict(test)
+            prediction = model.predict(test)
+            scores, maps = prediction.image_scores, prediction.anomaly_maps
             key = f"{name}/{engine}"
             memory_bank = np.asarray(model.memory_bank)
             arrays[f"{key}/bank_indices"] = row_indices(memory_bank, features)

@@ -158,7 +158,8 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     features_line = next(line for line in lines if line.startswith("features:"))
     assert ("spilled to" if budget == 0.0 else "on the device") in features_line, lines
-    local_scores, local_maps = model.predict(local_rows(test_images, **split))
+    prediction = model.predict(local_rows(test_images, **split))
+    local_scores, local_maps = prediction.image_scores, prediction.anomaly_maps
     checkpoint.save(model, args.out / "model")  # every process takes part; process 0 swaps folders
     np.savez(
         args.out / f"model_{args.process_id}.npz",

@@ -102,7 +102,8 @@ def test_held_out_calibration_scores_images_kept_out_of_the_bank(fitted, train_i
     )
     np.testing.assert_array_equal(np.asarray(model.memory_bank), np.asarray(reference))
     assert set(model.bank_source_images) <= set(kept)
-    scores, maps = model.predict(train_images[held_out])
+    prediction = model.predict(train_images[held_out])
+    scores, maps = prediction.image_scores, prediction.anomaly_maps
     np.testing.assert_allclose(model.calibration.image_scores, scores, rtol=1e-6)
     assert model.calibration.image_threshold == pytest.approx(
         np.quantile(scores, config.threshold_quantile), rel=1e-6

@@ -37,8 +37,10 @@ def test_round_trip_gives_identical_scores_and_maps(fitted, images, tmp_path):
     restored = checkpoint.load(path, mesh=sharding.single_device_mesh())
     assert restored.config == fitted.config
     np.testing.assert_array_equal(np.asarray(restored.memory_bank), np.asarray(fitted.memory_bank))
-    scores, maps = fitted.predict(images[1])
-    scores_restored, maps_restored = restored.predict(images[1])
+    prediction = fitted.predict(images[1])
+    scores, maps = prediction.image_scores, prediction.anomaly_maps
+    prediction = restored.predict(images[1])
+    scores_restored, maps_restored = prediction.image_scores, prediction.anomaly_maps
     np.testing.assert_array_equal(scores_restored, scores)
     np.testing.assert_array_equal(maps_restored, maps)
     record = checkpoint.read_record(path)
@@ -419,7 +421,9 @@ def test_checkpoints_reproduce_the_probed_batch_norm_statistics(images, tmp_path
         jax_leaves(restored.backbone.variables), jax_leaves(expected), strict=True
     ):
         np.testing.assert_array_equal(ours, theirs)
-    np.testing.assert_array_equal(restored.predict(train)[0], model.predict(train)[0])
+    np.testing.assert_array_equal(
+        restored.predict(train).image_scores, model.predict(train).image_scores
+    )
 
     # Switched off: pristine statistics, and different scores.
     pristine = PatchCore(
@@ -431,7 +435,9 @@ def test_checkpoints_reproduce_the_probed_batch_norm_statistics(images, tmp_path
         strict=True,
     ):
         np.testing.assert_array_equal(ours, theirs)
-    assert not np.allclose(pristine.predict(train[:1])[1], model.predict(train[:1])[1])
+    assert not np.allclose(
+        pristine.predict(train[:1]).anomaly_maps, model.predict(train[:1]).anomaly_maps
+    )
 
 
 def test_checkpoints_from_before_the_probe_load_with_pristine_statistics(fitted, tmp_path):

@@ -537,7 +537,8 @@ def test_predict_writes_normalised_scores_decisions_masks_and_a_summary(
     model = checkpoint.load(model_dir)
     calibration = model.calibration
     assert calibration.method == "self-excluded" and len(calibration.image_scores) == 10
-    scores, maps = model.predict(load_images([r["image"] for r in rows]))
+    prediction = model.predict(load_images([r["image"] for r in rows]))
+    scores, maps = prediction.image_scores, prediction.anomaly_maps
     expected_normalised = np.clip(
         (scores - calibration.image_threshold) / (calibration.image_max - calibration.image_min)
         + 0.5,

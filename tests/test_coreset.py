@@ -12,6 +12,7 @@ import pytest
 from conftest import load_fixture
 from float_rounding import GreedyComparison, compare_greedy_selection
 from jax.extend.core import Jaxpr
+from jax.sharding import PartitionSpec as P
 
 from patchcore_jax import coreset, sharding
 from patchcore_jax.config import SAMPLERS
@@ -630,3 +631,66 @@ def test_auto_method_prunes_large_selections_within_the_memory_budget():
     assert coreset.resolve_method("auto", 16385, 163856, 128, memory_budget_mb=64) == "full"
     assert coreset.resolve_method("auto", 16385, 163856, 128, memory_budget_mb=1024) == "pruned"
     assert coreset.resolve_method("pruned", 10, 100, 128, memory_budget_mb=0) == "pruned"
+
+
+# ------------------------------------------------------------------ traceable selection
+
+
+@pytest.mark.parametrize(("method", "num_devices"), [("full", 8), ("pruned", 1)])
+def test_traceable_greedy_coreset_under_jit_equals_the_host_driver(method, num_devices):
+    """The host driver's indices from one jitted program (key, projection and start points
+    drawn inside it), on 1 and 8 devices and with either method."""
+    rng = np.random.default_rng(11)
+    features = rng.normal(size=(700, 40)).astype(np.float32)
+    mesh = mesh_of(num_devices)
+    expected = coreset.approximate_greedy_coreset(
+        features, 60, key=jax.random.key(4), projection_dim=12, mesh=mesh, method=method
+    )
+    select = jax.jit(
+        functools.partial(
+            coreset.traceable_greedy_coreset,
+            num_samples=60,
+            projection_dim=12,
+            mesh=mesh,
+            method=method,
+        )
+    )
+    selected = select(jnp.asarray(features), key=jax.random.key(4))
+    np.testing.assert_array_equal(np.asarray(selected), np.asarray(expected))
+    assert len(set(np.asarray(selected).tolist())) == 60
+    with pytest.raises(jax.errors.TracerArrayConversionError):  # the host driver cannot trace
+        jax.jit(lambda x: coreset.approximate_greedy_coreset(x, 5, key=jax.random.key(4)))(
+            jnp.asarray(features)
+        )
+
+
+def test_traceable_greedy_coreset_on_shard_inside_your_own_shard_map():
+    """Inside a user's jitted ``shard_map`` over 8 devices, on padded rows split by rows, with
+    traced projection and start points: the fixture's reference indices."""
+    case = load_fixture("reference_parity", "coreset_d128")
+    mesh = mesh_of(8)
+    num_rows = case["features"].shape[0]
+    rows = sharding.pad_rows(case["features"], coreset.padded_rows(num_rows, mesh))
+    num_samples = len(case["indices"])
+
+    @jax.jit
+    def select(rows, starts):
+        def on_shard(rows, starts):
+            return coreset.traceable_greedy_coreset_on_shard(
+                rows, num_samples, projection=None, start_indices=starts, num_valid=num_rows
+            )
+
+        return jax.shard_map(
+            on_shard,
+            mesh=mesh,
+            in_specs=(P(sharding.ALL_AXES), P()),
+            out_specs=P(),
+            check_vma=False,
+        )(rows, starts)
+
+    selected = select(jnp.asarray(rows), jnp.asarray(case["start_points"], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(selected), case["indices"])
+    with pytest.raises(ValueError, match="rows per device must be a multiple of 256"):
+        coreset.traceable_greedy_coreset_on_shard(
+            jnp.zeros((100, 8)), 5, projection=None, start_indices=jnp.zeros(1), num_valid=100
+        )

@@ -74,9 +74,10 @@ def test_every_member_spills_its_features_into_spill_dir_created_if_missing(fitt
 def test_ensemble_scores_like_its_members_combined_by_hand(fitted):
     model, members, test, _, _ = fitted
     predictions = [member.predict(test) for member in members]
-    expected_scores = np.mean([_by_hand(s) for s, _ in predictions], axis=0)
-    expected_maps = np.mean([_by_hand(m) for _, m in predictions], axis=0)
-    scores, maps = model.predict(test)
+    expected_scores = np.mean([_by_hand(p.image_scores) for p in predictions], axis=0)
+    expected_maps = np.mean([_by_hand(p.anomaly_maps) for p in predictions], axis=0)
+    prediction = model.predict(test)
+    scores, maps = prediction.image_scores, prediction.anomaly_maps
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(maps, expected_maps, rtol=1e-6, atol=1e-7)
     assert maps.shape == (4, 224, 224)
@@ -94,9 +95,9 @@ def test_ensemble_saves_and_loads_as_one_checkpoint(fitted, tmp_path):
     for restored, member in zip(loaded.members, model.members, strict=True):
         np.testing.assert_array_equal(np.asarray(restored.memory_bank), member.memory_bank)
         assert restored.config == member.config
-    expected = model.predict(test)
-    for actual, wanted in zip(loaded.predict(test), expected, strict=True):
-        np.testing.assert_array_equal(actual, wanted)
+    expected, actual = model.predict(test), loaded.predict(test)
+    np.testing.assert_array_equal(actual.image_scores, expected.image_scores)
+    np.testing.assert_array_equal(actual.anomaly_maps, expected.anomaly_maps)
 
 
 def test_an_interrupted_ensemble_save_keeps_the_previous_model(fitted, tmp_path, monkeypatch):
@@ -122,7 +123,8 @@ def test_an_interrupted_ensemble_save_keeps_the_previous_model(fitted, tmp_path,
 def test_ensemble_answers_the_calls_of_patchcore(fitted):
     model, members, test, _, _ = fitted
     counted = []
-    scores, maps = model.predict(test, progress=counted.append)
+    prediction = model.predict(test, progress=counted.append)
+    scores, maps = prediction.image_scores, prediction.anomaly_maps
     assert sum(counted) == len(test) * len(model.members)  # images per member
     results = list(model.score(test))
     np.testing.assert_array_equal(np.concatenate([r.image_scores for r in results]), scores)

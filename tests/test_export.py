@@ -77,7 +77,8 @@ def test_exported_program_equals_predict_in_a_process_without_flax_or_orbax(
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-1].split(",")[0] == "cpu"
     outputs = np.load(tmp_path / "out.npz")
-    scores, maps = model.predict(images)
+    prediction = model.predict(images)
+    scores, maps = prediction.image_scores, prediction.anomaly_maps
     calibration = model.calibration
     np.testing.assert_allclose(outputs["image_scores"], scores, rtol=1e-5)
     np.testing.assert_allclose(outputs["anomaly_maps"], maps, rtol=1e-5, atol=1e-5 * maps.max())
@@ -416,7 +417,8 @@ def rounding_bounds(model, images, image_scores):
 def assert_within_rounding(outputs, model, images):
     """``outputs`` of an exported program equal ``model.predict(images)`` to float32 rounding
     (``rounding_bounds``), and its decisions and normalisation are the model's."""
-    scores, maps = model.predict(images)
+    prediction = model.predict(images)
+    scores, maps = prediction.image_scores, prediction.anomaly_maps
     score_bound, map_bound = rounding_bounds(model, images, scores)
     assert np.all(np.abs(outputs["image_scores"] - scores) <= score_bound)
     map_error = np.abs(outputs["anomaly_maps"] - maps).max(axis=(1, 2))
@@ -448,7 +450,7 @@ def test_one_program_runs_another_categorys_bank_with_that_models_predict_scores
     outputs = loaded(line.test)
     first, second = line.models["a"], line.models["b"]
     assert_within_rounding(outputs, second, line.test)
-    assert not np.allclose(outputs["image_scores"], first.predict(line.test)[0])
+    assert not np.allclose(outputs["image_scores"], first.predict(line.test).image_scores)
     calibration = second.calibration
     assert loaded.bank_metadata["calibration"]["image_threshold"] == calibration.image_threshold
     np.testing.assert_array_equal(
@@ -583,12 +585,13 @@ def test_an_ensemble_exports_its_members_and_the_loader_combines_each_batch(line
     assert outputs["decisions"] is None and outputs["normalized_scores"] is None
     member_maps = []
     for member, raw in zip((first, second), outputs["member_scores"], strict=True):
-        scores, maps = member.predict(line.test)
+        prediction = member.predict(line.test)
+        scores, maps = prediction.image_scores, prediction.anomaly_maps
         score_bound, _ = rounding_bounds(member, line.test, scores)
         assert np.all(np.abs(raw - scores) <= score_bound)
         member_maps.append(maps)
     combined, _ = exported.combine(list(outputs["member_scores"]), member_maps)
     np.testing.assert_array_equal(outputs["image_scores"], combined)
     assert outputs["anomaly_maps"].shape == (len(line.test), *ensemble.image_shape)
-    reference_scores, _ = ensemble.predict(line.test)
+    reference_scores = ensemble.predict(line.test).image_scores
     assert np.array_equal(np.argsort(outputs["image_scores"]), np.argsort(reference_scores))

@@ -1,11 +1,14 @@
 """PatchCore end to end on real MVTec AD bottle images with the bundled MobileNetV2."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
-from conftest import BOTTLE
+from conftest import BOTTLE, REPO_ROOT
 from sklearn.metrics import roc_auc_score
 
+import patchcore_jax
 from patchcore_jax import PatchCore, PatchCoreConfig, sharding
 from patchcore_jax.datasets.folders import load_dataset
 from patchcore_jax.preprocess import load_images, load_mask
@@ -29,17 +32,26 @@ def small_split(bottle):
     )
 
 
+@pytest.fixture(scope="module")
+def fitted_small(small_split):
+    """A calibrated model fitted on ``small_split``'s training images (2 devices, batch 4)."""
+    config = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05, batch_size=4)
+    return PatchCore(config, mesh=sharding.make_mesh(1, jax.devices()[:2])).fit(small_split[0])
+
+
 def test_fit_predict_is_independent_of_the_device_count(small_split):
     """1 device vs 8 devices (data-parallel) and 4x2 (bank-sharded): same bank, scores and maps."""
     train, test, _ = small_split
     config = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05, batch_size=8)
     single = PatchCore(config, mesh=sharding.single_device_mesh()).fit(train)
-    scores_1, maps_1 = single.predict(test)
+    prediction = single.predict(test)
+    scores_1, maps_1 = prediction.image_scores, prediction.anomaly_maps
     assert len(jax.devices()) == 8
     for mesh in (sharding.make_mesh(1), sharding.make_mesh(2)):
         model = PatchCore(config, backbone=single.backbone, mesh=mesh).fit(train)
         np.testing.assert_array_equal(np.asarray(model.memory_bank), np.asarray(single.memory_bank))
-        scores, maps = model.predict(test)
+        prediction = model.predict(test)
+        scores, maps = prediction.image_scores, prediction.anomaly_maps
         np.testing.assert_allclose(scores, scores_1, rtol=1e-5)
         np.testing.assert_allclose(maps, maps_1, rtol=1e-5, atol=1e-5 * np.abs(maps_1).max())
 
@@ -49,22 +61,24 @@ def test_predict_compiles_once_and_accepts_batches(small_split):
     config = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05, batch_size=4)
     model = PatchCore(config, mesh=sharding.make_mesh(1, jax.devices()[:4]))
     model.fit(iter([train[:5], train[5:]]))  # an iterable of uneven batches
-    scores_all, maps_all = model.predict(test)
-    scores_split, maps_split = model.predict(iter([test[:3], test[3:]]))
+    prediction = model.predict(test)
+    scores_all, maps_all = prediction.image_scores, prediction.anomaly_maps
+    prediction = model.predict(iter([test[:3], test[3:]]))
+    scores_split, maps_split = prediction.image_scores, prediction.anomaly_maps
     np.testing.assert_allclose(scores_split, scores_all, rtol=1e-6)
     np.testing.assert_allclose(maps_split, maps_all, rtol=1e-6, atol=1e-6 * maps_all.max())
     assert model._embed._cache_size() == 1  # every batch padded to one shape
     assert model._predict._cache_size() == 1
 
 
-def test_fused_predict_equals_embedding_then_scoring_and_is_shared(small_split):
+def test_fused_predict_equals_embedding_then_scoring_and_is_shared(small_split, fitted_small):
     """``predict`` runs backbone + features + k-NN as one program per batch: the same results
     as the two programs one after the other, and a second model of the same configuration
     reuses the compiled programs instead of compiling its own."""
-    train, test, _ = small_split
-    config = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05, batch_size=4)
-    model = PatchCore(config, mesh=sharding.make_mesh(1, jax.devices()[:2])).fit(train)
-    scores, maps = model.predict(test)
+    _, test, _ = small_split
+    model, config = fitted_small, fitted_small.config
+    prediction = model.predict(test)
+    scores, maps = prediction.image_scores, prediction.anomaly_maps
     scoring_bank = (*model._scoring_bank, model._search)  # the certified k-NN on CPU: its arrays
     two_step = [model._score(features, *scoring_bank) for features, _ in model.embed(test)]
     np.testing.assert_allclose(
@@ -77,18 +91,18 @@ def test_fused_predict_equals_embedding_then_scoring_and_is_shared(small_split):
     assert other._predict is model._predict and other._embed is model._embed
     other.memory_bank = model.memory_bank
     compiled = model._predict._cache_size()
-    np.testing.assert_array_equal(other.predict(test)[0], scores)
+    np.testing.assert_array_equal(other.predict(test).image_scores, scores)
     assert model._predict._cache_size() == compiled  # nothing compiled for the second model
 
 
-def test_predict_counts_progress_and_its_inference_function_scores_alike(small_split):
+def test_predict_counts_progress_and_its_inference_function_scores_alike(small_split, fitted_small):
     """``inference_function`` (what ``export`` serialises) is ``predict``'s computation on one
     device, without the bank's bucket padding: equal to float32 rounding."""
-    train, test, _ = small_split
-    config = PatchCoreConfig(backbone="mobilenet_v2", coreset_fraction=0.05, batch_size=4)
-    model = PatchCore(config, mesh=sharding.make_mesh(1, jax.devices()[:2])).fit(train)
+    _, test, _ = small_split
+    model = fitted_small
     counted = []
-    scores, maps = model.predict(test, progress=counted.append)
+    prediction = model.predict(test, progress=counted.append)
+    scores, maps = prediction.image_scores, prediction.anomaly_maps
     assert counted == [4, 4]
     result = jax.jit(model.inference_function())(test)
     np.testing.assert_allclose(result.image_scores, scores, rtol=1e-5)
@@ -118,14 +132,15 @@ def test_banks_of_nearby_sizes_share_the_scoring_program(small_split):
     bank = np.asarray(fitted.memory_bank)[:num_rows]
     model = PatchCore(config, backbone=fitted.backbone, mesh=fitted.mesh, memory_bank=bank)
     assert model._scoring_bank[0].shape[0] == bank_bucket(num_rows) > num_rows
-    scores, maps = model.predict(test)
+    prediction = model.predict(test)
+    scores, maps = prediction.image_scores, prediction.anomaly_maps
     compiled = model._predict._cache_size()
     features = np.concatenate([np.asarray(f)[:n] for f, n in model.embed(test)])
     direct = scoring.score_patch_features(features, bank, **model.scoring_options())
     np.testing.assert_allclose(scores, np.asarray(direct.image_scores), rtol=1e-6)
     np.testing.assert_allclose(maps, np.asarray(direct.anomaly_maps), rtol=1e-6, atol=1e-6)
     smaller = PatchCore(config, backbone=model.backbone, mesh=model.mesh, memory_bank=bank[:-1])
-    smaller_scores, _ = smaller.predict(test)
+    smaller_scores = smaller.predict(test).image_scores
     assert model._predict._cache_size() == compiled  # one row fewer: same bucket, no compile
     assert np.all(smaller_scores >= scores * (1 - 1e-6))  # fewer rows: never nearer
 
@@ -141,6 +156,65 @@ def test_bad_images_are_refused(small_split):
         model.fit(iter([]))
 
 
+def test_predict_returns_raw_and_normalised_scores_decisions_and_maps(small_split, fitted_small):
+    """``predict``'s result carries the calibration's decisions and normalised scores beside
+    the raw scores and maps; without a calibration those two are None (nothing is decided)."""
+    from float_rounding import UNIT_ROUNDOFF
+
+    _, test, _ = small_split
+    model = fitted_small
+    prediction = model.predict(test)
+    calibration = model.calibration
+    assert prediction.calibration is calibration is not None
+    scores = prediction.image_scores
+    assert scores.shape == (8,) and prediction.anomaly_maps.shape == (8, 224, 224)
+    np.testing.assert_array_equal(prediction.decisions, scores >= calibration.image_threshold)
+    # anomalib's normalisation in float64; float32 rounds each of its 4 operations once.
+    offset = scores.astype(np.float64) - calibration.image_threshold
+    spread = calibration.image_max - calibration.image_min
+    expected = np.clip(offset / spread + 0.5, 0, 1)
+    bound = 4 * UNIT_ROUNDOFF * (np.abs(offset) / spread + 1)
+    assert np.all(np.abs(prediction.normalized_scores - expected) <= bound)
+    assert prediction.normalized_scores.dtype == np.float32
+    np.testing.assert_array_equal(prediction.normalized_scores >= 0.5, prediction.decisions)
+    uncalibrated = PatchCore(
+        model.config, backbone=model.backbone, mesh=model.mesh, memory_bank=model.memory_bank
+    ).predict(test)
+    assert uncalibrated.normalized_scores is None and uncalibrated.decisions is None
+    np.testing.assert_array_equal(uncalibrated.image_scores, scores)
+    # A list of single images is not a list of batches: one line says so.
+    with pytest.raises(ValueError, match=r"got one image \(224, 224, 3\) .*np\.stack") as error:
+        model.predict(list(test))
+    assert "an iterable of such batches" in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=r"got \(1, 256, 256, 3\).*preprocess\.image_from_array"):
+        model.predict(np.zeros((1, 256, 256, 3), np.uint8))
+
+
+def test_readme_array_example_runs_as_written(subset, tmp_path, monkeypatch):
+    """README's ``PatchCore`` example on arrays, run as written on conftest's subset of bottle
+    (10 training images; 3 good and 3 defective test images)."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = readme[readme.index("<!-- readme-example: arrays -->") :]
+    code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    assert '"data/mvtec_ad_demo/bottle"' in code
+    monkeypatch.chdir(tmp_path)  # the example saves into runs/lib/arrays
+    namespace = {}
+    exec(code.replace('"data/mvtec_ad_demo/bottle"', repr(str(subset))), namespace)
+    model, prediction, one = namespace["model"], namespace["prediction"], namespace["one"]
+    labels = namespace["data"].test_labels
+    assert prediction.image_scores.shape == (6,) and prediction.anomaly_maps.shape == (6, 224, 224)
+    assert roc_auc_score(labels, prediction.image_scores) >= 0.8
+    np.testing.assert_array_equal(
+        prediction.decisions, prediction.image_scores >= model.calibration.image_threshold
+    )
+    assert one.image_scores.shape == (1,) and one.decisions.shape == (1,)
+    restored = patchcore_jax.load(tmp_path / "runs/lib/arrays", mesh=model.mesh)
+    test_images = load_images(namespace["data"].test_image_paths[:2])
+    np.testing.assert_array_equal(
+        restored.predict(test_images).image_scores, model.predict(test_images).image_scores
+    )
+
+
 def _bottle_aurocs(bottle, coreset_fraction: float) -> tuple[float, float]:
     """Fits on every train image, scores every test image: (image AUROC, full-pixel AUROC)."""
     config = PatchCoreConfig(
@@ -148,7 +222,8 @@ def _bottle_aurocs(bottle, coreset_fraction: float) -> tuple[float, float]:
     )
     model = PatchCore(config).fit(load_images(bottle.train_paths))
     samples = bottle.test_samples
-    scores, maps = model.predict(load_images([s.image_path for s in samples]))
+    prediction = model.predict(load_images([s.image_path for s in samples]))
+    scores, maps = prediction.image_scores, prediction.anomaly_maps
     labels = np.array([s.label for s in samples])
     masks = np.stack([load_mask(s.mask_path) for s in samples])
     image_auroc = roc_auc_score(labels, scores)
@@ -214,14 +289,16 @@ def test_predict_scores_nan_for_an_image_with_non_finite_features(tiny_model, mo
     test = rng.integers(0, 256, size=(4, 64, 64, 3), dtype=np.uint8)
     model = PatchCore(tiny_model.config, backbone=tiny_model.backbone, mesh=tiny_model.mesh)
     model.fit(train)
-    clean_scores, clean_maps = model.predict(test)
+    prediction = model.predict(test)
+    clean_scores, clean_maps = prediction.image_scores, prediction.anomaly_maps
     embed, score = model._embed, model._score
 
     def poisoned(variables, images, *bank_and_search):  # one NaN in image 2, patch 5
         return score(embed(variables, images).at[2, 5, 0].set(np.nan), *bank_and_search)
 
     monkeypatch.setattr(model, "_predict", poisoned)  # the fused embed + score program
-    scores, maps = model.predict(test)
+    prediction = model.predict(test)
+    scores, maps = prediction.image_scores, prediction.anomaly_maps
     assert np.isnan(scores[2]) and np.isnan(maps[2]).any()
     assert np.all(np.isfinite(clean_scores)) and clean_scores.min() > 0
     np.testing.assert_array_equal(scores[[0, 1, 3]], clean_scores[[0, 1, 3]])

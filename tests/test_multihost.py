@@ -121,7 +121,8 @@ def test_two_processes_match_single_process(tmp_path):
     # one process on one device that sees every image.
     train_images, test_images = model_images()
     model = PatchCore(model_config(), mesh=sharding.single_device_mesh()).fit(train_images)
-    scores, maps = model.predict(test_images)
+    prediction = model.predict(test_images)
+    scores, maps = prediction.image_scores, prediction.anomaly_maps
     parts = [dict(np.load(tmp_path / f"model_{i}.npz")) for i in range(NUM_PROCESSES)]
     for part in parts:
         np.testing.assert_array_equal(part["memory_bank"], np.asarray(model.memory_bank))

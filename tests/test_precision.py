@@ -51,7 +51,8 @@ def bottle_models(bottle_images):
             backbone="mobilenet_v2", calibration="none", precision=precision, batch_size=8
         )
         models[precision] = PatchCore(config, backbone=backbone, mesh=mesh).fit(train)
-        results[precision] = models[precision].predict(test)
+        prediction = models[precision].predict(test)
+        results[precision] = prediction.image_scores, prediction.anomaly_maps
     return models, results
 
 
@@ -239,6 +240,7 @@ def test_fast_model_calibrates_and_exports_in_its_precision(bottle_images):
     convs = [line.split("=")[0] for line in text.splitlines() if "conv_general_dilated[" in line]
     assert convs and all("f32[" in out for out in convs)
     scores, maps = jax.jit(infer)(test[:2])
-    expected_scores, expected_maps = model.predict(test[:2])
+    prediction = model.predict(test[:2])
+    expected_scores, expected_maps = prediction.image_scores, prediction.anomaly_maps
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-4)
     np.testing.assert_allclose(maps, expected_maps, rtol=1e-4, atol=1e-4 * expected_maps.max())

@@ -64,7 +64,8 @@ def same_features(golden, reference_model) -> bool:
 
 
 def _outputs(model: PatchCore, features: np.ndarray, test: np.ndarray) -> dict:
-    scores, maps = model.predict(test)
+    prediction = model.predict(test)
+    scores, maps = prediction.image_scores, prediction.anomaly_maps
     memory_bank = np.asarray(model.memory_bank)
     out = {
         "bank_indices": row_indices(memory_bank, features),
