@@ -25,7 +25,7 @@ DEMO_BOTTLE = REPO_ROOT / "data" / "mvtec_ad_demo" / "bottle"
 HAVE_SHARED = FULL_BOTTLE.is_dir()
 # The complete category where it is available, else the demo subset (same file names).
 BOTTLE = FULL_BOTTLE if HAVE_SHARED else DEMO_BOTTLE
-WEIGHTS = REPO_ROOT / "patchcore_jax" / "weights"  # the bundled MobileNetV2 TFLite
+WEIGHTS = REPO_ROOT / "weights"  # the bundled MobileNetV2 TFLite
 
 
 def load_fixture(name: str, group: str | None = None) -> dict[str, np.ndarray]:

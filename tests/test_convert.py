@@ -217,7 +217,7 @@ def test_weights_dir_default(monkeypatch, tmp_path):
     monkeypatch.setenv("PATCHCORE_WEIGHTS", str(tmp_path))
     assert weights_dir() == tmp_path
     monkeypatch.delenv("PATCHCORE_WEIGHTS")
-    assert weights_dir() == WEIGHTS  # editable install: the checkout's patchcore_jax/weights/
+    assert weights_dir() == WEIGHTS  # editable install: the checkout's weights/
 
 
 def test_mobilenet_v2_loads_from_the_package_when_the_weights_folder_is_elsewhere(

@@ -33,7 +33,8 @@ def wheel(tmp_path_factory):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO_ROOT / name, source / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.msgpack", "*.json")
-    shutil.copytree(REPO_ROOT / "patchcore_jax", source / "patchcore_jax", ignore=ignore)
+    for folder in ("patchcore_jax", "weights"):  # weights/: package data patchcore_jax/weights/
+        shutil.copytree(REPO_ROOT / folder, source / folder, ignore=ignore)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     run(*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", "dist", source,
         cwd=root)  # fmt: skip
@@ -56,15 +57,16 @@ def test_a_non_editable_install_fits_and_predicts_with_the_bundled_mobilenet_v2(
     # its editable patchcore_jax finder (a .pth file there) is not run.
     (site_packages / "test_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     python = venv / "bin" / "python"
-    run(python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel, cwd=tmp_path)
+    home = tmp_path / "home"  # nothing of the user's: no converted weights, no caches
+    env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")}
+    for key in ("PYTHONPATH", "XLA_FLAGS", "PATCHCORE_WEIGHTS"):  # (a checkout on PYTHONPATH
+        env.pop(key, None)  # with its egg-info would make pip skip the install)
+    install = ["install", "-q", "--no-deps", "--no-index", wheel]
+    run(python, "-m", "pip", *install, cwd=tmp_path, env=env)
     images = tmp_path / "good"
     images.mkdir()
     for path in sorted((BOTTLE / "train" / "good").glob("*.png"))[:3]:
         (images / path.name).symlink_to(path)
-    home = tmp_path / "home"  # nothing of the user's: no converted weights, no caches
-    env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")}
-    for key in ("PYTHONPATH", "XLA_FLAGS", "PATCHCORE_WEIGHTS"):
-        env.pop(key, None)
     imported = "import patchcore_jax; print(patchcore_jax.__file__)"
     where = run(python, "-c", imported, cwd=tmp_path, env=env)
     assert where.stdout.strip().startswith(str(site_packages))

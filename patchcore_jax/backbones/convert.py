@@ -47,19 +47,24 @@ TORCHVISION_FILES = {
     "densenet201": "densenet201-c1103571.pth",
 }
 MOBILENET_TFLITE = "mobilenet_v2_1.0_224_ptq.tflite"
-# Package data: the offline MobileNetV2 TFLite file (and its README), in every install.
-BUNDLED_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+# The offline MobileNetV2 TFLite file (and its README): the repository's ``weights/``, which
+# the wheel ships as package data ``patchcore_jax/weights/`` (pyproject.toml's package-dir).
+_CHECKOUT = Path(__file__).resolve().parents[2]
+_SOURCE_CHECKOUT = (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "weights").is_dir()
+BUNDLED_WEIGHTS = (
+    _CHECKOUT if _SOURCE_CHECKOUT else Path(__file__).resolve().parents[1]
+) / "weights"
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 def weights_dir() -> Path:
     """Default folder of converted weights: $PATCHCORE_WEIGHTS, else, in a source checkout
-    (editable install), the package's ``weights/`` (``BUNDLED_WEIGHTS``), else
+    (editable install), its ``weights/`` (``BUNDLED_WEIGHTS``), else
     ``~/.cache/patchcore_jax/weights`` (an installed package's folder may be read-only)."""
     from_env = os.environ.get("PATCHCORE_WEIGHTS")
     if from_env:
         return Path(from_env).expanduser()
-    if (BUNDLED_WEIGHTS.parents[1] / "pyproject.toml").is_file():
+    if _SOURCE_CHECKOUT:
         return BUNDLED_WEIGHTS
     return Path.home() / ".cache" / "patchcore_jax" / "weights"
 
