@@ -73,6 +73,9 @@ class PatchCoreConfig:
       mask_threshold: ground-truth masks that are not 0/255 are binarised at this value
         (>= threshold is a defect) before the reference's rule; 0/255 masks are unaffected.
       patch_size: side of the local neighbourhood aggregated around each position (3 in the paper).
+      patch_stride: s of the paper's Eq. 3 (the authors' ``patchstride``): a neighbourhood every
+        s positions, so the patch grid (and the memory bank) shrinks about s x s times; 1 in
+        the paper's main results, 2 and 3 in its ablation.
       pretrain_embed_dimension: per-layer feature length after adaptive average pooling.
       target_embed_dimension: final patch feature length.
       sampler: how the memory bank is subsampled.
@@ -146,6 +149,11 @@ class PatchCoreConfig:
         "ground-truth masks that are not 0/255 are binarised at this value (>= is a defect)",
     )
     patch_size: int = 3
+    patch_stride: int = _option(
+        1,
+        "s of the paper's Eq. 3: a patch neighbourhood every s feature-map positions (the "
+        "authors' patchstride; the patch grid shrinks to floor((h - 1) / s) + 1 per side)",
+    )
     pretrain_embed_dimension: int = _option(
         1024, "per-layer patch feature length", flag="--pretrain-dim"
     )
@@ -224,6 +232,7 @@ class PatchCoreConfig:
         for name in (
             "resize",
             "patch_size",
+            "patch_stride",
             "pretrain_embed_dimension",
             "target_embed_dimension",
             "projection_dim",

@@ -1,11 +1,11 @@
 """Locally aware patch features (the paper's Sec. 3.1), on the device.
 
-For every position of the first (reference) feature map the reference PatchCore code takes the
-zero-padded ``patch_size`` x ``patch_size`` neighbourhood of each layer, brings later layers onto
-the reference grid by bilinear interpolation (``align_corners=False``), flattens each layer's
-``(C, p, p)`` block channel-major, reduces it to ``pretrain_embed_dimension`` values with PyTorch's
-``adaptive_avg_pool1d``, stacks the layers and pools the concatenation to
-``target_embed_dimension``.
+For every ``patch_stride``-th position (1: every one) of each layer's feature map the reference
+PatchCore code takes the zero-padded ``patch_size`` x ``patch_size`` neighbourhood, brings later
+layers' patch grids onto the first (reference) layer's by bilinear interpolation
+(``align_corners=False``), flattens each layer's ``(C, p, p)`` block channel-major, reduces it
+to ``pretrain_embed_dimension`` values with PyTorch's ``adaptive_avg_pool1d``, stacks the layers
+and pools the concatenation to ``target_embed_dimension``.
 
 Every step is linear, and pooling (over features) commutes with resizing (over positions), so each
 layer is pooled on its own, smaller grid before it is resized. Resizing is two small static
@@ -90,19 +90,23 @@ def _resize_grid(maps: jax.Array, out_height: int, out_width: int) -> jax.Array:
     return jnp.einsum("Ww,bhwc->bhWc", cols, maps, precision=HIGHEST)
 
 
-def _patch_grid(size: int, patch_size: int) -> int:
-    """Positions along one axis of torch ``Unfold(patch_size, stride=1, padding=(p - 1) // 2)``."""
-    return size + 2 * ((patch_size - 1) // 2) - patch_size + 1
+def patch_grid_size(size: int, patch_size: int, patch_stride: int = 1) -> int:
+    """Positions along one axis of torch ``Unfold(patch_size, stride=patch_stride,
+    padding=(patch_size - 1) // 2)``: ``floor((size + 2 pad - patch_size) / stride) + 1``."""
+    return (size + 2 * ((patch_size - 1) // 2) - patch_size) // patch_stride + 1
 
 
-def _unfold(maps: jax.Array, patch_size: int) -> jax.Array:
-    """``[B, h, w, C] -> [B, n_h, n_w, C * p * p]``: zero-padded neighbourhoods, channel-major."""
+def _unfold(maps: jax.Array, patch_size: int, patch_stride: int) -> jax.Array:
+    """``[B, h, w, C] -> [B, n_h, n_w, C * p * p]``: zero-padded neighbourhoods every
+    ``patch_stride`` positions, channel-major."""
     batch, height, width, channels = maps.shape
     padding = (patch_size - 1) // 2
     padded = jnp.pad(maps, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    rows, cols = _patch_grid(height, patch_size), _patch_grid(width, patch_size)
+    rows = patch_grid_size(height, patch_size, patch_stride)
+    cols = patch_grid_size(width, patch_size, patch_stride)
+    last_row, last_col = (rows - 1) * patch_stride + 1, (cols - 1) * patch_stride + 1
     shifted = [
-        padded[:, dy : dy + rows, dx : dx + cols, :]
+        padded[:, dy : dy + last_row : patch_stride, dx : dx + last_col : patch_stride, :]
         for dy in range(patch_size)
         for dx in range(patch_size)
     ]
@@ -110,20 +114,30 @@ def _unfold(maps: jax.Array, patch_size: int) -> jax.Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("pretrain_embed_dimension", "target_embed_dimension", "patch_size")
+    jax.jit,
+    static_argnames=(
+        "pretrain_embed_dimension",
+        "target_embed_dimension",
+        "patch_size",
+        "patch_stride",
+    ),
 )
 def _patch_features_general(
     feature_maps: tuple[jax.Array, ...],
     pretrain_embed_dimension: int,
     target_embed_dimension: int,
     patch_size: int,
+    patch_stride: int = 1,
 ) -> jax.Array:
-    """Patch features for any layers and dimensions; ``feature_maps[i]: [B, h_i, w_i, C_i]``."""
+    """Any layers, dimensions and stride; ``feature_maps[i]: [B, h_i, w_i, C_i]``. Every
+    layer's patch grid is resized onto the first layer's, as the reference does."""
     batch, height, width, _ = feature_maps[0].shape
-    rows, cols = _patch_grid(height, patch_size), _patch_grid(width, patch_size)
+    rows = patch_grid_size(height, patch_size, patch_stride)
+    cols = patch_grid_size(width, patch_size, patch_stride)
     per_layer = []
     for maps in feature_maps:
-        pooled = adaptive_avg_pool1d(_unfold(maps, patch_size), pretrain_embed_dimension)
+        unfolded = _unfold(maps, patch_size, patch_stride)
+        pooled = adaptive_avg_pool1d(unfolded, pretrain_embed_dimension)
         per_layer.append(_resize_grid(pooled, rows, cols))
     stacked = jnp.concatenate(per_layer, axis=-1)  # layer-major, as torch.stack + reshape
     features = adaptive_avg_pool1d(stacked, target_embed_dimension)
@@ -160,6 +174,7 @@ def patch_features(
     pretrain_embed_dimension: int = 1024,
     target_embed_dimension: int = 1024,
     patch_size: int = 3,
+    patch_stride: int = 1,
 ) -> jax.Array:
     """Locally aware patch features of a batch of images (the paper's Sec. 3.1).
 
@@ -169,10 +184,14 @@ def patch_features(
       pretrain_embed_dimension: per-layer length after adaptive average pooling.
       target_embed_dimension: final patch feature length.
       patch_size: side of the zero-padded neighbourhood aggregated around each position.
+      patch_stride: s of the paper's Eq. 3 (the authors' ``patchstride``): a neighbourhood every
+        s positions of each layer's grid; every layer's patch grid is then resized onto the
+        first layer's.
 
     Returns:
       ``[B, n_h * n_w, target_embed_dimension] float32``, patches row-major per image, where
-      ``n = h_0`` for odd ``patch_size`` (torch ``Unfold`` grid in general).
+      ``n = patch_grid_size(h_0, patch_size, patch_stride)`` (``h_0`` for odd ``patch_size``
+      and stride 1).
     """
     feature_maps = tuple(jnp.asarray(maps, jnp.float32) for maps in feature_maps)
     if not feature_maps:
@@ -183,29 +202,25 @@ def patch_features(
                 f"feature_maps[{index}] must be [B, h, w, C] with B={feature_maps[0].shape[0]}, "
                 f"got shape {maps.shape}"
             )
-        if min(_patch_grid(size, patch_size) for size in maps.shape[1:3]) < 1:
-            raise ValueError(
-                f"feature_maps[{index}] grid {maps.shape[1:3]} is too small for "
-                f"patch_size={patch_size}"
-            )
     for name, value in (
         ("pretrain_embed_dimension", pretrain_embed_dimension),
         ("target_embed_dimension", target_embed_dimension),
         ("patch_size", patch_size),
+        ("patch_stride", patch_stride),
     ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for index, maps in enumerate(feature_maps):
+        if min(patch_grid_size(size, patch_size) for size in maps.shape[1:3]) < 1:
+            raise ValueError(
+                f"feature_maps[{index}] grid {maps.shape[1:3]} is too small for "
+                f"patch_size={patch_size}"
+            )
     channels = tuple(maps.shape[-1] for maps in feature_maps)
-    if (channels, pretrain_embed_dimension, target_embed_dimension, patch_size) == (
-        (512, 1024),
-        1024,
-        1024,
-        3,
-    ):
+    dims = (pretrain_embed_dimension, target_embed_dimension, patch_size, patch_stride)
+    if (channels, *dims) == ((512, 1024), 1024, 1024, 3, 1):
         return _patch_features_default(*feature_maps)
-    return _patch_features_general(
-        feature_maps, pretrain_embed_dimension, target_embed_dimension, patch_size
-    )
+    return _patch_features_general(feature_maps, *dims)
 
 
 def embed_images(
@@ -216,6 +231,7 @@ def embed_images(
     pretrain_embed_dimension: int,
     target_embed_dimension: int,
     patch_size: int,
+    patch_stride: int = 1,
     precision: str = "exact",
 ) -> jax.Array:
     """Backbone + locally aware patch features, one pure function.
@@ -224,11 +240,13 @@ def embed_images(
       module: the backbone's Flax module (returns a dict of stage outputs, first = finest grid).
       variables: its variables.
       images: [B, H, W, 3] uint8 (or float 0..255) RGB.
+      patch_stride: s of Eq. 3 (``patch_features``).
       precision: ``exact`` (float32) or ``fast``: the backbone runs in bfloat16 (variables cast
         by ``backbone_variables``, here if not yet, and the normalised input), and its stage
         outputs are cast back to float32; the patch features are float32 either way.
     Returns:
-      [B, h * w, target_embed_dimension] float32 patch features on the finest stage's grid.
+      [B, h * w, target_embed_dimension] float32 patch features on the first (finest) stage's
+      patch grid (``grid_shape``).
     """
     if precision == "exact":
         stage_outputs = module.apply(variables, images)
@@ -247,6 +265,7 @@ def embed_images(
         pretrain_embed_dimension=pretrain_embed_dimension,
         target_embed_dimension=target_embed_dimension,
         patch_size=patch_size,
+        patch_stride=patch_stride,
     )
 
 
@@ -263,11 +282,16 @@ def backbone_variables(variables: Any, precision: str) -> Any:
 
 
 def grid_shape(
-    module: Any, variables: Any, image_shape: tuple[int, int], patch_size: int
+    module: Any,
+    variables: Any,
+    image_shape: tuple[int, int],
+    patch_size: int,
+    patch_stride: int = 1,
 ) -> tuple[int, int]:
-    """(h, w) of the patch grid of the backbone ``module``: its finest stage's output for
-    images of ``image_shape``; warns about stages whose grid is smaller than the patch
-    neighbourhood (their features are mostly zero padding)."""
+    """(h, w) of the patch grid of the backbone ``module`` for images of ``image_shape``: its
+    finest stage's output grid, every ``patch_stride``-th position (``patch_grid_size``); warns
+    about stages whose grid is smaller than the patch neighbourhood (their features are mostly
+    zero padding)."""
     stage_shapes = jax.eval_shape(
         module.apply,
         variables,
@@ -282,5 +306,8 @@ def grid_shape(
                 "are mostly zero padding; use larger images",
                 stacklevel=3,
             )
-    finest = next(iter(stage_shapes.values()))
-    return int(finest.shape[1]), int(finest.shape[2])
+    _, height, width, _ = next(iter(stage_shapes.values())).shape
+    return (
+        patch_grid_size(height, patch_size, patch_stride),
+        patch_grid_size(width, patch_size, patch_stride),
+    )

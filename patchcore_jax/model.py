@@ -85,33 +85,28 @@ class PatchCore:
         )
         backbone_precision = "fast" if self.backbone_dtype == "bfloat16" else "exact"
         self._backbone_precision = backbone_precision
-        self._embed = programs.embed_program(
+        # The embedding program's arguments but the mesh: one tuple for every program.
+        patching = (config.patch_size, config.patch_stride)
+        embed_options = (
             backbone.module,
             config.pretrain_embed_dimension,
             config.target_embed_dimension,
-            config.patch_size,
+            *patching,
             backbone_precision,
-            self.mesh,
         )
+        self._embed = programs.embed_program(*embed_options, self.mesh)
         self._variables = jax.device_put(
             features.backbone_variables(backbone.variables, backbone_precision),
             sharding.replicated(self.mesh),
         )
         self.grid_shape: tuple[int, int] = features.grid_shape(
-            backbone.module, backbone.variables, self.image_shape, config.patch_size
+            backbone.module, backbone.variables, self.image_shape, *patching
         )
         # Programs are shared by every model of the same shapes and options (compiled once).
         scoring_options = tuple(sorted(self.scoring_options().items()))
         self._score = programs.score_program(scoring_options, self.mesh)
         # The embed-and-score program's arguments but the mesh (``inference_function``).
-        self._program_options = (
-            backbone.module,
-            config.pretrain_embed_dimension,
-            config.target_embed_dimension,
-            config.patch_size,
-            backbone_precision,
-            scoring_options,
-        )
+        self._program_options = (*embed_options, scoring_options)
         self._predict = programs.predict_program(*self._program_options, self.mesh)
         self._memory_bank: jax.Array | None = None
         # The bank padded to ``bank_bucket`` rows and its row count: what the scoring programs

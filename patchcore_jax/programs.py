@@ -112,7 +112,13 @@ def describe_numerics(precision: str, platform: str, num_neighbors: int) -> str:
 
 @functools.lru_cache(maxsize=16)
 def embed_program(
-    module: Any, pretrain_dim: int, target_dim: int, patch_size: int, precision: str, mesh: Mesh
+    module: Any,
+    pretrain_dim: int,
+    target_dim: int,
+    patch_size: int,
+    patch_stride: int,
+    precision: str,
+    mesh: Mesh,
 ) -> Callable[[Any, jax.Array], jax.Array]:
     """``(variables, images [B, H, W, 3]) -> patch features [B, P, D]``, split like the images."""
     batch_sharding = sharding.row_sharding(mesh)
@@ -123,6 +129,7 @@ def embed_program(
             pretrain_embed_dimension=pretrain_dim,
             target_embed_dimension=target_dim,
             patch_size=patch_size,
+            patch_stride=patch_stride,
             precision=precision,
         ),
         in_shardings=(sharding.replicated(mesh), batch_sharding),
@@ -153,6 +160,7 @@ def embed_and_score_function(
     pretrain_dim: int,
     target_dim: int,
     patch_size: int,
+    patch_stride: int,
     precision: str,
     scoring_options: tuple[tuple[str, Any], ...],
     mesh: Mesh | None,
@@ -173,6 +181,7 @@ def embed_and_score_function(
             pretrain_embed_dimension=pretrain_dim,
             target_embed_dimension=target_dim,
             patch_size=patch_size,
+            patch_stride=patch_stride,
             precision=precision,
         )
         return scoring.score_patch_features(
@@ -203,6 +212,7 @@ def predict_program(
     pretrain_dim: int,
     target_dim: int,
     patch_size: int,
+    patch_stride: int,
     precision: str,
     scoring_options: tuple[tuple[str, Any], ...],
     mesh: Mesh,
@@ -212,7 +222,7 @@ def predict_program(
     each batch is one dispatch. ``precision`` is the backbone's (``exact``: float32, ``fast``:
     bfloat16); ``search`` the bank's candidate-search arrays (None unless low-rank)."""
     embed_and_score = embed_and_score_function(
-        module, pretrain_dim, target_dim, patch_size, precision, scoring_options, mesh
+        module, pretrain_dim, target_dim, patch_size, patch_stride, precision, scoring_options, mesh
     )
     batch_sharding = sharding.row_sharding(mesh)
     replicated = sharding.replicated(mesh)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as torch_f
 from conftest import load_fixture
+from numpy_aggregation import numpy_patch_features, rounding_bound
 
 from patchcore_jax import features, sharding
 
@@ -94,6 +95,56 @@ def test_general_path_matches_torch_reference(patch_size, pretrain, target, grid
     np.testing.assert_allclose(np.asarray(ours).reshape(expected.shape), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("patch_stride", [1, 2, 3])
+@pytest.mark.parametrize(
+    "patch_size,pretrain,target,grids,channels",
+    [
+        (3, 20, 12, ((9, 7), (5, 4), (3, 2)), (4, 6, 5)),
+        (5, 24, 16, ((8, 10), (4, 5)), (3, 4)),
+        (1, 6, 6, ((7, 5),), (6,)),
+    ],
+)
+def test_strided_patch_features_equal_the_numpy_aggregation(
+    patch_stride, patch_size, pretrain, target, grids, channels
+):
+    """Eq. 3 with stride s: a neighbourhood every s positions of each layer, every layer's patch
+    grid resized onto the first's; equal to the independent float64 computation within the
+    derived float32 bound, on the grid floor((h + 2 pad - p) / s) + 1."""
+    rng = np.random.default_rng(5)
+    maps = [
+        rng.normal(size=(2, *grid, c)).astype(np.float32)
+        for grid, c in zip(grids, channels, strict=True)
+    ]
+    dims = (pretrain, target, patch_size, patch_stride)
+    expected = numpy_patch_features(maps, *dims)
+    ours = np.asarray(features.patch_features(maps, *dims), np.float64)
+    pad = (patch_size - 1) // 2
+    rows, cols = ((size + 2 * pad - patch_size) // patch_stride + 1 for size in grids[0])
+    assert ours.shape == expected.shape == (2, rows * cols, target)
+    assert (
+        features.patch_grid_size(grids[0][0], patch_size, patch_stride),
+        features.patch_grid_size(grids[0][1], patch_size, patch_stride),
+    ) == (rows, cols)
+    assert np.all(np.abs(ours - expected) <= rounding_bound(maps, *dims))
+
+
+def test_stride_one_is_the_default_path_and_larger_strides_subsample_the_grid():
+    """s = 1 computes what the closed form computes (bit for bit: it is the same program);
+    s = 2 keeps every second neighbourhood of layer2 (the first layer's patch grid)."""
+    rng = np.random.default_rng(6)
+    layer2 = rng.normal(size=(1, 9, 8, 512)).astype(np.float32)
+    layer3 = rng.normal(size=(1, 5, 4, 1024)).astype(np.float32)
+    default = np.asarray(features.patch_features([layer2, layer3]))
+    explicit = np.asarray(features.patch_features([layer2, layer3], 1024, 1024, 3, 1))
+    np.testing.assert_array_equal(explicit, default)
+    strided = features.patch_features([layer2, layer3], 1024, 1024, 3, 2)
+    assert strided.shape == (1, 5 * 4, 1024)
+    dims = (1024, 1024, 3, 2)
+    expected = numpy_patch_features([layer2, layer3], *dims)
+    bound = rounding_bound([layer2, layer3], *dims)
+    assert np.all(np.abs(np.asarray(strided, np.float64) - expected) <= bound)
+
+
 @pytest.mark.parametrize(
     "length,output_size",
     [(9216, 1024), (4608, 1024), (2048, 384), (10, 3), (17, 5), (5, 8), (7, 7)],
@@ -154,3 +205,5 @@ def test_bad_input_raises():
         features.patch_features([maps], 8, 0)
     with pytest.raises(ValueError, match="too small"):
         features.patch_features([np.zeros((1, 1, 4, 8), np.float32)], 8, 8, patch_size=4)
+    with pytest.raises(ValueError, match="patch_stride must be a positive integer, got 0"):
+        features.patch_features([maps], 8, 8, patch_stride=0)
