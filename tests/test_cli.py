@@ -647,6 +647,23 @@ def test_presets_set_defaults_that_explicit_options_override():
     ]
 
 
+def test_patch_stride_option_reaches_every_member_and_is_checked_in_option_words(capsys):
+    from patchcore_jax.options import configs_from_args, in_option_words
+
+    def configs(*argv):
+        return configs_from_args(build_parser().parse_args(["fit", ".", "--out", "m", *argv]))
+
+    assert [c.patch_stride for c in configs()] == [1]
+    members = configs("--backbone", "mobilenet_v2,resnet18", "--patch-stride", "2")
+    assert [c.patch_stride for c in members] == [2, 2]
+    args = build_parser().parse_args(["fit", ".", "--out", "m", "--patch-stride", "0"])
+    with pytest.raises(ValueError) as error:
+        configs_from_args(args)
+    assert in_option_words(str(error.value), args) == (
+        "--patch-stride: expected a positive integer, got 0"
+    )
+
+
 def test_precision_option_reaches_every_config_and_defaults_to_exact(capsys, tmp_path):
     from patchcore_jax.options import configs_from_args
 

@@ -26,6 +26,14 @@ def test_dict_round_trip_is_lossless():
     assert PatchCoreConfig.from_dict(fast.to_dict()) == fast
 
 
+def test_patch_stride_defaults_to_one_round_trips_and_older_records_load_with_one():
+    assert PatchCoreConfig().patch_stride == 1
+    strided = PatchCoreConfig(patch_stride=3)
+    assert PatchCoreConfig.from_dict(strided.to_dict()) == strided
+    older = {k: v for k, v in strided.to_dict().items() if k != "patch_stride"}
+    assert PatchCoreConfig.from_dict(older).patch_stride == 1
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -34,6 +42,8 @@ def test_dict_round_trip_is_lossless():
         ({"sampler": "kmeans"}, "sampler"),
         ({"distance": "cosine"}, "distance"),
         ({"patch_size": 4}, "patch_size"),
+        ({"patch_stride": 0}, "patch_stride must be a positive integer, got 0"),
+        ({"patch_stride": 1.5}, "patch_stride must be a positive integer, got 1.5"),
         ({"crop": 300}, "crop"),
         ({"batch_size": 0}, "batch_size"),
         ({"num_neighbors": True}, "num_neighbors"),

@@ -251,3 +251,39 @@ def test_resume_refuses_ensembles_and_options_that_differ_from_the_model(subset,
     checkpoint.save(Ensemble([model, model]), tmp_path / "ensemble")
     with pytest.raises(ValueError, match="holds an ensemble; ensembles cannot be resumed"):
         workflows.extend_folder(train, tmp_path / "ensemble")
+
+
+def test_a_patch_stride_shrinks_the_grid_and_survives_checkpoint_export_and_resume(
+    subset, tmp_path
+):
+    """s = 2 on 64-pixel crops: MobileNetV2's 8 x 8 stride-8 grid gives a 4 x 4 patch grid (the
+    bank's rows and the maps follow it, maps still image-sized); the checkpoint keeps s, the
+    export of the loaded model scores as predict does, and ``--resume`` refuses another s."""
+    from test_export import assert_within_rounding
+
+    from patchcore_jax import checkpoint, export, exported
+    from patchcore_jax.preprocess import load_images
+
+    train = tmp_path / "train"
+    train.mkdir()
+    for image in sorted((subset / "train/good").glob("*.png"))[:3]:
+        (train / image.name).symlink_to(image)
+    config = CONFIG.replace(resize=64, crop=64, patch_stride=2, sampler="identity")
+    model = workflows.fit_folder(train, tmp_path / "model", config)
+    assert model.grid_shape == (4, 4)
+    assert model.memory_bank.shape == (3 * 16, config.target_embed_dimension)
+    loaded = checkpoint.load(tmp_path / "model")
+    assert loaded.config == config and loaded.grid_shape == (4, 4)
+    images = load_images(sorted((subset / "test").rglob("*.png"))[:4], 64, 64)
+    scores, maps = model.predict(images)
+    assert maps.shape == (4, 64, 64)
+    export.export_model(loaded, tmp_path / "model.pcjx", platforms=["cpu"])
+    program = exported.load(tmp_path / "model.pcjx")
+    assert PatchCoreConfig.from_dict(program.metadata["config"]).patch_stride == 2
+    assert_within_rounding(program(images), model, images)
+    with pytest.raises(ValueError) as error:
+        workflows.extend_folder(train, tmp_path / "model", config_values={"patch_stride": 3})
+    assert str(error.value) == (
+        f"{tmp_path / 'model'}: its options cannot change when resuming: "
+        "PatchCoreConfig.patch_stride 3 (the model's: 2)"
+    )
