@@ -370,3 +370,28 @@ def test_extend_continues_the_greedy_selection_from_the_fitted_bank(tiny_model):
         PatchCore(config, backbone=tiny_model.backbone, mesh=tiny_model.mesh).extend_features(
             second
         )
+
+
+def test_a_layer3_layer4_model_takes_layer3s_grid():
+    """Any stage pair fits (the paper's mSTC layer3 + layer4): the patch grid is the finest
+    listed stage's (64 px: layer3 4 x 4, layer4 2 x 2), the bank has one row per patch."""
+    from patchcore_jax.backbones import init_backbone
+
+    config = PatchCoreConfig(
+        backbone="resnet18",
+        layers=("layer4", "layer3"),
+        resize=64,
+        crop=64,
+        pretrain_embed_dimension=32,
+        target_embed_dimension=16,
+        sampler="identity",
+        calibration="none",
+        batch_norm_probe=False,  # init_backbone's statistics; the probe is test_resnet's
+    )
+    backbone = init_backbone("resnet18", config.layers)
+    with pytest.warns(UserWarning, match="2x2 grid at layer4"):
+        model = PatchCore(config, backbone=backbone, mesh=sharding.single_device_mesh())
+    assert model.backbone.layers == ("layer3", "layer4") and model.grid_shape == (4, 4)
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)
+    model.fit(images)
+    assert model.memory_bank.shape == (2 * 16, 16)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import FIXTURES, load_fixture
+from numpy_aggregation import numpy_patch_features, rounding_bound
 from safetensors.numpy import load_file
 
 from patchcore_jax import features
@@ -176,6 +177,33 @@ def test_stage_outputs_come_in_network_order():
     assert backbone.layers == ("layer1", "layer3")
     images = jnp.zeros((1, 64, 64, 3), jnp.uint8)
     assert list(jax.jit(backbone.module.apply)(backbone.variables, images)) == ["layer1", "layer3"]
+
+
+@pytest.mark.parametrize("patch_stride", [1, 2])
+def test_layer3_layer4_patch_features_equal_the_numpy_aggregation_of_torchvisions_stages(
+    patch_stride,
+):
+    """The paper's mSTC pair: asked for layer4 and layer3 (either order) the tiny fixture ResNet
+    runs through layer4, returns layer3 first, and the patch features take layer3's grid;
+    equal to the float64 aggregation of torchvision's own layer3/layer4 outputs within the
+    float32 rounding of the aggregation plus the aggregation of the stage differences."""
+    assert init_backbone("resnet18", ("layer4", "layer3")).layers == ("layer3", "layer4")
+    variables = resnet_variables_from_state_dict(load_file(str(TINY_STATE_DICT)), tiny_resnet())
+    io = load_fixture("torchvision_tiny_resnet_io")
+    images = jnp.asarray(io["input_nchw"].transpose(0, 2, 3, 1))
+    module = tiny_resnet(("layer3", "layer4"))
+    stages = module.apply(variables, images, method=ResNet.forward_normalized)
+    assert list(stages) == ["layer3", "layer4"]
+    ours_maps = [np.asarray(stages[name]) for name in stages]
+    torch_maps = [io[f"{name}_nchw"].transpose(0, 2, 3, 1) for name in stages]
+    dims = (1024, 384, 3, patch_stride)
+    ours = np.asarray(features.patch_features(ours_maps, *dims), np.float64)
+    expected = numpy_patch_features(torch_maps, *dims)
+    rows, cols = ((size - 1) // patch_stride + 1 for size in (6, 5))  # layer3's 6 x 5 grid
+    assert ours.shape == expected.shape == (2, rows * cols, 384)
+    stage_differences = [np.abs(a - b) for a, b in zip(ours_maps, torch_maps, strict=True)]
+    bound = rounding_bound(ours_maps, *dims) + numpy_patch_features(stage_differences, *dims)
+    assert np.all(np.abs(ours - expected) <= bound)
 
 
 def test_invalid_names_and_layers():
