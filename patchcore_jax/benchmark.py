@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from patchcore_jax import ensemble, errors, sharding, workflows
+from patchcore_jax.backbones import RANDOM_INIT
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.datasets import folders
 from patchcore_jax.files import atomic_write_text, write_csv
@@ -209,6 +210,15 @@ def run_benchmark(
     for note in notes:
         log(note)
     settings = settings_record(configs, train_images, train_seed)
+    random_init = [b.name for b in backbones or () if b and b.weights_sha256 == RANDOM_INIT]
+    notes = []
+    if random_init:  # recorded, so that a run with the real weights never reuses these
+        settings["random_init_backbones"] = random_init
+        notes.append(
+            f"random-init weights for {', '.join(random_init)} (their weights are absent): "
+            "these numbers mean nothing"
+        )
+        log(f"note: {notes[-1]}")
     device = device_description()
     results: list[CategoryResult] = []
     with contextlib.ExitStack() as stack:
@@ -264,7 +274,7 @@ def run_benchmark(
                 log(f"{prefix}: {numbers} ({time.perf_counter() - start:.1f} s)")
         with sharding.agreed():
             if sharding.is_primary_process():
-                write_tables(out_dir, results, device)
+                write_tables(out_dir, results, device, notes)
     return results
 
 
@@ -305,8 +315,11 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return float(np.mean(present)) if present else None
 
 
-def write_tables(out_dir: Path, results: Sequence[CategoryResult], device: str) -> None:
-    """results.csv (the authors' layout + error), results.md and timings.csv.
+def write_tables(
+    out_dir: Path, results: Sequence[CategoryResult], device: str, notes: Sequence[str] = ()
+) -> None:
+    """results.csv (the authors' layout + error), results.md (with ``notes``, e.g. random-init
+    weights) and timings.csv.
 
     The mean row averages the categories that have the value (failed ones are left out).
     """
@@ -343,7 +356,8 @@ def write_tables(out_dir: Path, results: Sequence[CategoryResult], device: str) 
         cells = ["failed"] * len(names) if r.error else [_number(v) for v in r.row]
         lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
     lines.append("| **Mean** | " + " | ".join(_number(v) for v in means) + " |")
-    lines += ["", f"Device: {device}", "", "| Category | " + " | ".join(PHASES) + " (s) |"]
+    lines += [*(f"\n**Note: {note}.**" for note in notes), "", f"Device: {device}", ""]
+    lines.append("| Category | " + " | ".join(PHASES) + " (s) |")
     lines.append("|---|" + "---:|" * len(PHASES))
     for r in results:
         if not r.error:

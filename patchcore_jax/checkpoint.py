@@ -53,7 +53,7 @@ import jax
 import numpy as np
 
 from patchcore_jax import interrupt, sharding
-from patchcore_jax.backbones import Backbone, load_backbone
+from patchcore_jax.backbones import Backbone, recorded_backbone
 from patchcore_jax.calibration import Calibration
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.ensemble import NORMALISATION, Ensemble
@@ -551,9 +551,9 @@ def load(
     Args:
       path: checkpoint folder written by ``save``.
       mesh: devices to run on (default: all).
-      backbone: a single model's backbone; default: ``load_backbone`` of the recorded name and
-        layers. Its weights hash must equal the recorded one (else the scores would silently
-        change).
+      backbone: a single model's backbone; default: ``recorded_backbone`` (``load_backbone``
+        of the recorded name and layers, random-init weights rebuilt). Its weights hash must
+        equal the recorded one (else the scores would silently change).
       backbones: an ensemble's, per member (None entries: loaded by name).
       expected_config: a single model's recorded config must equal it.
     Raises:
@@ -609,7 +609,8 @@ def _restore_model(
     record = _read_record(target, version)
     config = _recorded_config(target, record, expected_config)
     if backbone is None:
-        backbone = load_backbone(config.backbone, config.layers)
+        weights = record["backbone"]["weights_sha256"]
+        backbone = recorded_backbone(config.backbone, config.layers, weights)
     _check_backbone(target, record["backbone"], backbone)
     # Restored replicated onto this run's devices, whatever topology wrote it.
     mesh = sharding.make_mesh() if mesh is None else mesh

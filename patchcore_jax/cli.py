@@ -393,19 +393,23 @@ def _fit(args: argparse.Namespace) -> int:
     configs = options.configs_from_args(args)
     if args.out is None:
         raise ValueError("fit needs --out (the checkpoint folder to write)")
+    backbones = options.backbones_from_args(args, configs)
     workflows.fit_folder(
-        args.data, args.out, configs, validation=args.validation, **few_shot, **report
-    )
+        args.data, args.out, configs, validation=args.validation, backbones=backbones,
+        **few_shot, **report,
+    )  # fmt: skip
     return 0
 
 
 def _benchmark(args: argparse.Namespace) -> int:
     from patchcore_jax import benchmark
 
+    configs = options.configs_from_args(args)
     results = benchmark.run_benchmark(
         args.root,
         args.out,
-        options.configs_from_args(args),
+        configs,
+        backbones=options.backbones_from_args(args, configs),
         categories=args.categories,
         train_images=args.train_images,
         train_seed=args.train_seed,

@@ -452,7 +452,17 @@ class PatchCoreConfig:
 
 # The paper's other settings, as named groups of config fields (README "Reproducing the paper's
 # tables" lists them). Presets combine ("im320,wrn101,coreset-1"; later ones win) and explicit
-# options override them.
+# options override them. ``backbone`` may name several (an ensemble) and ``layers`` then give one
+# stage list per member (``member_configs``).
+PAPER_ENSEMBLE: dict[str, Any] = {
+    "backbone": "wide_resnet101_2,resnext101_32x8d,densenet201",
+    "layers": (("layer2", "layer3"), ("layer2", "layer3"), ("denseblock2", "denseblock3")),
+    "pretrain_embed_dimension": 1024,
+    "target_embed_dimension": 384,
+    "num_neighbors": 1,
+    "sampler": "approx_greedy_coreset",
+    "coreset_fraction": 0.01,
+}  # patch_size 3 and patch_stride 1: the defaults
 PRESETS: dict[str, dict[str, Any]] = {
     # IM320: the paper's higher resolution (shorter side 366, centre crop 320).
     "im320": {"resize": 366, "crop": 320},
@@ -468,6 +478,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "reweight": {"reweight": True},
     # The reference's ensemble runs reduce each member's patch features to 384 dimensions.
     "ensemble-d384": {"target_embed_dimension": 384},
+    # The paper's best MVTec AD result (Table 4), the authors' sample_training.sh ensemble:
+    # WRN-101 + ResNeXt-101 (layer2, layer3) + DenseNet-201 (denseblock2, denseblock3), 1%
+    # coreset, 384-d, k = 1, at IM320 (resize 366, crop 320) or IM224 (256, 224).
+    "ensemble-paper": {**PAPER_ENSEMBLE, "resize": 366, "crop": 320},
+    "ensemble-paper-im224": {**PAPER_ENSEMBLE, "resize": 256, "crop": 224},
 }
 
 
@@ -485,3 +500,31 @@ def preset_values(names: str | Sequence[str]) -> dict[str, Any]:
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
         values.update(PRESETS[name])
     return values
+
+
+def member_configs(values: dict[str, Any]) -> list[PatchCoreConfig]:
+    """One config per backbone of ``values["backbone"]`` ("a", or "a,b,c": an ensemble's
+    members) from config field values (e.g. ``preset_values("ensemble-paper")``; the config's
+    defaults for the others). ``values["layers"]``: None, one stage list for every member, or
+    one per member."""
+    values = dict(values)
+    backbone = values.pop("backbone", PatchCoreConfig.backbone)
+    backbones = [name.strip() for name in backbone.split(",") if name.strip()]
+    if not backbones:
+        raise ValueError(
+            "PatchCoreConfig.backbone: expected one or more comma-separated backbone names"
+        )
+    layers = values.pop("layers", None)
+    one_list = layers is None or isinstance(layers, str) or all(isinstance(x, str) for x in layers)
+    groups = [layers] if one_list else list(layers)
+    if len(groups) == 1:
+        groups = groups * len(backbones)
+    elif len(groups) != len(backbones):
+        raise ValueError(
+            f"PatchCoreConfig.layers gives {len(groups)} ';'-separated groups for "
+            f"{len(backbones)} backbones; give one group per backbone, or one for all"
+        )
+    return [
+        PatchCoreConfig(backbone=name, layers=group, **values)
+        for name, group in zip(backbones, groups, strict=True)
+    ]

@@ -15,7 +15,7 @@ import typing
 from typing import Any
 
 from patchcore_jax import sharding
-from patchcore_jax.config import PatchCoreConfig, preset_values
+from patchcore_jax.config import PRESETS, PatchCoreConfig, member_configs, preset_values
 
 
 def image_size(text: str) -> tuple[int, int]:
@@ -87,9 +87,14 @@ def add_model_options(
         "--preset",
         default=None,
         metavar="NAME[,NAME]",
-        help="the paper's other settings (README): im320, layers123, wrn101, coreset-25, "
-        "coreset-10, coreset-1, reweight, ensemble-d384; comma-separated presets combine, "
-        "options given explicitly override them",
+        help=f"the paper's other settings (README): {', '.join(PRESETS)}; comma-separated "
+        "presets combine, options given explicitly override them",
+    )
+    model.add_argument(
+        "--random-init-missing",
+        action="store_true",
+        help="backbones whose weights are absent run with random-init weights instead of "
+        "failing (smoke runs and timings: the scores and metrics then mean nothing)",
     )
     groups = {
         "model": model,
@@ -123,8 +128,9 @@ def add_model_options(
 def preset_defaults(names: str) -> dict[str, object]:
     """The presets' values as option defaults (explicit options still override them)."""
     defaults = dict(preset_values(names))
-    if "layers" in defaults:
-        defaults["layers"] = (tuple(defaults["layers"]),)  # one group for every member
+    layers = defaults.get("layers")
+    if layers is not None and all(isinstance(layer, str) for layer in layers):
+        defaults["layers"] = (tuple(layers),)  # one group for every member
     return defaults
 
 
@@ -170,24 +176,19 @@ def resume_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def configs_from_args(args: argparse.Namespace) -> list[PatchCoreConfig]:
     """One config per backbone of ``--backbone a,b`` (more than one: an ensemble), from the
-    options given (the config's defaults for the others)."""
-    values = given_values(args)
-    backbone = values.pop("backbone", PatchCoreConfig.backbone)
-    backbones = [name.strip() for name in backbone.split(",") if name.strip()]
-    if not backbones:
-        raise ValueError("--backbone: expected one or more comma-separated backbone names")
-    layers = values.pop("layers", (None,))
-    if len(layers) == 1:
-        layers = layers * len(backbones)
-    elif len(layers) != len(backbones):
-        raise ValueError(
-            f"--layers gives {len(layers)} ';'-separated groups for {len(backbones)} backbones; "
-            "give one group per backbone, or one for all"
-        )
-    return [
-        PatchCoreConfig(backbone=name, layers=member_layers, **values)
-        for name, member_layers in zip(backbones, layers, strict=True)
-    ]
+    options given (the config's defaults for the others; ``config.member_configs``)."""
+    return member_configs(given_values(args))
+
+
+def backbones_from_args(args: argparse.Namespace, configs: list[PatchCoreConfig]) -> list | None:
+    """With ``--random-init-missing``, each member's backbone (``load_or_init_backbone``:
+    random-init where its weights are absent, with a warning); else None (the models load
+    theirs and fail on missing weights)."""
+    if not getattr(args, "random_init_missing", False):
+        return None
+    from patchcore_jax.backbones import load_or_init_backbone
+
+    return [load_or_init_backbone(config.backbone, config.layers) for config in configs]
 
 
 def in_option_words(message: str, args: argparse.Namespace) -> str:

@@ -243,6 +243,7 @@ def fit_folder(
     train_seed: int = 0,
     validation: str | os.PathLike | None = None,
     spill_dir: str | os.PathLike | None = None,
+    backbones: Sequence[Backbone | None] | None = None,
     mesh: Mesh | None = None,
     progress: Progress = no_progress,
     log: Log = no_log,
@@ -256,6 +257,7 @@ def fit_folder(
       validation: calibrate on this folder instead of the config's calibration
         (``load_validation_set``; single models only).
       spill_dir: folder of the spill file (``bank.FeatureStore``), for every member.
+      backbones: per member, its backbone (``build_model``; None entries: loaded by name).
     Raises:
       ValueError / OSError before any work: a bad ``out`` or ``spill_dir``, too few images for
       the bank or the held-out calibration, an unreadable validation set.
@@ -282,9 +284,9 @@ def fit_folder(
         if validation_set is not None:
             folders.check_validation_apart(paths, validation_set.paths)
             check_usable(validation_set.paths, config, "validation images")
-        model = build_model(configs, len(paths), mesh=mesh)
-    backbones = ",".join(c.backbone for c in configs)
-    log(f"fitting {backbones} on {quantity(len(paths), 'image')} of {folder}")
+        model = build_model(configs, len(paths), backbones=backbones, mesh=mesh)
+    names = ",".join(c.backbone for c in configs)
+    log(f"fitting {names} on {quantity(len(paths), 'image')} of {folder}")
     fit_model(
         model, paths, validation=validation_set, spill_dir=spill_dir, progress=progress, log=log
     )

@@ -2,7 +2,7 @@
 
 import pytest
 
-from patchcore_jax.config import PatchCoreConfig
+from patchcore_jax.config import PatchCoreConfig, member_configs, preset_values
 
 
 def test_defaults_are_the_reference_settings():
@@ -128,7 +128,7 @@ def test_image_shape_is_height_width_and_stretch_ignores_resize():
 
 
 def test_presets_hold_the_papers_settings_and_combine_in_order():
-    from patchcore_jax.config import PRESETS, preset_values
+    from patchcore_jax.config import PRESETS, member_configs, preset_values
 
     assert preset_values("im320") == {"resize": 366, "crop": 320}
     assert preset_values("layers123")["layers"] == ("layer1", "layer2", "layer3")
@@ -139,10 +139,51 @@ def test_presets_hold_the_papers_settings_and_combine_in_order():
         "coreset_fraction": 0.01,
     }
     assert preset_values(["coreset-25", "coreset-1"])["coreset_fraction"] == 0.01
-    for values in PRESETS.values():  # every preset makes a valid config
-        PatchCoreConfig(**values)
+    for values in PRESETS.values():  # every preset makes valid configs (one per member)
+        assert member_configs(values)
     with pytest.raises(ValueError, match="unknown preset 'im999'; known presets: im320"):
         preset_values("im999")
+
+
+@pytest.mark.parametrize(
+    "preset, resize, crop", [("ensemble-paper", 366, 320), ("ensemble-paper-im224", 256, 224)]
+)
+def test_the_paper_ensemble_presets_are_the_authors_recipe(preset, resize, crop):
+    """sample_training.sh: -b wideresnet101 -b resnext101 -b densenet201, layer2/3 of the two
+    ResNets and features.denseblock2/3 of DenseNet-201, pretrain 1024, target 384, k = 1,
+    patch size 3, approx_greedy_coreset -p 0.01, resize/imagesize 366/320 (IM224: 256/224)."""
+    members = member_configs(preset_values(preset))
+    assert [(m.backbone, m.layers) for m in members] == [
+        ("wide_resnet101_2", ("layer2", "layer3")),
+        ("resnext101_32x8d", ("layer2", "layer3")),
+        ("densenet201", ("denseblock2", "denseblock3")),
+    ]
+    for member in members:
+        assert (member.pretrain_embed_dimension, member.target_embed_dimension) == (1024, 384)
+        assert (member.num_neighbors, member.patch_size, member.patch_stride) == (1, 3, 1)
+        assert (member.sampler, member.coreset_fraction) == ("approx_greedy_coreset", 0.01)
+        assert (member.resize, member.image_shape) == (resize, (crop, crop))
+        assert member.seed == 0 and member.distance == "squared_l2" and not member.reweight
+    # a preset after it wins where it sets a field; explicit values win over both
+    values = {**preset_values(f"{preset},coreset-10"), "crop": 64, "resize": 72}
+    assert {(m.coreset_fraction, m.image_shape) for m in member_configs(values)} == {
+        (0.1, (64, 64))
+    }
+
+
+def test_member_configs_split_backbones_and_layer_groups():
+    values = {"backbone": "mobilenet_v2, resnet18", "layers": ("layer2",), "seed": 3}
+    assert [c.layers for c in member_configs(values)] == [("layer2",), ("layer2",)]  # for all
+    members = member_configs({**values, "layers": (("stride16",), ("layer2",))})
+    assert [(c.backbone, c.layers, c.seed) for c in members] == [
+        ("mobilenet_v2", ("stride16",), 3),
+        ("resnet18", ("layer2",), 3),
+    ]
+    assert [c.layers for c in member_configs({"backbone": "a,b"})] == [None, None]
+    with pytest.raises(ValueError, match=r"layers gives 3 ';'-separated groups for 2 backbones"):
+        member_configs({"backbone": "a,b", "layers": (("x",), ("y",), ("z",))})
+    with pytest.raises(ValueError, match="backbone: expected one or more comma-separated"):
+        member_configs({"backbone": " , "})
 
 
 def test_bank_rows_is_the_one_bank_size_rule():

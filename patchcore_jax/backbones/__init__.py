@@ -12,6 +12,7 @@ requested stages in network order (finest grid first), computing nothing after t
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,13 +68,17 @@ __all__ = [
     "fetchable_backbones",
     "init_backbone",
     "load_backbone",
+    "load_or_init_backbone",
     "probe_batch_norm",
+    "recorded_backbone",
     "stage_names",
     "weights_dir",
     "weights_status",
 ]
 
 _BACKBONES: tuple[str, ...] = (*RESNET_ARCHITECTURES, "mobilenet_v2", *DENSENET_ARCHITECTURES)
+# ``Backbone.weights_sha256`` of ``init_backbone``'s weights (seed 0; other seeds say theirs).
+RANDOM_INIT = "random-init"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -86,7 +91,8 @@ class Backbone:
         returns {stage: [B, h, w, C] float32} for ``layers``, in network order.
       variables: {'params': ..., 'batch_stats': ...} (whatever the module needs), jax arrays.
       layers: stages the module returns, in network order (finest first).
-      weights_sha256: sha256 of the source weights file, or "random-init".
+      weights_sha256: sha256 of the source weights file, or ``RANDOM_INIT`` ("random-init";
+        "random-init seed N" for ``init_backbone``'s other seeds).
       probed_image_shape: (H, W) of the reference's BatchNorm probe once ``probe_batch_norm``
         has run, else None (pristine statistics).
     """
@@ -195,7 +201,8 @@ def init_backbone(name: str, layers: Sequence[str] | None = None, seed: int = 0)
         return jnp.asarray(values)
 
     variables = jax.tree_util.tree_map_with_path(draw, variable_shapes(module))
-    return Backbone(name, module, variables, layers, "random-init")
+    label = RANDOM_INIT if seed == 0 else f"{RANDOM_INIT} seed {seed}"
+    return Backbone(name, module, variables, layers, label)
 
 
 def probe_batch_norm(backbone: Backbone, image_shape: tuple[int, int]) -> Backbone:
@@ -318,6 +325,35 @@ def load_backbone(
         source_sha256 = manifest["source_sha256"]
     check_variables(variables, variable_shapes(full_module(name, layout)), source)
     return _backbone(name, layers, variables, source_sha256, layout)
+
+
+def load_or_init_backbone(name: str, layers: Sequence[str] | None = None) -> Backbone:
+    """``load_backbone(name, layers)``, or where its weights are absent ``init_backbone``'s
+    random weights, with a warning that scores computed with them mean nothing (smoke runs and
+    timings of backbones whose weights cannot be fetched here; the CLI's
+    ``--random-init-missing``)."""
+    try:
+        return load_backbone(name, layers)
+    except FileNotFoundError as error:
+        warnings.warn(
+            f"{str(error).split(';')[0]}: using random-init weights instead; scores and "
+            "metrics computed with them mean nothing",
+            stacklevel=2,
+        )
+        return init_backbone(name, layers)
+
+
+def recorded_backbone(name: str, layers: Sequence[str] | None, weights_sha256: str) -> Backbone:
+    """The backbone a checkpoint records: ``init_backbone``'s weights again (a pure function
+    of name and layers, with a warning that its scores mean nothing) for ``RANDOM_INIT``, else
+    ``load_backbone(name, layers)`` (whose hash the caller checks)."""
+    if weights_sha256 != RANDOM_INIT:
+        return load_backbone(name, layers)
+    warnings.warn(
+        f"this model was fitted with random-init {name} weights: its scores mean nothing",
+        stacklevel=2,
+    )
+    return init_backbone(name, layers)
 
 
 def model_backbone(
