@@ -812,3 +812,54 @@ def test_resume_refuses_model_options_that_differ_from_the_model(subset, model_d
         "(the model's: 1), --reweight True (the model's: False)"
     ]
     assert not (tmp_path / "m").exists()
+
+
+def test_the_paper_ensemble_preset_gives_three_members_and_options_override_it(capsys):
+    from patchcore_jax.options import configs_from_args, preset_defaults
+
+    argv = ["fit", ".", "--out", "m", "--preset", "ensemble-paper", "--image-size", "64"]
+    args = build_parser(preset_defaults("ensemble-paper")).parse_args([*argv, "--resize", "72"])
+    members = configs_from_args(args)
+    assert [(m.backbone, m.layers) for m in members] == [
+        ("wide_resnet101_2", ("layer2", "layer3")),
+        ("resnext101_32x8d", ("layer2", "layer3")),
+        ("densenet201", ("denseblock2", "denseblock3")),
+    ]
+    assert {(m.target_embed_dimension, m.coreset_fraction, m.image_shape) for m in members} == {
+        (384, 0.01, (64, 64))
+    }
+    args = build_parser(preset_defaults("ensemble-paper")).parse_args(argv[:6])
+    assert {(m.resize, m.image_shape) for m in configs_from_args(args)} == {(366, (320, 320))}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["benchmark", "--help"])
+    assert "ensemble-paper, ensemble-paper-im224" in " ".join(capsys.readouterr().out.split())
+
+
+def test_random_init_missing_fits_reloads_and_benchmarks_where_weights_are_absent(
+    subset, tmp_path, monkeypatch, capsys
+):
+    """Without weights a fit fails naming them; with --random-init-missing it uses random-init
+    weights and says the results mean nothing, its checkpoint reloads them (saying so again),
+    and a benchmark records them in result.json and results.md."""
+    from patchcore_jax import checkpoint, cli
+
+    monkeypatch.setenv("PATCHCORE_WEIGHTS", str(tmp_path / "no-weights"))
+    small = ["--backbone", "resnet18", "--image-size", "64", "--resize", "72", "--quiet"]
+    small += ["--pretrain-dim", "32", "--target-dim", "16", "--train-images", "3"]
+    small += ["--no-batch-norm-probe"]  # the probe runs eagerly: seconds per model
+    fit = ["fit", str(subset), "--out", str(tmp_path / "m"), *small]
+    assert cli.main(fit) == 2
+    assert "error: no weights for resnet18 in" in capsys.readouterr().err
+    assert cli.main([*fit, "--random-init-missing"]) == 0
+    note = "using random-init weights instead; scores and metrics computed with them mean nothing"
+    assert note in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="fitted with random-init resnet18 weights"):
+        assert checkpoint.load(tmp_path / "m").backbone.weights_sha256 == "random-init"
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "bottle").symlink_to(subset)
+    bench = ["benchmark", str(tmp_path / "root"), "--out", str(tmp_path / "b"), *small]
+    assert cli.main([*bench, "--random-init-missing"]) == 0
+    result = json.loads((tmp_path / "b" / "bottle" / "result.json").read_text())
+    assert result["status"] == "ok"
+    assert result["settings"]["random_init_backbones"] == ["resnet18"]
+    assert "random-init weights for resnet18" in (tmp_path / "b" / "results.md").read_text()
