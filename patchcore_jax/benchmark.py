@@ -173,14 +173,34 @@ def evaluate_category(
 
 
 def settings_record(
-    configs: Sequence[PatchCoreConfig], train_images: int | None, train_seed: int
+    configs: Sequence[PatchCoreConfig],
+    train_images: int | None,
+    train_seed: int,
+    backbones: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
-    """What decides a category's numbers; a stored result is reused only if it matches."""
-    return {
+    """What decides a category's numbers; a stored result is reused only if it matches.
+    ``backbones`` with random-init weights are recorded (``random_init_backbones``), so that a
+    run with the real weights never reuses their results."""
+    record = {
         "configs": [config.to_dict() for config in configs],
         "train_images": train_images,
         "train_seed": train_seed if train_images is not None else None,
     }
+    random_init = [b.name for b in backbones or () if b and b.weights_sha256 == RANDOM_INIT]
+    if random_init:
+        record["random_init_backbones"] = random_init
+    return record
+
+
+def settings_warnings(settings: dict[str, Any]) -> list[str]:
+    """What the log and results.md must say about ``settings``: random-init weights."""
+    names = settings.get("random_init_backbones")
+    if not names:
+        return []
+    return [
+        f"random-init weights for {', '.join(names)} (their weights are absent): these numbers "
+        "mean nothing"
+    ]
 
 
 def run_benchmark(
@@ -209,16 +229,10 @@ def run_benchmark(
     folders, notes = find_categories(root, categories)
     for note in notes:
         log(note)
-    settings = settings_record(configs, train_images, train_seed)
-    random_init = [b.name for b in backbones or () if b and b.weights_sha256 == RANDOM_INIT]
-    notes = []
-    if random_init:  # recorded, so that a run with the real weights never reuses these
-        settings["random_init_backbones"] = random_init
-        notes.append(
-            f"random-init weights for {', '.join(random_init)} (their weights are absent): "
-            "these numbers mean nothing"
-        )
-        log(f"note: {notes[-1]}")
+    settings = settings_record(configs, train_images, train_seed, backbones)
+    warnings = settings_warnings(settings)
+    for warning in warnings:
+        log(f"note: {warning}")
     device = device_description()
     results: list[CategoryResult] = []
     with contextlib.ExitStack() as stack:
@@ -274,7 +288,7 @@ def run_benchmark(
                 log(f"{prefix}: {numbers} ({time.perf_counter() - start:.1f} s)")
         with sharding.agreed():
             if sharding.is_primary_process():
-                write_tables(out_dir, results, device, notes)
+                write_tables(out_dir, results, device, warnings)
     return results
 
 
