@@ -390,26 +390,22 @@ def _fit(args: argparse.Namespace) -> int:
         given = {"config_values": options.resume_values(args)}
         workflows.extend_folder(args.data, args.resume, args.out, **given, **few_shot, **report)
         return 0
-    configs = options.configs_from_args(args)
+    models = options.model_arguments(args)
     if args.out is None:
         raise ValueError("fit needs --out (the checkpoint folder to write)")
-    backbones = options.backbones_from_args(args, configs)
     workflows.fit_folder(
-        args.data, args.out, configs, validation=args.validation, backbones=backbones,
-        **few_shot, **report,
-    )  # fmt: skip
+        args.data, args.out, validation=args.validation, **models, **few_shot, **report
+    )
     return 0
 
 
 def _benchmark(args: argparse.Namespace) -> int:
     from patchcore_jax import benchmark
 
-    configs = options.configs_from_args(args)
     results = benchmark.run_benchmark(
         args.root,
         args.out,
-        configs,
-        backbones=options.backbones_from_args(args, configs),
+        **options.model_arguments(args),
         categories=args.categories,
         train_images=args.train_images,
         train_seed=args.train_seed,

@@ -180,15 +180,18 @@ def configs_from_args(args: argparse.Namespace) -> list[PatchCoreConfig]:
     return member_configs(given_values(args))
 
 
-def backbones_from_args(args: argparse.Namespace, configs: list[PatchCoreConfig]) -> list | None:
-    """With ``--random-init-missing``, each member's backbone (``load_or_init_backbone``:
-    random-init where its weights are absent, with a warning); else None (the models load
-    theirs and fail on missing weights)."""
+def model_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"configs": configs_from_args(args), "backbones": ...}`` for ``workflows.fit_folder``
+    and ``benchmark.run_benchmark``: with ``--random-init-missing`` each member's backbone
+    (``load_or_init_backbone``: random-init where its weights are absent, with a warning),
+    else None (the models load theirs and fail on missing weights)."""
+    configs = configs_from_args(args)
     if not getattr(args, "random_init_missing", False):
-        return None
+        return {"configs": configs, "backbones": None}
     from patchcore_jax.backbones import load_or_init_backbone
 
-    return [load_or_init_backbone(config.backbone, config.layers) for config in configs]
+    backbones = [load_or_init_backbone(config.backbone, config.layers) for config in configs]
+    return {"configs": configs, "backbones": backbones}
 
 
 def in_option_words(message: str, args: argparse.Namespace) -> str:
