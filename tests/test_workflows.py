@@ -275,8 +275,7 @@ def test_a_patch_stride_shrinks_the_grid_and_survives_checkpoint_export_and_resu
     loaded = checkpoint.load(tmp_path / "model")
     assert loaded.config == config and loaded.grid_shape == (4, 4)
     images = load_images(sorted((subset / "test").rglob("*.png"))[:4], 64, 64)
-    scores, maps = model.predict(images)
-    assert maps.shape == (4, 64, 64)
+    assert model.predict(images).anomaly_maps.shape == (4, 64, 64)
     export.export_model(loaded, tmp_path / "model.pcjx", platforms=["cpu"])
     program = exported.load(tmp_path / "model.pcjx")
     assert PatchCoreConfig.from_dict(program.metadata["config"]).patch_stride == 2
