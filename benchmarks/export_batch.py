@@ -3,7 +3,7 @@ time, built and run by another checkout, e.g. a ``git worktree`` of the previous
 this tree's batched program (the bank inside, and the bank as an input) and against
 ``PatchCore.predict`` at the same batch size.
 
-One fitted model (this tree, saved as a checkpoint) is exported by each tree's own
+One fitted model (the baseline tree, saved as a checkpoint) is exported by each tree's own
 ``patchcore-jax export``; every measurement then runs in a fresh process with ``PYTHONPATH`` at
 the tree that reads that file, the variants alternating in each round (A, B, C, D, then the next
 round in reverse order) so that load from other jobs falls on all alike. A worker calls its
@@ -98,7 +98,8 @@ def run_tree(tree: Path, arguments: list[str]) -> subprocess.CompletedProcess:
 
 
 def fit_and_export(args: argparse.Namespace, folder: Path) -> dict[str, list[str]]:
-    """Fits the model (this tree), exports it with both trees; each variant's worker options."""
+    """Fits the model (the baseline tree: this tree reads older checkpoints, not the reverse),
+    exports it with both trees; each variant's worker options."""
     fit = f"""
 import sys
 from patchcore_jax import checkpoint, preprocess
@@ -112,7 +113,7 @@ checkpoint.save(model, sys.argv[2])
 print(model.memory_bank.shape[0])
 """
     model = folder / "model"
-    rows = run_tree(REPO_ROOT, ["-c", fit, str(args.data), str(model)]).stdout.split()[-1]
+    rows = run_tree(args.baseline, ["-c", fit, str(args.data), str(model)]).stdout.split()[-1]
     print(f"fitted: {rows} bank rows", flush=True)
     export = ["-m", "patchcore_jax.cli", "export", str(model), "--platforms", "cpu"]
     run_tree(args.baseline, [*export, "--out", str(folder / "baseline.pcjx")])
