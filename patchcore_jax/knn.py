@@ -77,12 +77,14 @@ _PADDED_QUERY, _PADDED_ROW = -2, -1
 def _tiling(num_rows: int, num_shards: int, block_size: int) -> tuple[int, int]:
     """``(tile, rows_per_shard)``: balanced tiles of at most ~``block_size`` rows per shard.
 
-    A symbolic ``num_rows`` (an exported program's batch dimension) gets tiles of
-    ``block_size`` rounded up to a multiple of 8, whatever the batch: one compiled shape per tile.
+    A symbolic ``num_rows`` (an exported program's batch dimension, images x patches) gets the
+    largest multiple of 8 up to ``block_size`` that divides it whatever the batch (no padding
+    rows: e.g. 784 for 28 x 28 patches an image), else ``block_size`` rounded up to one.
     """
     per_shard = max(1, -(-num_rows // num_shards))
     if not isinstance(per_shard, int):
-        tile = -(-block_size // 8) * 8
+        divisors = (t for t in range(block_size // 8 * 8, 7, -8) if per_shard % t == 0)
+        tile = next(divisors, -(-block_size // 8) * 8)
         return tile, -(-per_shard // tile) * tile
     num_tiles = -(-per_shard // block_size)
     tile = -(-per_shard // num_tiles)
@@ -395,21 +397,14 @@ def _local_top_k(
         if not certify:
             return *_rerank(*args, k), no_fallback, query_norms
         thresholds = (row_norms, basis.shape[1])
-        answer = _certified_candidates(*args, k, num_candidates, bank_tile, *thresholds)
-        if per_tile:  # a symbolic number of queries (an export): each tile falls back alone
-            tile_args = (block_queries, query_norms, images)
-            answer = _proven_or_scanned(*answer, exact_scan, tile_args, query_tile, shards)
-        return *answer, query_norms
+        return *_certified_candidates(*args, k, num_candidates, bank_tile, *thresholds), query_norms
 
-    per_tile = certify and not isinstance(num_queries, int)
     out_width = num_candidates if fast and not rerank else k
     blocks = (queries.reshape(num_queries // query_tile, query_tile, dim),)
     if exclude:
         blocks += (query_images.reshape(num_queries // query_tile, query_tile),)
     distances, indices, thresholds, query_norms = lax.map(query_block, blocks)
     distances, indices = distances.reshape(-1, out_width), indices.reshape(-1, out_width)
-    if per_tile:
-        return distances, indices, thresholds.reshape(num_queries)
     if not certify:
         return distances, indices, jnp.zeros(num_queries, bool)
     answer = (distances, indices, thresholds.reshape(num_queries), exact_blocks)
@@ -481,9 +476,9 @@ def nearest_neighbors_unchecked(
     to a bucketed size, so that banks of nearby sizes share one compiled program); default all.
     ``query_images: [Q]``, ``bank_images: [M]`` int32: the same-image exclusion (split like the
     queries and the bank). ``certified`` with low-rank ``search``: the certified search (plain
-    exact, the same answer, under 64-row tiles or ``CERTIFIED_MIN_ROWS`` rows per shard); a
-    symbolic ``Q`` (an export's batch) falls back tile by tile. Returns ``([Q, k] distances,
-    [Q, k] indices, [Q] bool: fell back to the full scan on a shard, or None: not certified)``.
+    exact, the same answer, under 64-row tiles, ``CERTIFIED_MIN_ROWS`` rows per shard or a
+    symbolic ``Q``: measured slower there). Returns ``([Q, k] distances, [Q, k] indices, [Q]
+    bool: fell back to the full scan on a shard, or None: not certified)``.
     """
     num_queries, num_bank = queries.shape[0], memory_bank.shape[0]
     valid_rows = num_bank if num_valid is None else num_valid
@@ -494,8 +489,8 @@ def nearest_neighbors_unchecked(
     bank_padding = (0, bank_shards * rows_per_shard - num_bank)
     queries = jnp.pad(queries, (query_padding, (0, 0)))
     memory_bank = jnp.pad(memory_bank, (bank_padding, (0, 0)))
-    big = bank_tile >= 64 and rows_per_shard >= CERTIFIED_MIN_ROWS
-    certify = certified and search is not None and big
+    big = bank_tile >= 64 and rows_per_shard >= CERTIFIED_MIN_ROWS  # symbolic batch: plain
+    certify = certified and search is not None and big and isinstance(num_queries, int)
     num_candidates = None if certified and not certify else num_candidates  # plain: too small
     if num_candidates is not None and search is not None:
         search = (search[0].astype(jnp.float32), jnp.pad(search[1], (bank_padding, (0, 0))))

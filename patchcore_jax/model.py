@@ -657,7 +657,8 @@ class PatchCore:
         float32 (padded), ``num_valid`` int32 [] (M), ``search_0``...: the search arrays' leaves."""
         if self.memory_bank is None:
             raise ValueError("PatchCore.bank_inputs called before fit() or load()")
-        leaves = [*self._scoring_bank, *jax.tree.leaves(self._search)]  # search: as ``score``
+        search = self._search if self.config.precision == "fast" else None  # exports: plain scan
+        leaves = [*self._scoring_bank, *jax.tree.leaves(search)]
         names = ["memory_bank", "num_valid"] + [f"search_{i}" for i in range(len(leaves) - 2)]
         return {name: np.asarray(leaf) for name, leaf in zip(names, leaves, strict=True)}
 
@@ -670,7 +671,7 @@ class PatchCore:
             raise ValueError("PatchCore.inference_function called before fit() or load()")
         embed_and_score = programs.embed_and_score_function(*self._program_options, None)
         variables = features.backbone_variables(self.backbone.variables, self._backbone_precision)
-        search = jax.tree.structure(self._search)
+        search = jax.tree.structure(self._search if self.config.precision == "fast" else None)
         infer = programs.with_bank_arguments(embed_and_score, variables, search)
         if bank_input:
             return infer

@@ -18,7 +18,7 @@ import pytest
 from conftest import BOTTLE
 from test_cli import run_cli
 
-from patchcore_jax import PatchCore, PatchCoreConfig, checkpoint, export, exported, knn, scoring
+from patchcore_jax import PatchCore, PatchCoreConfig, checkpoint, export, exported, scoring
 from patchcore_jax import calibration as calibration_module
 from patchcore_jax.datasets.folders import load_dataset
 from patchcore_jax.preprocess import load_images
@@ -457,8 +457,7 @@ def test_one_program_runs_another_categorys_bank_with_that_models_predict_scores
         outputs["normalized_scores"], calibration.normalize_image_scores(outputs["image_scores"])
     )
     assert loaded.metadata["calibration"] is None  # the bank file's is applied
-    names = [spec[0] for spec in loaded.metadata["bank_inputs"]]
-    assert names == ["memory_bank", "num_valid", "search_0", "search_1"]  # certified on cpu
+    assert [spec[0] for spec in loaded.metadata["bank_inputs"]] == ["memory_bank", "num_valid"]
     fast_config = first.config.replace(precision="fast")
     fast_first, fast_second = with_bank(fast_config, first), with_bank(fast_config, second)
     assert fast_second.candidate_search == "low-rank"
@@ -469,24 +468,6 @@ def test_one_program_runs_another_categorys_bank_with_that_models_predict_scores
     names = [spec[0] for spec in loaded.bank_metadata["arrays"]]
     assert names == ["memory_bank", "num_valid", "search_0", "search_1"]
     assert_within_rounding(loaded(line.test), fast_second, line.test)
-
-
-def test_an_exact_program_on_cpu_runs_the_certified_knn_within_rounding_of_predict(
-    line, tmp_path, monkeypatch, request
-):
-    """Exact models exported on cpu search their bank as ``score`` does there: the certified
-    k-NN (low-rank candidates, a proof, the full scan tile by tile where it fails), the same
-    answer as the plain scan. Forced here on the tiny bank (it certifies from 4096 rows)."""
-    model = line.models["b"]
-    plain = str(jax.make_jaxpr(export.export_function(model))(line.test[:2]))
-    monkeypatch.setattr(knn, "CERTIFIED_MIN_ROWS", 0)
-    jax.clear_caches()  # traced programs read the constant: none may be reused, here or later
-    request.addfinalizer(jax.clear_caches)
-    certified = str(jax.make_jaxpr(export.export_function(model))(line.test[:2]))
-    assert "cond[" in certified and "cond[" not in plain  # the fallback's switch
-    program = tmp_path / "certified.pcjx"
-    export.export_model(model, program, platforms=["cpu"])
-    assert_within_rounding(exported.load(program)(line.test), model, line.test)
 
 
 def test_a_bank_of_another_configuration_or_bucket_is_refused_naming_both_files(

@@ -3,8 +3,6 @@ values, the same-image exclusion, and the ``fast`` candidates + exact re-rank.""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from float_rounding import low_rank_distance_bound, squared_distance_error
@@ -488,53 +486,14 @@ def test_certified_search_is_plain_exact_where_banks_or_tiles_are_small_and_vali
         knn.nearest_neighbors(bank, bank, 3, candidate_search="low-rank", num_candidates=2)
 
 
-@pytest.mark.parametrize("k,num_failing", [(1, 3), (2, 60)])
-def test_certified_knn_with_a_symbolic_number_of_queries_is_the_plain_scan(
-    k, num_failing, certify_small_banks
-):
-    """An exported program's batch is symbolic: the certified search falls back tile by tile
-    (each tile's own gathered set) and still gives the plain scan's answer bit for bit (the
-    plain scan of the same symbolic shape: tiles, and so rounding, depend on the shape)."""
-    rng = np.random.default_rng(40 + k)
-    queries, bank = _adversarial(rng, dim=128)
-    extra = 1e-3 * rng.standard_normal((len(bank), 32)).astype(np.float32)
-    bank = np.concatenate([bank, extra], axis=1)  # as in the fallback test above
-    queries = np.concatenate([queries, np.zeros((len(queries), 32), np.float32)], axis=1)
-    failing = rng.choice(len(queries), num_failing, replace=False)
-    queries[failing, 128:] = rng.standard_normal((num_failing, 32))
-    search = candidates.low_rank_search(bank)
-    count = candidates.candidates_for("exact", k, None, "low-rank")
-    options = dict(k=k, squared=True, bank_block_size=300, query_block_size=120)
+def test_a_symbolic_number_of_queries_is_tiled_without_padding_where_a_tile_divides_it():
+    """Exported programs (batch symbolic, images x patches queries): a tile that divides every
+    batch's query count pads nothing (batch 1 of a 28 x 28 grid scans 784 queries, not 1024)."""
+    import jax
 
-    def exported(certified: bool):
-        def run(some_queries):
-            return knn.nearest_neighbors_unchecked(
-                some_queries,
-                bank,
-                **options,
-                mesh=sharding.single_device_mesh(),
-                num_candidates=count if certified else None,
-                search=search if certified else None,
-                certified=certified,
-            )
-
-        (num_queries,) = jax.export.symbolic_shape("10*q")  # as images x patches
-        spec = jax.ShapeDtypeStruct((num_queries, bank.shape[1]), jnp.float32)
-        return jax.export.export(jax.jit(run))(spec)
-
-    certified, plain = exported(True), exported(False)
-    for size in (400, 250):  # two batch sizes, one program
-        part = queries[:size]
-        distances, indices, fallbacks = (np.asarray(x) for x in certified.call(part))
-        expected = [np.asarray(x) for x in plain.call(part)[:2]]
-        np.testing.assert_array_equal(indices, expected[1])
-        np.testing.assert_array_equal(distances, expected[0])
-        finite = np.all(np.isfinite(part), axis=1)
-        assert fallbacks[~finite].all() and 0.5 < 1 - fallbacks.mean() < 1
-    # And the float64 brute force (the NaN row 300 is never a neighbour).
-    kept = np.delete(np.arange(len(bank)), 300)
-    expected_distances, positions = _dense_knn(part[finite], bank[kept], k)
-    np.testing.assert_array_equal(indices[finite], kept[positions])
-    bound = squared_distance_error(part[finite][:, None, :], bank[kept[positions]])
-    assert np.all(np.abs(distances[finite] - expected_distances) <= bound)
-    assert fallbacks.sum() >= 1  # some tile fell back (the forced queries, non-finite ones)
+    (batch,) = jax.export.symbolic_shape("batch")
+    assert knn._tiling(batch * 784, 1, 1024) == (784, batch * 784)
+    assert knn._tiling(batch * 1000, 1, 1024) == (1000, batch * 1000)
+    tile, rows = knn._tiling(batch * 196, 1, 1024)  # no multiple of 8 divides 196 b for all b
+    assert tile == 1024 and not isinstance(rows, int)
+    assert knn._tiling(784, 1, 1024) == (784, 784)  # static: balanced tiles, as before
