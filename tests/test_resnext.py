@@ -13,11 +13,9 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
-import torch.nn.functional as torch_f
 from conftest import FIXTURES, load_fixture
-from float_rounding import UNIT_ROUNDOFF, gamma
 from safetensors.numpy import load_file
+from torch_parity import BoundedLayers, start, to_nhwc
 
 from patchcore_jax import features
 from patchcore_jax.backbones import available_backbones, default_layers, stage_names
@@ -41,11 +39,6 @@ TINY = FIXTURES / "torchvision_tiny_resnext.safetensors"
 GROUPS, WIDTH_PER_GROUP = 4, 4
 # stage -> (blocks, planes, stride), as in the fixture's ResNet(Bottleneck, [1, 2, 1, 1], ...)
 TINY_STAGES = {"layer1": (1, 64, 1), "layer2": (2, 128, 2), "layer3": (1, 256, 2)}
-# Rounding of eval-mode BatchNorm, in units of u relative to |x - mean| |a| + |mean| |a| + |bias|
-# (a = scale / sqrt(var + eps)): var + eps, the square root and reciprocal (3 units: fast
-# approximations are within 2 ulp), the product with the scale, x - mean (or mean * a), the
-# product with a, the sum with the bias; 10 covers every order in which torch or XLA fuse them.
-BATCH_NORM_ROUNDINGS = 10
 
 
 def tiny_resnext(layers=("layer1", "layer2", "layer3")) -> ResNet:
@@ -69,49 +62,8 @@ def nhwc(nchw: np.ndarray) -> jnp.ndarray:
 # ------------------------------------------------ float64 forward pass with a rounding bound
 
 
-class BoundedForward:
-    """The tiny ResNeXt in float64 (torch, NCHW) carrying, with every activation x, a bound e
-    on |x32 - x| for ANY float32 evaluation x32 of the same network on the same float32
-    weights and input (every summation order: XLA's and torch's alike). Rules (u = 2^-24,
-    gamma_K from float_rounding): a K-term convolution of x32 is within
-    ``|W| ((1 + gamma_K) e + gamma_K |x|)`` of the exact one; eval BatchNorm
-    ``(x - m) a + b`` adds ``BATCH_NORM_ROUNDINGS u (|x| |a| + |m| |a| + |b|)`` to ``|a| e``;
-    ReLU keeps e (1-Lipschitz) and zeroes it where x < -e (both results are then 0); max
-    pooling takes the window's largest e; the residual sum adds u |sum| to e1 + e2.
-    Bounds compound through layers (|W| has no cancellation), so they are checked per stage,
-    from torchvision's stage input."""
-
-    def __init__(self, state_dict: dict[str, np.ndarray]):
-        self.tensors = {
-            key: torch.from_numpy(value.astype(np.float64))
-            for key, value in state_dict.items()
-            if not key.endswith("num_batches_tracked")
-        }
-
-    def conv(self, x, e, key, stride, groups=1):
-        weight = self.tensors[f"{key}.weight"]
-        g = gamma(weight[0].numel())
-        pad = weight.shape[-1] // 2
-        value = torch_f.conv2d(x, weight, stride=stride, padding=pad, groups=groups)
-        bound = torch_f.conv2d(
-            (1 + g) * e + g * x.abs(), weight.abs(), stride=stride, padding=pad, groups=groups
-        )
-        return value, bound
-
-    def batch_norm(self, x, e, key):
-        scale, bias, mean, var = (
-            self.tensors[f"{key}.{name}"].view(1, -1, 1, 1)
-            for name in ("weight", "bias", "running_mean", "running_var")
-        )
-        a = (scale / torch.sqrt(var + 1e-5)).abs()
-        rounding = BATCH_NORM_ROUNDINGS * UNIT_ROUNDOFF
-        value = (x - mean) * (scale / torch.sqrt(var + 1e-5)) + bias
-        terms = (x.abs() + e + mean.abs()) * a + bias.abs()
-        return value, (1 + rounding) * a * e + rounding * terms
-
-    @staticmethod
-    def relu(x, e):
-        return x.clamp(min=0), torch.where(x < -e, torch.zeros_like(e), e)
+class BoundedForward(BoundedLayers):
+    """The tiny ResNeXt in float64 with float32 rounding bounds (tests/torch_parity.py)."""
 
     def block(self, x, e, prefix, stride):
         y, b = self.relu(*self.batch_norm(*self.conv(x, e, f"{prefix}.conv1", 1), f"{prefix}.bn1"))
@@ -123,9 +75,7 @@ class BoundedForward:
             identity, identity_bound = self.batch_norm(*shortcut, f"{prefix}.downsample.1")
         else:
             identity, identity_bound = x, e
-        total = y + identity
-        bound = b + identity_bound
-        return self.relu(total, bound + UNIT_ROUNDOFF * (total.abs() + bound))
+        return self.relu(*self.add(y, b, identity, identity_bound))
 
     def stage(self, x, e, name):
         num_blocks, _, stride = TINY_STAGES[name]
@@ -135,15 +85,14 @@ class BoundedForward:
 
     def stem(self, x, e):
         y, b = self.relu(*self.batch_norm(*self.conv(x, e, "conv1", 2), "bn1"))
-        return torch_f.max_pool2d(y, 3, 2, 1), torch_f.max_pool2d(b, 3, 2, 1)
+        return self.max_pool(y, b, 3, 2, 1)
 
 
 def exact_with_bound(forward: BoundedForward, steps, nchw: np.ndarray):
-    x = torch.from_numpy(nchw.astype(np.float64))
-    e = torch.zeros_like(x)
+    x, e = start(nchw)
     for step in steps:
         x, e = step(x, e)
-    return x.numpy().transpose(0, 2, 3, 1), e.numpy().transpose(0, 2, 3, 1)
+    return to_nhwc(x), to_nhwc(e)
 
 
 def test_tiny_resnext_stages_equal_torchvision_within_the_float32_rounding_bound():
