@@ -874,9 +874,10 @@ def test_fit_of_the_paper_ensemble_preset_trains_three_members_evaluates_loads_a
     calibrate) and evaluates from the checkpoint, which loads as that ensemble; a member
     exports. CI: 64 px crops without the eager BatchNorm probe (about 2.5 minutes on a loaded
     2-core CPU: six compilations of 100-200-layer networks); the full recipe (320 px, probed)
-    is the slow variant."""
+    is the slow variant, which also exports and runs the whole ensemble."""
     import patchcore_jax
     from patchcore_jax import cli, exported
+    from patchcore_jax.preprocess import load_images
 
     monkeypatch.setenv("PATCHCORE_WEIGHTS", str(tmp_path / "no-weights"))
     small = [] if image_size is None else ["--image-size", image_size, "--resize", image_size]
@@ -910,3 +911,13 @@ def test_fit_of_the_paper_ensemble_preset_trains_three_members_evaluates_loads_a
     assert cli.main([str(arg) for arg in export]) == 0
     program = exported.load(tmp_path / "densenet.pcjx")
     assert program.metadata["config"]["backbone"] == "densenet201"
+    if image_size is None:  # the whole ensemble in one program (~0.5 GB of weights): slow only
+        whole = tmp_path / "paper.pcjx"
+        export = ["export", model, "--out", whole, "--platforms", "cpu"]
+        assert cli.main([str(arg) for arg in export]) == 0
+        crops = load_images(sorted(Path(subset).glob("test/*/*.png"))[:2], 366, 320)
+        outputs = exported.load(whole)(crops)
+        member_scores = outputs["member_scores"]  # combined over this batch, as predict does
+        assert member_scores.shape == (3, 2) and outputs["decisions"] is None
+        combined = np.mean([exported.min_max(scores) for scores in member_scores], axis=0)
+        np.testing.assert_array_equal(outputs["image_scores"], combined.astype(np.float32))
