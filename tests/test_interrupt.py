@@ -124,7 +124,7 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     "trigger",
     [
-        "features:   0%",  # the bar opens after the first of 3 feature batches
+        "features: started",  # the stage's first line, before its first feature batch
         "coreset:",  # the greedy coreset's bar
         "calibration:",  # logged after the calibration: Ctrl-C before or during the save
     ],
