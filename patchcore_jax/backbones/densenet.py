@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from patchcore_jax.backbones.resnet import BatchNorm, normalize_imagenet, torch_conv
+from patchcore_jax.backbones.resnet import BatchNorm, TorchvisionInput, torch_conv
 from patchcore_jax.sharding import HIGHEST
 
 DENSENET_STAGES: tuple[str, ...] = (
@@ -113,7 +113,7 @@ class DenseFeatures(nn.Module):
         return max(int(name.removeprefix("denseblock")) for name in self.layers)
 
 
-class DenseNet(nn.Module):
+class DenseNet(TorchvisionInput, nn.Module):
     """torchvision ``DenseNet(growth_rate, block_config, num_init_features, bn_size,
     num_classes)``, NHWC; returns an ordered dict of the stages in ``layers`` (any of
     ``DENSENET_STAGES``), computing (and creating parameters for) nothing after the deepest.
@@ -128,14 +128,6 @@ class DenseNet(nn.Module):
     bn_size: int = 4
     num_classes: int = 1000
     layers: tuple[str, ...] = DENSENET_DEFAULT_LAYERS
-
-    def __call__(self, images: jax.Array, train_batch_norm: bool = False) -> dict[str, jax.Array]:
-        """images: [B, H, W, 3] uint8/float RGB 0..255 -> {stage: [B, h, w, C] float32}."""
-        return self.forward_normalized(self.normalize_input(images), train_batch_norm)
-
-    def normalize_input(self, images: jax.Array) -> jax.Array:
-        """Pixels 0..255 -> the float32 input of ``forward_normalized`` (ImageNet-normalised)."""
-        return normalize_imagenet(images)
 
     @nn.compact
     def forward_normalized(

@@ -189,7 +189,21 @@ class ResNetStage(nn.Module):
         return x
 
 
-class ResNet(nn.Module):
+class TorchvisionInput:
+    """The pixel side of a torchvision-layout backbone (ResNet family, DenseNet): ``__call__``
+    normalises 0..255 RGB as ImageNet did and runs the module's ``forward_normalized`` (which
+    the BatchNorm probe calls directly on its already-normalised input)."""
+
+    def __call__(self, images: jax.Array, train_batch_norm: bool = False) -> dict[str, jax.Array]:
+        """images: [B, H, W, 3] uint8/float RGB 0..255 -> {stage: [B, h, w, C] float32}."""
+        return self.forward_normalized(self.normalize_input(images), train_batch_norm)
+
+    def normalize_input(self, images: jax.Array) -> jax.Array:
+        """Pixels 0..255 -> the float32 input of ``forward_normalized`` (ImageNet-normalised)."""
+        return normalize_imagenet(images)
+
+
+class ResNet(TorchvisionInput, nn.Module):
     """torchvision ``ResNet(block, layers, groups=..., width_per_group=...)``, NHWC.
 
     ResNeXt is the same network with ``groups`` > 1 (grouped 3x3 convolutions).
@@ -207,14 +221,6 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     layers: tuple[str, ...] = ("layer2", "layer3")
     groups: int = 1
-
-    def __call__(self, images: jax.Array, train_batch_norm: bool = False) -> dict[str, jax.Array]:
-        """images: [B, H, W, 3] uint8/float RGB 0..255 -> {stage: [B, h, w, C] float32}."""
-        return self.forward_normalized(self.normalize_input(images), train_batch_norm)
-
-    def normalize_input(self, images: jax.Array) -> jax.Array:
-        """Pixels 0..255 -> the float32 input of ``forward_normalized`` (ImageNet-normalised)."""
-        return normalize_imagenet(images)
 
     @nn.compact
     def forward_normalized(
