@@ -12,7 +12,6 @@ distance), ``proven_below`` (the certificate of one shard's answer).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
@@ -26,6 +25,7 @@ from patchcore_jax.sharding import HIGHEST
 
 CANDIDATE_SEARCHES: tuple[str, ...] = ("bfloat16", "low-rank")
 CERTIFIED_CANDIDATES = 32  # least C of the certified search (measured: benchmarks/knn.py)
+FALLBACK_QUERIES = 128  # uncertified queries rescanned at a time (a full-rate matmul tile on CPU)
 LOW_RANK_DIMS = 128  # r of the low-rank candidate search (benchmarks/results/precision.md)
 UNIT_ROUNDOFF = 2.0**-24  # float32: |fl(x) - x| <= u |x|
 
@@ -185,52 +185,34 @@ def fall_back(
     indices: jax.Array,
     exact_scan: Callable[..., tuple[jax.Array, jax.Array]],
     arguments: tuple[jax.Array | None, ...],
-    query_tile: int,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact mode's answer for the queries that are not ``certified [q]``, through
-    ``exact_scan(*arguments)`` (``arguments``: per-query arrays ``[q, ...]`` or None): none,
-    or the fewest of ``fallback_capacities`` gathered into one smaller set of queries, or
-    (more) all of them; a rare uncertified query costs a small scan, not a full one."""
-    capacities = fallback_capacities(certified.shape[0], query_tile)
-    failing = jnp.sum(~certified)
+    ``exact_scan(*arguments)`` (``arguments``: per-query arrays ``[q, ...]`` or None).
 
-    def keep():
-        return distances, indices
+    The uncertified queries are gathered ``FALLBACK_QUERIES`` at a time (the uncertified ones
+    first, in query order) and scanned in a loop of ``ceil(uncertified / FALLBACK_QUERIES)``
+    trips: the fallback costs what it rescans (none: nothing), with one compiled scan of static
+    shape. The scan's tiles of fewer queries sum each distance in the same order (XLA CPU: any
+    row count of 2+), so the answers are the plain scan's.
+    """
+    num_queries = certified.shape[0]
+    chunk = min(FALLBACK_QUERIES, num_queries)
+    trips = -(-jnp.sum(~certified) // chunk)
+    padded = -(-num_queries // chunk) * chunk
+    order = jnp.argsort(certified, stable=True)  # the uncertified ones first
+    order = jnp.pad(order, (0, padded - num_queries), constant_values=num_queries)
 
-    def gathered(capacity: int):
-        order = jnp.argsort(certified, stable=True)[:capacity]  # the uncertified ones first
-        scanned = exact_scan(*(None if a is None else a[order] for a in arguments))
-        kept = certified[order][:, None]
+    def rescan(trip, answer):
+        ids = lax.dynamic_slice(order, (trip * chunk,), (chunk,))  # num_queries: padding
+        chosen = jnp.minimum(ids, num_queries - 1)
+        scanned = exact_scan(*(None if a is None else a[chosen] for a in arguments))
+        kept = certified[chosen][:, None]
         return tuple(
-            x.at[order].set(jnp.where(kept, x[order], y))
-            for x, y in zip((distances, indices), scanned, strict=True)
+            x.at[ids].set(jnp.where(kept, x[chosen], y), mode="drop")
+            for x, y in zip(answer, scanned, strict=True)
         )
 
-    def everything():
-        scanned = exact_scan(*arguments)
-        return tuple(
-            jnp.where(certified[:, None], x, y)
-            for x, y in zip((distances, indices), scanned, strict=True)
-        )
-
-    branches = (keep, *(functools.partial(gathered, c) for c in capacities), everything)
-    branch = jnp.where(failing == 0, 0, 1 + jnp.sum(failing > jnp.asarray(capacities)))
-    return lax.switch(branch, [lambda _, f=f: f() for f in branches], None)
-
-
-def fallback_capacities(num_queries: int, query_tile: int) -> tuple[int, ...]:
-    """How many uncertified queries of ``num_queries`` (a multiple of ``query_tile``) the
-    certified search re-scans as one gathered set (more: all of them): about 1/32 and 1/4 of
-    them (nominal images certify nearly every patch, defective ones ~90%), multiples of 8 up to
-    one tile, of ``query_tile`` beyond."""
-    sizes = set()
-    for fraction in (32, 4):
-        size = -(-num_queries // (8 * fraction)) * 8
-        if size > query_tile:
-            size = -(-size // query_tile) * query_tile
-        if size < num_queries:
-            sizes.add(size)
-    return tuple(sorted(sizes))
+    return lax.fori_loop(0, trips, rescan, (distances, indices))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ from patchcore_jax.sharding import BANK_AXIS, DATA_AXIS, HIGHEST, single_device_
 CANDIDATE_GROUP = 8  # rows per group of the candidate search with k = 1
 CERTIFIED_MIN_ROWS = 4096  # bank rows per shard from which certifying is faster (measured)
 RESCANNED = 2  # candidates the certified search rescans beyond k (see candidates.proven_below)
-RESCAN_QUERIES = 64  # queries per matmul of the certified search's _rescan
+RESCAN_QUERIES = 64  # queries per batch of the re-ranking gathers and rescan matmuls
 _NO_INDEX = np.iinfo(np.int32).max  # index of "no neighbour yet"; never survives a valid bank
 # Image ids of padded queries / bank rows: never equal, so padding never excludes anything.
 _PADDED_QUERY, _PADDED_ROW = -2, -1
@@ -149,7 +149,8 @@ def _group_nearest(distances: jax.Array, indices: jax.Array) -> tuple[jax.Array,
     (``lax.top_k``) costs several times the low-rank distances themselves on a CPU. A group
     drops only rows that are not its own nearest by approximate distance, which cannot be the
     one neighbour asked for unless the approximation reorders rows inside the group (measured:
-    benchmarks/results/precision.md). The certified search does not: fewer proofs, no faster.
+    benchmarks/results/precision.md). The certified search keeps whole groups instead
+    (``_group_candidates``): a proof needs every row's bound.
     """
     queries, columns = distances.shape
     shape = (queries, columns // CANDIDATE_GROUP, CANDIDATE_GROUP)
@@ -181,14 +182,36 @@ def _rerank(
     to float32 rounding, ``_rescan`` gives the scan's own). A candidate whose approximate
     distance is infinite (padding, an excluded row, an unfilled slot) stays infinite.
     ``candidate_indices`` are global; bank row ``j`` is global index ``row_offset + j``.
+    The candidate rows are gathered ``RESCAN_QUERIES`` queries at a time: one ``[q, C, D]``
+    gather of a whole query tile runs ~10x slower on XLA CPU (measured; the same bits).
     """
     local = jnp.clip(candidate_indices - row_offset, 0, bank.shape[0] - 1)
-    rows = jnp.take(bank, local, axis=0)  # [q, C, D]
-    products = jnp.einsum("qd,qcd->qc", queries, rows, precision=HIGHEST)
+
+    def batch_products(batch):
+        batch_queries, batch_rows = batch  # [t, D], [t, C]
+        return jnp.einsum("qd,qcd->qc", batch_queries, bank[batch_rows], precision=HIGHEST)
+
+    products = _in_query_batches(batch_products, (queries, local))
     distances = _clamp((query_norms[:, None] + jnp.take(bank_norms, local)) - 2.0 * products)
     distances = jnp.where(jnp.isinf(candidate_distances), jnp.inf, distances)
     distances, indices = lax.sort((distances, candidate_indices), dimension=1, num_keys=2)
     return distances[:, :width], indices[:, :width]
+
+
+def _in_query_batches(
+    function: Callable[[tuple[jax.Array, ...]], jax.Array], arrays: tuple[jax.Array, ...]
+) -> jax.Array:
+    """``function`` over ``RESCAN_QUERIES`` queries at a time (``lax.map``) of the per-query
+    ``arrays [q, ...]``, padded to a multiple of it: its ``[q, ...]`` results concatenated."""
+    num_queries = arrays[0].shape[0]
+    padded = -(-num_queries // RESCAN_QUERIES) * RESCAN_QUERIES
+
+    def batches(x: jax.Array) -> jax.Array:
+        x = jnp.pad(x, ((0, padded - num_queries),) + ((0, 0),) * (x.ndim - 1))
+        return x.reshape(padded // RESCAN_QUERIES, RESCAN_QUERIES, *x.shape[1:])
+
+    results = lax.map(function, tuple(map(batches, arrays)))
+    return results.reshape(padded, *results.shape[2:])[:num_queries]
 
 
 def _rescan(
@@ -208,14 +231,9 @@ def _rescan(
     (their diagonals): XLA CPU sums a matmul's entries in one order for any shape of 2+ rows and
     the same column count modulo 64 (measured; tests check it): the scan's distances exactly.
     """
-    num_queries, width = indices.shape
-    padded = -(-num_queries // RESCAN_QUERIES) * RESCAN_QUERIES
+    width = indices.shape[1]
     local = jnp.clip(indices - row_offset, 0, bank.shape[0] - 1)
     extra = bank_tile % 64  # more columns, so that the column count matches the scan's mod 64
-
-    def batches(x: jax.Array) -> jax.Array:
-        x = jnp.pad(x, ((0, padded - num_queries),) + ((0, 0),) * (x.ndim - 1))
-        return x.reshape(padded // RESCAN_QUERIES, RESCAN_QUERIES, *x.shape[1:])
 
     def batch_distances(batch):
         batch_queries, batch_norms, batch_rows = batch  # [t, D], [t], [t, w]
@@ -226,14 +244,54 @@ def _rescan(
             columns.append(jnp.diagonal(products[:, :RESCAN_QUERIES]))
         return jnp.stack(columns, axis=1)
 
-    exact = lax.map(batch_distances, tuple(map(batches, (queries, query_norms, local))))
-    exact = exact.reshape(padded, width)[:num_queries]
+    exact = _in_query_batches(batch_distances, (queries, query_norms, local))
     exact = jnp.where(jnp.isinf(distances), jnp.inf, exact)
     return lax.sort((exact, indices), dimension=1, num_keys=2)
 
 
 # ----------------------------------------------------------------------------------------------
 # The kernel (one bank shard)
+
+
+def _group_candidates(
+    queries: jax.Array,
+    query_norms: jax.Array,
+    query_images: jax.Array | None,
+    rows: jax.Array,
+    row_norms: jax.Array,
+    row_images: jax.Array | None,
+    row_offset: jax.Array | int,
+    group_distances: jax.Array,
+    group_starts: jax.Array,
+    num_candidates: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The certified search's candidates from the ``[q, C]`` groups of ``CANDIDATE_GROUP`` rows
+    with the nearest low-rank distances (``_scan`` ``"groups"``: their nearest distance and
+    first global row): ``([q, C] low-rank distances, [q, C] indices)`` of the C nearest of their
+    ``8 C`` rows, and ``bound [q]``: no row that is not a candidate has a smaller low-rank
+    distance (the C-th group's, for the rows of every other group; the (C + 1)-th of the ``8 C``).
+
+    A top-C over groups costs an eighth of one over rows (the scan's largest cost on a CPU);
+    the ``8 C`` rows' distances are recomputed here (``queries``/``rows``: low-rank, ``[q, r]``,
+    ``[rows, r]`` with squared norms, inf on padding; the same-image exclusion as the scan's).
+    """
+    lanes = jnp.arange(CANDIDATE_GROUP, dtype=jnp.int32)
+    indices = (group_starts[:, :, None] + lanes).reshape(group_starts.shape[0], -1)  # [q, 8 C]
+    local = jnp.clip(indices - row_offset, 0, rows.shape[0] - 1)
+
+    def batch_products(batch):
+        batch_queries, batch_rows = batch  # [t, r], [t, 8 C]
+        return jnp.einsum("qd,qcd->qc", batch_queries, rows[batch_rows], precision=HIGHEST)
+
+    products = _in_query_batches(batch_products, (queries, local))
+    distances = _clamp((query_norms[:, None] + row_norms[local]) - 2.0 * products)
+    unfilled = jnp.repeat(jnp.isinf(group_distances), CANDIDATE_GROUP, axis=1)
+    distances = jnp.where(unfilled, jnp.inf, distances)
+    if query_images is not None:
+        distances = jnp.where(row_images[local] == query_images[:, None], jnp.inf, distances)
+    distances, indices = lax.sort((distances, indices), dimension=1, num_keys=2)
+    bound = jnp.minimum(group_distances[:, -1], distances[:, num_candidates])
+    return distances[:, :num_candidates], indices[:, :num_candidates], bound
 
 
 def _certified_candidates(
@@ -247,11 +305,13 @@ def _certified_candidates(
     k: int,
     num_candidates: int,
     bank_tile: int,
+    bound: jax.Array,
     row_norms: tuple[jax.Array, jax.Array, jax.Array],
     rank: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """From ``[q, C]`` low-rank candidates: ``([q, k] distances, [q, k] indices)`` in the scan's
-    arithmetic, and ``[q]`` the k-th below which they are exact mode's (``proven_below``)."""
+    """From ``[q, C]`` low-rank candidates (``bound [q]``: no other row's low-rank distance is
+    smaller): ``([q, k] distances, [q, k] indices)`` in the scan's arithmetic, and ``[q]`` the
+    k-th below which they are exact mode's (``proven_below``)."""
     dim = queries.shape[1]
     args = (queries, query_norms, bank, bank_norms)
     reranked, ranked = _rerank(
@@ -263,7 +323,6 @@ def _certified_candidates(
     )
     others = jnp.clip(ranked[:, width:] - row_offset, 0, bank.shape[0] - 1)
     other_norms = jnp.sqrt(bank_norms[others] * (1.0 + 2.0 * gamma(dim)))
-    bound = candidate_distances[:, -1]  # every row that is no candidate is as far at least
     below = proven_below(reranked[:, width:], other_norms, bound, query_norms, row_norms, dim, rank)
     return distances[:, :k], indices[:, :k], below
 
@@ -274,11 +333,12 @@ def _scan(
     query_images: jax.Array | None,
     tiles: tuple[jax.Array, ...],
     width: int,
-    grouped: bool,
+    grouped: str | None,
 ) -> tuple[jax.Array, jax.Array]:
     """Running top-``width`` of ``queries [q, d]`` over the bank ``tiles`` (rows, norms, global
     indices[, images], each ``[num_tiles, tile, ...]``): ``([q, width] distances, [q, width]
-    indices)``; ``grouped``: over each ``CANDIDATE_GROUP``'s nearest."""
+    indices)``; over each ``CANDIDATE_GROUP``'s nearest row (``grouped="nearest"``) or each
+    group's nearest distance and first row (``"groups"``, ``_group_candidates``)."""
 
     def bank_step(carry, tile):
         tile_rows, tile_norms, tile_indices, *tile_images = tile
@@ -287,8 +347,11 @@ def _scan(
             same_image = query_images[:, None] == tile_images[0][None, :]
             distances = jnp.where(same_image, jnp.inf, distances)
         indices = jnp.broadcast_to(tile_indices[None, :], distances.shape)
-        if grouped:  # each group of rows proposes its nearest: a top-C over 1/8 of the columns
+        if grouped == "nearest":  # each group proposes its nearest: a top-C over 1/8 of them
             distances, indices = _group_nearest(distances, indices)
+        elif grouped == "groups":
+            groups = distances.reshape(distances.shape[0], -1, CANDIDATE_GROUP)
+            distances, indices = jnp.min(groups, axis=2), indices[:, ::CANDIDATE_GROUP]
         return _merge_top_k(*carry, distances, indices), None
 
     num_queries = queries.shape[0]
@@ -367,16 +430,14 @@ def _local_top_k(
     prepared = _bank_tiles(bank, row_offset, num_valid, bank_tile, search, bank_images)
     bank_norms, valid, exact_tiles, search_tiles = prepared
     row_norms = norm_levels(bank_norms, valid, dim) if certify else None
+    search_rows = (
+        search_tiles[0].reshape(-1, search_tiles[0].shape[-1]),
+        search_tiles[1].reshape(-1),
+        bank_images,
+    )
 
     def exact_scan(block_queries, query_norms, block_images):
-        return _scan(block_queries, query_norms, block_images, exact_tiles, k, False)
-
-    def exact_blocks(some_queries, query_norms, some_images):  # [n, ...]: n <= or % query_tile
-        tile = min(query_tile, some_queries.shape[0])
-        arrays = [x for x in (some_queries, query_norms, some_images) if x is not None]
-        arrays = [x.reshape(x.shape[0] // tile, tile, *x.shape[1:]) for x in arrays]
-        scanned = lax.map(lambda block: exact_scan(*block, *([None] * (not exclude))), arrays)
-        return tuple(x.reshape(-1, k) for x in scanned)
+        return _scan(block_queries, query_norms, block_images, exact_tiles, k, None)
 
     def query_block(block: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
         block_queries, *block_images = block  # block_images: [[query_tile]] or []
@@ -389,14 +450,17 @@ def _local_top_k(
         if basis is not None:
             block_search = jnp.dot(block_queries, basis, precision=HIGHEST)
             block_norms = jnp.sum(block_search * block_search, axis=1)
-        grouped = k == 1 and not certify
+        grouped = "groups" if certify else "nearest" if k == 1 else None
         best = _scan(block_search, block_norms, images, search_tiles, num_candidates, grouped)
         if not rerank:
             return *best, no_fallback, query_norms
-        args = (block_queries, query_norms, bank, bank_norms, *best, row_offset)
+        if certify:
+            searched = (block_search, block_norms, images, *search_rows, row_offset)
+            best = _group_candidates(*searched, *best, num_candidates)
+        args = (block_queries, query_norms, bank, bank_norms, *best[:2], row_offset)
         if not certify:
             return *_rerank(*args, k), no_fallback, query_norms
-        thresholds = (row_norms, basis.shape[1])
+        thresholds = (best[2], row_norms, basis.shape[1])
         return *_certified_candidates(*args, k, num_candidates, bank_tile, *thresholds), query_norms
 
     out_width = num_candidates if fast and not rerank else k
@@ -407,9 +471,9 @@ def _local_top_k(
     distances, indices = distances.reshape(-1, out_width), indices.reshape(-1, out_width)
     if not certify:
         return distances, indices, jnp.zeros(num_queries, bool)
-    answer = (distances, indices, thresholds.reshape(num_queries), exact_blocks)
+    answer = (distances, indices, thresholds.reshape(num_queries), exact_scan)
     arguments = (queries, query_norms.reshape(num_queries), query_images)
-    return _proven_or_scanned(*answer, arguments, query_tile, shards)
+    return _proven_or_scanned(*answer, arguments, shards)
 
 
 def _proven_or_scanned(
@@ -418,7 +482,6 @@ def _proven_or_scanned(
     thresholds: jax.Array,
     exact_scan: Callable[..., tuple[jax.Array, jax.Array]],
     arguments: tuple[jax.Array | None, ...],
-    query_tile: int,
     shards: tuple[Callable[..., tuple[jax.Array, jax.Array]], Callable[..., jax.Array]] | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The certified answer ``[q, k]`` where the k-th over every shard (this shard's on one)
@@ -428,9 +491,7 @@ def _proven_or_scanned(
     fallbacks = ~(kth < thresholds)
     if shards is not None:
         fallbacks = shards[1](fallbacks)
-    distances, indices = fall_back(
-        ~fallbacks, distances, indices, exact_scan, arguments, query_tile
-    )
+    distances, indices = fall_back(~fallbacks, distances, indices, exact_scan, arguments)
     return distances, indices, fallbacks
 
 

@@ -431,7 +431,7 @@ def test_certified_knn_is_exact_mode_bit_for_bit_and_the_float64_brute_force(
     print(f"k={k}, {bank_shards} bank shards: {fallbacks.sum()} of {len(queries)} fell back")
 
 
-@pytest.mark.parametrize("num_failing", [3, 60, 700])
+@pytest.mark.parametrize("num_failing", [3, 200, 700])
 def test_certified_knn_falls_back_to_the_exact_scan_for_few_some_or_all_queries(
     num_failing, certify_small_banks
 ):
@@ -449,10 +449,9 @@ def test_certified_knn_falls_back_to_the_exact_scan_for_few_some_or_all_queries(
     np.testing.assert_array_equal(indices, plain[1])
     np.testing.assert_array_equal(distances, plain[0])
     assert fallbacks[failing].mean() > 0.9 and fallbacks.sum() <= num_failing + 10
-    capacities = candidates.fallback_capacities(720, 120)  # 700 queries in tiles of 120 (6 x 120)
-    branch = np.searchsorted(capacities, fallbacks.sum())  # the gathered set (or all) used
-    print(f"{fallbacks.sum()} fell back: capacities {capacities}, branch {branch}")
-    assert branch == {3: 0, 60: 1, 700: 2}[num_failing]
+    trips = -(-fallbacks.sum() // candidates.FALLBACK_QUERIES)  # rescans of 128 queries
+    print(f"{fallbacks.sum()} fell back: {trips} rescans")
+    assert trips == {3: 1, 200: 2, 700: 6}[num_failing]
 
 
 def test_certified_knn_with_the_same_image_exclusion_equals_the_plain_scan(certify_small_banks):
@@ -497,3 +496,43 @@ def test_a_symbolic_number_of_queries_is_tiled_without_padding_where_a_tile_divi
     tile, rows = knn._tiling(batch * 196, 1, 1024)  # no multiple of 8 divides 196 b for all b
     assert tile == 1024 and not isinstance(rows, int)
     assert knn._tiling(784, 1, 1024) == (784, 784)  # static: balanced tiles, as before
+
+
+def test_certified_candidates_bound_every_row_that_is_no_candidate():
+    """``_group_candidates``: the C nearest rows of the C nearest groups, and a bound below
+    which no other row's low-rank distance lies (float64, less the float32 error of a computed
+    low-rank distance, gamma_{r+2} (|q'| + |b'|)^2)."""
+    import functools
+
+    import jax
+
+    rng = np.random.default_rng(40)
+    rank, num_rows, num_candidates = 16, 640, 8
+    rows = rng.standard_normal((num_rows, rank)).astype(np.float32)
+    rows[100:108] = rows[7]  # duplicates, in one group and across groups
+    queries = np.concatenate([rows[:20] + 1e-3, rng.standard_normal((44, rank))]).astype(np.float32)
+    images = rng.integers(0, 4, size=num_rows).astype(np.int32)
+    query_images = rng.integers(0, 4, size=len(queries)).astype(np.int32)
+    norms = np.sum(rows * rows, axis=1)
+    tiles = (
+        rows.reshape(-1, 320, rank),
+        norms.reshape(-1, 320),
+        np.arange(num_rows).reshape(-1, 320),
+    )
+    tiles += (images.reshape(-1, 320),)
+    query_norms = np.sum(queries * queries, axis=1)
+    scan = jax.jit(functools.partial(knn._scan, width=num_candidates, grouped="groups"))
+    groups = scan(queries, query_norms, query_images, tiles)
+    candidates_of = jax.jit(knn._group_candidates, static_argnums=9)
+    distances, indices, bound = candidates_of(
+        queries, query_norms, query_images, rows, norms, images, 0, *groups, num_candidates
+    )
+    exact = np.sum((queries[:, None].astype(np.float64) - rows[None]) ** 2, axis=2)
+    exact[query_images[:, None] == images[None]] = np.inf
+    scale = (np.linalg.norm(queries, axis=1)[:, None] + np.linalg.norm(rows, axis=1)[None]) ** 2
+    error = candidates.gamma(rank + 2) * scale
+    for query in range(len(queries)):
+        others = np.setdiff1d(np.arange(num_rows), np.asarray(indices[query]))
+        assert np.all(exact[query, others] + error[query, others] >= bound[query])
+        nearest = np.sort(exact[query])[:num_candidates]  # all in the C nearest groups
+        assert np.all(np.abs(distances[query] - nearest) <= error[query].max())
