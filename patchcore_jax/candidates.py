@@ -135,10 +135,10 @@ def proven_below(
     """``[q]``: a k-th distance below this (strictly) proves the rescanned candidates' top k
     exact mode's: in the scan's arithmetic no other row of the shard can be as near.
 
-    ``others [q, n]``: the re-ranked distances (``knn._rerank``) of the candidates not rescanned,
-    ``other_norms [q, n]`` bounds of their rows' norms; ``bound [q]``: the smallest low-rank
-    distance of any row that is no candidate; ``query_norms [q]``: squared; ``row_norms``:
-    bounds of the shard's row norms ``(largest, level above, level below)``
+    ``others [q, n]``: the re-ranked distances (``reranking.rerank``) of the candidates not
+    rescanned, ``other_norms [q, n]`` bounds of their rows' norms; ``bound [q]``: the smallest
+    low-rank distance of any row that is no candidate; ``query_norms [q]``: squared;
+    ``row_norms``: bounds of the shard's row norms ``(largest, level above, level below)``
     (``norm_levels``). Every float32 distance is within ``squared_distance_margin`` of the
     exact one, so the k-th must be below (1) ``other - 2 margin`` of each other candidate and
     (2) ``low_rank_lower_bound(bound) - margin`` with the largest row norm, or that with the

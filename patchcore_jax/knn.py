@@ -29,10 +29,10 @@ bank's top ``LOW_RANK_DIMS`` principal directions (``low_rank_search``, once per
 bound of the true distance at ``r / D`` of the FLOPs.
 
 The certified search (``exact`` with ``candidate_search="low-rank"``): exact mode's answer
-bit for bit from the top-C rows by low-rank distance, re-ranked, the best ``k + RESCANNED``
-recomputed in the scan's arithmetic (``_rescan``), and per query a proof that no other row is as
-near (``candidates.proven_below``; per shard, against the k-th over all shards). Queries without
-one (non-finite ones always) fall back to the full scan (``candidates.fall_back``), reported.
+bit for bit from the C nearest groups of rows by low-rank distance, re-ranked, rescanned in the
+scan's arithmetic, with a proof per query that no other row is as near (``reranking``; per
+shard, against the k-th over all shards). Queries without one (non-finite ones always) fall back
+to the full scan (``candidates.fall_back``), reported.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from patchcore_jax import reranking
 from patchcore_jax.candidates import (  # noqa: F401 (re-exported: the k-NN's options)
     LOW_RANK_DIMS,
     candidates_for,
@@ -60,12 +61,10 @@ from patchcore_jax.candidates import (  # noqa: F401 (re-exported: the k-NN's op
     proven_below,
     search_arrays,
 )
+from patchcore_jax.reranking import CANDIDATE_GROUP
 from patchcore_jax.sharding import BANK_AXIS, DATA_AXIS, HIGHEST, single_device_mesh
 
-CANDIDATE_GROUP = 8  # rows per group of the candidate search with k = 1
 CERTIFIED_MIN_ROWS = 4096  # bank rows per shard from which certifying is faster (measured)
-RESCANNED = 2  # candidates the certified search rescans beyond k (see candidates.proven_below)
-RESCAN_QUERIES = 64  # queries per batch of the re-ranking gathers and rescan matmuls
 _NO_INDEX = np.iinfo(np.int32).max  # index of "no neighbour yet"; never survives a valid bank
 # Image ids of padded queries / bank rows: never equal, so padding never excludes anything.
 _PADDED_QUERY, _PADDED_ROW = -2, -1
@@ -90,26 +89,6 @@ def _tiling(num_rows: int, num_shards: int, block_size: int) -> tuple[int, int]:
     tile = -(-per_shard // num_tiles)
     tile = -(-tile // 8) * 8  # multiples of 8 keep the matmuls aligned
     return tile, num_tiles * tile
-
-
-def _clamp(distances: jax.Array) -> jax.Array:
-    """Rounding can make a distance slightly negative (or -0.0): clamp to +0. NaN -> +inf: it
-    ranks behind every number (``nearest_neighbors_unchecked`` reports non-finite queries)."""
-    return jnp.where(distances > 0.0, distances, jnp.where(jnp.isnan(distances), jnp.inf, 0.0))
-
-
-def _distances(
-    queries: jax.Array, query_norms: jax.Array, rows: jax.Array, row_norms: jax.Array
-) -> jax.Array:
-    """``[q, r]`` clamped squared distances ``(|q|^2 + |b|^2) - 2 q.b`` accumulated in float32.
-
-    float32 ``rows`` (exact distances, or the low-rank ones) multiply at HIGHEST precision;
-    bfloat16 ``queries`` and ``rows`` are the ``fast`` bfloat16 candidate search (the norms are
-    the exact float32 ones).
-    """
-    precision = HIGHEST if rows.dtype == jnp.float32 else None
-    products = jnp.dot(queries, rows.T, precision=precision, preferred_element_type=jnp.float32)
-    return _clamp((query_norms[:, None] + row_norms[None, :]) - 2.0 * products)
 
 
 def _merge_top_k(
@@ -150,7 +129,7 @@ def _group_nearest(distances: jax.Array, indices: jax.Array) -> tuple[jax.Array,
     drops only rows that are not its own nearest by approximate distance, which cannot be the
     one neighbour asked for unless the approximation reorders rows inside the group (measured:
     benchmarks/results/precision.md). The certified search keeps whole groups instead
-    (``_group_candidates``): a proof needs every row's bound.
+    (``reranking.group_candidates``): a proof needs every row's bound.
     """
     queries, columns = distances.shape
     shape = (queries, columns // CANDIDATE_GROUP, CANDIDATE_GROUP)
@@ -164,169 +143,6 @@ def _group_nearest(distances: jax.Array, indices: jax.Array) -> tuple[jax.Array,
     return nearest, chosen
 
 
-def _rerank(
-    queries: jax.Array,
-    query_norms: jax.Array,
-    bank: jax.Array,
-    bank_norms: jax.Array,
-    candidate_distances: jax.Array,
-    candidate_indices: jax.Array,
-    row_offset: jax.Array | int,
-    width: int,
-) -> tuple[jax.Array, jax.Array]:
-    """The ``width`` best of ``[q, C]`` candidates by exact float32 distances, sorted
-    (distance, index).
-
-    Each candidate's distance is recomputed in exact mode's formula, ``(|q|^2 + |b|^2) - 2 q.b``
-    at HIGHEST precision, clamped (summed in another order than the scan's tiled matmul: equal
-    to float32 rounding, ``_rescan`` gives the scan's own). A candidate whose approximate
-    distance is infinite (padding, an excluded row, an unfilled slot) stays infinite.
-    ``candidate_indices`` are global; bank row ``j`` is global index ``row_offset + j``.
-    The candidate rows are gathered ``RESCAN_QUERIES`` queries at a time: one ``[q, C, D]``
-    gather of a whole query tile runs ~10x slower on XLA CPU (measured; the same bits).
-    """
-    local = jnp.clip(candidate_indices - row_offset, 0, bank.shape[0] - 1)
-
-    def batch_products(batch):
-        batch_queries, batch_rows = batch  # [t, D], [t, C]
-        return jnp.einsum("qd,qcd->qc", batch_queries, bank[batch_rows], precision=HIGHEST)
-
-    products = _in_query_batches(batch_products, (queries, local))
-    distances = _clamp((query_norms[:, None] + jnp.take(bank_norms, local)) - 2.0 * products)
-    distances = jnp.where(jnp.isinf(candidate_distances), jnp.inf, distances)
-    distances, indices = lax.sort((distances, candidate_indices), dimension=1, num_keys=2)
-    return distances[:, :width], indices[:, :width]
-
-
-def _in_query_batches(
-    function: Callable[[tuple[jax.Array, ...]], jax.Array], arrays: tuple[jax.Array, ...]
-) -> jax.Array:
-    """``function`` over ``RESCAN_QUERIES`` queries at a time (``lax.map``) of the per-query
-    ``arrays [q, ...]``, padded to a multiple of it: its ``[q, ...]`` results concatenated."""
-    num_queries = arrays[0].shape[0]
-    padded = -(-num_queries // RESCAN_QUERIES) * RESCAN_QUERIES
-
-    def batches(x: jax.Array) -> jax.Array:
-        x = jnp.pad(x, ((0, padded - num_queries),) + ((0, 0),) * (x.ndim - 1))
-        return x.reshape(padded // RESCAN_QUERIES, RESCAN_QUERIES, *x.shape[1:])
-
-    results = lax.map(function, tuple(map(batches, arrays)))
-    return results.reshape(padded, *results.shape[2:])[:num_queries]
-
-
-def _rescan(
-    queries: jax.Array,
-    query_norms: jax.Array,
-    bank: jax.Array,
-    bank_norms: jax.Array,
-    distances: jax.Array,
-    indices: jax.Array,
-    row_offset: jax.Array | int,
-    bank_tile: int,
-) -> tuple[jax.Array, jax.Array]:
-    """The scan's own float32 distances of ``queries [q, D]`` to their rows ``indices [q, w]``
-    (global), sorted (distance, index); infinite ``distances`` stay infinite.
-
-    By ``_distances`` on ``[RESCAN_QUERIES, D] x [D, RESCAN_QUERIES + bank_tile % 64]`` matmuls
-    (their diagonals): XLA CPU sums a matmul's entries in one order for any shape of 2+ rows and
-    the same column count modulo 64 (measured; tests check it): the scan's distances exactly.
-    """
-    width = indices.shape[1]
-    local = jnp.clip(indices - row_offset, 0, bank.shape[0] - 1)
-    extra = bank_tile % 64  # more columns, so that the column count matches the scan's mod 64
-
-    def batch_distances(batch):
-        batch_queries, batch_norms, batch_rows = batch  # [t, D], [t], [t, w]
-        columns = []
-        for slot in range(width):
-            rows = jnp.pad(batch_rows[:, slot], (0, extra), mode="edge")
-            products = _distances(batch_queries, batch_norms, bank[rows], bank_norms[rows])
-            columns.append(jnp.diagonal(products[:, :RESCAN_QUERIES]))
-        return jnp.stack(columns, axis=1)
-
-    exact = _in_query_batches(batch_distances, (queries, query_norms, local))
-    exact = jnp.where(jnp.isinf(distances), jnp.inf, exact)
-    return lax.sort((exact, indices), dimension=1, num_keys=2)
-
-
-# ----------------------------------------------------------------------------------------------
-# The kernel (one bank shard)
-
-
-def _group_candidates(
-    queries: jax.Array,
-    query_norms: jax.Array,
-    query_images: jax.Array | None,
-    rows: jax.Array,
-    row_norms: jax.Array,
-    row_images: jax.Array | None,
-    row_offset: jax.Array | int,
-    group_distances: jax.Array,
-    group_starts: jax.Array,
-    num_candidates: int,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The certified search's candidates from the ``[q, C]`` groups of ``CANDIDATE_GROUP`` rows
-    with the nearest low-rank distances (``_scan`` ``"groups"``: their nearest distance and
-    first global row): ``([q, C] low-rank distances, [q, C] indices)`` of the C nearest of their
-    ``8 C`` rows, and ``bound [q]``: no row that is not a candidate has a smaller low-rank
-    distance (the C-th group's, for the rows of every other group; the (C + 1)-th of the ``8 C``).
-
-    A top-C over groups costs an eighth of one over rows (the scan's largest cost on a CPU);
-    the ``8 C`` rows' distances are recomputed here (``queries``/``rows``: low-rank, ``[q, r]``,
-    ``[rows, r]`` with squared norms, inf on padding; the same-image exclusion as the scan's).
-    """
-    lanes = jnp.arange(CANDIDATE_GROUP, dtype=jnp.int32)
-    indices = (group_starts[:, :, None] + lanes).reshape(group_starts.shape[0], -1)  # [q, 8 C]
-    local = jnp.clip(indices - row_offset, 0, rows.shape[0] - 1)
-
-    def batch_products(batch):
-        batch_queries, batch_rows = batch  # [t, r], [t, 8 C]
-        return jnp.einsum("qd,qcd->qc", batch_queries, rows[batch_rows], precision=HIGHEST)
-
-    products = _in_query_batches(batch_products, (queries, local))
-    distances = _clamp((query_norms[:, None] + row_norms[local]) - 2.0 * products)
-    unfilled = jnp.repeat(jnp.isinf(group_distances), CANDIDATE_GROUP, axis=1)
-    distances = jnp.where(unfilled, jnp.inf, distances)
-    if query_images is not None:
-        distances = jnp.where(row_images[local] == query_images[:, None], jnp.inf, distances)
-    distances, indices = lax.sort((distances, indices), dimension=1, num_keys=2)
-    bound = jnp.minimum(group_distances[:, -1], distances[:, num_candidates])
-    return distances[:, :num_candidates], indices[:, :num_candidates], bound
-
-
-def _certified_candidates(
-    queries: jax.Array,
-    query_norms: jax.Array,
-    bank: jax.Array,
-    bank_norms: jax.Array,
-    candidate_distances: jax.Array,
-    candidate_indices: jax.Array,
-    row_offset: jax.Array | int,
-    k: int,
-    num_candidates: int,
-    bank_tile: int,
-    bound: jax.Array,
-    row_norms: tuple[jax.Array, jax.Array, jax.Array],
-    rank: int,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """From ``[q, C]`` low-rank candidates (``bound [q]``: no other row's low-rank distance is
-    smaller): ``([q, k] distances, [q, k] indices)`` in the scan's arithmetic, and ``[q]`` the
-    k-th below which they are exact mode's (``proven_below``)."""
-    dim = queries.shape[1]
-    args = (queries, query_norms, bank, bank_norms)
-    reranked, ranked = _rerank(
-        *args, candidate_distances, candidate_indices, row_offset, num_candidates
-    )
-    width = min(num_candidates, k + RESCANNED)  # rescanned; the rest must be farther
-    distances, indices = _rescan(
-        *args, reranked[:, :width], ranked[:, :width], row_offset, bank_tile
-    )
-    others = jnp.clip(ranked[:, width:] - row_offset, 0, bank.shape[0] - 1)
-    other_norms = jnp.sqrt(bank_norms[others] * (1.0 + 2.0 * gamma(dim)))
-    below = proven_below(reranked[:, width:], other_norms, bound, query_norms, row_norms, dim, rank)
-    return distances[:, :k], indices[:, :k], below
-
-
 def _scan(
     queries: jax.Array,
     query_norms: jax.Array,
@@ -338,11 +154,11 @@ def _scan(
     """Running top-``width`` of ``queries [q, d]`` over the bank ``tiles`` (rows, norms, global
     indices[, images], each ``[num_tiles, tile, ...]``): ``([q, width] distances, [q, width]
     indices)``; over each ``CANDIDATE_GROUP``'s nearest row (``grouped="nearest"``) or each
-    group's nearest distance and first row (``"groups"``, ``_group_candidates``)."""
+    group's nearest distance and first row (``"groups"``, ``reranking.group_candidates``)."""
 
     def bank_step(carry, tile):
         tile_rows, tile_norms, tile_indices, *tile_images = tile
-        distances = _distances(queries, query_norms, tile_rows, tile_norms)
+        distances = reranking.squared_distances(queries, query_norms, tile_rows, tile_norms)
         if query_images is not None:
             same_image = query_images[:, None] == tile_images[0][None, :]
             distances = jnp.where(same_image, jnp.inf, distances)
@@ -372,7 +188,7 @@ def _bank_tiles(
     bank_images: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
     """One bank shard ``[r, D]`` as ``_local_top_k`` scans it: ``(squared norms [r], inf on
-    padding rows; valid [r] bool; exact tiles; search tiles)``, tiles being ``_scan``'s (rows,
+    padding rows; valid [r] bool; exact tiles; search tiles)``, tiles being ``knn._scan``'s (rows,
     norms, global indices[, images], each ``[r // bank_tile, bank_tile, ...]``), the search's
     rows bfloat16 (``search`` None) or low-rank (``search[1]``)."""
     global_rows = row_offset + jnp.arange(bank.shape[0], dtype=jnp.int32)
@@ -416,7 +232,7 @@ def _local_top_k(
 
     ``num_candidates`` None is exact; an int C >= k is the ``fast`` precision: a running top-C
     by bfloat16 distances (``search`` None) or by low-rank ones (``search`` = ``(basis [D, r],
-    projected bank [rows, r])``, ``low_rank_search``), then ``_rerank`` with exact ones
+    projected bank [rows, r])``, ``low_rank_search``), then ``rerank`` with exact ones
     (``rerank`` False: the ``[q, C]`` candidates themselves, with their approximate distances).
     ``certify`` (low-rank search): the certified search, exact mode's answer (see the
     module docstring); under a bank mesh ``shards`` = ``(top k over all shards of this shard's
@@ -456,12 +272,14 @@ def _local_top_k(
             return *best, no_fallback, query_norms
         if certify:
             searched = (block_search, block_norms, images, *search_rows, row_offset)
-            best = _group_candidates(*searched, *best, num_candidates)
+            best = reranking.group_candidates(*searched, *best, num_candidates)
         args = (block_queries, query_norms, bank, bank_norms, *best[:2], row_offset)
         if not certify:
-            return *_rerank(*args, k), no_fallback, query_norms
+            return *reranking.rerank(*args, k), no_fallback, query_norms
         thresholds = (best[2], row_norms, basis.shape[1])
-        return *_certified_candidates(*args, k, num_candidates, bank_tile, *thresholds), query_norms
+        return *reranking.certified_candidates(
+            *args, k, num_candidates, bank_tile, *thresholds
+        ), query_norms
 
     out_width = num_candidates if fast and not rerank else k
     blocks = (queries.reshape(num_queries // query_tile, query_tile, dim),)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from float_rounding import low_rank_distance_bound, squared_distance_error
 
-from patchcore_jax import candidates, knn, sharding
+from patchcore_jax import candidates, knn, reranking, sharding
 
 NO_INDEX = np.iinfo(np.int32).max
 
@@ -499,7 +499,7 @@ def test_a_symbolic_number_of_queries_is_tiled_without_padding_where_a_tile_divi
 
 
 def test_certified_candidates_bound_every_row_that_is_no_candidate():
-    """``_group_candidates``: the C nearest rows of the C nearest groups, and a bound below
+    """``reranking.group_candidates``: the C nearest rows of the C nearest groups, and a bound below
     which no other row's low-rank distance lies (float64, less the float32 error of a computed
     low-rank distance, gamma_{r+2} (|q'| + |b'|)^2)."""
     import functools
@@ -523,7 +523,7 @@ def test_certified_candidates_bound_every_row_that_is_no_candidate():
     query_norms = np.sum(queries * queries, axis=1)
     scan = jax.jit(functools.partial(knn._scan, width=num_candidates, grouped="groups"))
     groups = scan(queries, query_norms, query_images, tiles)
-    candidates_of = jax.jit(knn._group_candidates, static_argnums=9)
+    candidates_of = jax.jit(reranking.group_candidates, static_argnums=9)
     distances, indices, bound = candidates_of(
         queries, query_norms, query_images, rows, norms, images, 0, *groups, num_candidates
     )

@@ -18,6 +18,7 @@ DEVICE = {
     "coreset",
     "knn",
     "candidates",
+    "reranking",
     "scoring",
     "sharding",
     "config",
