@@ -375,17 +375,19 @@ def _say(message: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-    """The run options every workflow takes: the device mesh and the progress bars."""
+    """The run options every workflow takes: the device mesh, the progress bars, the image
+    reader (``--workers``, ``--cache-dir``) and the log."""
     from patchcore_jax import sharding
 
-    return {"mesh": sharding.make_mesh(args.bank_shards), "progress": ProgressBars(args.quiet)}
+    run = {"mesh": sharding.make_mesh(args.bank_shards), "progress": ProgressBars(args.quiet)}
+    return {**run, "reader": options.image_reader(args), "log": _say}
 
 
 def _fit(args: argparse.Namespace) -> int:
     from patchcore_jax import workflows
 
     few_shot = {"train_images": args.train_images, "train_seed": args.train_seed}
-    report = {**_run(args), "log": _say, "spill_dir": args.spill_dir}
+    report = {**_run(args), "spill_dir": args.spill_dir}
     if args.resume is not None:
         given = {"config_values": options.resume_values(args)}
         workflows.extend_folder(args.data, args.resume, args.out, **given, **few_shot, **report)
@@ -410,7 +412,6 @@ def _benchmark(args: argparse.Namespace) -> int:
         train_images=args.train_images,
         train_seed=args.train_seed,
         recompute=args.recompute,
-        log=_say,
         **_run(args),
     )
     failed = [r.name for r in results if r.error]
@@ -481,7 +482,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         skip_unreadable=args.skip_unreadable,
         **_run(args),
-        log=_say,
     )
     print("\n".join(metrics.report_lines(report)))
     for note in report["notes"]:
