@@ -43,7 +43,7 @@ from patchcore_jax.backbones import RANDOM_INIT
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.datasets import folders
 from patchcore_jax.files import atomic_write_text, write_csv
-from patchcore_jax.image_reader import ImageReader
+from patchcore_jax.image_reader import ImageReader, log_counts
 from patchcore_jax.progress import compile_time
 
 # The authors' results.csv columns, and where each comes from in ``metrics.evaluate``.
@@ -241,8 +241,8 @@ def run_benchmark(
     for warning in warnings:
         log(f"note: {warning}")
     device = device_description()
-    reader = ImageReader() if reader is None else reader
     results: list[CategoryResult] = []
+    inputs = {"backbones": backbones, "mesh": mesh, "reader": reader, "progress": progress}
     with contextlib.ExitStack() as stack:
         with sharding.agreed():
             out_dir = stack.enter_context(workflows.primary_output_folder(out, resume=True))
@@ -259,14 +259,7 @@ def run_benchmark(
             start = time.perf_counter()
             try:
                 result = evaluate_category(
-                    folder,
-                    configs,
-                    train_images=train_images,
-                    train_seed=train_seed,
-                    backbones=backbones,
-                    mesh=mesh,
-                    reader=reader,
-                    progress=progress,
+                    folder, configs, train_images=train_images, train_seed=train_seed, **inputs
                 )
             except errors.USER_ERRORS as error:  # a category's bad input; Ctrl-C ends the run
                 message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -298,7 +291,7 @@ def run_benchmark(
         with sharding.agreed():
             if sharding.is_primary_process():
                 write_tables(out_dir, results, device, warnings)
-    reader.log_counts(log)
+    log_counts(reader, log)
     return results
 
 

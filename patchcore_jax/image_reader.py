@@ -106,10 +106,12 @@ class ImageReader:
         cached = f"{self.from_cache} from cache, {self.decoded} decoded"
         return f"crops: {cached} (cache {self.cache_dir})"
 
-    def log_counts(self, log: Callable[[str], None]) -> None:
-        """``log(describe())`` when a cache is used (without one, every image is decoded)."""
-        if self.cache_dir is not None:
-            log(self.describe())
+
+def log_counts(reader: ImageReader | None, log: Callable[[str], None]) -> None:
+    """``log(reader.describe())`` when ``reader`` has a cache (without one, every image is
+    decoded: nothing to say)."""
+    if reader is not None and reader.cache_dir is not None:
+        log(reader.describe())
 
 
 def _process_pool(workers: int) -> ProcessPoolExecutor:

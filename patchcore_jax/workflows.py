@@ -55,7 +55,7 @@ from patchcore_jax.files import (
     quantity,
     write_csv,
 )
-from patchcore_jax.image_reader import ImageReader
+from patchcore_jax.image_reader import ImageReader, log_counts
 from patchcore_jax.model import PatchCore
 from patchcore_jax.progress import Log, Progress, counted, no_log, no_progress, stage_counter
 
@@ -294,7 +294,6 @@ def fit_folder(
                 calibration.held_out_images(len(paths), config.calibration_fraction, config.seed)
             except ValueError as error:
                 raise ValueError(f"PatchCoreConfig.calibration_fraction: {error}") from None
-        reader = ImageReader() if reader is None else reader
         check_usable(paths, config, "training images", reader)
         validation_set = None if validation is None else load_validation_set(validation, config)
         if validation_set is not None:
@@ -313,7 +312,7 @@ def fit_folder(
         log=log,
     )
     interrupt.check()
-    reader.log_counts(log)
+    log_counts(reader, log)
     save_model(model, out, log)
     return model
 
@@ -354,7 +353,6 @@ def extend_folder(
             config_values or {}, f"{model_path}: its options cannot change when resuming"
         )
         paths = training_images(folder, train_images, train_seed)
-        reader = ImageReader() if reader is None else reader
         check_usable(paths, model.config, "training images", reader)
     added = quantity(len(paths), "image")
     log(f"adding {added} of {folder} to {model_path} ({model.config.backbone})")
@@ -362,7 +360,7 @@ def extend_folder(
     batches = _batches(paths, model.config, reader)
     model.extend(batches, progress=features, log=log, spill_dir=spill_dir)
     interrupt.check()
-    reader.log_counts(log)
+    log_counts(reader, log)
     save_model(model, out, log)
     return model
 
@@ -439,7 +437,6 @@ def predict_files(
     An unusable image (``check_usable``) is an error before any work, or with
     ``skip_unreadable`` is listed in ``unreadable.csv`` and ``Predictions.unreadable``.
     ``reader``: as ``fit_folder``'s (its counts go to ``log``)."""
-    reader = ImageReader() if reader is None else reader
     with contextlib.ExitStack() as stack:
         with sharding.agreed():
             model = _load(model, mesh)
@@ -464,7 +461,7 @@ def predict_files(
             out_dir = stack.enter_context(primary_output_folder(out, overwrite=overwrite))
         scored = score_files(model, paths, keep_images=heatmaps, reader=reader, progress=progress)
         scores, maps, crops = scored
-        reader.log_counts(log)
+        log_counts(reader, log)
         decisions = None if thresholds is None else thresholds.decisions(scores)
         with sharding.agreed():
             if sharding.is_primary_process():
@@ -609,7 +606,6 @@ def evaluate_dataset(
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"{out} is a file; expected an output folder (--out)")
     model_name = None if isinstance(model, PatchCore | Ensemble) else str(model)
-    reader = ImageReader() if reader is None else reader
     with contextlib.ExitStack() as stack:
         with sharding.agreed():  # every process reads the model and the masks
             model = _load(model, mesh)  # checked first
@@ -635,7 +631,7 @@ def evaluate_dataset(
         evaluation = evaluate_model(
             model, dataset, masks, keep_images=heatmaps, reader=reader, progress=progress
         )
-        reader.log_counts(log)
+        log_counts(reader, log)
         report = {
             "dataset": str(folder),
             "model": model_name,
