@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from patchcore_jax import errors, interrupt, options, progress, sharding
+from patchcore_jax import errors, interrupt, options, progress
 from patchcore_jax.config import SEED_LIMIT
 from patchcore_jax.files import quantity
 from patchcore_jax.progress import ProgressBars, close_bars
@@ -180,8 +180,7 @@ def _add_predict_and_evaluate_parsers(commands: Any) -> None:
     predict.add_argument(
         "--masks",
         action="store_true",
-        help="write binary defect masks (PNG, 255 = defect, at the calibrated pixel threshold) "
-        "into masks/",
+        help="write defect masks to masks/ (PNG, 255 = defect, at the calibrated pixel threshold)",
     )
     predict.add_argument(
         "--recursive", action="store_true", help="also take images in sub-folders of folders"
@@ -370,13 +369,14 @@ def build_parser(presets: dict[str, object] | None = None) -> argparse.ArgumentP
 
 
 def _say(message: str) -> None:
+    from patchcore_jax import sharding  # jax: imported when a command runs, not with the parser
+
     if sharding.is_primary_process():  # one set of messages in a multi-process job
         progress.say(message)  # above the progress bar, if one is drawn
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-    """The run options every workflow takes: the device mesh, the progress bars, the image
-    reader (``--workers``, ``--cache-dir``) and the log."""
+    """The run options every workflow takes: mesh, progress bars, image reader, log."""
     from patchcore_jax import sharding
 
     run = {"mesh": sharding.make_mesh(args.bank_shards), "progress": ProgressBars(args.quiet)}
@@ -568,11 +568,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "preset", None):  # presets become defaults; explicit options still win
             args = build_parser(options.preset_defaults(args.preset)).parse_args(argv)
         with warnings.catch_warnings():
+            from patchcore_jax import sharding  # not at import: the image workers import none
+
             warnings.showwarning = _show_warning
             if getattr(args, "compile_cache", "off") != "off":
-                from patchcore_jax.sharding import enable_compile_cache
-
-                enable_compile_cache(args.compile_cache)
+                sharding.enable_compile_cache(args.compile_cache)
             distributed = options.distributed_arguments(args)
             if distributed is not None:  # before anything starts a JAX backend
                 sharding.initialize_distributed(**distributed)

@@ -14,7 +14,6 @@ import re
 import typing
 from typing import Any
 
-from patchcore_jax import sharding
 from patchcore_jax.config import PRESETS, PatchCoreConfig, member_configs, preset_values
 from patchcore_jax.image_reader import ImageReader, default_workers
 
@@ -232,6 +231,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     """How a command runs (``fit``, ``evaluate``, ``predict``, ``benchmark``): the mesh, the
     progress bars, the compilation cache, how images are read (``image_reader``) and
     ``--distributed`` with the values that ``jax.distributed.initialize`` otherwise detects."""
+    from patchcore_jax import sharding  # jax: not imported with this module (image workers)
+
     parser.add_argument(
         "--bank-shards",
         type=_count,
