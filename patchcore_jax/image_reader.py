@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -118,7 +119,13 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
     pool = _POOLS.get(workers)
     if pool is None:
         context = multiprocessing.get_context("spawn")
-        pool = _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=context)
+        # Ctrl-C reaches the terminal's whole process group: the workers ignore it, and this
+        # process stops at its next safe point (``interrupt``) with its pool whole.
+        ignore_ctrl_c = (signal.SIGINT, signal.SIG_IGN)
+        pool = ProcessPoolExecutor(
+            workers, mp_context=context, initializer=signal.signal, initargs=ignore_ctrl_c
+        )
+        _POOLS[workers] = pool
     return pool
 
 

@@ -191,3 +191,23 @@ def test_bad_reader_arguments_are_refused_naming_them(tmp_path):
     with pytest.raises(OSError, match="--cache-dir"):
         ImageReader(cache_dir=a_file)
     assert ImageReader(cache_dir=tmp_path / "new/cache").cache_dir == tmp_path / "new/cache"
+
+
+def test_ctrl_c_to_the_terminal_process_group_leaves_the_workers_reading(tmp_path):
+    """Ctrl-C reaches every process of the group: the workers ignore it (this process stops at
+    its next safe point, ``interrupt``), so the pool is not broken under the reading."""
+    import signal
+    import time
+
+    from patchcore_jax import image_reader
+
+    path = tmp_path / "image.png"
+    Image.fromarray(random_pixels(40, 40, 3, 0)).save(path)
+    reader = ImageReader(workers=1)
+    (first,) = iter_image_batches([path], 1, **GEOMETRY, reader=reader)
+    (worker,) = image_reader._POOLS[1]._processes
+    os.kill(worker, signal.SIGINT)
+    time.sleep(0.2)
+    (again,) = iter_image_batches([path], 1, **GEOMETRY, reader=reader)
+    np.testing.assert_array_equal(again, first)
+    assert list(image_reader._POOLS[1]._processes) == [worker]
