@@ -80,7 +80,7 @@ def measure(tree: Path, images: str, workers: int | None, cache_dir: str | None)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", type=Path, required=True, help="tree of the previous main")
+    parser.add_argument("--baseline", type=Path, help="tree of the previous main (required)")
     parser.add_argument("--images", default=str(BOTTLE_TRAIN), help="folder of PNG images")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -94,6 +94,8 @@ def main() -> None:
         args.workers = args.worker_count
         worker(args)
         return
+    if args.baseline is None:
+        parser.error("--baseline is required: a tree of the previous main")
 
     cache = tempfile.mkdtemp(prefix="input_pipeline_cache_")
     cold = measure(REPO_ROOT, args.images, args.workers[-1], cache)  # fills the cache

@@ -37,8 +37,11 @@ def available_cpus() -> int:
 
 
 def default_workers() -> int:
-    """Worker processes of the command line's ``--workers``: the available CPUs, at most 8."""
-    return min(8, available_cpus())
+    """Worker processes of the command line's ``--workers``: one per available CPU but the main
+    process's, at most 8; 0 (threads) below 4 CPUs, where the main process's threads read
+    faster than worker processes (``benchmarks/results/input_pipeline.md``)."""
+    cpus = available_cpus()
+    return 0 if cpus < 4 else min(8, cpus - 1)
 
 
 @dataclass

@@ -255,7 +255,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         default=default_workers(),
         metavar="N",
         help="processes that decode, resize and crop the images; 0: threads of this process "
-        "(default: the available CPUs, at most 8: %(default)s)",
+        "(default: the available CPUs but one, at most 8; 0 below 4 CPUs: %(default)s)",
     )
     parser.add_argument(
         "--cache-dir",

@@ -139,7 +139,7 @@ def test_workers_and_cache_dir_options_make_the_image_reader_every_reading_comma
     for name, command in commands.items():
         args = build_parser().parse_args(command)
         run = cli._run(args)
-        assert run["reader"].workers == options.default_workers() >= 1, name
+        assert run["reader"].workers == options.default_workers(), name
         assert run["reader"].cache_dir is None and run["log"] not in (None, no_log), name
         given = [*command, "--workers", "0", "--cache-dir", str(tmp_path / "cache")]
         reader = cli._run(build_parser().parse_args(given))["reader"]

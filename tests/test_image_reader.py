@@ -211,3 +211,13 @@ def test_ctrl_c_to_the_terminal_process_group_leaves_the_workers_reading(tmp_pat
     (again,) = iter_image_batches([path], 1, **GEOMETRY, reader=reader)
     np.testing.assert_array_equal(again, first)
     assert list(image_reader._POOLS[1]._processes) == [worker]
+
+
+def test_the_default_worker_count_leaves_the_main_process_a_cpu_and_small_machines_threads(
+    monkeypatch,
+):
+    from patchcore_jax import image_reader
+
+    for cpus, workers in [(1, 0), (2, 0), (3, 0), (4, 3), (9, 8), (16, 8), (64, 8)]:
+        monkeypatch.setattr(image_reader, "available_cpus", lambda cpus=cpus: cpus)
+        assert image_reader.default_workers() == workers, cpus
