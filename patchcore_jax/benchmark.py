@@ -43,6 +43,7 @@ from patchcore_jax.backbones import RANDOM_INIT
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.datasets import folders
 from patchcore_jax.files import atomic_write_text, write_csv
+from patchcore_jax.image_reader import ImageReader, log_counts
 from patchcore_jax.progress import compile_time
 
 # The authors' results.csv columns, and where each comes from in ``metrics.evaluate``.
@@ -128,6 +129,7 @@ def evaluate_category(
     train_seed: int = 0,
     backbones: Sequence[Any] | None = None,
     mesh: Any = None,
+    reader: ImageReader | None = None,
     progress: workflows.Progress | None = None,
 ) -> CategoryResult:
     """Fits ``configs`` (one model, or the members of an ensemble) on a category's training
@@ -136,6 +138,7 @@ def evaluate_category(
     ``workflows.evaluate_model``, the calls behind ``fit`` and ``evaluate``.
 
     Args:
+      reader: how images are read (``workflows.fit_folder``); default: threads, no cache.
       progress: ``progress(stage, count, total)`` (``workflows``), stages prefixed with the
         category's name; default none.
     Raises:
@@ -155,12 +158,14 @@ def evaluate_category(
         if train_images is not None:
             train_paths = folders.few_shot_subset(train_paths, train_images, train_seed)
         masks = workflows.test_masks(dataset, configs[0])
-        workflows.check_usable(train_paths, configs[0], "training images")  # before any work
-        workflows.check_usable(dataset.test_image_paths, configs[0], "test images")
+        workflows.check_usable(train_paths, configs[0], "training images", reader)  # first
+        workflows.check_usable(dataset.test_image_paths, configs[0], "test images", reader)
         model = workflows.build_model(configs, len(train_paths), backbones=backbones, mesh=mesh)
     with compile_time() as compiled:
-        workflows.fit_model(model, train_paths, progress=stage_progress)
-        evaluation = workflows.evaluate_model(model, dataset, masks, progress=stage_progress)
+        workflows.fit_model(model, train_paths, reader=reader, progress=stage_progress)
+        evaluation = workflows.evaluate_model(
+            model, dataset, masks, reader=reader, progress=stage_progress
+        )
     timings = {
         **workflows.fit_timings(model),
         "predict_per_image": evaluation.scoring_seconds / len(dataset.test_samples),
@@ -214,11 +219,13 @@ def run_benchmark(
     recompute: bool = False,
     backbones: Sequence[Any] | None = None,
     mesh: Any = None,
+    reader: ImageReader | None = None,
     log: Callable[[str], None] = lambda message: None,
     progress: workflows.Progress | None = None,
 ) -> list[CategoryResult]:
     """Runs ``evaluate_category`` on every category of ``root`` and writes ``out`` (module
     docstring). Returns the results in category order; failed ones carry ``error``.
+    ``reader``: how images are read (``evaluate_category``); its counts are logged at the end.
 
     With several processes (``workflows``) process 0 alone writes ``out``.
 
@@ -235,6 +242,7 @@ def run_benchmark(
         log(f"note: {warning}")
     device = device_description()
     results: list[CategoryResult] = []
+    inputs = {"backbones": backbones, "mesh": mesh, "reader": reader, "progress": progress}
     with contextlib.ExitStack() as stack:
         with sharding.agreed():
             out_dir = stack.enter_context(workflows.primary_output_folder(out, resume=True))
@@ -251,13 +259,7 @@ def run_benchmark(
             start = time.perf_counter()
             try:
                 result = evaluate_category(
-                    folder,
-                    configs,
-                    train_images=train_images,
-                    train_seed=train_seed,
-                    backbones=backbones,
-                    mesh=mesh,
-                    progress=progress,
+                    folder, configs, train_images=train_images, train_seed=train_seed, **inputs
                 )
             except errors.USER_ERRORS as error:  # a category's bad input; Ctrl-C ends the run
                 message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -289,6 +291,7 @@ def run_benchmark(
         with sharding.agreed():
             if sharding.is_primary_process():
                 write_tables(out_dir, results, device, warnings)
+    log_counts(reader, log)
     return results
 
 

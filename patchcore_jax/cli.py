@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from patchcore_jax import errors, interrupt, options, progress, sharding
+from patchcore_jax import errors, interrupt, options, progress
 from patchcore_jax.config import SEED_LIMIT
 from patchcore_jax.files import quantity
 from patchcore_jax.progress import ProgressBars, close_bars
@@ -180,8 +180,7 @@ def _add_predict_and_evaluate_parsers(commands: Any) -> None:
     predict.add_argument(
         "--masks",
         action="store_true",
-        help="write binary defect masks (PNG, 255 = defect, at the calibrated pixel threshold) "
-        "into masks/",
+        help="write defect masks to masks/ (PNG, 255 = defect, at the calibrated pixel threshold)",
     )
     predict.add_argument(
         "--recursive", action="store_true", help="also take images in sub-folders of folders"
@@ -370,22 +369,25 @@ def build_parser(presets: dict[str, object] | None = None) -> argparse.ArgumentP
 
 
 def _say(message: str) -> None:
+    from patchcore_jax import sharding  # jax: imported when a command runs, not with the parser
+
     if sharding.is_primary_process():  # one set of messages in a multi-process job
         progress.say(message)  # above the progress bar, if one is drawn
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-    """The run options every workflow takes: the device mesh and the progress bars."""
+    """The run options every workflow takes: mesh, progress bars, image reader, log."""
     from patchcore_jax import sharding
 
-    return {"mesh": sharding.make_mesh(args.bank_shards), "progress": ProgressBars(args.quiet)}
+    run = {"mesh": sharding.make_mesh(args.bank_shards), "progress": ProgressBars(args.quiet)}
+    return {**run, "reader": options.image_reader(args), "log": _say}
 
 
 def _fit(args: argparse.Namespace) -> int:
     from patchcore_jax import workflows
 
     few_shot = {"train_images": args.train_images, "train_seed": args.train_seed}
-    report = {**_run(args), "log": _say, "spill_dir": args.spill_dir}
+    report = {**_run(args), "spill_dir": args.spill_dir}
     if args.resume is not None:
         given = {"config_values": options.resume_values(args)}
         workflows.extend_folder(args.data, args.resume, args.out, **given, **few_shot, **report)
@@ -410,7 +412,6 @@ def _benchmark(args: argparse.Namespace) -> int:
         train_images=args.train_images,
         train_seed=args.train_seed,
         recompute=args.recompute,
-        log=_say,
         **_run(args),
     )
     failed = [r.name for r in results if r.error]
@@ -481,7 +482,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         skip_unreadable=args.skip_unreadable,
         **_run(args),
-        log=_say,
     )
     print("\n".join(metrics.report_lines(report)))
     for note in report["notes"]:
@@ -568,11 +568,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "preset", None):  # presets become defaults; explicit options still win
             args = build_parser(options.preset_defaults(args.preset)).parse_args(argv)
         with warnings.catch_warnings():
+            from patchcore_jax import sharding  # not at import: the image workers import none
+
             warnings.showwarning = _show_warning
             if getattr(args, "compile_cache", "off") != "off":
-                from patchcore_jax.sharding import enable_compile_cache
-
-                enable_compile_cache(args.compile_cache)
+                sharding.enable_compile_cache(args.compile_cache)
             distributed = options.distributed_arguments(args)
             if distributed is not None:  # before anything starts a JAX backend
                 sharding.initialize_distributed(**distributed)

@@ -14,8 +14,8 @@ import re
 import typing
 from typing import Any
 
-from patchcore_jax import sharding
 from patchcore_jax.config import PRESETS, PatchCoreConfig, member_configs, preset_values
+from patchcore_jax.image_reader import ImageReader, default_workers
 
 
 def image_size(text: str) -> tuple[int, int]:
@@ -229,8 +229,10 @@ def _index(text: str) -> int:
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """How a command runs (``fit``, ``evaluate``, ``predict``, ``benchmark``): the mesh, the
-    progress bars, the compilation cache and ``--distributed`` with the values that
-    ``jax.distributed.initialize`` otherwise detects."""
+    progress bars, the compilation cache, how images are read (``image_reader``) and
+    ``--distributed`` with the values that ``jax.distributed.initialize`` otherwise detects."""
+    from patchcore_jax import sharding  # jax: not imported with this module (image workers)
+
     parser.add_argument(
         "--bank-shards",
         type=_count,
@@ -246,6 +248,21 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         help="folder of JAX's persistent compilation cache, so a later run with the same "
         "shapes skips compilation; 'off' disables it (default: $PATCHCORE_COMPILE_CACHE or "
         "%(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_index,
+        default=default_workers(),
+        metavar="N",
+        help="processes that decode, resize and crop the images; 0: threads of this process "
+        "(default: the available CPUs but one, at most 8; 0 below 4 CPUs: %(default)s)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help="decoded-crop cache: keep each image's uint8 crop here (keyed by the file's "
+        "content and the resize/crop options), so a later run decodes none (default: no cache)",
     )
     group = parser.add_argument_group(
         "many hosts (README: each process reads its share of the images; process 0 writes)"
@@ -287,3 +304,8 @@ def distributed_arguments(args: argparse.Namespace) -> dict[str, Any] | None:
             f"(--num-processes {given['num_processes']})"
         )
     return given
+
+
+def image_reader(args: argparse.Namespace) -> ImageReader:
+    """The ``ImageReader`` of ``--workers`` and ``--cache-dir``."""
+    return ImageReader(workers=args.workers, cache_dir=args.cache_dir)

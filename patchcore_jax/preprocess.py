@@ -22,18 +22,21 @@ more than ``MAX_UPSCALE`` times; images more elongated than ``MAX_ASPECT_RATIO``
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 
+from patchcore_jax import crop_cache
 from patchcore_jax.config import RESIZE_MODES
+from patchcore_jax.errors import ImageLoadError, ImageNotFoundError
 from patchcore_jax.files import some_of
+from patchcore_jax.image_reader import ImageReader
 
 if TYPE_CHECKING:
     from patchcore_jax.config import PatchCoreConfig
@@ -65,19 +68,6 @@ class MaskWarning(UserWarning):
 
 class ImageWarning(UserWarning):
     """An image is usable but will be seen in part or distorted (an extreme aspect ratio)."""
-
-
-class ImageLoadError(ValueError):
-    """An image or mask file cannot be read; ``path`` names it, ``reason`` says why."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"cannot read image {self.path}: {reason}")
-
-
-class ImageNotFoundError(ImageLoadError, FileNotFoundError):
-    """The image or mask file does not exist (also a ``FileNotFoundError``)."""
 
 
 def image_options(config: PatchCoreConfig) -> dict[str, Any]:
@@ -163,27 +153,37 @@ def check_images(
     *,
     resize_mode: str = "shorter-side",
     num_threads: int | None = None,
+    reader: ImageReader | None = None,
 ) -> Unusable:
     """Decodes every image once, as ``load_image`` does, before any is used: so one bad file
     among thousands is named before the work, not found in the middle of it.
 
     Returns ``(path, reason)`` of each image that cannot be used, in the order of ``paths``:
     unreadable (truncated, corrupt, missing) or too small (``geometry_problem``). Warns once
-    (``ImageWarning``) naming the images of an extreme aspect ratio. Decoding runs on
-    ``num_threads`` threads (default ``min(8, cpu_count)``).
+    (``ImageWarning``) naming the images of an extreme aspect ratio. ``reader`` decodes
+    (``read_image``; default: ``num_threads`` threads, ``min(8, cpu_count)``); with its cache,
+    an image whose crop is cached is not decoded again, and a decoded one's crop is stored,
+    so that reading it next decodes nothing.
     """
     _check_sizes(resize, crop, resize_mode)
-
-    def check(path: str | os.PathLike) -> tuple[str | None, str | None]:
-        try:
-            height, width = decode_image(path).shape[:2]
-        except ImageLoadError as error:
-            return error.reason, None
-        return geometry_problem(width, height, resize, crop, resize_mode=resize_mode)
-
+    reader = ImageReader() if reader is None else reader
     paths = [Path(path) for path in paths]
-    with ThreadPoolExecutor(max_workers=num_threads or min(8, os.cpu_count() or 1)) as pool:
-        found = list(pool.map(check, paths))
+    check = functools.partial(
+        _read_or_reason,
+        resize=resize,
+        crop=crop,
+        resize_mode=resize_mode,
+        cache_dir=reader.cache_dir,
+    )
+    found = []
+    for reason, (width, height), decoded in reader.map(
+        check, paths, in_flight=4 * max(reader.workers, num_threads or 8), threads=num_threads
+    ):
+        reader.count(decoded)
+        if reason is not None:
+            found.append((reason, None))
+        else:
+            found.append(geometry_problem(width, height, resize, crop, resize_mode=resize_mode))
     checked = list(zip(paths, found, strict=True))
     elongated = [f"{path} ({warning})" for path, (_, warning) in checked if warning]
     if elongated:
@@ -241,14 +241,64 @@ def load_image(
       image: [height, width, 3] uint8, (height, width) = ``crop``.
     """
     _check_sizes(resize, crop, resize_mode)
-    with _open(path) as image:
-        try:
-            rgb = _to_8bit(image, path).convert("RGB")
-        except ImageLoadError:
-            raise
-        except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable".
-            raise ImageLoadError(path, f"{type(error).__name__}: {error}") from error
+    rgb = _decoded_rgb(path)
     return np.asarray(_resize_and_crop(rgb, resize, crop, resize_mode), dtype=np.uint8)
+
+
+class ImageRead(NamedTuple):
+    """What ``read_image`` read: the crop [height, width, 3] uint8 (None unless kept), the
+    image's original (width, height), and whether it was decoded (False: the cache had it)."""
+
+    crop: np.ndarray | None
+    size: tuple[int, int]
+    decoded: bool
+
+
+def read_image(
+    path: str | os.PathLike,
+    resize: int = 256,
+    crop: Size = 224,
+    *,
+    resize_mode: str = "shorter-side",
+    cache_dir: str | os.PathLike | None = None,
+    keep: bool = True,
+) -> ImageRead:
+    """``load_image`` with the decoded-crop cache: the one function the reading threads and
+    worker processes run (``image_reader``), so every path gives the same bits.
+
+    With ``cache_dir`` (``crop_cache``), a sound cached crop of the file's content answers
+    without decoding (the header is read for the size); else the image is decoded, resized
+    and cropped, and its crop stored. ``keep=False``: the crop is not returned (the image
+    check needs only a successful decode and the size). Raises ``ImageLoadError`` naming the
+    file, as ``load_image`` does.
+    """
+    _check_sizes(resize, crop, resize_mode)
+    entry = None
+    if cache_dir is not None:
+        size = image_size(path)  # a missing or foreign file is named here, as by load_image
+        try:
+            entry, cached = crop_cache.lookup(cache_dir, path, resize, _pair(crop), resize_mode)
+        except OSError as error:
+            raise ImageLoadError(path, f"{type(error).__name__}: {error}") from error
+        if cached is not None:
+            return ImageRead(np.array(cached) if keep else None, size, decoded=False)
+    rgb = _decoded_rgb(path)
+    if not keep and entry is None:
+        return ImageRead(None, rgb.size, decoded=True)
+    pixels = np.asarray(_resize_and_crop(rgb, resize, crop, resize_mode), dtype=np.uint8)
+    if entry is not None:
+        crop_cache.store_crop(entry, pixels)
+    return ImageRead(pixels if keep else None, rgb.size, decoded=True)
+
+
+def _read_or_reason(path: Path, **options: Any) -> tuple[str | None, tuple[int, int], bool]:
+    """``read_image(path, keep=False, **options)`` for the image check, run where it reads:
+    (why the image is unreadable or None, its (width, height), whether it was decoded)."""
+    try:
+        read = read_image(path, keep=False, **options)
+    except ImageLoadError as error:
+        return error.reason, (0, 0), True
+    return None, read.size, read.decoded
 
 
 def load_mask(
@@ -323,9 +373,14 @@ def _mask_from_values(
 
 def decode_image(path: str | os.PathLike) -> np.ndarray:
     """An image file at full resolution as ``load_image`` decodes it: [H, W, 3] uint8 RGB."""
+    return np.asarray(_decoded_rgb(path), dtype=np.uint8)
+
+
+def _decoded_rgb(path: str | os.PathLike) -> Image.Image:
+    """The image file decoded to 8-bit RGB (``load_image``); failures name ``path``."""
     with _open(path) as image:
         try:
-            return np.asarray(_to_8bit(image, path).convert("RGB"), dtype=np.uint8)
+            return _to_8bit(image, path).convert("RGB")
         except ImageLoadError:
             raise
         except Exception as error:  # noqa: BLE001 - any decoder failure means "unreadable".
@@ -470,12 +525,14 @@ def iter_image_batches(
     *,
     resize_mode: str = "shorter-side",
     num_threads: int | None = None,
+    reader: ImageReader | None = None,
 ) -> Iterator[np.ndarray]:
     """Yields ``load_image`` results in batches, in the order of ``paths``.
 
-    Decoding runs on ``num_threads`` threads (default ``min(8, cpu_count)``; Pillow releases
-    the GIL while decoding and resizing). Only the current and the next batch are in flight,
-    so memory stays bounded for any number of paths. The last batch may be shorter.
+    ``reader`` reads them (``read_image``): in its worker processes and through its crop
+    cache; by default on ``num_threads`` threads (default ``min(8, cpu_count)``; Pillow
+    releases the GIL while decoding and resizing). At most two batches of images are read
+    ahead, so memory stays bounded for any number of paths. The last batch may be shorter.
 
     Yields:
       images: [<= batch_size, height, width, 3] uint8.
@@ -483,32 +540,19 @@ def iter_image_batches(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     _check_sizes(resize, crop, resize_mode)
-    paths = list(paths)
-    if num_threads is None:
-        num_threads = min(8, os.cpu_count() or 1)
-    if num_threads <= 1:
-        for start in range(0, len(paths), batch_size):
-            batch = paths[start : start + batch_size]
-            yield load_images(batch, resize, crop, resize_mode=resize_mode)
-        return
-    with ThreadPoolExecutor(max_workers=num_threads) as pool:
-
-        def submit(start: int) -> list:
-            return [
-                pool.submit(load_image, path, resize, crop, resize_mode=resize_mode)
-                for path in paths[start : start + batch_size]
-            ]
-
-        pending = submit(0) if paths else []
-        for start in range(0, len(paths), batch_size):
-            current = pending
-            pending = submit(start + batch_size)
-            try:
-                yield np.stack([future.result() for future in current])
-            except BaseException:
-                for future in pending:
-                    future.cancel()
-                raise
+    reader = ImageReader() if reader is None else reader
+    options = {"resize": resize, "crop": crop, "resize_mode": resize_mode}
+    read = functools.partial(read_image, **options, cache_dir=reader.cache_dir)
+    reads = reader.map(read, list(paths), in_flight=2 * batch_size, threads=num_threads)
+    batch = []
+    for image in reads:
+        reader.count(image.decoded)
+        batch.append(image.crop)
+        if len(batch) == batch_size:
+            yield np.stack(batch)
+            batch = []
+    if batch:
+        yield np.stack(batch)
 
 
 def to_float(

@@ -55,6 +55,7 @@ from patchcore_jax.files import (
     quantity,
     write_csv,
 )
+from patchcore_jax.image_reader import ImageReader, log_counts
 from patchcore_jax.model import PatchCore
 from patchcore_jax.progress import Log, Progress, counted, no_log, no_progress, stage_counter
 
@@ -81,10 +82,13 @@ def _load(model: ModelOrPath, mesh: Mesh | None) -> Model:
     return model if isinstance(model, PatchCore | Ensemble) else checkpoint.load(model, mesh=mesh)
 
 
-def _batches(paths: Sequence[Path], config: PatchCoreConfig) -> Iterator[np.ndarray]:
-    """This process's uint8 batches of ``paths``: all of them with one process; with several,
-    its ``process_share`` in ``share_batch_sizes`` batches, each read in ``sharding.agreed``."""
-    options = preprocess.image_options(config)
+def _batches(
+    paths: Sequence[Path], config: PatchCoreConfig, reader: ImageReader | None
+) -> Iterator[np.ndarray]:
+    """This process's uint8 batches of ``paths`` (read by ``reader``): all of them with one
+    process; with several, its ``process_share`` in ``share_batch_sizes`` batches, each read in
+    ``sharding.agreed``."""
+    options = {**preprocess.image_options(config), "reader": reader}
     if jax.process_count() == 1:
         return preprocess.iter_image_batches(paths, config.batch_size, **options)
     sizes = sharding.share_batch_sizes(len(paths), config.batch_size)
@@ -110,11 +114,17 @@ def primary_output_folder(
 
 
 def check_usable(
-    paths: Sequence[Path], config: PatchCoreConfig, what: str, **choice: Any
+    paths: Sequence[Path],
+    config: PatchCoreConfig,
+    what: str,
+    reader: ImageReader | None = None,
+    **choice: Any,
 ) -> preprocess.Unusable:
-    """``preprocess.check_images`` in ``config``'s geometry, then ``preprocess.refuse_unusable``
-    (``choice``: its ``skip_unreadable`` and ``hint``): the unusable images left to skip."""
-    unusable = preprocess.check_images(paths, **preprocess.image_options(config))
+    """``preprocess.check_images`` in ``config``'s geometry (read by ``reader``), then
+    ``preprocess.refuse_unusable`` (``choice``: its ``skip_unreadable`` and ``hint``): the
+    unusable images left to skip."""
+    options = preprocess.image_options(config)
+    unusable = preprocess.check_images(paths, **options, reader=reader)
     preprocess.refuse_unusable(unusable, len(paths), what, **choice)
     return unusable
 
@@ -169,12 +179,14 @@ def fit_model(
     *,
     validation: ValidationSet | None = None,
     spill_dir: str | os.PathLike | None = None,
+    reader: ImageReader | None = None,
     progress: Progress = no_progress,
     log: Log = no_log,
 ) -> Model:
-    """Fits ``model`` (``build_model``) on image files; a ``validation`` set then calibrates it
-    (a single model only). Returns ``model``; its phases' seconds are in ``fit_timings``.
-    Callers check the images first (``check_usable``), as the folder workflows do."""
+    """Fits ``model`` (``build_model``) on image files read by ``reader`` (default: threads of
+    this process); a ``validation`` set then calibrates it (a single model only). Returns
+    ``model``; its phases' seconds are in ``fit_timings``. Callers check the images first
+    (``check_usable``), as the folder workflows do."""
     config = model.config
     # Every member embeds every image (this process's share of them).
     num_images = _share_size(len(train_paths)) * len(model.members)
@@ -182,7 +194,7 @@ def fit_model(
     calibrated = _calibrated_images(model, len(train_paths))
     progress("features", 0, num_images)  # an ensemble's next members: Ensemble.fit
     model.fit(
-        _batches(train_paths, config),
+        _batches(train_paths, config, reader),
         progress=stage_counter(progress, "features", num_images),
         log=log,
         coreset_progress=stage_counter(progress, "coreset", coreset_steps),  # greedy samplers only
@@ -191,7 +203,7 @@ def fit_model(
     )
     if validation is not None:  # an ensemble refuses (its scores have no fixed threshold)
         total = _share_size(len(validation.paths))
-        batches = counted(_batches(validation.paths, config), progress, "validation", total)
+        batches = counted(_batches(validation.paths, config, reader), progress, "validation", total)
         model.calibrate(batches, labels=validation.labels, masks=validation.masks)
         log(f"calibration: {model.calibration.describe()}")
     return model
@@ -245,6 +257,7 @@ def fit_folder(
     spill_dir: str | os.PathLike | None = None,
     backbones: Sequence[Backbone | None] | None = None,
     mesh: Mesh | None = None,
+    reader: ImageReader | None = None,
     progress: Progress = no_progress,
     log: Log = no_log,
 ) -> Model:
@@ -258,6 +271,8 @@ def fit_folder(
         (``load_validation_set``; single models only).
       spill_dir: folder of the spill file (``bank.FeatureStore``), for every member.
       backbones: per member, its backbone (``build_model``; None entries: loaded by name).
+      reader: how images are read (worker processes, crop cache; ``ImageReader``); its counts
+        are logged when it has a cache. Default: threads of this process, no cache.
     Raises:
       ValueError / OSError before any work: a bad ``out`` or ``spill_dir``, too few images for
       the bank or the held-out calibration, an unreadable validation set.
@@ -279,18 +294,25 @@ def fit_folder(
                 calibration.held_out_images(len(paths), config.calibration_fraction, config.seed)
             except ValueError as error:
                 raise ValueError(f"PatchCoreConfig.calibration_fraction: {error}") from None
-        check_usable(paths, config, "training images")
+        check_usable(paths, config, "training images", reader)
         validation_set = None if validation is None else load_validation_set(validation, config)
         if validation_set is not None:
             folders.check_validation_apart(paths, validation_set.paths)
-            check_usable(validation_set.paths, config, "validation images")
+            check_usable(validation_set.paths, config, "validation images", reader)
         model = build_model(configs, len(paths), backbones=backbones, mesh=mesh)
     names = ",".join(c.backbone for c in configs)
     log(f"fitting {names} on {quantity(len(paths), 'image')} of {folder}")
     fit_model(
-        model, paths, validation=validation_set, spill_dir=spill_dir, progress=progress, log=log
+        model,
+        paths,
+        validation=validation_set,
+        spill_dir=spill_dir,
+        reader=reader,
+        progress=progress,
+        log=log,
     )
     interrupt.check()
+    log_counts(reader, log)
     save_model(model, out, log)
     return model
 
@@ -305,6 +327,7 @@ def extend_folder(
     spill_dir: str | os.PathLike | None = None,
     config_values: dict[str, Any] | None = None,
     mesh: Mesh | None = None,
+    reader: ImageReader | None = None,
     progress: Progress = no_progress,
     log: Log = no_log,
 ) -> PatchCore:
@@ -314,7 +337,8 @@ def extend_folder(
 
     ``config_values``: config fields given with the request (the command line's model options);
     the model's config cannot change, so each must equal the model's (else ValueError listing
-    those that differ). Ensembles cannot be extended (ValueError)."""
+    those that differ). Ensembles cannot be extended (ValueError). ``reader``: as
+    ``fit_folder``'s."""
     out = model_path if out is None else out
     with sharding.agreed():
         checkpoint.check_destination(out)  # a bad destination fails now, not after the work
@@ -329,12 +353,14 @@ def extend_folder(
             config_values or {}, f"{model_path}: its options cannot change when resuming"
         )
         paths = training_images(folder, train_images, train_seed)
-        check_usable(paths, model.config, "training images")
+        check_usable(paths, model.config, "training images", reader)
     added = quantity(len(paths), "image")
     log(f"adding {added} of {folder} to {model_path} ({model.config.backbone})")
     features = stage_counter(progress, "features", _share_size(len(paths)))
-    model.extend(_batches(paths, model.config), progress=features, log=log, spill_dir=spill_dir)
+    batches = _batches(paths, model.config, reader)
+    model.extend(batches, progress=features, log=log, spill_dir=spill_dir)
     interrupt.check()
+    log_counts(reader, log)
     save_model(model, out, log)
     return model
 
@@ -343,11 +369,17 @@ def extend_folder(
 
 
 def score_files(
-    model: Model, paths: Sequence[Path], *, keep_images: bool = False, progress: Progress
+    model: Model,
+    paths: Sequence[Path],
+    *,
+    keep_images: bool = False,
+    reader: ImageReader | None = None,
+    progress: Progress,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Scores image files batch by batch: ``(image_scores [N], anomaly_maps [N, H, W], uint8
-    crops [N, H, W, 3] if keep_images (for heatmaps: no image is decoded twice) else None)``.
-    With several processes each scores its share; every process gets every image's rows."""
+    """Scores image files (read by ``reader``) batch by batch: ``(image_scores [N],
+    anomaly_maps [N, H, W], uint8 crops [N, H, W, 3] if keep_images (for heatmaps: no image is
+    decoded twice) else None)``. With several processes each scores its share; every process
+    gets every image's rows."""
     images: list[np.ndarray] = []
 
     def remembered(batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
@@ -357,7 +389,7 @@ def score_files(
             yield batch
 
     total = _share_size(len(paths)) * len(model.members)
-    batches = remembered(_batches(paths, model.config))
+    batches = remembered(_batches(paths, model.config, reader))
     progress("scoring", 0, total)  # the clock starts with the first batch's decoding
     gather = sharding.gather_rows_from_processes
     prediction = model.predict(batches, progress=stage_counter(progress, "scoring", total))
@@ -394,14 +426,17 @@ def predict_files(
     overwrite: bool = False,
     skip_unreadable: bool = False,
     mesh: Mesh | None = None,
+    reader: ImageReader | None = None,
     progress: Progress = no_progress,
+    log: Log = no_log,
 ) -> Predictions:
     """Scores image files and folders (``recursive``: sub-folders too) and writes into ``out``:
     ``scores.csv`` (image, name, score, normalised score and decision when calibrated, heatmap
     and mask files), ``heatmaps/`` and with ``masks`` binary defect masks in ``masks/``
     (calibrated models only). ``overwrite`` replaces a previous run's results in ``out``.
     An unusable image (``check_usable``) is an error before any work, or with
-    ``skip_unreadable`` is listed in ``unreadable.csv`` and ``Predictions.unreadable``."""
+    ``skip_unreadable`` is listed in ``unreadable.csv`` and ``Predictions.unreadable``.
+    ``reader``: as ``fit_folder``'s (its counts go to ``log``)."""
     with contextlib.ExitStack() as stack:
         with sharding.agreed():
             model = _load(model, mesh)
@@ -413,13 +448,20 @@ def predict_files(
                 )
             paths, names = folders.output_names(images, recursive)
             unreadable = check_usable(
-                paths, model.config, "images", skip_unreadable=skip_unreadable, hint=preprocess.SKIP
+                paths,
+                model.config,
+                "images",
+                reader,
+                skip_unreadable=skip_unreadable,
+                hint=preprocess.SKIP,
             )
             skipped = dict(unreadable)
             kept = [i for i, path in enumerate(paths) if path not in skipped]
             paths, names = [paths[i] for i in kept], [names[i] for i in kept]
             out_dir = stack.enter_context(primary_output_folder(out, overwrite=overwrite))
-        scores, maps, crops = score_files(model, paths, keep_images=heatmaps, progress=progress)
+        scored = score_files(model, paths, keep_images=heatmaps, reader=reader, progress=progress)
+        scores, maps, crops = scored
+        log_counts(reader, log)
         decisions = None if thresholds is None else thresholds.decisions(scores)
         with sharding.agreed():
             if sharding.is_primary_process():
@@ -475,6 +517,7 @@ def evaluate_model(
     masks: np.ndarray,
     *,
     keep_images: bool = False,
+    reader: ImageReader | None = None,
     progress: Progress = no_progress,
 ) -> Evaluation:
     """Scores ``dataset``'s test images and computes the MVTec AD metrics (``metrics.evaluate``)
@@ -482,7 +525,8 @@ def evaluate_model(
     metrics."""
     paths = dataset.test_image_paths
     start = time.perf_counter()
-    scores, maps, images = score_files(model, paths, keep_images=keep_images, progress=progress)
+    scored = score_files(model, paths, keep_images=keep_images, reader=reader, progress=progress)
+    scores, maps, images = scored
     seconds = time.perf_counter() - start
     results = metrics.evaluate(
         dataset.test_labels, scores, masks, maps, pixel_images=dataset.has_pixel_labels
@@ -539,6 +583,7 @@ def evaluate_dataset(
     overwrite: bool = False,
     skip_unreadable: bool = False,
     mesh: Mesh | None = None,
+    reader: ImageReader | None = None,
     progress: Progress = no_progress,
     log: Log = no_log,
 ) -> dict[str, Any]:
@@ -553,6 +598,7 @@ def evaluate_dataset(
       allow_missing_masks: accept defect images without a mask (left out of pixel metrics).
       skip_unreadable: leave unusable test images (``check_usable``) out of the metrics, listed
         in the report's ``unreadable`` and ``unreadable.csv`` (default: an error, before scoring).
+      reader: as ``fit_folder``'s.
     Raises:
       ValueError / OSError before any image is scored: an unreadable model, dataset, image or
       mask.
@@ -571,7 +617,7 @@ def evaluate_dataset(
             )
             paths, skip = dataset.test_image_paths, skip_unreadable
             unreadable = check_usable(
-                paths, config, "test images", skip_unreadable=skip, hint=preprocess.SKIP
+                paths, config, "test images", reader, skip_unreadable=skip, hint=preprocess.SKIP
             )
             skipped = {path for path, _ in unreadable}
             kept = tuple(s for s in dataset.test_samples if s.image_path not in skipped)
@@ -582,7 +628,10 @@ def evaluate_dataset(
         missing = int(np.count_nonzero(~dataset.has_pixel_labels))
         if missing:
             log(f"{missing} defective images without masks are left out of the pixel metrics")
-        evaluation = evaluate_model(model, dataset, masks, keep_images=heatmaps, progress=progress)
+        evaluation = evaluate_model(
+            model, dataset, masks, keep_images=heatmaps, reader=reader, progress=progress
+        )
+        log_counts(reader, log)
         report = {
             "dataset": str(folder),
             "model": model_name,

@@ -124,6 +124,31 @@ def test_fit_evaluate_predict_write_what_they_promise(subset, model_dir, tmp_pat
     assert scores["broken_large"] == pytest.approx(evaluated["000.pngbroken_large"], rel=1e-5)
 
 
+def test_workers_and_cache_dir_options_make_the_image_reader_every_reading_command_gets(
+    tmp_path, capsys
+):
+    from patchcore_jax import cli, options
+    from patchcore_jax.workflows import no_log
+
+    commands = {
+        "fit": ["fit", str(tmp_path), "--out", "m"],
+        "predict": ["predict", "m", "x", "--out", "o"],
+        "evaluate": ["evaluate", "m", str(tmp_path)],
+        "benchmark": ["benchmark", str(tmp_path), "--out", "o"],
+    }
+    for name, command in commands.items():
+        args = build_parser().parse_args(command)
+        run = cli._run(args)
+        assert run["reader"].workers == options.default_workers(), name
+        assert run["reader"].cache_dir is None and run["log"] not in (None, no_log), name
+        given = [*command, "--workers", "0", "--cache-dir", str(tmp_path / "cache")]
+        reader = cli._run(build_parser().parse_args(given))["reader"]
+        assert (reader.workers, reader.cache_dir) == (0, tmp_path / "cache"), name
+    with pytest.raises(SystemExit, match="2"):
+        build_parser().parse_args([*commands["predict"], "--workers", "-1"])
+    assert "--workers: expected an integer >= 0" in capsys.readouterr().err
+
+
 def test_predict_output_folders_are_never_mixed_or_lost(subset, model_dir, tmp_path):
     """Reused --out is refused; --overwrite replaces the whole previous run; concurrent runs
     into one folder fail clearly; results written under test/ are never read back as data."""

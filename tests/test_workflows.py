@@ -175,6 +175,26 @@ def test_an_unreadable_or_tiny_image_stops_evaluate_before_scoring_or_is_left_ou
         assert report[key] == clean[key], key
 
 
+def test_a_second_predict_with_the_crop_cache_decodes_nothing_and_scores_the_same(
+    small_model, subset, tmp_path
+):
+    from patchcore_jax.image_reader import ImageReader
+
+    images = [subset / "test/good", subset / "test/broken_large"]
+    plain = workflows.predict_files(small_model, images, tmp_path / "plain", heatmaps=False)
+    for run, (decoded, from_cache) in enumerate([(4, 4), (0, 8)]):  # check, then scoring
+        reader = ImageReader(workers=1, cache_dir=tmp_path / "cache")
+        logged = []
+        cached = workflows.predict_files(
+            small_model, images, tmp_path / f"run{run}", heatmaps=False, reader=reader,
+            log=logged.append,
+        )  # fmt: skip
+        assert (reader.decoded, reader.from_cache) == (decoded, from_cache), run
+        assert logged == [reader.describe()]
+        assert logged[0].startswith(f"crops: {from_cache} from cache, {decoded} decoded")
+        np.testing.assert_array_equal(cached.image_scores, plain.image_scores)
+
+
 def test_cli_predict_with_skip_unreadable_writes_a_summary_and_exits_with_status_1(
     small_model, subset, tmp_path, capsys
 ):
