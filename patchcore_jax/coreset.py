@@ -81,6 +81,9 @@ _PRUNED_EXTRA_COPIES = 4
 # Pruned path: rows per block (the tree halves groups down to 2**levels blocks of 1x..2x this),
 # and power iterations per principal direction.
 _BLOCK_ROWS = 32
+# Pruned path: rows are gathered and updated in tiles of this many consecutive rows of a block
+# (feature-major inside a tile: the update loop then runs over contiguous lanes of 8 rows).
+_TILE_ROWS = 8
 _POWER_ITERATIONS = 3
 # Row visits per compiled chunk of steps: 2**25 is about a second of full-pass steps on a CPU.
 _ROW_VISITS_PER_CHUNK = 2**25
@@ -89,27 +92,43 @@ _ROW_VISITS_PER_CHUNK = 2**25
 # --------------------------------------------------------------------------- greedy coreset
 
 
-def _column_dots(columns: jax.Array, point: jax.Array) -> jax.Array:
+def _column_dots(columns: jax.Array, point: jax.Array, axis: int = 0) -> jax.Array:
     """Dot product of every column with ``point``: [p, n], [p] or [p, n] -> [n].
 
     Written as one explicit chain ``((c_0 * x_0 + c_1 * x_1) + c_2 * x_2) + ...`` that XLA fuses
     into a single pass over contiguous rows of ``columns`` (memory-bound, like a matrix-vector
     product) but may not reorder: every column is summed in the same order whatever ``n`` or the
-    backend's reduction tiling, so each shard computes bit-identical distances.
+    backend's reduction tiling, so each shard computes bit-identical distances. ``axis``: the
+    axis of ``columns`` (and of a non-vector ``point``) holding the p features, e.g. 1 for
+    row tiles [t, p, 8] -> [t, 8].
     """
+
+    def column(values, k):
+        return jax.lax.index_in_dim(values, k, axis, keepdims=False)
+
     if point.ndim == 1:
         point = point[:, None]
-    total = columns[0] * point[0]
-    for k in range(1, columns.shape[0]):
-        total = total + columns[k] * point[k]
+        axis_of_point = 0
+    else:
+        axis_of_point = axis
+    total = column(columns, 0) * jax.lax.index_in_dim(point, 0, axis_of_point, keepdims=False)
+    for k in range(1, columns.shape[axis]):
+        total = total + column(columns, k) * jax.lax.index_in_dim(
+            point, k, axis_of_point, keepdims=False
+        )
     return total
 
 
 def _distances_to(
-    columns: jax.Array, sq_norms: jax.Array, point: jax.Array, point_sq_norm: jax.Array
+    columns: jax.Array,
+    sq_norms: jax.Array,
+    point: jax.Array,
+    point_sq_norm: jax.Array,
+    axis: int = 0,
 ) -> jax.Array:
-    """Euclidean distances in the reference's op order: [p, n], [n], [p], [] -> [n]."""
-    squared = -2.0 * _column_dots(columns, point) + sq_norms + point_sq_norm
+    """Euclidean distances in the reference's op order: [p, n], [n], [p], [] -> [n] (or row
+    tiles with ``axis=1``: [t, p, 8], [t, 8], [p], [] -> [t, 8])."""
+    squared = -2.0 * _column_dots(columns, point, axis) + sq_norms + point_sq_norm
     return jnp.sqrt(jnp.maximum(squared, 0.0))
 
 
@@ -144,11 +163,13 @@ def _start_distances(
     offset: jax.Array,
     columns: jax.Array,
     sq_norms: jax.Array,
+    axis: int = 0,
 ) -> jax.Array:
     """Mean distance of every row of ``columns`` to the start rows, in torch's summation order.
 
     ``rows`` [n, p] are this device's rows in global order (global rows ``offset ..``);
-    ``columns`` [p, ...] and ``sq_norms`` [...] are the same rows in any layout.
+    ``columns`` [p, ...] (features on ``axis``) and ``sq_norms`` [...] are the same rows in any
+    layout.
     """
     # The owner contributes each start row, every other device zeros; the sum is exact.
     local_start = start_indices - offset
@@ -162,7 +183,7 @@ def _start_distances(
 
     def add_start_distance(j, total):
         k = order[j]
-        return total + _distances_to(columns, sq_norms, start_rows[k], start_sq_norms[k])
+        return total + _distances_to(columns, sq_norms, start_rows[k], start_sq_norms[k], axis)
 
     total = jax.lax.fori_loop(0, order.shape[0], add_start_distance, jnp.zeros_like(sq_norms))
     return total / jnp.float32(order.shape[0])
@@ -176,19 +197,20 @@ def _initial_distances(
     offset: jax.Array,
     columns: jax.Array,
     sq_norms: jax.Array,
+    axis: int = 0,
 ) -> jax.Array:
     """Every row's distance before the first step: the mean distance to the start rows, or,
     with ``anchors`` ([m, D] rows already in the coreset, replicated), the distance to the
     nearest anchor, computed as the steps' own min-update applied once per anchor (so the
     selection continues exactly as if the anchors had been selected)."""
     if anchors is None:
-        return _start_distances(rows, start_indices, offset, columns, sq_norms)
+        return _start_distances(rows, start_indices, offset, columns, sq_norms, axis)
     points = _project_rows(anchors, projection)  # [m, p]
     point_sq_norms = _column_dots(points.T, points.T)
 
     def lower(j, distances):
         return jnp.minimum(
-            distances, _distances_to(columns, sq_norms, points[j], point_sq_norms[j])
+            distances, _distances_to(columns, sq_norms, points[j], point_sq_norms[j], axis)
         )
 
     return jax.lax.fori_loop(0, points.shape[0], lower, jnp.full_like(sq_norms, jnp.inf))
@@ -318,11 +340,13 @@ def _block_order(rows: jax.Array, is_valid: jax.Array, block_rows: int, levels: 
 def _pruned_init_on_shard(features, projection, start_indices, anchors, *, num_valid):
     """Rows permuted into contiguous blocks of nearby rows, with each block's geometry.
 
-    Constants (n = blocks x B rows, in block order): rows [n, p] (to gather) and the same as
-    columns [p, n] (to stream), squared norms [n], global indices [n], each row's distance to
-    its block centre [n], block centres [blocks, p], radii [blocks] and largest row norms
-    [blocks]. Carry: distances [n] (-inf for padding), each block's largest distance [blocks]
-    and its first position [blocks], and the fraction of rows read so far [1].
+    Each block is padded to whole tiles of ``_TILE_ROWS`` rows. Constants (n = blocks x W rows
+    in block order, t = n / 8 tiles): the rows as tiles [t, p, 8] (feature-major inside a
+    tile, so gathered tiles stream like the full pass's columns), squared norms [n], global
+    indices [n], each row's distance to its block centre [n], block centres [blocks, p], radii
+    [blocks] and largest row norms [blocks]. Carry: distances [n] (-inf for padding), each
+    block's largest distance [blocks] and its first position [blocks], and the fraction of
+    rows read so far [1].
     """
     num_local = features.shape[0]
     offset = jax.lax.axis_index(ALL_AXES) * num_local
@@ -330,26 +354,27 @@ def _pruned_init_on_shard(features, projection, start_indices, anchors, *, num_v
     is_valid = offset + jnp.arange(num_local) < num_valid
     block_rows, levels = _block_layout(num_local)
     order = _block_order(rows, is_valid, block_rows, levels)  # [blocks, B]
+    # Whole tiles per block; the slots added are padding (ids past the rows), like the tree's.
+    order = jnp.pad(order, ((0, 0), (0, -block_rows % _TILE_ROWS)), constant_values=num_local)
     in_rows = order < num_local
     safe = jnp.minimum(order, num_local - 1)
     block_valid = in_rows & is_valid[safe]
-    points = jnp.where(in_rows[..., None], rows[safe], 0.0)  # [blocks, B, p]
-    columns = jnp.moveaxis(points, 2, 0)  # [p, blocks, B]
-    sq_norms = _column_dots(columns, columns)
-    min_distances = jnp.where(
-        block_valid,
-        _initial_distances(rows, start_indices, anchors, projection, offset, columns, sq_norms),
-        -jnp.inf,
+    points = jnp.where(in_rows[..., None], rows[safe], 0.0)  # [blocks, W, p]
+    num_blocks, width, num_features = points.shape
+    tiles = jnp.swapaxes(points.reshape(-1, _TILE_ROWS, num_features), 1, 2)  # [t, p, 8]
+    tile_sq_norms = _column_dots(tiles, tiles, axis=1)  # [t, 8]
+    distances = _initial_distances(
+        rows, start_indices, anchors, projection, offset, tiles, tile_sq_norms, axis=1
     )
+    min_distances = jnp.where(block_valid, distances.reshape(num_blocks, width), -jnp.inf)
+    sq_norms = tile_sq_norms.reshape(num_blocks, width)
     count = jnp.maximum(jnp.sum(block_valid, axis=1), 1)
     centres = jnp.sum(jnp.where(block_valid[..., None], points, 0.0), axis=1) / count[:, None]
-    to_centre = jnp.sqrt(jnp.sum((points - centres[:, None]) ** 2, axis=2))  # [blocks, B]
+    to_centre = jnp.sqrt(jnp.sum((points - centres[:, None]) ** 2, axis=2))  # [blocks, W]
     radii = jnp.max(jnp.where(block_valid, to_centre, 0.0), axis=1)
     norms = jnp.sqrt(jnp.max(jnp.where(block_valid, sq_norms, 0.0), axis=1))
-    num_tree = points.shape[0] * points.shape[1]
     constants = (
-        points.reshape(num_tree, -1),
-        columns.reshape(columns.shape[0], num_tree),
+        tiles,
         sq_norms.reshape(-1),
         (offset + order).astype(jnp.int32).reshape(-1),
         to_centre.reshape(-1),
@@ -357,12 +382,8 @@ def _pruned_init_on_shard(features, projection, start_indices, anchors, *, num_v
         radii,
         norms,
     )
-    carry = (
-        min_distances.reshape(-1),
-        jnp.max(min_distances, axis=1),
-        jnp.argmax(min_distances, axis=1).astype(jnp.int32),
-        jnp.zeros((1,), jnp.float32),
-    )
+    block_max, block_pos = _block_maxima(min_distances)
+    carry = (min_distances.reshape(-1), block_max, block_pos, jnp.zeros((1,), jnp.float32))
     return constants, carry
 
 
@@ -373,6 +394,47 @@ def _capacities(total: int, factor: int, count: int, smallest: int) -> tuple[int
     return tuple(sorted({total} | {size for size in sizes if size >= smallest}))
 
 
+def _compact(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+    """Positions of the True entries of ``mask`` [L], ascending, in a fixed [size] int32 array
+    (positions past ``size`` are dropped; unused slots hold distinct values >= L), and how
+    many there are [] int32.
+
+    A stream compaction without a sort or a prefix sum over L (``jnp.nonzero`` needs two, slow
+    on XLA CPU): each run of 32 entries becomes a bit word, an entry's rank is the set bits
+    below it in its word plus those of the words before (a prefix sum over L / 32 words), and
+    one scatter puts it there.
+    """
+    length = mask.shape[0]
+    num_words = -(-length // 32)
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    bits = jnp.pad(mask, (0, num_words * 32 - length)).reshape(num_words, 32)
+    words = jnp.sum(bits.astype(jnp.uint32) << shifts, axis=1, dtype=jnp.uint32)
+    counts = jax.lax.population_count(words).astype(jnp.int32)
+    starts = jax.lax.associative_scan(jnp.add, counts) - counts  # [words], exclusive
+    below = jax.lax.population_count(words[:, None] & ((jnp.uint32(1) << shifts) - 1))
+    rank = (starts[:, None] + below.astype(jnp.int32)).reshape(-1)[:length]
+    # Entries left out get distinct targets past the end, so every scattered index is unique.
+    entries = jnp.arange(length, dtype=jnp.int32)
+    target = jnp.where(mask, rank, size + entries)
+    unused = length + jnp.arange(size, dtype=jnp.int32)
+    positions = unused.at[target].set(entries, mode="drop", unique_indices=True)
+    return positions, starts[-1] + counts[-1]
+
+
+def _block_maxima(distances: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each block's largest distance and its first position: [k, W] -> [k], [k] int32.
+
+    ``argmax``'s result as a max and a min of positions: two plain reductions, several times
+    faster on XLA CPU than its variadic argmax reduction.
+    """
+    largest = jnp.max(distances, axis=1)
+    positions = jnp.arange(distances.shape[1], dtype=jnp.int32)
+    first = jnp.min(
+        jnp.where(distances == largest[:, None], positions, distances.shape[1]), axis=1
+    )
+    return largest, first
+
+
 def _pruned_steps_on_shard(constants, carry, selected, start, stop):
     """Greedy steps ``start .. stop`` that read only the rows the new centre may change.
 
@@ -380,18 +442,21 @@ def _pruned_steps_on_shard(constants, carry, selected, start, stop):
     the distance to the block centre minus the radius; per row, the difference of the distance
     to its block centre and its own. A row is skipped when its bound clears its current
     distance (a block's when it clears the block's largest) by a margin covering float32
-    rounding of the computed distance, so its minimum could not change. The rows left are
-    gathered into the smallest static capacity that holds them and updated with exactly the
-    full pass's formula, so distances and selected indices are bit-identical to it; when too
-    many are left the step streams every row instead.
+    rounding of the computed distance, so its minimum could not change. The tiles holding the
+    rows left are gathered into the smallest static capacity that holds them and updated with
+    exactly the full pass's formula (a skipped row in such a tile gets its own minimum back),
+    so distances and selected indices are bit-identical to it; when most tiles are left the
+    step streams them all.
     """
-    points, columns, sq_norms, indices, offsets, centres, radii, norms = constants
+    tiles, sq_norms, indices, offsets, centres, radii, norms = constants
     num_blocks, num_features = centres.shape
     num_rows = sq_norms.shape[0]
+    num_tiles = tiles.shape[0]
     block_rows = num_rows // num_blocks
-    block_caps = _capacities(num_blocks, 4, 4, 32)
-    row_limit = -(-num_rows // 8)  # more rows than this: stream them all
-    row_caps = (*_capacities(row_limit, 2, 8, 512), num_rows)
+    block_tiles = block_rows // _TILE_ROWS
+    block_caps = _capacities(num_blocks, 2, 8, 32)
+    tile_caps = _capacities(num_tiles, 2, 10, 64)  # the last streams every tile
+    gathered_limit = tile_caps[-2] if len(tile_caps) > 1 else num_tiles
     # Rounding: the computed squared distance (-2 a.b + |a|^2) + |b|^2 (p-term dot products)
     # is within (p + 2) u (|a| + |b|)^2 of the exact one (u = 2**-24); doubled, gamma also
     # covers the rounding of the bounds themselves (direct distances: relative error < p u).
@@ -403,9 +468,10 @@ def _pruned_steps_on_shard(constants, carry, selected, start, stop):
             (lower > 0) & (lower * lower * (1 - gamma) >= (error + largest * largest) * (1 + gamma))
         )
 
-    def find_rows(capacity, block_ids, min_distances, to_centre, error):
-        """Rows of the first ``capacity`` listed blocks whose own bound does not clear."""
-        safe = jnp.minimum(block_ids[:capacity], num_blocks - 1)
+    def find_tiles(capacity, block_ids, min_distances, to_centre, error):
+        """Tiles of the first ``capacity`` listed blocks with a row whose bound does not clear."""
+        listed = block_ids[:capacity]
+        safe = jnp.minimum(listed, num_blocks - 1)
         block_offsets = offsets.reshape(num_blocks, block_rows)[safe]
         distances = min_distances.reshape(num_blocks, block_rows)[safe]
         centre = to_centre[safe][:, None]
@@ -414,45 +480,45 @@ def _pruned_steps_on_shard(constants, carry, selected, start, stop):
             block_offsets * (1 - gamma) - centre * (1 + gamma),
         )
         active = ~can_skip(lower, distances, error[safe][:, None])
-        active = active & (block_ids[:capacity] < num_blocks)[:, None]
-        listed = capacity * block_rows
-        (position,) = jnp.nonzero(
-            active.reshape(-1), size=min(listed, row_limit), fill_value=listed
+        active = active & (listed < num_blocks)[:, None]
+        tile_active = jnp.any(active.reshape(capacity, block_tiles, _TILE_ROWS), axis=2)
+        position, num_active = _compact(tile_active.reshape(-1), gathered_limit)
+        tile_ids = jnp.where(
+            position < capacity * block_tiles,
+            safe[jnp.minimum(position // block_tiles, capacity - 1)] * block_tiles
+            + position % block_tiles,
+            num_tiles + position,  # unused: distinct, past the tiles
         )
-        row_ids = jnp.where(
-            position < listed,
-            safe[jnp.minimum(position // block_rows, capacity - 1)] * block_rows
-            + position % block_rows,
-            num_rows,
-        )
-        row_ids = jnp.pad(row_ids, (0, row_limit - row_ids.shape[0]), constant_values=num_rows)
-        return row_ids, jnp.sum(active)
+        return tile_ids, num_active
 
-    def update_rows(capacity, row_ids, min_distances, row, row_sq_norm):
-        if capacity == num_rows:
-            return jnp.minimum(min_distances, _distances_to(columns, sq_norms, row, row_sq_norm))
-        # No loop over chunks here: a loop would copy the loop-invariant rows every step.
-        ids = row_ids[:capacity]
-        safe = jnp.minimum(ids, num_rows - 1)
+    def update_tiles(capacity, tile_ids, min_distances, row, row_sq_norm):
+        distances = min_distances.reshape(num_tiles, _TILE_ROWS)
+        tile_sq_norms = sq_norms.reshape(num_tiles, _TILE_ROWS)
+        if capacity == num_tiles:
+            new = _distances_to(tiles, tile_sq_norms, row, row_sq_norm, axis=1)
+            return jnp.minimum(distances, new).reshape(-1)
+        # No loop over chunks here: a loop would copy the loop-invariant tiles every step.
+        ids = tile_ids[:capacity]
+        safe = jnp.minimum(ids, num_tiles - 1)
         new = jnp.minimum(
-            min_distances[safe],
-            _distances_to(points[safe].T, sq_norms[safe], row, row_sq_norm),
+            distances[safe],
+            _distances_to(tiles[safe], tile_sq_norms[safe], row, row_sq_norm, axis=1),
         )
-        return min_distances.at[ids].set(new, mode="drop")
+        return distances.at[ids].set(new, mode="drop", unique_indices=True).reshape(-1)
 
     def rescan_blocks(capacity, block_ids, min_distances, block_max, block_pos):
         blocks = min_distances.reshape(num_blocks, block_rows)
         if capacity == num_blocks:
-            return jnp.max(blocks, axis=1), jnp.argmax(blocks, axis=1).astype(jnp.int32)
+            return _block_maxima(blocks)
         ids = block_ids[:capacity]
-        distances = blocks[jnp.minimum(ids, num_blocks - 1)]
+        largest, first = _block_maxima(blocks[jnp.minimum(ids, num_blocks - 1)])
         return (
-            block_max.at[ids].set(jnp.max(distances, axis=1), mode="drop"),
-            block_pos.at[ids].set(jnp.argmax(distances, axis=1).astype(jnp.int32), mode="drop"),
+            block_max.at[ids].set(largest, mode="drop", unique_indices=True),
+            block_pos.at[ids].set(first, mode="drop", unique_indices=True),
         )
 
-    find_branches = [functools.partial(find_rows, c) for c in block_caps]
-    update_branches = [functools.partial(update_rows, c) for c in row_caps]
+    find_branches = [functools.partial(find_tiles, c) for c in block_caps]
+    update_branches = [functools.partial(update_tiles, c) for c in tile_caps]
     rescan_branches = [functools.partial(rescan_blocks, c) for c in block_caps]
 
     def select(step, state):
@@ -463,26 +529,29 @@ def _pruned_steps_on_shard(constants, carry, selected, start, stop):
         block = jnp.argmin(jnp.where(block_max == largest, firsts, jnp.iinfo(jnp.int32).max))
         local = block * block_rows + block_pos[block]
         row, row_sq_norm, index = _choose_winner(
-            points[local], sq_norms[local], largest, firsts[block]
+            tiles[local // _TILE_ROWS, :, local % _TILE_ROWS],
+            sq_norms[local],
+            largest,
+            firsts[block],
         )
         selected = selected.at[step].set(index)
 
         to_centre = jnp.sqrt(jnp.sum((centres - row) ** 2, axis=1))
         error = gamma * ((norms + jnp.sqrt(row_sq_norm)) * (1 + gamma)) ** 2
         block_active = ~can_skip(to_centre * (1 - gamma) - radii * (1 + gamma), block_max, error)
-        block_ids = jnp.nonzero(block_active, size=num_blocks, fill_value=num_blocks)[0]
-        block_tier = jnp.sum(jnp.sum(block_active) > jnp.asarray(block_caps[:-1]))
-        row_ids, num_active = jax.lax.switch(
+        block_ids, num_listed = _compact(block_active, num_blocks)
+        block_tier = jnp.sum(num_listed > jnp.asarray(block_caps[:-1]))
+        tile_ids, num_active = jax.lax.switch(
             block_tier, find_branches, block_ids, min_distances, to_centre, error
         )
-        row_tier = jnp.sum(num_active > jnp.asarray(row_caps[:-1]))
+        tile_tier = jnp.sum(num_active > jnp.asarray(tile_caps[:-1]))
         min_distances = jax.lax.switch(
-            row_tier, update_branches, row_ids, min_distances, row, row_sq_norm
+            tile_tier, update_branches, tile_ids, min_distances, row, row_sq_norm
         )
         block_max, block_pos = jax.lax.switch(
             block_tier, rescan_branches, block_ids, min_distances, block_max, block_pos
         )
-        rows_read = jnp.asarray(row_caps, jnp.float32)[row_tier]  # the rows gathered
+        rows_read = jnp.asarray(tile_caps, jnp.float32)[tile_tier] * _TILE_ROWS
         fraction_read = fraction_read + rows_read / num_rows
         return (min_distances, block_max, block_pos, fraction_read), selected
 
@@ -502,10 +571,7 @@ def _state_specs(method: str) -> tuple[tuple[P, ...], tuple[P, ...]]:
     rows = P(ALL_AXES)
     if method == "full":
         return (P(None, ALL_AXES), rows), (rows, rows)
-    return (
-        (rows, P(None, ALL_AXES), rows, rows, rows, rows, rows, rows),
-        (rows, rows, rows, rows),
-    )
+    return (rows,) * 7, (rows,) * 4
 
 
 def padded_rows(num_rows: int, mesh: Mesh) -> int:
