@@ -455,8 +455,10 @@ def _pruned_steps_on_shard(constants, carry, selected, start, stop):
     block_rows = num_rows // num_blocks
     block_tiles = block_rows // _TILE_ROWS
     block_caps = _capacities(num_blocks, 2, 8, 32)
-    tile_caps = _capacities(num_tiles, 2, 10, 64)  # the last streams every tile
-    gathered_limit = tile_caps[-2] if len(tile_caps) > 1 else num_tiles
+    # Gathering a tile costs about twice streaming it (read, write, read back): past a quarter
+    # of the tiles a step streams them all.
+    gathered_limit = -(-num_tiles // 4)
+    tile_caps = (*_capacities(gathered_limit, 2, 8, 64), num_tiles)
     # Rounding: the computed squared distance (-2 a.b + |a|^2) + |b|^2 (p-term dot products)
     # is within (p + 2) u (|a| + |b|)^2 of the exact one (u = 2**-24); doubled, gamma also
     # covers the rounding of the bounds themselves (direct distances: relative error < p u).
