@@ -29,9 +29,11 @@ Two exact algorithms select the same indices (``method``):
 * ``pruned``: rows are grouped once into blocks of about ``_BLOCK_ROWS`` nearby rows (a
   principal-direction tree) and permuted so each block is contiguous. Triangle-inequality lower
   bounds on the new centre's distance (per block, then per row) skip the rows whose minimum
-  cannot change, with a margin that covers float32 rounding of the computed distance; the rest
-  are gathered and updated with the full pass's formula, so every distance is bit-identical.
-  Late steps read a few percent of the rows (benchmarks/results/coreset.md).
+  cannot change, with a margin that covers float32 rounding of the computed distance; the
+  8-row tiles holding the rest (stored feature-major, so an update loop runs over contiguous
+  lanes) are gathered and updated with the full pass's formula, so every distance is
+  bit-identical. Late steps read a few percent of the rows (benchmarks/results/coreset.md,
+  coreset_step.md).
 
 Rows are split over every device of the mesh (``sharding.ALL_AXES``); each device prunes its
 own rows. Each step every device proposes its farthest row; one all-gather of the proposals
@@ -429,9 +431,7 @@ def _block_maxima(distances: jax.Array) -> tuple[jax.Array, jax.Array]:
     """
     largest = jnp.max(distances, axis=1)
     positions = jnp.arange(distances.shape[1], dtype=jnp.int32)
-    first = jnp.min(
-        jnp.where(distances == largest[:, None], positions, distances.shape[1]), axis=1
-    )
+    first = jnp.min(jnp.where(distances == largest[:, None], positions, distances.shape[1]), axis=1)
     return largest, first
 
 

@@ -407,6 +407,87 @@ def test_pruned_reads_few_rows_on_clustered_bank():
     np.testing.assert_array_equal(np.asarray(selected), np.asarray(expected))
 
 
+def _primitives(jaxpr) -> set[str]:
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, Jaxpr):
+                    names |= _primitives(inner)
+    return names
+
+
+def test_pruned_step_needs_no_cumulative_sum_sort_or_argmax():
+    """The fixed cost of a pruned step: rows and blocks are compacted with bit words (no
+    ``jnp.nonzero``: two cumulative sums over the rows listed) and block maxima found with two
+    plain reductions (no variadic argmax over every listed row)."""
+    num_rows, dim = 4096, 16
+    mesh = sharding.single_device_mesh()
+    args = (jnp.zeros((num_rows, dim), jnp.float32), None, jnp.arange(10, dtype=jnp.int32))
+    static = {"method": "pruned", "mesh": mesh}
+    state = jax.eval_shape(
+        lambda f, s: coreset._greedy_init(f, None, s, num_valid=num_rows, **static),
+        args[0],
+        args[2],
+    )
+    selected = jax.ShapeDtypeStruct((64,), jnp.int32)
+    step = jnp.int32(0)
+    steps = jax.make_jaxpr(lambda c, r, s: coreset._greedy_steps(c, r, s, step, step, **static))
+    used = _primitives(steps(*state, selected).jaxpr)
+    assert not used & {"cumsum", "sort", "argmax"}, used & {"cumsum", "sort", "argmax"}
+
+
+@pytest.mark.parametrize("length", [1, 31, 32, 33, 1000])
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.9, 1.0])
+def test_compact_lists_true_positions_in_order(length, density):
+    mask = np.random.default_rng(length).random(length) < density
+    expected = np.flatnonzero(mask)
+    for size in (length, max(1, len(expected) // 2)):  # room for all, or truncated
+        positions, count = jax.jit(coreset._compact, static_argnums=1)(jnp.asarray(mask), size)
+        positions = np.asarray(positions)
+        assert int(count) == len(expected)
+        kept = min(size, len(expected))
+        np.testing.assert_array_equal(positions[:kept], expected[:kept])
+        unused = positions[kept:]
+        assert (unused >= length).all() and len(set(unused.tolist())) == len(unused)
+
+
+def test_block_maxima_equal_max_and_first_argmax():
+    rng = np.random.default_rng(12)
+    distances = rng.integers(0, 4, size=(50, 24)).astype(np.float32)  # many ties
+    distances[3] = -np.inf  # a block of padding only
+    distances[7, 5:] = -np.inf
+    largest, first = coreset._block_maxima(jnp.asarray(distances))
+    np.testing.assert_array_equal(np.asarray(largest), distances.max(axis=1))
+    np.testing.assert_array_equal(np.asarray(first), distances.argmax(axis=1))
+
+
+def test_tile_layout_distances_identical_to_column_layout():
+    """The pruned path's 8-row tiles [t, p, 8] give bit-identical distances to the full pass's
+    columns [p, n]: the same chain per row, only the memory layout differs."""
+    rng = np.random.default_rng(13)
+    rows = (rng.normal(size=(512, 128)) * rng.lognormal(size=(512, 1))).astype(np.float32)
+    point = jnp.asarray(rows[17] * 3.0)
+
+    @jax.jit
+    def both(rows, point):
+        columns = rows.T
+        tiles = jnp.swapaxes(rows.reshape(-1, 8, rows.shape[1]), 1, 2)
+        point_sq_norm = coreset._column_dots(point[:, None], point[:, None])[0]
+        by_columns = coreset._distances_to(
+            columns, coreset._column_dots(columns, columns), point, point_sq_norm
+        )
+        by_tiles = coreset._distances_to(
+            tiles, coreset._column_dots(tiles, tiles, axis=1), point, point_sq_norm, axis=1
+        )
+        return by_columns, by_tiles.reshape(-1)
+
+    by_columns, by_tiles = both(jnp.asarray(rows), point)
+    np.testing.assert_array_equal(np.asarray(by_tiles), np.asarray(by_columns))
+
+
 @pytest.fixture(scope="module")
 def bottle_features(bottle_dir) -> np.ndarray:
     """Real bank: MobileNetV2 patch features of the 209 bottle training images [163856, 1024]."""
