@@ -50,7 +50,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -1156,6 +1155,8 @@ def _train_proxies(
     batch_size: int,
 ) -> jax.Array:
     """Adam on ``proxy_objective`` over random batches, as one ``lax.scan``: -> [K, D]."""
+    import optax  # only this sampler trains anything: other processes never import it
+
     optimizer = optax.adam(learning_rate)
 
     def train_step(carry, step_key):

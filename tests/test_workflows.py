@@ -4,6 +4,8 @@ on conftest's subset of MVTec AD bottle (10 train, 3 good and 3 defective test i
 import csv
 import json
 import re
+import subprocess
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -306,3 +308,17 @@ def test_a_patch_stride_shrinks_the_grid_and_survives_checkpoint_export_and_resu
         f"{tmp_path / 'model'}: its options cannot change when resuming: "
         "PatchCoreConfig.patch_stride 3 (the model's: 2)"
     )
+
+
+def test_the_commands_import_no_rarely_used_heavy_module():
+    """What every command imports (the CLI and the workflows) leaves out the modules that only
+    one rarely used step needs: optax (the learned-proxies sampler), scipy (PRO's connected
+    components) and the checkpoint's orbax, which load when that step runs."""
+    code = (
+        "import sys, patchcore_jax.cli, patchcore_jax.workflows; "
+        "print(sorted({n.split('.')[0] for n in sys.modules} & {'optax', 'scipy', 'orbax'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    assert workflows.metrics.pro_score(np.eye(4, dtype=bool)[None], np.eye(4)[None]) == 1.0
+
