@@ -321,4 +321,3 @@ def test_the_commands_import_no_rarely_used_heavy_module():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
     assert workflows.metrics.pro_score(np.eye(4, dtype=bool)[None], np.eye(4)[None]) == 1.0
-
