@@ -50,6 +50,7 @@ PHASES = (
     ("per-type metrics", "patchcore_jax.workflows", "evaluation_report"),
     ("figures", "patchcore_jax.reports", "write_score_figures"),
     ("per_image.csv", "patchcore_jax.reports", "write_per_image"),
+    ("scores.csv, heatmaps", "patchcore_jax.reports", "write_predictions"),  # predict
 )
 COMPILE_EVENTS = {
     "trace": "/jax/core/compile/jaxpr_trace_duration",
