@@ -107,7 +107,8 @@ def worker(args: argparse.Namespace) -> None:
         model.predict(images[: config.batch_size])  # compile
         before = _counts(model)
         start = time.perf_counter()
-        scores = model.predict(images).image_scores
+        prediction = model.predict(images)  # a tuple in trees before calibration.Prediction
+        scores = prediction[0] if isinstance(prediction, tuple) else prediction.image_scores
         seconds = time.perf_counter() - start
         result["predict_images_per_s"] = len(images) / seconds
         result["score_checksum"] = float(np.asarray(scores[: len(test_paths)], np.float64).sum())
