@@ -278,7 +278,11 @@ def _local_top_k(
             return *reranking.rerank(*args, k), no_fallback, query_norms
         thresholds = (best[2], row_norms, basis.shape[1])
         return *reranking.certified_candidates(
-            *args, k, num_candidates, bank_tile, *thresholds
+            *args,
+            k,
+            num_candidates + 1,
+            bank_tile,
+            *thresholds,  # group_candidates: C + 1
         ), query_norms
 
     out_width = num_candidates if fast and not rerank else k

@@ -151,9 +151,10 @@ def group_candidates(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The certified search's candidates from the ``[q, C]`` groups of ``CANDIDATE_GROUP`` rows
     with the nearest low-rank distances (``knn._scan`` ``"groups"``: their nearest distance and
-    first global row): ``([q, C] low-rank distances, [q, C] indices)`` of the C nearest of their
-    ``8 C`` rows, and ``bound [q]``: no row that is not a candidate has a smaller low-rank
-    distance (the C-th group's, for the rows of every other group; the (C + 1)-th of the ``8 C``).
+    first global row): ``([q, C + 1] low-rank distances, [q, C + 1] indices)`` of the C + 1
+    nearest of their ``8 C`` rows, and ``bound [q]``: no row that is not a candidate has a smaller
+    low-rank distance (the C-th group's, for the rows of every other group; the (C + 1)-th of
+    the ``8 C``, for the others of theirs). The C nearest rows are always among them.
 
     A top-C over groups costs an eighth of one over rows (the scan's largest cost on a CPU);
     the ``8 C`` rows' distances are recomputed here (``queries``/``rows``: low-rank, ``[q, r]``,
@@ -173,9 +174,10 @@ def group_candidates(
     distances = jnp.where(unfilled, jnp.inf, distances)
     if query_images is not None:
         distances = jnp.where(row_images[local] == query_images[:, None], jnp.inf, distances)
-    distances, indices = lax.sort((distances, indices), dimension=1, num_keys=2)
-    bound = jnp.minimum(group_distances[:, -1], distances[:, num_candidates])
-    return distances[:, :num_candidates], indices[:, :num_candidates], bound
+    # The C + 1 nearest, all of them: XLA CPU sorts all 8 C for a sliced top-k (~4x the time).
+    nearest, positions = lax.top_k(-distances, num_candidates + 1)
+    distances, indices = -nearest, jnp.take_along_axis(indices, positions, axis=1)
+    return distances, indices, jnp.minimum(group_distances[:, -1], jnp.max(distances, axis=1))
 
 
 def certified_candidates(

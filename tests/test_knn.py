@@ -499,8 +499,8 @@ def test_a_symbolic_number_of_queries_is_tiled_without_padding_where_a_tile_divi
 
 
 def test_certified_candidates_bound_every_row_that_is_no_candidate():
-    """``reranking.group_candidates``: the C nearest rows of the C nearest groups, and a bound below
-    which no other row's low-rank distance lies (float64, less the float32 error of a computed
+    """``reranking.group_candidates``: the C + 1 nearest rows of the C nearest groups, a bound
+    below which no other row's low-rank distance lies (float64, less the float32 error of a computed
     low-rank distance, gamma_{r+2} (|q'| + |b'|)^2)."""
     import functools
 
@@ -535,4 +535,4 @@ def test_certified_candidates_bound_every_row_that_is_no_candidate():
         others = np.setdiff1d(np.arange(num_rows), np.asarray(indices[query]))
         assert np.all(exact[query, others] + error[query, others] >= bound[query])
         nearest = np.sort(exact[query])[:num_candidates]  # all in the C nearest groups
-        assert np.all(np.abs(distances[query] - nearest) <= error[query].max())
+        assert np.all(np.abs(distances[query, :num_candidates] - nearest) <= error[query].max())
