@@ -277,13 +277,8 @@ def _local_top_k(
         if not certify:
             return *reranking.rerank(*args, k), no_fallback, query_norms
         thresholds = (best[2], row_norms, basis.shape[1])
-        return *reranking.certified_candidates(
-            *args,
-            k,
-            num_candidates + 1,
-            bank_tile,
-            *thresholds,  # group_candidates: C + 1
-        ), query_norms
+        certified = reranking.certified_candidates(*args, k, bank_tile, *thresholds)
+        return *certified, query_norms
 
     out_width = num_candidates if fast and not rerank else k
     blocks = (queries.reshape(num_queries // query_tile, query_tile, dim),)

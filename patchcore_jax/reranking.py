@@ -189,7 +189,6 @@ def certified_candidates(
     candidate_indices: jax.Array,
     row_offset: jax.Array | int,
     k: int,
-    num_candidates: int,
     bank_tile: int,
     bound: jax.Array,
     row_norms: tuple[jax.Array, jax.Array, jax.Array],
@@ -197,8 +196,9 @@ def certified_candidates(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """From ``[q, C]`` low-rank candidates (``bound [q]``: no other row's low-rank distance is
     smaller): ``([q, k] distances, [q, k] indices)`` in the scan's arithmetic, and ``[q]`` the
-    k-th below which they are exact mode's (``proven_below``)."""
-    dim = queries.shape[1]
+    k-th below which they are exact mode's (``proven_below``). Every candidate is re-ranked: the
+    proof covers the candidates by their exact distances, every other row by ``bound``."""
+    dim, num_candidates = queries.shape[1], candidate_indices.shape[1]
     args = (queries, query_norms, bank, bank_norms)
     reranked, ranked = rerank(
         *args, candidate_distances, candidate_indices, row_offset, num_candidates
