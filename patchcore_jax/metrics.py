@@ -97,11 +97,10 @@ def pro_score(
     if num_regions == 0:
         raise ValueError("PRO needs ground-truth defect regions; masks has no defect pixel")
 
-    normal_scores.sort()
     scores = np.concatenate(defect_scores)
     order = np.argsort(scores, kind="stable")
     defect_sorted = scores[order]
-    if np.isnan(normal_scores[-1]) or np.isnan(defect_sorted[-1]):
+    if np.isnan(normal_scores).any() or np.isnan(defect_sorted[-1]):
         raise ValueError("maps contains NaN")
     # overlap_from[i]: summed region overlap of the defect pixels defect_sorted[i:], / regions.
     weights = np.concatenate(defect_weights)[order]
@@ -110,11 +109,12 @@ def pro_score(
 
     # Normal pixels are added to the positives from the highest score down; only those until
     # the FPR first exceeds fpr_limit matter. Ties form one curve point (a diagonal segment).
+    # Only the top ``needed`` normal scores (and the ties of the lowest) are sorted.
     needed = min(num_normal, math.floor(fpr_limit * num_normal) + 1)
-    boundary = normal_scores[num_normal - needed]
-    top = normal_scores[np.searchsorted(normal_scores, boundary, side="left") :]
-    values, counts = np.unique(top, return_counts=True)
-    values, counts = values[::-1], counts[::-1]
+    boundary = np.partition(normal_scores, num_normal - needed)[num_normal - needed]
+    top = np.sort(normal_scores[normal_scores >= boundary])[::-1]
+    starts = np.flatnonzero(np.concatenate(([True], top[1:] != top[:-1])))
+    values, counts = top[starts], np.diff(np.append(starts, top.size))
     fpr_end = np.cumsum(counts) / num_normal
     fpr_start = np.concatenate(([0.0], fpr_end[:-1]))
     # Along the segment of value v the PRO goes from PRO(score > v) to PRO(score >= v).
@@ -303,8 +303,9 @@ def _auroc(positive: np.ndarray, scores: np.ndarray) -> float:
     for row_class, row_scores in zip(positive, scores, strict=True):
         values = row_scores[row_class != small_is_positive]
         for start in range(0, values.size, _CHUNK):
-            chunk = values[start : start + _CHUNK]
-            if np.isnan(chunk).any():
+            # Sorted, the binary searches walk ``small`` in order: several times faster.
+            chunk = np.sort(values[start : start + _CHUNK])
+            if np.isnan(chunk[-1]):  # NaN sorts last
                 raise ValueError("scores contain NaN")
             twice_count_below += int(np.searchsorted(small, chunk, side="left").sum())
             twice_count_below += int(np.searchsorted(small, chunk, side="right").sum())
