@@ -28,6 +28,7 @@ CERTIFIED_CANDIDATES = 32  # least C of the certified search (measured: benchmar
 FALLBACK_QUERIES = 128  # uncertified queries rescanned at a time (a full-rate matmul tile on CPU)
 LOW_RANK_DIMS = 128  # r of the low-rank candidate search (benchmarks/results/precision.md)
 UNIT_ROUNDOFF = 2.0**-24  # float32: |fl(x) - x| <= u |x|
+_COVARIANCE_ROWS = 4096  # bank rows per float64 chunk of ``low_rank_basis``'s covariance
 
 
 def low_rank_basis(memory_bank: np.ndarray | jax.Array, dims: int = LOW_RANK_DIMS) -> np.ndarray:
@@ -37,15 +38,22 @@ def low_rank_basis(memory_bank: np.ndarray | jax.Array, dims: int = LOW_RANK_DIM
     rows (a NaN row is never a neighbour) by descending eigenvalue (``eigh``), each signed so
     that its largest-magnitude component is positive.
     """
-    bank = np.asarray(memory_bank, np.float64)
+    bank = np.asarray(memory_bank)  # float64 only a chunk at a time
     if bank.ndim != 2 or bank.shape[0] < 1:
         raise ValueError(f"memory_bank must be [M >= 1, D], got shape {bank.shape}")
     finite = np.all(np.isfinite(bank), axis=1)
-    bank = bank[finite] if finite.any() else np.zeros_like(bank[:1])
+    if not finite.all():
+        bank = bank[finite] if finite.any() else np.zeros_like(bank[:1])
     if not (isinstance(dims, int) and dims >= 1):
         raise ValueError(f"dims must be a positive integer, got {dims!r}")
-    centred = bank - bank.mean(axis=0)
-    _, vectors = np.linalg.eigh(centred.T @ centred)
+    # The covariance summed over row chunks: float64 copies of a whole bank cost more (page
+    # faults of two bank-sized allocations) than the product itself.
+    mean = bank.mean(axis=0, dtype=np.float64)
+    covariance = np.zeros((bank.shape[1], bank.shape[1]))
+    for start in range(0, bank.shape[0], _COVARIANCE_ROWS):
+        centred = bank[start : start + _COVARIANCE_ROWS].astype(np.float64) - mean
+        covariance += centred.T @ centred
+    _, vectors = np.linalg.eigh(covariance)
     basis = vectors[:, ::-1][:, : min(dims, bank.shape[1])]
     pivots = np.argmax(np.abs(basis), axis=0)
     signs = np.sign(basis[pivots, np.arange(basis.shape[1])])
