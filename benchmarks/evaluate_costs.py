@@ -17,10 +17,12 @@ metrics, the figures and CSV, and JAX's own compile events (tracing, lowering, b
 compilation or cache retrieval).
 
     python benchmarks/evaluate_costs.py --baseline /work/wt-base5 --model MODEL --data DATA
-        [--rounds 3] [--out benchmarks/results/evaluate_costs.md]
+        [--baseline-model MODEL] [--rounds 3] [--out benchmarks/results/evaluate_costs.md]
 
 MODEL is a ``fit`` checkpoint both trees load (e.g. ``fit DATA --backbone wide_resnet50_2
---random-init-missing --precision fast``).
+--random-init-missing --precision fast``), or, with ``--baseline-model``, the same model as each
+tree's ``fit`` writes it (this tree's load of the baseline's checkpoint, saved again). The
+metrics of every run must be the same (checked: a difference stops the benchmark).
 """
 
 from __future__ import annotations
@@ -133,7 +135,9 @@ def run_once(tree: Path, model: str, data: str, cache: Path, out: Path) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"{tree}: evaluate failed:\n{done.stderr[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"wall": wall, **result["seconds"]}
+    report = json.loads((out / "metrics.json").read_text())
+    metrics = {key: value for key, value in report.items() if isinstance(value, float | int)}
+    return {"wall": wall, **result["seconds"], "metrics": metrics}
 
 
 def loadavg() -> str:
@@ -162,11 +166,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", required=True, type=Path, help="the other checkout")
     parser.add_argument("--model", required=True, help="a fitted checkpoint folder")
+    parser.add_argument(
+        "--baseline-model", help="the checkpoint the baseline loads (default: --model)"
+    )
     parser.add_argument("--data", required=True, help="MVTec AD category folder")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "evaluate_costs.md")
     args = parser.parse_args()
     trees = {"baseline": args.baseline.resolve(), "this": REPO_ROOT}
+    models = {"baseline": args.baseline_model or args.model, "this": args.model}
     runs: dict[tuple[str, str], list[dict]] = {
         (name, cache): [] for name in trees for cache in ("cold", "warm")
     }
@@ -175,13 +183,16 @@ def main() -> None:
         scratch = Path(scratch)
         warm = {name: scratch / f"warm-{name}" for name in trees}
         for name, tree in trees.items():  # fills each tree's warm cache (untimed)
-            run_once(tree, args.model, args.data, warm[name], scratch / "out")
+            run_once(tree, models[name], args.data, warm[name], scratch / "out")
         for index in range(args.rounds):
             for name, tree in trees.items():
                 cold = scratch / f"cold-{name}-{index}"
                 for cache, folder in (("cold", cold), ("warm", warm[name])):
-                    run = run_once(tree, args.model, args.data, folder, scratch / "out")
+                    run = run_once(tree, models[name], args.data, folder, scratch / "out")
                     runs[name, cache].append(run)
+                    first = runs["baseline", "cold"][0]["metrics"]
+                    if run["metrics"] != first:
+                        raise SystemExit(f"{name}: metrics differ: {run['metrics']} != {first}")
                     print(f"round {index} {name} {cache}: {run['wall']:.1f} s", flush=True)
     load_after = loadavg()
     speedups = []
@@ -189,11 +200,17 @@ def main() -> None:
         base = statistics.median(run["wall"] for run in runs["baseline", cache])
         this = statistics.median(run["wall"] for run in runs["this", cache])
         speedups.append(f"{cache} cache: {base:.1f} s -> {this:.1f} s ({base / this:.2f}x)")
+    model = (
+        args.model
+        if args.baseline_model is None
+        else f"{args.model} (baseline: {args.baseline_model})"
+    )
     body = [
-        f"`evaluate {args.model} {args.data} --no-heatmaps`, fresh processes alternating "
+        f"`evaluate {model} {args.data} --no-heatmaps`, fresh processes alternating "
         f"baseline ({trees['baseline']}) and this tree ({REPO_ROOT}), {args.rounds} rounds; "
         "median seconds (min in brackets). Phases nest: the probe and the bank arrays are "
-        "part of the model load, decoding and compilation part of scoring.",
+        "part of the model load, decoding and compilation part of scoring. Every run's "
+        "metrics (AUROCs, PRO, F1, ...) are the same.",
         "",
         "End to end (median wall): " + "; ".join(speedups) + ".",
         "",
