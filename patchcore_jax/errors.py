@@ -1,6 +1,6 @@
 """The errors patchcore-jax raises on purpose, which the command line reports in one line.
 
-Bad input and failed reads or writes are ``ValueError`` (``checkpoint.CheckpointError``,
+Bad input and failed reads or writes are ``ValueError`` (``CheckpointError``,
 ``ImageLoadError`` of ``preprocess`` among them) and ``OSError``, each with a message that names
 the file or option and what was expected; a missing optional dependency is
 ``MissingDependencyError``. ``USER_ERRORS`` is that set: ``cli.main`` prints them as
@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged, or does not match what the caller loads it with."""
 
 
 class MissingDependencyError(ImportError):

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 
-from patchcore_jax import checkpoint, exported
+from patchcore_jax import checkpoint, checkpoint_folder, exported
 from patchcore_jax.ensemble import Ensemble
 from patchcore_jax.exported import BANK_KIND
 from patchcore_jax.files import atomic_path
@@ -132,7 +132,7 @@ def check_export_target(
         raise IsADirectoryError(f"{option} {target} is a folder; give a file name")
     if not target.parent.is_dir():
         raise FileNotFoundError(f"cannot write {target}: folder {target.parent} does not exist")
-    model_folder = checkpoint.enclosing_checkpoint(target.parent)
+    model_folder = checkpoint_folder.enclosing_checkpoint(target.parent)
     if model_folder is not None:
         raise FileExistsError(
             f"{option} {target} is inside the checkpoint folder {model_folder}; write the "

@@ -44,7 +44,16 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from patchcore_jax import calibration, checkpoint, interrupt, metrics, preprocess, reports, sharding
+from patchcore_jax import (
+    calibration,
+    checkpoint,
+    checkpoint_folder,
+    interrupt,
+    metrics,
+    preprocess,
+    reports,
+    sharding,
+)
 from patchcore_jax.config import PatchCoreConfig
 from patchcore_jax.datasets import folders
 from patchcore_jax.ensemble import Ensemble
@@ -284,7 +293,7 @@ def fit_folder(
             raise ValueError("a validation set calibrates one model, not an ensemble of several")
         configs = [configs[0].replace(calibration="none")]  # the validation set calibrates
     with sharding.agreed():  # every process's checks pass, or every process stops here
-        checkpoint.check_destination(out)  # a bad destination fails now, not after the work
+        checkpoint_folder.check_destination(out)  # a bad destination fails now, not after the work
         if spill_dir is not None:
             check_writable_folder(spill_dir, "--spill-dir")
         config = configs[0]
@@ -341,7 +350,7 @@ def extend_folder(
     ``fit_folder``'s."""
     out = model_path if out is None else out
     with sharding.agreed():
-        checkpoint.check_destination(out)  # a bad destination fails now, not after the work
+        checkpoint_folder.check_destination(out)  # a bad destination fails now, not after the work
         if spill_dir is not None:
             check_writable_folder(spill_dir, "--spill-dir")
         model = checkpoint.load(model_path, mesh=mesh)

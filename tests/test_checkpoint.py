@@ -11,7 +11,14 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import BOTTLE
 
-from patchcore_jax import CheckpointError, PatchCore, PatchCoreConfig, checkpoint, sharding
+from patchcore_jax import (
+    CheckpointError,
+    PatchCore,
+    PatchCoreConfig,
+    checkpoint,
+    checkpoint_folder,
+    sharding,
+)
 from patchcore_jax.datasets.folders import load_dataset
 from patchcore_jax.preprocess import load_images
 
@@ -160,7 +167,7 @@ def test_checkpoint_whose_bank_is_smaller_than_k_or_b_is_refused_on_load(fitted,
 _TINY_CHILD = """
 import os, signal, sys
 import numpy as np
-from patchcore_jax import checkpoint, sharding
+from patchcore_jax import checkpoint, checkpoint_folder, sharding
 sys.path.insert(0, {tests!r})
 from test_checkpoint import tiny_model
 
@@ -171,7 +178,7 @@ np.save(path + ".new_bank.npy", np.asarray(model.memory_bank))
 def kill():
     os.kill(os.getpid(), signal.SIGKILL)
 
-checkpoint._reached = lambda name: kill() if name == point else None
+checkpoint_folder.reached = lambda name: kill() if name == point else None
 rename = os.rename
 
 def renaming(source, destination, *args, **kwargs):  # orbax finalises with os.rename
@@ -210,7 +217,7 @@ def tiny_model(seed: int) -> PatchCore:
 def _legacy_save(model: PatchCore, path: Path) -> None:
     """A checkpoint as versions before the CURRENT pointer wrote it (orbax at ``path``)."""
     checkpoint.save(model, path)
-    version = path / checkpoint._current_version(path)
+    version = path / checkpoint_folder.current_version(path)
     (path / "CURRENT").unlink()
     for item in version.iterdir():
         item.rename(path / item.name)
@@ -349,20 +356,21 @@ def test_check_destination_refuses_files_foreign_folders_and_unwritable_places(
 
     (tmp_path / "x.jpg").write_bytes(b"image")
     with pytest.raises(CheckpointError, match=r"x.jpg is a file, not a checkpoint folder"):
-        checkpoint.check_destination(tmp_path / "x.jpg")
+        checkpoint_folder.check_destination(tmp_path / "x.jpg")
     with pytest.raises(CheckpointError, match=r"cannot create .*/x.jpg/model: .*x.jpg is a file"):
-        checkpoint.check_destination(tmp_path / "x.jpg" / "model")
+        checkpoint_folder.check_destination(tmp_path / "x.jpg" / "model")
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "a.png").write_bytes(b"png")
     with pytest.raises(CheckpointError, match="photos exists and is not a patchcore-jax"):
-        checkpoint.check_destination(tmp_path / "photos")
+        checkpoint_folder.check_destination(tmp_path / "photos")
     (tmp_path / "empty").mkdir()
-    assert checkpoint.check_destination(tmp_path / "empty") == tmp_path / "empty"
-    assert checkpoint.check_destination(tmp_path / "new" / "deeper") == tmp_path / "new/deeper"
+    assert checkpoint_folder.check_destination(tmp_path / "empty") == tmp_path / "empty"
+    deeper = tmp_path / "new" / "deeper"
+    assert checkpoint_folder.check_destination(deeper) == deeper
     assert not (tmp_path / "new").exists()  # checking creates nothing
     saved = checkpoint.save(fitted, tmp_path / "model")
     with pytest.raises(CheckpointError, match="exists; pass overwrite=True"):
-        checkpoint.check_destination(saved, overwrite=False)
+        checkpoint_folder.check_destination(saved, overwrite=False)
     # A folder the OS refuses to write in (as a read-only file system would, even for root).
     read_only = tmp_path / "read_only"
     read_only.mkdir()
@@ -375,7 +383,7 @@ def test_check_destination_refuses_files_foreign_folders_and_unwritable_places(
 
     monkeypatch.setattr(os, "mkdir", refuse)
     with pytest.raises(CheckpointError, match=r"read_only is not writable \(Read-only file"):
-        checkpoint.check_destination(read_only / "model")
+        checkpoint_folder.check_destination(read_only / "model")
     with pytest.raises(CheckpointError, match=r"read_only is not writable"):
         checkpoint.save(fitted, read_only / "model")
     assert list(read_only.iterdir()) == []
@@ -472,7 +480,7 @@ def test_write_version_is_the_versioned_folder_protocol_of_every_save(tmp_path):
         staging.mkdir()
         (staging / "payload.txt").write_text("one")
 
-    assert checkpoint.write_version(path, write) == path
+    assert checkpoint_folder.write_version(path, write) == path
     assert (path / "CURRENT").read_text().strip() == "v000001"
 
     def fail(staging):
@@ -480,7 +488,7 @@ def test_write_version_is_the_versioned_folder_protocol_of_every_save(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.write_version(path, fail)
+        checkpoint_folder.write_version(path, fail)
     assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "v000001"]  # no staging left
     assert (path / "v000001" / "payload.txt").read_text() == "one"
 
@@ -490,7 +498,7 @@ def test_write_version_is_the_versioned_folder_protocol_of_every_save(tmp_path):
 
 
 def _record_file(path: Path) -> Path:
-    return path / checkpoint._current_version(path) / "record" / "metadata"
+    return path / checkpoint_folder.current_version(path) / "record" / "metadata"
 
 
 @pytest.mark.parametrize(
@@ -524,7 +532,7 @@ def test_an_edited_ensemble_record_is_refused_naming_its_file(tmp_path):
     path = checkpoint.save(Ensemble(members), tmp_path / "ensemble")
     with pytest.raises(CheckpointError, match="holds an ensemble: each member folder has"):
         checkpoint.read_record(path)  # not "incomplete"
-    record_file = path / checkpoint._current_version(path) / checkpoint.ENSEMBLE_RECORD
+    record_file = path / checkpoint_folder.current_version(path) / checkpoint.ENSEMBLE_RECORD
     record = json.loads(record_file.read_text())
     record["members"] = record["members"][:1]  # would silently drop a member
     record_file.write_text(json.dumps(record))
@@ -540,7 +548,7 @@ def test_an_edited_ensemble_record_is_refused_naming_its_file(tmp_path):
 def test_a_damaged_current_pointer_is_one_line_naming_it(fitted, tmp_path, content):
     path = checkpoint.save(fitted, tmp_path / "model")
     (path / "CURRENT").write_bytes(content)
-    for call in (lambda: checkpoint.load(path), lambda: checkpoint.check_destination(path)):
+    for call in (lambda: checkpoint.load(path), lambda: checkpoint_folder.check_destination(path)):
         with pytest.raises(CheckpointError) as error:
             call()
         message = str(error.value)
@@ -560,7 +568,7 @@ def test_concurrent_saves_leave_a_loadable_model_and_the_second_writer_fails(tmp
             written.set()  # the first save has written its version, not yet switched to it
             resume.wait(timeout=120)
 
-    monkeypatch.setattr(checkpoint, "_reached", pause_the_first)
+    monkeypatch.setattr(checkpoint_folder, "reached", pause_the_first)
     errors = []
 
     def save_first() -> None:
@@ -575,7 +583,7 @@ def test_concurrent_saves_leave_a_loadable_model_and_the_second_writer_fails(tmp
         assert written.wait(timeout=120)
         for call in (
             lambda: checkpoint.save(second, path),
-            lambda: checkpoint.check_destination(path),
+            lambda: checkpoint_folder.check_destination(path),
         ):
             with pytest.raises(CheckpointError, match="in use by another patchcore-jax run"):
                 call()
@@ -591,14 +599,44 @@ def test_concurrent_saves_leave_a_loadable_model_and_the_second_writer_fails(tmp
 
 def test_a_save_never_deletes_a_version_newer_than_its_own(tmp_path, monkeypatch):
     path = tmp_path / "folder"
-    checkpoint.write_version(path, lambda staging: staging.mkdir())
+    checkpoint_folder.write_version(path, lambda staging: staging.mkdir())
 
     def another_writer(point: str) -> None:  # one that does not lock (an older version)
         if point == "switched":
             (path / "v000009").mkdir()
             (path / "v000009" / "payload.txt").write_text("theirs")
 
-    monkeypatch.setattr(checkpoint, "_reached", another_writer)
-    checkpoint.write_version(path, lambda staging: staging.mkdir())
+    monkeypatch.setattr(checkpoint_folder, "reached", another_writer)
+    checkpoint_folder.write_version(path, lambda staging: staging.mkdir())
     assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "v000002", "v000009"]
     assert (path / "v000009" / "payload.txt").read_text() == "theirs"
+
+
+def test_probed_statistics_are_saved_and_restored_not_probed_again(tmp_path, monkeypatch):
+    from patchcore_jax import backbones
+
+    model = tiny_model(0)  # resnet18: BatchNorm statistics, probed at 32 x 32
+    probed = model.backbone.variables["batch_stats"]
+    path = checkpoint.save(model, tmp_path / "model")
+    assert checkpoint.read_record(path)["backbone"]["probed_statistics"]["image_shape"] == [32, 32]
+    images = np.random.default_rng(1).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    expected = model.predict(images)
+    with monkeypatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random-init weights, tiny grid
+        patch.setattr(backbones, "probe_batch_norm", lambda *args: pytest.fail("probed again"))
+        restored = checkpoint.load(path, mesh=sharding.single_device_mesh())
+    assert restored.backbone.probed_image_shape == (32, 32)
+    jax.tree.map(np.testing.assert_array_equal, restored.backbone.variables["batch_stats"], probed)
+    prediction = restored.predict(images)
+    np.testing.assert_array_equal(prediction.image_scores, expected.image_scores)
+    np.testing.assert_array_equal(prediction.anomaly_maps, expected.anomaly_maps)
+
+    # A checkpoint without them (written before they were saved) is probed at load, as before.
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "_probed_statistics", lambda backbone: None)
+        older = checkpoint.save(model, tmp_path / "older")
+    assert checkpoint.read_record(older)["backbone"]["probed_statistics"] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reprobed = checkpoint.load(older, mesh=sharding.single_device_mesh())
+    jax.tree.map(np.testing.assert_array_equal, reprobed.backbone.variables["batch_stats"], probed)

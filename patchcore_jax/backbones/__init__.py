@@ -71,6 +71,7 @@ __all__ = [
     "load_or_init_backbone",
     "probe_batch_norm",
     "recorded_backbone",
+    "restore_probe",
     "stage_names",
     "weights_dir",
     "weights_status",
@@ -231,6 +232,38 @@ def probe_batch_norm(backbone: Backbone, image_shape: tuple[int, int]) -> Backbo
     variables = backbone.variables
     if backbone.has_batch_stats:
         variables = probe_batch_stats(backbone.module, variables, (height, width))
+    return dataclasses.replace(backbone, variables=variables, probed_image_shape=(height, width))
+
+
+def restore_probe(backbone: Backbone, image_shape: tuple[int, int], batch_stats: dict) -> Backbone:
+    """``probe_batch_norm(backbone, image_shape)`` from statistics that probe computed before
+    (a checkpoint's, ``Backbone.variables['batch_stats']`` of the probed backbone), without
+    running it: a model restored this way runs the very statistics its memory bank was made
+    with, on any machine, and loading skips an eager forward pass (seconds on a CPU).
+
+    Args:
+      backbone: the pristine backbone the statistics were probed from.
+      image_shape: (H, W) the probe ran at.
+      batch_stats: the probed running statistics; same structure, shapes and dtypes as
+        ``backbone.variables['batch_stats']`` (ValueError otherwise).
+    """
+    if backbone.probed_image_shape is not None:
+        raise ValueError(
+            f"backbone {backbone.name} was already probed at {backbone.probed_image_shape}; "
+            "probed statistics are restored onto pristine ones"
+        )
+    expected = jax.tree.map(
+        lambda leaf: (leaf.shape, leaf.dtype), backbone.variables.get("batch_stats", {})
+    )
+    given = jax.tree.map(lambda leaf: (np.shape(leaf), np.asarray(leaf).dtype), batch_stats)
+    if not expected or given != expected:
+        raise ValueError(
+            f"the probed BatchNorm statistics do not fit backbone {backbone.name} "
+            f"{list(backbone.layers)} (other layers, shapes or dtypes)"
+        )
+    height, width = (int(size) for size in image_shape)
+    statistics = jax.tree.map(jnp.asarray, batch_stats)
+    variables = {**backbone.variables, "batch_stats": statistics}
     return dataclasses.replace(backbone, variables=variables, probed_image_shape=(height, width))
 
 
