@@ -30,7 +30,12 @@ import jax
 import numpy as np
 
 from patchcore_jax import checkpoint_folder, sharding
-from patchcore_jax.backbones import Backbone, recorded_backbone, restore_probe
+from patchcore_jax.backbones import (
+    Backbone,
+    probed_statistics,
+    recorded_backbone,
+    restore_probe,
+)
 from patchcore_jax.calibration import Calibration
 from patchcore_jax.checkpoint_folder import RECORD, STATE
 from patchcore_jax.config import PatchCoreConfig
@@ -51,33 +56,6 @@ _STATISTICS = "batch_norm_statistics"  # the probed BatchNorm statistics, in the
 
 def _array_digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
-
-
-def _probed_statistics(backbone: Backbone) -> np.ndarray | None:
-    """The backbone's probed BatchNorm statistics, its float32 leaves raveled into one vector
-    in tree order (one orbax array, not one per layer), saved with the model so that loading
-    restores them (``backbones.restore_probe``) instead of probing again; None when it was not
-    probed or has no (float32) statistics."""
-    if backbone.probed_image_shape is None or not backbone.has_batch_stats:
-        return None
-    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(backbone.variables["batch_stats"])]
-    if any(leaf.dtype != np.float32 for leaf in leaves):
-        return None
-    return np.concatenate([leaf.ravel() for leaf in leaves])
-
-
-def _unflattened_statistics(flat: np.ndarray, backbone: Backbone) -> dict:
-    """``_probed_statistics``'s vector as the tree of ``backbone``'s BatchNorm statistics."""
-    leaves, structure = jax.tree.flatten(backbone.variables.get("batch_stats", {}))
-    sizes = [int(np.size(leaf)) for leaf in leaves]
-    if sum(sizes) != flat.size:
-        raise ValueError(
-            f"{flat.size} probed BatchNorm statistics, but backbone {backbone.name} "
-            f"{list(backbone.layers)} has {sum(sizes)}"
-        )
-    parts = np.split(flat, np.cumsum(sizes)[:-1])
-    shaped = [part.reshape(np.shape(leaf)) for part, leaf in zip(parts, leaves, strict=True)]
-    return jax.tree.unflatten(structure, shaped)
 
 
 def _record_digest(record: dict[str, Any]) -> str:
@@ -122,7 +100,7 @@ def save(model: PatchCore | Ensemble, path: str | os.PathLike, *, overwrite: boo
         raise CheckpointError("cannot save an unfitted PatchCore model: call fit() first")
     record = _signed(_model_record(model))
     state = {"memory_bank": model.memory_bank}
-    statistics = _probed_statistics(model.backbone)
+    statistics = probed_statistics(model.backbone)
     if statistics is not None:
         state[_STATISTICS] = statistics
     ocp, checkpointer = _checkpointer()
@@ -151,7 +129,7 @@ def save(model: PatchCore | Ensemble, path: str | os.PathLike, *, overwrite: boo
 def _model_record(model: PatchCore) -> dict[str, Any]:
     """The JSON record of a fitted single model: everything needed to reproduce its scores."""
     memory_bank = np.asarray(model.memory_bank)
-    statistics = _probed_statistics(model.backbone)
+    statistics = probed_statistics(model.backbone)
     return {
         "format": FORMAT,
         "package_version": package_version(),
@@ -384,8 +362,7 @@ def _restore_model(
     memory_bank, statistics = _restore_state(target, version, record, mesh)
     if statistics is not None and backbone.probed_image_shape is None:  # else the caller's
         try:
-            tree = _unflattened_statistics(statistics, backbone)
-            backbone = restore_probe(backbone, tuple(probed["image_shape"]), tree)
+            backbone = restore_probe(backbone, tuple(probed["image_shape"]), statistics)
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"{target}: {error}") from error
     model = PatchCore(config, backbone=backbone, mesh=mesh, memory_bank=memory_bank)

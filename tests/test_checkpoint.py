@@ -630,10 +630,16 @@ def test_probed_statistics_are_saved_and_restored_not_probed_again(tmp_path, mon
     prediction = restored.predict(images)
     np.testing.assert_array_equal(prediction.image_scores, expected.image_scores)
     np.testing.assert_array_equal(prediction.anomaly_maps, expected.anomaly_maps)
+    stored = backbones.probed_statistics(model.backbone)
+    pristine = backbones.init_backbone("resnet18")
+    with pytest.raises(ValueError, match="do not fit backbone resnet18"):
+        backbones.restore_probe(pristine, (32, 32), stored[:-1])
+    with pytest.raises(ValueError, match="already probed"):
+        backbones.restore_probe(model.backbone, (32, 32), stored)
 
     # A checkpoint without them (written before they were saved) is probed at load, as before.
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoint, "_probed_statistics", lambda backbone: None)
+        patch.setattr(checkpoint, "probed_statistics", lambda backbone: None)
         older = checkpoint.save(model, tmp_path / "older")
     assert checkpoint.read_record(older)["backbone"]["probed_statistics"] is None
     with warnings.catch_warnings():

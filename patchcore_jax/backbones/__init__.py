@@ -70,6 +70,7 @@ __all__ = [
     "load_backbone",
     "load_or_init_backbone",
     "probe_batch_norm",
+    "probed_statistics",
     "recorded_backbone",
     "restore_probe",
     "stage_names",
@@ -235,35 +236,51 @@ def probe_batch_norm(backbone: Backbone, image_shape: tuple[int, int]) -> Backbo
     return dataclasses.replace(backbone, variables=variables, probed_image_shape=(height, width))
 
 
-def restore_probe(backbone: Backbone, image_shape: tuple[int, int], batch_stats: dict) -> Backbone:
-    """``probe_batch_norm(backbone, image_shape)`` from statistics that probe computed before
-    (a checkpoint's, ``Backbone.variables['batch_stats']`` of the probed backbone), without
-    running it: a model restored this way runs the very statistics its memory bank was made
-    with, on any machine, and loading skips an eager forward pass (seconds on a CPU).
+def probed_statistics(backbone: Backbone) -> np.ndarray | None:
+    """What the probe changed, to store beside a model (``checkpoint``): the running
+    statistics' float32 leaves raveled into one vector in tree order; None for a backbone not
+    probed, or without (float32) statistics. ``restore_probe`` takes it back."""
+    if backbone.probed_image_shape is None or not backbone.has_batch_stats:
+        return None
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(backbone.variables["batch_stats"])]
+    if any(leaf.dtype != np.float32 for leaf in leaves):
+        return None
+    return np.concatenate([leaf.ravel() for leaf in leaves])
+
+
+def restore_probe(
+    backbone: Backbone, image_shape: tuple[int, int], statistics: np.ndarray
+) -> Backbone:
+    """``probe_batch_norm(backbone, image_shape)`` from what that probe computed before
+    (``probed_statistics`` of the probed backbone, e.g. a checkpoint's), without running it: a
+    model restored this way runs the very statistics its memory bank was made with, on any
+    machine, and loading skips an eager forward pass (seconds on a CPU).
 
     Args:
       backbone: the pristine backbone the statistics were probed from.
       image_shape: (H, W) the probe ran at.
-      batch_stats: the probed running statistics; same structure, shapes and dtypes as
-        ``backbone.variables['batch_stats']`` (ValueError otherwise).
+      statistics: ``[S] float32``, as many values as the backbone's running statistics
+        (ValueError otherwise).
     """
     if backbone.probed_image_shape is not None:
         raise ValueError(
             f"backbone {backbone.name} was already probed at {backbone.probed_image_shape}; "
             "probed statistics are restored onto pristine ones"
         )
-    expected = jax.tree.map(
-        lambda leaf: (leaf.shape, leaf.dtype), backbone.variables.get("batch_stats", {})
-    )
-    given = jax.tree.map(lambda leaf: (np.shape(leaf), np.asarray(leaf).dtype), batch_stats)
-    if not expected or given != expected:
+    leaves, structure = jax.tree.flatten(backbone.variables.get("batch_stats", {}))
+    sizes = [int(np.size(leaf)) for leaf in leaves]
+    statistics = np.asarray(statistics)
+    float32 = all(np.asarray(leaf).dtype == np.float32 for leaf in leaves)
+    if not leaves or not float32 or statistics.shape != (sum(sizes),):
         raise ValueError(
-            f"the probed BatchNorm statistics do not fit backbone {backbone.name} "
-            f"{list(backbone.layers)} (other layers, shapes or dtypes)"
+            f"{statistics.size} probed BatchNorm statistics do not fit backbone {backbone.name} "
+            f"{list(backbone.layers)}, which has {sum(sizes)} float32 running statistics"
         )
+    parts = np.split(statistics.astype(np.float32), np.cumsum(sizes)[:-1])
+    shapes = [np.shape(leaf) for leaf in leaves]
+    shaped = [jnp.asarray(part.reshape(shape)) for part, shape in zip(parts, shapes, strict=True)]
+    variables = {**backbone.variables, "batch_stats": jax.tree.unflatten(structure, shaped)}
     height, width = (int(size) for size in image_shape)
-    statistics = jax.tree.map(jnp.asarray, batch_stats)
-    variables = {**backbone.variables, "batch_stats": statistics}
     return dataclasses.replace(backbone, variables=variables, probed_image_shape=(height, width))
 
 
