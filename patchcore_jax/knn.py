@@ -188,7 +188,7 @@ def _bank_tiles(
     bank_images: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
     """One bank shard ``[r, D]`` as ``_local_top_k`` scans it: ``(squared norms [r], inf on
-    padding rows; valid [r] bool; exact tiles; search tiles)``, tiles being ``knn._scan``'s (rows,
+    padding rows; valid [r] bool; exact tiles; search tiles)``, tiles being ``_scan``'s (rows,
     norms, global indices[, images], each ``[r // bank_tile, bank_tile, ...]``), the search's
     rows bfloat16 (``search`` None) or low-rank (``search[1]``)."""
     global_rows = row_offset + jnp.arange(bank.shape[0], dtype=jnp.int32)

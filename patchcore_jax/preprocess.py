@@ -240,9 +240,7 @@ def load_image(
     Returns:
       image: [height, width, 3] uint8, (height, width) = ``crop``.
     """
-    _check_sizes(resize, crop, resize_mode)
-    rgb = _decoded_rgb(path)
-    return np.asarray(_resize_and_crop(rgb, resize, crop, resize_mode), dtype=np.uint8)
+    return read_image(path, resize, crop, resize_mode=resize_mode).crop
 
 
 class ImageRead(NamedTuple):

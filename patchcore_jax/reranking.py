@@ -63,22 +63,30 @@ def rerank(
     to float32 rounding, ``rescan`` gives the scan's own). A candidate whose approximate
     distance is infinite (padding, an excluded row, an unfilled slot) stays infinite.
     ``candidate_indices`` are global; bank row ``j`` is global index ``row_offset + j``.
-    The candidate rows are gathered ``RESCAN_QUERIES`` queries at a time: one ``[q, C, D]``
-    gather of a whole query tile runs ~10x slower on XLA CPU (measured; the same bits).
+    The candidate rows are gathered ``RESCAN_QUERIES`` queries at a time
+    (``gathered_products``).
     """
     local = jnp.clip(candidate_indices - row_offset, 0, bank.shape[0] - 1)
-
-    def batch_products(batch):
-        batch_queries, batch_rows = batch  # [t, D], [t, C]
-        return jnp.einsum("qd,qcd->qc", batch_queries, bank[batch_rows], precision=HIGHEST)
-
-    products = in_query_batches(batch_products, (queries, local))
+    products = gathered_products(queries, bank, local)
     distances = clamp_distances(
         (query_norms[:, None] + jnp.take(bank_norms, local)) - 2.0 * products
     )
     distances = jnp.where(jnp.isinf(candidate_distances), jnp.inf, distances)
     distances, indices = lax.sort((distances, candidate_indices), dimension=1, num_keys=2)
     return distances[:, :width], indices[:, :width]
+
+
+def gathered_products(queries: jax.Array, rows: jax.Array, local: jax.Array) -> jax.Array:
+    """``[q, c]``: ``queries[i] . rows[local[i, j]]`` at HIGHEST precision (``queries [q, d]``,
+    ``rows [n, d]``, ``local [q, c]`` row numbers), the rows gathered ``RESCAN_QUERIES`` queries
+    at a time: one ``[q, c, d]`` gather of a whole query tile runs ~10x slower on XLA CPU
+    (measured; the same bits)."""
+
+    def batch_products(batch):
+        batch_queries, batch_rows = batch  # [t, d], [t, c]
+        return jnp.einsum("qd,qcd->qc", batch_queries, rows[batch_rows], precision=HIGHEST)
+
+    return in_query_batches(batch_products, (queries, local))
 
 
 def in_query_batches(
@@ -134,7 +142,7 @@ def rescan(
 
 
 # ----------------------------------------------------------------------------------------------
-# The kernel (one bank shard)
+# The certified search's candidate step
 
 
 def group_candidates(
@@ -163,12 +171,7 @@ def group_candidates(
     lanes = jnp.arange(CANDIDATE_GROUP, dtype=jnp.int32)
     indices = (group_starts[:, :, None] + lanes).reshape(group_starts.shape[0], -1)  # [q, 8 C]
     local = jnp.clip(indices - row_offset, 0, rows.shape[0] - 1)
-
-    def batch_products(batch):
-        batch_queries, batch_rows = batch  # [t, r], [t, 8 C]
-        return jnp.einsum("qd,qcd->qc", batch_queries, rows[batch_rows], precision=HIGHEST)
-
-    products = in_query_batches(batch_products, (queries, local))
+    products = gathered_products(queries, rows, local)
     distances = clamp_distances((query_norms[:, None] + row_norms[local]) - 2.0 * products)
     unfilled = jnp.repeat(jnp.isinf(group_distances), CANDIDATE_GROUP, axis=1)
     distances = jnp.where(unfilled, jnp.inf, distances)
