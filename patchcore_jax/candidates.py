@@ -25,7 +25,9 @@ from patchcore_jax.sharding import HIGHEST
 
 CANDIDATE_SEARCHES: tuple[str, ...] = ("bfloat16", "low-rank")
 CERTIFIED_CANDIDATES = 32  # least C of the certified search (measured: benchmarks/knn.py)
-FALLBACK_QUERIES = 128  # uncertified queries rescanned at a time (a full-rate matmul tile on CPU)
+# Uncertified queries rescanned at a time: a batch's last chunk is half empty on average, and
+# 64-row matmuls still run at the full rate on a CPU (benchmarks/results/certified_knn.md).
+FALLBACK_QUERIES = 64
 LOW_RANK_DIMS = 128  # r of the low-rank candidate search (benchmarks/results/precision.md)
 UNIT_ROUNDOFF = 2.0**-24  # float32: |fl(x) - x| <= u |x|
 _COVARIANCE_ROWS = 4096  # bank rows per float64 chunk of ``low_rank_basis``'s covariance

@@ -21,7 +21,10 @@ from patchcore_jax.candidates import gamma, proven_below
 from patchcore_jax.sharding import HIGHEST
 
 CANDIDATE_GROUP = 8  # rows per group of the candidate searches (k = 1 fast, certified)
-RESCANNED = 2  # candidates the certified search rescans beyond k (see candidates.proven_below)
+# Candidates the certified search rescans beyond k: the rest are compared with the k-th less two
+# rounding margins (candidates.proven_below), which near ties cannot pass. 4, not 2: a quarter of
+# the fallbacks of self-excluded WRN-50-2 bottle queries (benchmarks/results/certified_knn.md).
+RESCANNED = 4
 RESCAN_QUERIES = 64  # queries per batch of the re-ranking gathers and rescan matmuls
 
 

@@ -449,9 +449,9 @@ def test_certified_knn_falls_back_to_the_exact_scan_for_few_some_or_all_queries(
     np.testing.assert_array_equal(indices, plain[1])
     np.testing.assert_array_equal(distances, plain[0])
     assert fallbacks[failing].mean() > 0.9 and fallbacks.sum() <= num_failing + 10
-    trips = -(-fallbacks.sum() // candidates.FALLBACK_QUERIES)  # rescans of 128 queries
+    trips = -(-fallbacks.sum() // candidates.FALLBACK_QUERIES)  # rescans of 64 queries
     print(f"{fallbacks.sum()} fell back: {trips} rescans")
-    assert trips == {3: 1, 200: 2, 700: 6}[num_failing]
+    assert trips == -(-num_failing // candidates.FALLBACK_QUERIES)
 
 
 def test_certified_knn_with_the_same_image_exclusion_equals_the_plain_scan(certify_small_banks):
@@ -467,6 +467,37 @@ def test_certified_knn_with_the_same_image_exclusion_equals_the_plain_scan(certi
     own = bank_images[np.minimum(indices, len(bank) - 1)] == query_images[:, None]
     assert not np.any(own & (indices != NO_INDEX))
     assert fallbacks.mean() < 0.5
+
+
+@pytest.mark.parametrize("k,bank_block_size", [(1, 72), (3, 67), (1, 800)])
+def test_certified_knn_merging_several_tiles_groups_at_once_is_the_plain_scan(
+    k, bank_block_size, certify_small_banks
+):
+    """The grouped searches merge up to 8 tiles' groups in one top-k (a divisor of the tile
+    count): 12 tiles of 72 rows (6 at a time), 13 (a prime: one at a time), 2 (both)."""
+    rng = np.random.default_rng(50 + k)
+    queries, bank = _adversarial(rng, num_rows=860)
+    tile, rows = knn._tiling(len(bank), 1, bank_block_size)
+    assert rows // tile == {72: 12, 67: 13, 800: 2}[bank_block_size]
+    plain, (distances, indices, fallbacks) = _certified(
+        queries, bank, k, bank_block_size=bank_block_size
+    )
+    np.testing.assert_array_equal(indices, plain[1])
+    np.testing.assert_array_equal(distances, plain[0])
+    assert 0.5 < 1 - fallbacks.mean() < 1
+
+
+def test_tiled_rows_is_the_row_count_the_knn_scans_unpadded():
+    """``knn.tiled_rows``: a bank of that many rows is tiled as the original size is, unpadded
+    (block sizes that are multiples of 8, the defaults); otherwise the size itself."""
+    for shards, block in [(1, 4096), (2, 304), (8, 64), (2, 300), (1, 100)]:
+        for rows in [1, 7, 64, 999, 4097, 16385, 16896, 40000]:
+            padded = knn.tiled_rows(rows, shards, block)
+            tile, per_shard = knn._tiling(rows, shards, block)
+            assert knn._tiling(padded, shards, block) == (tile, per_shard)
+            assert padded in (rows, shards * per_shard) and per_shard % tile == 0
+            if block % 8 == 0:
+                assert padded == shards * per_shard
 
 
 def test_certified_search_is_plain_exact_where_banks_or_tiles_are_small_and_validates():
