@@ -27,7 +27,6 @@ from patchcore_jax import (
     coreset,
     features,
     interrupt,
-    knn,
     preprocess,
     programs,
     scoring,
@@ -392,7 +391,13 @@ class PatchCore:
         if progress is not None:
             progress(0)
         if held_out is None:
-            memory_bank, rows_in_use, search, sources = self._self_excluded_bank()
+            memory_bank, rows_in_use, search, sources = programs.self_excluded_bank(
+                self.memory_bank,
+                self.bank_source_images,
+                self._search,
+                self.mesh,
+                self.config.bank_block_size,
+            )
             options = self.scoring_options()
             batches = bank.self_excluded_batches(
                 store, layout, self._batch_size, self._batch_sharding
@@ -429,23 +434,6 @@ class PatchCore:
             sharding.gather_rows_from_processes(np.concatenate(x), every_process=False)
             for x in (scores, maps)
         )
-
-    def _self_excluded_bank(self) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
-        """``(bank, rows in use, search arrays, source image per row)`` for the self-excluded
-        calibration: the M bank rows padded once to the k-NN's tiles (``knn.tiled_rows``), so
-        that no batch copies the bank to pad it; padding rows have source -1 (no image's)."""
-        num_rows = self.memory_bank.shape[0]
-        bank_shards = self.mesh.shape[sharding.BANK_AXIS]
-        rows = knn.tiled_rows(num_rows, bank_shards, self.config.bank_block_size)
-
-        def padded(array: jax.Array) -> jax.Array:  # replicated, like the array
-            return jnp.pad(array[:num_rows], ((0, rows - num_rows), (0, 0)))
-
-        sources = np.full(rows, -1, np.int32)
-        sources[:num_rows] = self.bank_source_images
-        search = None if self._search is None else (self._search[0], padded(self._search[1]))
-        rows_in_use = self._scoring_bank[1]
-        return padded(self.memory_bank), rows_in_use, search, sharding.replicate(sources, self.mesh)
 
     def patch_features(
         self, images: ImageBatches, *, progress: Callable[[int], None] | None = None

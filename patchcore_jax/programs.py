@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -264,3 +265,27 @@ def scoring_bank(
         sharding.replicate(np.asarray(basis), mesh),
         sharding.replicate(projected, mesh),
     )
+
+
+def self_excluded_bank(
+    memory_bank: jax.Array,
+    source_images: np.ndarray,
+    search: tuple[jax.Array, jax.Array] | None,
+    mesh: Mesh,
+    bank_block_size: int,
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None, jax.Array]:
+    """What the self-excluded calibration scores against, placed once: ``(bank, rows in use,
+    search, source image per row)``, the bank [M, D] (replicated) and its ``scoring_bank``
+    search arrays padded to the k-NN's tiles (``knn.tiled_rows``), so that no batch copies the
+    bank to pad it; padding rows come from no image (-1)."""
+    num_rows = memory_bank.shape[0]
+    rows = knn.tiled_rows(num_rows, mesh.shape[sharding.BANK_AXIS], bank_block_size)
+
+    def padded(array: jax.Array) -> jax.Array:  # replicated, like the array
+        return jnp.pad(array[:num_rows], ((0, rows - num_rows), (0, 0)))
+
+    sources = np.full(rows, -1, np.int32)
+    sources[:num_rows] = source_images
+    search = None if search is None else (search[0], padded(search[1]))
+    rows_in_use = sharding.replicate(np.int32(num_rows), mesh)
+    return padded(memory_bank), rows_in_use, search, sharding.replicate(sources, mesh)
