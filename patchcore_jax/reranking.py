@@ -121,9 +121,10 @@ def rescan(
     """The scan's own float32 distances of ``queries [q, D]`` to their rows ``indices [q, w]``
     (global), sorted (distance, index); infinite ``distances`` stay infinite.
 
-    By ``squared_distances`` on ``[RESCAN_QUERIES, D] x [D, RESCAN_QUERIES + bank_tile % 64]``
-    matmuls (their diagonals): XLA CPU sums a matmul's entries in one order for any shape of
-    2+ rows and the same column count modulo 64 (measured; tests check it): the scan's
+    By one ``squared_distances`` matmul per ``RESCAN_QUERIES`` queries, ``[RESCAN_QUERIES, D] x
+    [D, w RESCAN_QUERIES + bank_tile % 64]`` (every query against its batch's rows of every
+    slot; each query's own entries kept): XLA CPU sums a matmul's entries in one order for any
+    shape of 2+ rows and the same column count modulo 64 (measured; tests check it): the scan's
     distances exactly.
     """
     width = indices.shape[1]
@@ -132,12 +133,10 @@ def rescan(
 
     def batch_distances(batch):
         batch_queries, batch_norms, batch_rows = batch  # [t, D], [t], [t, w]
-        columns = []
-        for slot in range(width):
-            rows = jnp.pad(batch_rows[:, slot], (0, extra), mode="edge")
-            products = squared_distances(batch_queries, batch_norms, bank[rows], bank_norms[rows])
-            columns.append(jnp.diagonal(products[:, :RESCAN_QUERIES]))
-        return jnp.stack(columns, axis=1)
+        rows = jnp.pad(batch_rows.T.reshape(-1), (0, extra), mode="edge")  # slot-major
+        products = squared_distances(batch_queries, batch_norms, bank[rows], bank_norms[rows])
+        slots = products[:, : width * RESCAN_QUERIES].reshape(RESCAN_QUERIES, width, -1)
+        return jnp.diagonal(slots, axis1=0, axis2=2).T  # [t, w]: query i, slot j, row (j, i)
 
     exact = in_query_batches(batch_distances, (queries, query_norms, local))
     exact = jnp.where(jnp.isinf(distances), jnp.inf, exact)
