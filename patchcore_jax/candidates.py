@@ -21,10 +21,11 @@ import numpy as np
 from jax import lax
 
 from patchcore_jax.config import PRECISIONS
-from patchcore_jax.sharding import HIGHEST
 
 CANDIDATE_SEARCHES: tuple[str, ...] = ("bfloat16", "low-rank")
-CERTIFIED_CANDIDATES = 32  # least C of the certified search (measured: benchmarks/knn.py)
+# Least C of the certified search: 24 rather than 32 costs more fallbacks (self-excluded WRN-50-2
+# bottle queries: 122 against 65 of 6,272) and less time in all (benchmarks/certified_knn.py).
+CERTIFIED_CANDIDATES = 24
 # Uncertified queries rescanned at a time: a batch's last chunk is half empty on average, and
 # 64-row matmuls still run at the full rate on a CPU (benchmarks/results/certified_knn.md).
 FALLBACK_QUERIES = 64
@@ -62,19 +63,26 @@ def low_rank_basis(memory_bank: np.ndarray | jax.Array, dims: int = LOW_RANK_DIM
     return (basis * np.where(signs == 0, 1.0, signs)).astype(np.float32)
 
 
-@jax.jit
-def project_bank(memory_bank: jax.Array, basis: jax.Array) -> jax.Array:
-    """``[M, r] float32``: the memory bank in the low-rank basis (``memory_bank @ basis``)."""
-    return jnp.dot(memory_bank.astype(jnp.float32), basis, precision=HIGHEST)
+def project_bank(memory_bank: np.ndarray | jax.Array, basis: np.ndarray) -> np.ndarray:
+    """``[M, r] float32``: the memory bank in the low-rank basis, ``memory_bank @ basis``
+    summed in float64 on the host and rounded once: within 2 u of the exact product (u the
+    float32 unit roundoff, ``low_rank_lower_bound``), where a float32 sum of D terms is only
+    within gamma_D (once per bank, ~0.1 s for 16k rows of 1,024)."""
+    bank, basis = np.asarray(memory_bank), np.asarray(basis, np.float64)
+    projected = np.empty((bank.shape[0], basis.shape[1]), np.float32)
+    for start in range(0, bank.shape[0], _COVARIANCE_ROWS):
+        chunk = bank[start : start + _COVARIANCE_ROWS].astype(np.float64)
+        projected[start : start + _COVARIANCE_ROWS] = chunk @ basis
+    return projected
 
 
 def low_rank_search(
     memory_bank: np.ndarray | jax.Array, dims: int = LOW_RANK_DIMS
 ) -> tuple[jax.Array, jax.Array]:
     """``(basis [D, r], projected bank [M, r])``, the per-bank arrays of the low-rank candidate
-    search (``candidate_search="low-rank"``): computed once per memory bank."""
-    basis = jnp.asarray(low_rank_basis(memory_bank, dims))
-    return basis, project_bank(jnp.asarray(memory_bank, jnp.float32), basis)
+    search (``candidate_search="low-rank"``): computed once per memory bank, on the host."""
+    basis = low_rank_basis(memory_bank, dims)
+    return jnp.asarray(basis), jnp.asarray(project_bank(memory_bank, basis))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,8 +118,10 @@ def low_rank_lower_bound(
     ``low_rank_distances [q]``.
 
     Derivation: V in float32 is an orthonormal V64 rounded, |dV| <= u |V64|, so
-    |V^T z| <= s |z| with s = 1 + u sqrt(r). A float32 projected point is within
-    delta = gamma_D |(|V|^T |z|)| <= gamma_D s sqrt(r) |z| of the exact one, and the float32
+    |V^T z| <= s |z| with s = 1 + u sqrt(r). A query's float32 projection is within
+    delta_q = gamma_D |(|V|^T |q|)| <= gamma_D s sqrt(r) |q| of the exact one; a bank row's
+    (``project_bank``: summed in float64, error <= gamma64_D s sqrt(r) |b|, then rounded,
+    <= u s |b| more) within delta_b = (u + gamma64_D sqrt(r)) (1 + u) s |b|. The float32
     squared distance of the projected points is within E = gamma_{r+2} (|q'| + |b'|)^2 of
     theirs, with |z'| <= s |z| + delta. Hence a computed low-rank distance l satisfies
     sqrt(l - E) <= s |q - b| + delta_q + delta_b, i.e. |q - b|^2 >=
@@ -120,7 +130,8 @@ def low_rank_lower_bound(
     """
     stretch = 1.0 + UNIT_ROUNDOFF * math.sqrt(rank)
     spread = gamma(dim) * stretch * math.sqrt(rank)
-    delta = spread * (query_norms + row_norm)
+    bank_spread = (UNIT_ROUNDOFF + gamma(dim, 2.0**-53) * math.sqrt(rank)) * (1 + UNIT_ROUNDOFF)
+    delta = spread * query_norms + bank_spread * stretch * row_norm
     projected = stretch * (query_norms + row_norm) + delta  # >= |q'| + |b'|
     error = (gamma(rank + 2) + 32 * UNIT_ROUNDOFF) * jnp.square(projected)
     root = jnp.sqrt(jnp.maximum(low_rank_distances - error, 0.0))
@@ -128,9 +139,9 @@ def low_rank_lower_bound(
     return bound - 32 * UNIT_ROUNDOFF * jnp.square(projected)
 
 
-def gamma(num_terms: int) -> float:
-    """Higham's gamma_n = n u / (1 - n u) for float32 (u = 2^-24)."""
-    return num_terms * UNIT_ROUNDOFF / (1.0 - num_terms * UNIT_ROUNDOFF)
+def gamma(num_terms: int, unit_roundoff: float = UNIT_ROUNDOFF) -> float:
+    """Higham's gamma_n = n u / (1 - n u), for float32 (u = 2^-24) unless given."""
+    return num_terms * unit_roundoff / (1.0 - num_terms * unit_roundoff)
 
 
 def proven_below(
@@ -235,7 +246,7 @@ def default_num_candidates(k: int) -> int:
 
 
 def default_certified_candidates(k: int) -> int:
-    """Candidates per query of the certified search when none are given: ``max(4 k, 32)``."""
+    """Candidates per query of the certified search when none are given: ``max(4 k, 24)``."""
     return max(4 * k, CERTIFIED_CANDIDATES)
 
 

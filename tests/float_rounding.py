@@ -184,9 +184,11 @@ def low_rank_distance_bound(queries: np.ndarray, rows: np.ndarray, basis: np.nda
     would not be a lower bound.
 
     Derivation: V in float32 is V64 + dV with |dV| <= u |V64| elementwise, so
-    |V^T z| <= (1 + u sqrt(r)) |z|; each float32 projected coordinate is within
-    gamma_D sum_j |V_ji z_j| of exact (delta = that vector's norm, for q and for b); the
-    squared distance of the projected points is within gamma_{r+2} (|q'| + |b'|)^2.
+    |V^T z| <= (1 + u sqrt(r)) |z|; each float32 projected coordinate of a query is within
+    gamma_D sum_j |V_ji q_j| of exact (delta_q = that vector's norm); a bank row's projection
+    is summed in float64 (within gamma64_D sum_j |V_ji b_j|) and rounded to float32 once (u
+    times the coordinate more: delta_b); the squared distance of the projected points is within
+    gamma_{r+2} (|q'| + |b'|)^2.
     """
     q = queries.astype(np.float64)
     b = rows.astype(np.float64)
@@ -194,7 +196,10 @@ def low_rank_distance_bound(queries: np.ndarray, rows: np.ndarray, basis: np.nda
     dim, rank = basis.shape
     stretch = 1.0 + UNIT_ROUNDOFF * np.sqrt(rank)
     delta_q = gamma(dim) * np.linalg.norm(np.abs(q) @ v, axis=-1)
-    delta_b = gamma(dim) * np.linalg.norm(np.abs(b) @ v, axis=-1)
+    summed = dim * 2.0**-53 / (1 - dim * 2.0**-53) * np.linalg.norm(np.abs(b) @ v, axis=-1)
+    delta_b = summed + UNIT_ROUNDOFF * (
+        np.linalg.norm(b @ basis.astype(np.float64), axis=-1) + summed
+    )
     exact = np.linalg.norm(q - b, axis=-1)
     norm_q = stretch * np.linalg.norm(q, axis=-1) + delta_q
     norm_b = stretch * np.linalg.norm(b, axis=-1) + delta_b

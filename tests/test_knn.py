@@ -510,7 +510,8 @@ def test_certified_search_is_plain_exact_where_banks_or_tiles_are_small_and_vali
     plain, (distances, indices, fallbacks) = _certified(queries, bank, 1, bank_block_size=64)
     assert fallbacks is None  # 400 rows: under CERTIFIED_MIN_ROWS
     assert knn.candidates_for("exact", 2) is None
-    assert knn.candidates_for("exact", 2, candidate_search="low-rank") == 32
+    least = candidates.CERTIFIED_CANDIDATES  # max(4 k, least)
+    assert knn.candidates_for("exact", 2, candidate_search="low-rank") == max(8, least)
     assert knn.candidates_for("exact", 9, candidate_search="low-rank") == 36
     with pytest.raises(ValueError, match="num_candidates must be an integer >= k = 3"):
         knn.nearest_neighbors(bank, bank, 3, candidate_search="low-rank", num_candidates=2)
