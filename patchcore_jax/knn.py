@@ -13,6 +13,10 @@ bank index everywhere.
 Same-image exclusion: given an image id per query and a source-image id per bank row, a row
 whose source is the query's own image gets an infinite distance (never a neighbour).
 
+Padding queries (``valid_queries`` False: a batch's padded images) are answered NaN with no
+index, never fall back, and a query tile of padding only is not computed (``lax.cond``): a
+partly filled last batch costs what it holds, with one compiled program for every batch.
+
 Non-finite values are never hidden (one rule, with or without exclusion): a NaN distance ranks
 behind every number (a NaN bank row is never anyone's nearest neighbour), and a query with a NaN
 or infinite component, or a neighbour slot no finite distance filled, gets a NaN distance (the
@@ -250,6 +254,7 @@ def _local_top_k(
     certify: bool = False,
     shards: tuple[Callable[..., tuple[jax.Array, jax.Array]], Callable[..., jax.Array]]
     | None = None,
+    valid_queries: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """k smallest squared distances of ``queries: [q, D]`` to ``bank: [r, D]`` (one shard).
 
@@ -264,13 +269,15 @@ def _local_top_k(
     (``rerank`` False: the ``[q, C]`` candidates themselves, with their approximate distances).
     ``certify`` (low-rank search): the certified search, exact mode's answer (see the
     module docstring); under a bank mesh ``shards`` = ``(top k over all shards of this shard's
-    [q, k] answer, "or" of a [q] bool over all shards)``. Returns ``([q, k] float32, [q, k]
-    int32)`` sorted by (distance, index) and ``[q]`` bool: the query fell back to the full scan.
+    [q, k] answer, "or" of a [q] bool over all shards)``. ``valid_queries [q]`` bool (or None:
+    all): a query tile of padding only is skipped (infinite distances, no index). Returns
+    ``([q, k] float32, [q, k] int32)`` sorted by (distance, index) and ``[q]`` bool: the query
+    fell back to the full scan (never a padding query).
     """
     num_queries, dim = queries.shape
     fast, exclude = num_candidates is not None, query_images is not None
     search = search if fast else None
-    basis = None if search is None else search[0]
+    basis = None if search is None else search[0].astype(jnp.float32)
     prepared = _bank_tiles(bank, row_offset, num_valid, bank_tile, search, bank_images)
     bank_norms, valid, exact_tiles, search_tiles = prepared
     row_norms = norm_levels(bank_norms, valid, dim) if certify else None
@@ -283,7 +290,7 @@ def _local_top_k(
     def exact_scan(block_queries, query_norms, block_images):
         return _scan(block_queries, query_norms, block_images, exact_tiles, k, None)
 
-    def query_block(block: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def query_block(block: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         block_queries, *block_images = block  # block_images: [[query_tile]] or []
         images = block_images[0] if exclude else None
         query_norms = jnp.sum(block_queries * block_queries, axis=1)
@@ -309,16 +316,55 @@ def _local_top_k(
         return *certified, query_norms
 
     out_width = num_candidates if fast and not rerank else k
-    blocks = (queries.reshape(num_queries // query_tile, query_tile, dim),)
-    if exclude:
-        blocks += (query_images.reshape(num_queries // query_tile, query_tile),)
-    distances, indices, thresholds, query_norms = lax.map(query_block, blocks)
-    distances, indices = distances.reshape(-1, out_width), indices.reshape(-1, out_width)
+    blocks = (queries,) + ((query_images,) if exclude else ())
+    answers = _map_query_tiles(query_block, blocks, valid_queries, query_tile, out_width)
+    distances, indices, thresholds, query_norms = answers
     if not certify:
         return distances, indices, jnp.zeros(num_queries, bool)
-    answer = (distances, indices, thresholds.reshape(num_queries), exact_scan)
-    arguments = (queries, query_norms.reshape(num_queries), query_images)
-    return _proven_or_scanned(*answer, arguments, shards)
+    arguments = (queries, query_norms, query_images)
+    return _proven_or_scanned(
+        distances, indices, thresholds, exact_scan, arguments, shards, valid_queries
+    )
+
+
+def _map_query_tiles(
+    query_block: Callable[[tuple[jax.Array, ...]], tuple[jax.Array, ...]],
+    arrays: tuple[jax.Array, ...],
+    valid_queries: jax.Array | None,
+    query_tile: int,
+    width: int,
+) -> tuple[jax.Array, ...]:
+    """``query_block`` over the tiles of ``query_tile`` rows of the per-query ``arrays [q, ...]``
+    (``lax.map``): ``([q, width] distances, [q, width] indices, [q] thresholds, [q] query
+    norms)``. A tile without a ``valid_queries`` query is not computed (``lax.cond``): infinite
+    distances, no index, an infinite threshold (``_proven_or_scanned`` masks it)."""
+
+    def tile(x: jax.Array) -> jax.Array:
+        return x.reshape(x.shape[0] // query_tile, query_tile, *x.shape[1:])
+
+    def padding_block(block: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        return (
+            jnp.full((query_tile, width), jnp.inf, jnp.float32),
+            jnp.full((query_tile, width), _NO_INDEX, jnp.int32),
+            jnp.full(query_tile, jnp.inf, jnp.float32),
+            jnp.zeros(query_tile, jnp.float32),
+        )
+
+    if valid_queries is None:
+        answers = lax.map(query_block, tuple(map(tile, arrays)))
+    else:
+        answers = lax.map(
+            lambda block: lax.cond(jnp.any(block[-1]), query_block, padding_block, block[:-1]),
+            tuple(map(tile, (*arrays, valid_queries))),
+        )
+    distances, indices, thresholds, query_norms = answers
+    num_queries = arrays[0].shape[0]
+    return (
+        distances.reshape(num_queries, width),
+        indices.reshape(num_queries, width),
+        thresholds.reshape(num_queries),
+        query_norms.reshape(num_queries),
+    )
 
 
 def _proven_or_scanned(
@@ -328,12 +374,16 @@ def _proven_or_scanned(
     exact_scan: Callable[..., tuple[jax.Array, jax.Array]],
     arguments: tuple[jax.Array | None, ...],
     shards: tuple[Callable[..., tuple[jax.Array, jax.Array]], Callable[..., jax.Array]] | None,
+    valid_queries: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The certified answer ``[q, k]`` where the k-th over every shard (this shard's on one)
     is below the shard's ``thresholds [q]`` on every shard, elsewhere ``exact_scan``'s
-    (``candidates.fall_back``); and ``[q]`` bool, the queries that fell back."""
+    (``candidates.fall_back``); and ``[q]`` bool, the queries that fell back (``valid_queries``
+    only, if given: padding never does)."""
     kth = (distances if shards is None else shards[0](distances, indices)[0])[:, -1]
     fallbacks = ~(kth < thresholds)
+    if valid_queries is not None:
+        fallbacks &= valid_queries
     if shards is not None:
         fallbacks = shards[1](fallbacks)
     distances, indices = fall_back(~fallbacks, distances, indices, exact_scan, arguments)
@@ -372,6 +422,7 @@ def nearest_neighbors_unchecked(
     query_images: jax.Array | None = None,
     bank_images: jax.Array | None = None,
     certified: bool = False,
+    valid_queries: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``nearest_neighbors`` without its checks, for use inside traced programs (scoring).
 
@@ -383,8 +434,10 @@ def nearest_neighbors_unchecked(
     ``query_images: [Q]``, ``bank_images: [M]`` int32: the same-image exclusion (split like the
     queries and the bank). ``certified`` with low-rank ``search``: the certified search (plain
     exact, the same answer, under 64-row tiles, ``CERTIFIED_MIN_ROWS`` rows per shard or a
-    symbolic ``Q``: measured slower there). Returns ``([Q, k] distances, [Q, k] indices, [Q]
-    bool: fell back to the full scan on a shard, or None: not certified)``.
+    symbolic ``Q``: measured slower there). ``valid_queries: [Q]`` bool (None: all): False
+    marks padding (a padded image's patches), answered NaN with no index and never scanned in a
+    query tile of padding only. Returns ``([Q, k] distances, [Q, k] indices, [Q] bool: fell
+    back to the full scan on a shard, or None: not certified)``.
     """
     num_queries, num_bank = queries.shape[0], memory_bank.shape[0]
     valid_rows = num_bank if num_valid is None else num_valid
@@ -398,18 +451,18 @@ def nearest_neighbors_unchecked(
     big = bank_tile >= 64 and rows_per_shard >= CERTIFIED_MIN_ROWS  # symbolic batch: plain
     certify = certified and search is not None and big and isinstance(num_queries, int)
     num_candidates = None if certified and not certify else num_candidates  # plain: too small
-    if num_candidates is not None and search is not None:
-        search = (search[0].astype(jnp.float32), jnp.pad(search[1], (bank_padding, (0, 0))))
-    else:
-        search = None
+    searched = num_candidates is not None and search is not None
+    search = (search[0], jnp.pad(search[1], (bank_padding, (0, 0)))) if searched else None
     images = None
     if query_images is not None:
         images = (
             jnp.pad(query_images.astype(jnp.int32), query_padding, constant_values=_PADDED_QUERY),
             jnp.pad(bank_images.astype(jnp.int32), bank_padding, constant_values=_PADDED_ROW),
         )
+    # The static padding is padding too: a tile of it is skipped.
+    valid = None if valid_queries is None else jnp.pad(valid_queries.astype(bool), query_padding)
 
-    def shard_top_k(local_queries: jax.Array, local_bank: jax.Array, local_search, local_images):
+    def shard_top_k(local_queries, local_bank, local_search, local_images, local_valid):
         row_offset = lax.axis_index(BANK_AXIS).astype(jnp.int32) * rows_per_shard
         distances, indices, fallbacks = _local_top_k(
             local_queries,
@@ -427,6 +480,7 @@ def nearest_neighbors_unchecked(
                 lambda distances, indices: _gathered_top_k(distances, indices, k),
                 lambda flags: lax.psum(flags.astype(jnp.int32), BANK_AXIS) > 0,
             ),
+            valid_queries=local_valid,
         )
         return *_gathered_top_k(distances, indices, k), fallbacks
 
@@ -438,19 +492,34 @@ def nearest_neighbors_unchecked(
             P(BANK_AXIS),
             None if search is None else (P(), P(BANK_AXIS)),
             None if images is None else (P(DATA_AXIS), P(BANK_AXIS)),
+            None if valid is None else P(DATA_AXIS),
         ),
         out_specs=(P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS)),
         # After the all_gather + top-k every bank shard holds the same result; the replication
         # checker cannot infer that through all_gather, so it is turned off.
         check_vma=False,
-    )(queries, memory_bank, search, images)
-    distances, indices = distances[:num_queries], indices[:num_queries]
-    # A non-finite query, or a slot no finite distance filled, is NaN (not inf, never 0).
-    finite_queries = jnp.all(jnp.isfinite(queries[:num_queries]), axis=1)
-    unknown = (indices == _NO_INDEX) | ~finite_queries[:, None]
-    distances = jnp.where(unknown, jnp.nan, distances)
+    )(queries, memory_bank, search, images, valid)
+    distances, indices = _reported(distances, indices, queries, valid, num_queries)
     fallbacks = fallbacks[:num_queries] if certify else None
     return (distances if squared else jnp.sqrt(distances)), indices, fallbacks
+
+
+def _reported(
+    distances: jax.Array,
+    indices: jax.Array,
+    queries: jax.Array,
+    valid: jax.Array | None,
+    num_queries: int,
+) -> tuple[jax.Array, jax.Array]:
+    """The first ``num_queries`` answers as ``nearest_neighbors`` reports them: a non-finite
+    query, or a slot no finite distance filled, is NaN (not inf, never 0); padding (``valid``
+    False) has no neighbour."""
+    distances, indices = distances[:num_queries], indices[:num_queries]
+    finite_queries = jnp.all(jnp.isfinite(queries[:num_queries]), axis=1)
+    if valid is not None:
+        indices = jnp.where(valid[:num_queries, None], indices, _NO_INDEX)
+    unknown = (indices == _NO_INDEX) | ~finite_queries[:, None]
+    return jnp.where(unknown, jnp.nan, distances), indices
 
 
 _nearest_neighbors_jit = jax.jit(
@@ -543,7 +612,7 @@ def nearest_neighbors(
 
     With ``precision="exact"`` and ``candidate_search="low-rank"`` the answer is exact mode's
     (the same indices and distances) from the certified search: low-rank candidates
-    (``num_candidates``, default ``max(4 k, 32)``), re-ranked, a proof that no other row can
+    (``num_candidates``, default ``max(4 k, 24)``), re-ranked, a proof that no other row can
     be nearer, and the full scan for the queries without one.
 
     Args:

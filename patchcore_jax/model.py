@@ -403,7 +403,7 @@ class PatchCore:
                 store, layout, self._batch_size, self._batch_sharding
             )
 
-            def score(batch: jax.Array, ids: jax.Array) -> scoring.ScoreResult:
+            def score(batch: jax.Array, ids: jax.Array, valid: jax.Array) -> scoring.ScoreResult:
                 return scoring.score_patch_features(
                     batch,
                     memory_bank,
@@ -413,19 +413,21 @@ class PatchCore:
                     search=search,
                     image_ids=ids,
                     bank_source_images=sources,
+                    valid_images=valid,
                 )
         else:
             batches = bank.held_out_batches(
                 store, layout, held_out, self._batch_size, self._batch_sharding
             )
 
-            def score(batch: jax.Array, ids: None) -> scoring.ScoreResult:
-                return self._score(batch, *self._scoring_bank, self._search)
+            def score(batch: jax.Array, ids: None, valid: jax.Array) -> scoring.ScoreResult:
+                return self._score(batch, *self._scoring_bank, self._search, valid)
 
         scores, maps = [], []
         for batch, ids, num_valid in batches:
             interrupt.check()
-            result = programs.host_rows(score(batch, ids), num_valid, self.knn_counts)
+            valid = sharding.valid_rows(num_valid, self._batch_size, self._batch_sharding)
+            result = programs.host_rows(score(batch, ids, valid), num_valid, self.knn_counts)
             scores.append(result.image_scores)
             maps.append(result.anomaly_maps)
             if progress is not None:
@@ -633,7 +635,9 @@ class PatchCore:
         pending: tuple[scoring.ScoreResult, int] | None = None
         for global_batch, num_valid in self._device_batches(images):
             interrupt.check()
-            result = self._predict(self._variables, global_batch, *self._scoring_bank, self._search)
+            valid = sharding.valid_rows(num_valid, self._batch_size, self._batch_sharding)
+            bank_arrays = (*self._scoring_bank, self._search)
+            result = self._predict(self._variables, global_batch, *bank_arrays, valid)
             for leaf in jax.tree.leaves(result):
                 leaf.copy_to_host_async()
             if pending is not None:

@@ -142,15 +142,22 @@ def embed_program(
 def score_program(
     scoring_options: tuple[tuple[str, Any], ...], mesh: Mesh
 ) -> Callable[..., scoring.ScoreResult]:
-    """``(patch features [B, P, D], bank [bucket, D], rows in use [], search=None) ->
-    ScoreResult`` split like the batch (so each process reads its own rows); see
-    ``bank_bucket``; ``search``: the bank's candidate-search arrays (``PatchCore.search_arrays``),
-    None for the plain exact scan or bfloat16 candidates."""
+    """``(patch features [B, P, D], bank [bucket, D], rows in use [], search=None,
+    valid_images=None) -> ScoreResult`` split like the batch (so each process reads its own
+    rows); see ``bank_bucket``; ``search``: the bank's candidate-search arrays
+    (``PatchCore.search_arrays``), None for the plain exact scan or bfloat16 candidates;
+    ``valid_images [B]`` bool: the batch's padding (``sharding.valid_rows``)."""
     options = dict(scoring_options)
 
-    def score(patch_features: jax.Array, memory_bank: jax.Array, num_valid: jax.Array, search=None):
+    def score(patch_features, memory_bank, num_valid, search=None, valid_images=None):
         return scoring.score_patch_features(
-            patch_features, memory_bank, **options, mesh=mesh, num_valid=num_valid, search=search
+            patch_features,
+            memory_bank,
+            **options,
+            mesh=mesh,
+            num_valid=num_valid,
+            search=search,
+            valid_images=valid_images,
         )
 
     return jax.jit(score, out_shardings=sharding.row_sharding(mesh))
@@ -166,14 +173,20 @@ def embed_and_score_function(
     scoring_options: tuple[tuple[str, Any], ...],
     mesh: Mesh | None,
 ) -> Callable[..., scoring.ScoreResult]:
-    """``(variables, images [B, H, W, 3], bank [M, D], rows in use [] or None, search) ->
-    ScoreResult``: the backbone, patch features and k-NN scoring as one pure function, the one
-    computation of ``PatchCore.score`` (compiled over ``mesh``) and of
-    ``PatchCore.inference_function`` (``mesh`` None, for ``jax.export``)."""
+    """``(variables, images [B, H, W, 3], bank [M, D], rows in use [] or None, search,
+    valid_images [B] bool or None) -> ScoreResult``: the backbone, patch features and k-NN
+    scoring as one pure function, the one computation of ``PatchCore.score`` (compiled over
+    ``mesh``, padded batches) and of ``PatchCore.inference_function`` (``mesh`` None, for
+    ``jax.export``: no padding)."""
     options = dict(scoring_options)
 
     def embed_and_score(
-        variables: Any, images: jax.Array, memory_bank: jax.Array, num_valid: jax.Array, search
+        variables: Any,
+        images: jax.Array,
+        memory_bank: jax.Array,
+        num_valid: jax.Array,
+        search,
+        valid_images: jax.Array | None = None,
     ):
         patch_features = features.embed_images(
             module,
@@ -186,7 +199,13 @@ def embed_and_score_function(
             precision=precision,
         )
         return scoring.score_patch_features(
-            patch_features, memory_bank, **options, mesh=mesh, num_valid=num_valid, search=search
+            patch_features,
+            memory_bank,
+            **options,
+            mesh=mesh,
+            num_valid=num_valid,
+            search=search,
+            valid_images=valid_images,
         )
 
     return embed_and_score
@@ -218,10 +237,11 @@ def predict_program(
     scoring_options: tuple[tuple[str, Any], ...],
     mesh: Mesh,
 ) -> Callable[[Any, jax.Array, jax.Array], scoring.ScoreResult]:
-    """``(variables, images, bank [bucket, D], rows in use [], search) -> ScoreResult``:
-    embedding and scoring fused into one program, so patch features never leave the device and
-    each batch is one dispatch. ``precision`` is the backbone's (``exact``: float32, ``fast``:
-    bfloat16); ``search`` the bank's candidate-search arrays (None unless low-rank)."""
+    """``(variables, images, bank [bucket, D], rows in use [], search, valid_images) ->
+    ScoreResult``: embedding and scoring fused into one program, so patch features never leave
+    the device and each batch is one dispatch. ``precision`` is the backbone's (``exact``:
+    float32, ``fast``: bfloat16); ``search`` the bank's candidate-search arrays (None unless
+    low-rank); ``valid_images [B]`` bool: the batch's padding (``sharding.valid_rows``)."""
     embed_and_score = embed_and_score_function(
         module, pretrain_dim, target_dim, patch_size, patch_stride, precision, scoring_options, mesh
     )
@@ -229,7 +249,7 @@ def predict_program(
     replicated = sharding.replicated(mesh)
     return jax.jit(
         embed_and_score,
-        in_shardings=(replicated, batch_sharding, replicated, replicated, replicated),
+        in_shardings=(replicated, batch_sharding, *(replicated,) * 3, batch_sharding),
         out_shardings=batch_sharding,
     )
 

@@ -194,11 +194,14 @@ def _score_patch_features(
     image_ids: jax.Array | None = None,
     bank_source_images: jax.Array | None = None,
     certified: bool = False,
+    valid_images: jax.Array | None = None,
 ) -> ScoreResult:
     batch, num_patches, dim = patch_features.shape
-    query_images = None
+    query_images = valid_queries = None
     if image_ids is not None:  # every patch of an image carries the image's id
         query_images = jnp.repeat(image_ids.astype(jnp.int32), num_patches)
+    if valid_images is not None:
+        valid_queries = jnp.repeat(jnp.asarray(valid_images, bool), num_patches)
     distances, indices, fallbacks = knn.nearest_neighbors_unchecked(
         patch_features.reshape(batch * num_patches, dim),
         memory_bank,
@@ -213,6 +216,7 @@ def _score_patch_features(
         query_images,
         bank_source_images,
         certified,
+        valid_queries,
     )
     result = scores_from_neighbors(
         patch_features,
@@ -297,6 +301,7 @@ def score_patch_features(
     search: tuple[jax.Array, jax.Array] | None = None,
     image_ids: jax.Array | np.ndarray | None = None,
     bank_source_images: jax.Array | np.ndarray | None = None,
+    valid_images: jax.Array | np.ndarray | None = None,
 ) -> ScoreResult:
     """Patch scores, image scores and anomaly maps of a batch against a memory bank.
 
@@ -316,7 +321,7 @@ def score_patch_features(
       precision: ``exact`` or ``fast`` (bfloat16 k-NN candidates re-ranked in float32, see
         ``nearest_neighbors``); Eq. 7 and the maps are float32 either way.
       num_candidates: candidates per query of the ``fast`` k-NN (default ``max(4 k, 16)``) or
-        of the certified search (default ``max(4 k, 32)``).
+        of the certified search (default ``max(4 k, 24)``).
       num_valid: the bank's first ``num_valid`` rows are used, the rest is padding (never a
         neighbour): an int, or a traced int32 scalar so that banks padded to one bucketed size
         share a compiled program (``PatchCore`` does this). Default: every row.
@@ -329,6 +334,9 @@ def score_patch_features(
       image_ids, bank_source_images: ``[B]`` and ``[M]`` int32, or both None: each image's k-NN
         leaves out the bank rows taken from that same image (the self-excluded calibration;
         give padded images an id no bank row has, e.g. -2).
+      valid_images: ``[B]`` bool, or None (all): False marks a padded image, whose scores and
+        map are NaN; its patches' k-NN is skipped where a whole query tile is padding (a
+        partly filled last batch costs what it holds, without a program of its own).
 
     Returns:
       ``ScoreResult`` (compiled once per shape and option set); with the exclusion, its
@@ -353,6 +361,11 @@ def score_patch_features(
     candidates.check_image_ids(
         image_ids, bank_source_images, patch_features.shape[0], memory_bank.shape[0]
     )
+    if valid_images is not None and np.shape(valid_images) != patch_features.shape[:1]:
+        raise ValueError(
+            f"valid_images must have shape ({patch_features.shape[0]},), got "
+            f"{np.shape(valid_images)}"
+        )
     count = candidates.candidates_for(precision, num_neighbors, num_candidates, candidate_search)
     return _score_patch_features(
         patch_features,
@@ -373,6 +386,7 @@ def score_patch_features(
         image_ids=image_ids,
         bank_source_images=bank_source_images,
         certified=precision == "exact" and count is not None,
+        valid_images=valid_images,
     )
 
 

@@ -72,6 +72,13 @@ def pad_rows(rows: np.ndarray, multiple: int) -> np.ndarray:
     return np.pad(rows, [(0, pad)] + [(0, 0)] * (rows.ndim - 1)) if pad else rows
 
 
+def valid_rows(num_valid: int, num_rows: int, batch_sharding: NamedSharding) -> jax.Array:
+    """``[global rows] bool`` split like a batch: this process's first ``num_valid`` of its
+    ``num_rows`` rows True, its padding (``pad_rows``) False; every process passes its own."""
+    local = np.arange(num_rows) < num_valid
+    return jax.make_array_from_process_local_data(batch_sharding, local)
+
+
 def row_sharding(mesh: Mesh, axes: str | tuple[str, ...] = ALL_AXES) -> NamedSharding:
     """Sharding that splits axis 0 over ``axes`` and replicates the rest."""
     return NamedSharding(mesh, P(axes))

@@ -12,7 +12,7 @@ from float_rounding import nearest_index_differences
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from patchcore_jax import scoring, sharding
+from patchcore_jax import knn, scoring, sharding
 
 
 def _relative_error(ours, expected) -> float:
@@ -256,6 +256,49 @@ def test_masked_knn_ignores_the_query_images_own_rows_on_a_sharded_mesh(distance
     np.testing.assert_allclose(result.patch_scores, distances.mean(-1), rtol=2e-5)
     np.testing.assert_allclose(result.image_scores, distances.mean(-1).max(1), rtol=2e-5)
     assert not (sources[np.asarray(result.nearest_indices)] == image_ids[:, None, None]).any()
+
+
+@pytest.mark.parametrize("mode", ["plain", "certified", "fast"])
+@pytest.mark.parametrize("bank_shards", [1, 2])
+def test_padded_images_score_nan_and_the_others_as_without_padding(mode, bank_shards, monkeypatch):
+    # A batch's padded images (valid_images False): NaN scores and maps, no neighbour, no
+    # fallback; a query tile of padding only is skipped. Every other image's result is the
+    # unpadded call's, bit for bit, whatever the k-NN (the certified one on a small bank too).
+    monkeypatch.setattr(knn, "CERTIFIED_MIN_ROWS", 0)
+    rng = np.random.default_rng(40 + bank_shards)
+    scales = np.geomspace(1.0, 1e-2, 160)
+    bank = (rng.standard_normal((900, 160)) * scales).astype(np.float32)
+    near = bank[rng.integers(0, 900, (7, 30))]
+    features = (near + 0.05 * rng.standard_normal((7, 30, 160)) * scales).astype(np.float32)
+    valid = np.array([1, 1, 0, 1, 0, 0, 0], bool)  # on 4 data shards: the last is all padding
+    options = dict(
+        num_neighbors=2,
+        sigma=1.0,
+        bank_block_size=128,
+        query_block_size=32,
+        mesh=sharding.make_mesh(bank_shards=bank_shards),
+        image_ids=np.arange(7, dtype=np.int32),
+        bank_source_images=rng.integers(0, 7, 900).astype(np.int32),
+        precision="fast" if mode == "fast" else "exact",
+        candidate_search="bfloat16" if mode == "plain" else "low-rank",
+    )
+    full = scoring.score_patch_features(features, bank, (5, 6), (10, 12), **options)
+    padded = scoring.score_patch_features(
+        features, bank, (5, 6), (10, 12), valid_images=valid, **options
+    )
+    for name in ("image_scores", "anomaly_maps", "patch_scores", "nearest_indices", "fallbacks"):
+        ours, expected = np.asarray(getattr(padded, name)), np.asarray(getattr(full, name))
+        np.testing.assert_array_equal(ours[valid], expected[valid])
+        if name == "nearest_indices":
+            assert np.all(ours[~valid] == np.iinfo(np.int32).max)
+        elif name == "fallbacks":
+            assert np.all(ours[~valid] == (0 if mode == "certified" else -1))
+        else:
+            assert np.all(np.isnan(ours[~valid]))
+    if mode == "certified":  # the certificate ran, and proved most queries
+        assert 0 <= np.asarray(full.fallbacks).sum() < 0.2 * features.shape[0] * 30
+    with pytest.raises(ValueError, match="valid_images"):
+        scoring.score_patch_features(features, bank, (5, 6), (10, 12), valid_images=valid[:3])
 
 
 def test_compiled_once_per_shape():
