@@ -147,20 +147,29 @@ def score_program(
     rows); see ``bank_bucket``; ``search``: the bank's candidate-search arrays
     (``PatchCore.search_arrays``), None for the plain exact scan or bfloat16 candidates;
     ``valid_images [B]`` bool: the batch's padding (``sharding.valid_rows``)."""
-    options = dict(scoring_options)
-
-    def score(patch_features, memory_bank, num_valid, search=None, valid_images=None):
-        return scoring.score_patch_features(
-            patch_features,
-            memory_bank,
-            **options,
-            mesh=mesh,
-            num_valid=num_valid,
-            search=search,
-            valid_images=valid_images,
-        )
-
+    score = functools.partial(_score, dict(scoring_options), mesh)
     return jax.jit(score, out_shardings=sharding.row_sharding(mesh))
+
+
+def _score(
+    options: dict[str, Any],
+    mesh: Mesh | None,
+    patch_features: jax.Array,
+    memory_bank: jax.Array,
+    num_valid: jax.Array | None,
+    search: Any = None,
+    valid_images: jax.Array | None = None,
+) -> scoring.ScoreResult:
+    """``scoring.score_patch_features`` of a program: its options, its bank arguments."""
+    return scoring.score_patch_features(
+        patch_features,
+        memory_bank,
+        **options,
+        mesh=mesh,
+        num_valid=num_valid,
+        search=search,
+        valid_images=valid_images,
+    )
 
 
 def embed_and_score_function(
@@ -198,15 +207,7 @@ def embed_and_score_function(
             patch_stride=patch_stride,
             precision=precision,
         )
-        return scoring.score_patch_features(
-            patch_features,
-            memory_bank,
-            **options,
-            mesh=mesh,
-            num_valid=num_valid,
-            search=search,
-            valid_images=valid_images,
-        )
+        return _score(options, mesh, patch_features, memory_bank, num_valid, search, valid_images)
 
     return embed_and_score
 
