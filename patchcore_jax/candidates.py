@@ -31,7 +31,8 @@ CERTIFIED_CANDIDATES = 24
 FALLBACK_QUERIES = 64
 LOW_RANK_DIMS = 128  # r of the low-rank candidate search (benchmarks/results/precision.md)
 UNIT_ROUNDOFF = 2.0**-24  # float32: |fl(x) - x| <= u |x|
-_COVARIANCE_ROWS = 4096  # bank rows per float64 chunk of ``low_rank_basis``'s covariance
+UNIT_ROUNDOFF_FLOAT64 = 2.0**-53  # the projected bank's sums (``project_bank``)
+_FLOAT64_ROWS = 4096  # bank rows per float64 chunk (covariance, projection) on the host
 
 
 def low_rank_basis(memory_bank: np.ndarray | jax.Array, dims: int = LOW_RANK_DIMS) -> np.ndarray:
@@ -53,8 +54,8 @@ def low_rank_basis(memory_bank: np.ndarray | jax.Array, dims: int = LOW_RANK_DIM
     # faults of two bank-sized allocations) than the product itself.
     mean = bank.mean(axis=0, dtype=np.float64)
     covariance = np.zeros((bank.shape[1], bank.shape[1]))
-    for start in range(0, bank.shape[0], _COVARIANCE_ROWS):
-        centred = bank[start : start + _COVARIANCE_ROWS].astype(np.float64) - mean
+    for start in range(0, bank.shape[0], _FLOAT64_ROWS):
+        centred = bank[start : start + _FLOAT64_ROWS].astype(np.float64) - mean
         covariance += centred.T @ centred
     _, vectors = np.linalg.eigh(covariance)
     basis = vectors[:, ::-1][:, : min(dims, bank.shape[1])]
@@ -70,9 +71,9 @@ def project_bank(memory_bank: np.ndarray | jax.Array, basis: np.ndarray) -> np.n
     within gamma_D (once per bank, ~0.1 s for 16k rows of 1,024)."""
     bank, basis = np.asarray(memory_bank), np.asarray(basis, np.float64)
     projected = np.empty((bank.shape[0], basis.shape[1]), np.float32)
-    for start in range(0, bank.shape[0], _COVARIANCE_ROWS):
-        chunk = bank[start : start + _COVARIANCE_ROWS].astype(np.float64)
-        projected[start : start + _COVARIANCE_ROWS] = chunk @ basis
+    for start in range(0, bank.shape[0], _FLOAT64_ROWS):
+        chunk = bank[start : start + _FLOAT64_ROWS].astype(np.float64)
+        projected[start : start + _FLOAT64_ROWS] = chunk @ basis
     return projected
 
 
@@ -130,7 +131,8 @@ def low_rank_lower_bound(
     """
     stretch = 1.0 + UNIT_ROUNDOFF * math.sqrt(rank)
     spread = gamma(dim) * stretch * math.sqrt(rank)
-    bank_spread = (UNIT_ROUNDOFF + gamma(dim, 2.0**-53) * math.sqrt(rank)) * (1 + UNIT_ROUNDOFF)
+    summed = gamma(dim, UNIT_ROUNDOFF_FLOAT64) * math.sqrt(rank)  # project_bank's float64 sums
+    bank_spread = (UNIT_ROUNDOFF + summed) * (1 + UNIT_ROUNDOFF)
     delta = spread * query_norms + bank_spread * stretch * row_norm
     projected = stretch * (query_norms + row_norm) + delta  # >= |q'| + |b'|
     error = (gamma(rank + 2) + 32 * UNIT_ROUNDOFF) * jnp.square(projected)
